@@ -1,0 +1,191 @@
+"""Compatibility of tethers: `dot`, `cosine` and `pearson`, all pairs at once from one Gram matrix.
+
+For M workers on one layer we stack the flattened tethers into X (M × N) and compute G = X Xᵀ in a
+single pass over X: columns are taken in cache-sized blocks, each block's Gram comes from BLAS in
+float32 and is accumulated into float64, together with the block's row sums. From G and the sums:
+
+    dot(i, j)     = G_ij
+    cosine(i, j)  = G_ij / √(G_ii G_jj)
+    pearson(i, j) = C_ij / √(C_ii C_jj),   C = G' − s' s'ᵀ / N
+
+Error bound: each block sums B ≤ 65,536 products in float32, so each block's contribution has a
+relative error ≲ √B·2⁻²⁴ ≈ 1.5e-5 typically (BLAS accumulates in short runs; the worst case is
+B·2⁻²⁴ ≈ 4e-3); blocks add in float64, so the bound does not grow with N. Pearson from the
+unshifted G subtracts s sᵀ/N, which multiplies that error by κ = E[x²]/Var[x] (4 for U[0,1)
+tethers); when any row has κ > 16 the pass is repeated with each row shifted by its first block's
+mean, so κ ≈ 1 and pearson stays within ~1e-4. Normalized scores are clipped to [-1, 1] with an
+exact 1 on the diagonal.
+
+Pairs that are not comparable (different shapes, or a zero-variance tensor under a normalized
+measure) score NaN; callers treat NaN as "not comparable", never as an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .messages import Measure
+
+BLOCK_COLUMNS = 65_536
+KAPPA_MAX = 16.0
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class GramStats:
+    """Float64 Gram matrix of the (possibly shifted) rows, their sums, and the column count."""
+
+    gram: FloatArray
+    sums: FloatArray
+    n: int
+
+
+def gram_stats(
+    x: npt.NDArray[Any], *, shift: npt.NDArray[Any] | None = None, block: int = BLOCK_COLUMNS
+) -> GramStats:
+    """Gram matrix and row sums of X − shift (M × N) in one blocked pass; X is never copied whole.
+
+    Without a shift (and with float32 input) each block goes straight to BLAS (`syrk`, as numpy
+    picks for `A @ A.T`); a shift costs one extra in-cache subtraction per block.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D stacked matrix, got shape {x.shape}")
+    m, n = x.shape
+    gram = np.zeros((m, m), dtype=np.float64)
+    sums = np.zeros(m, dtype=np.float64)
+    width = min(block, n)
+    ones = np.ones(width, dtype=np.float32)
+    scratch = (
+        np.empty((m, width), dtype=np.float32)
+        if shift is not None or x.dtype != np.float32
+        else None
+    )
+    offset = shift.astype(np.float32)[:, None] if shift is not None else np.float32(0)
+    for start in range(0, n, block):
+        chunk = x[:, start : start + block]
+        if scratch is not None:
+            chunk = np.subtract(chunk, offset, out=scratch[:, : chunk.shape[1]], casting="unsafe")
+        gram += chunk @ chunk.T
+        sums += chunk @ ones[: chunk.shape[1]]
+    return GramStats(gram=gram, sums=sums, n=n)
+
+
+def _covariance(stats: GramStats) -> FloatArray:
+    return stats.gram - np.outer(stats.sums, stats.sums) / max(stats.n, 1)
+
+
+def _ill_conditioned(stats: GramStats, cov: FloatArray) -> bool:
+    """Whether cancellation in G − ssᵀ/N could cost pearson more than ~1e-4 (see module doc)."""
+    second_moment = np.diag(stats.gram)
+    variance = np.diag(cov)
+    live = variance > 0
+    return bool(np.any(second_moment[live] > KAPPA_MAX * variance[live]))
+
+
+def scores_from_stats(stats: GramStats, measure: Measure) -> FloatArray:
+    """The M × M score matrix of a measure from Gram statistics (pearson: of unshifted rows
+    or rows shifted by any per-row constant; the covariance is the same)."""
+    if measure == "dot":
+        return stats.gram.copy()
+    if measure == "cosine":
+        return _normalize(stats.gram)
+    if measure == "pearson":
+        return _normalize(_covariance(stats))
+    raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+
+
+def _normalize(gram: FloatArray) -> FloatArray:
+    diag = np.clip(np.diag(gram).copy(), 0.0, None)
+    # A row whose (centred) norm is ~0 relative to float32 noise has no direction: not comparable.
+    scale = np.sqrt(diag)
+    degenerate = scale <= 1e-12 * max(float(scale.max(initial=0.0)), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out: FloatArray = gram / np.outer(scale, scale)
+    np.clip(out, -1.0, 1.0, out=out)
+    np.fill_diagonal(out, 1.0)
+    out[degenerate, :] = np.nan
+    out[:, degenerate] = np.nan
+    return out
+
+
+def gram_scores(x: npt.NDArray[Any], measure: Measure, *, block: int = BLOCK_COLUMNS) -> FloatArray:
+    """All-pairs scores of the rows of a stacked matrix X (M × N)."""
+    if measure not in ("dot", "cosine", "pearson"):
+        raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+    stats = gram_stats(x, block=block)
+    if measure == "pearson" and _ill_conditioned(stats, _covariance(stats)):
+        shift = x[:, :block].mean(axis=1, dtype=np.float64)
+        stats = gram_stats(x, shift=shift, block=block)
+    return scores_from_stats(stats, measure)
+
+
+def pair_score(a: npt.ArrayLike, b: npt.ArrayLike, measure: Measure) -> float:
+    """Score of one pair (NaN if shapes differ or the measure is undefined)."""
+    a_arr, b_arr = np.asarray(a), np.asarray(b)
+    if a_arr.shape != b_arr.shape:
+        return float("nan")
+    return float(gram_scores(np.stack([a_arr.reshape(-1), b_arr.reshape(-1)]), measure)[0, 1])
+
+
+@dataclass(frozen=True)
+class CompatibilityMatrix:
+    """Scores of every pair of workers on one layer; NaN marks pairs that are not comparable."""
+
+    measure: Measure
+    workers: list[str]
+    matrix: FloatArray
+
+    def score(self, a: str, b: str) -> float:
+        """Score of workers `a` and `b` (NaN when not comparable or unknown)."""
+        try:
+            i, j = self.workers.index(a), self.workers.index(b)
+        except ValueError:
+            return float("nan")
+        return float(self.matrix[i, j])
+
+    def row(self, worker: str) -> dict[str, float]:
+        """Scores of `worker` against every other worker."""
+        i = self.workers.index(worker)
+        return {w: float(self.matrix[i, j]) for j, w in enumerate(self.workers) if j != i}
+
+    def as_lists(self) -> list[list[float | None]]:
+        """The matrix with NaN as None, ready for JSON."""
+        return [[None if np.isnan(v) else float(v) for v in row] for row in self.matrix]
+
+
+def all_pairs(
+    tensors: Mapping[str, npt.NDArray[Any]],
+    measure: Measure,
+    *,
+    order: Sequence[str] | None = None,
+) -> CompatibilityMatrix:
+    """Compatibility of every pair of workers on one layer (worker id → tether).
+
+    Workers are grouped by tensor shape; each group is scored with one Gram matrix and pairs across
+    groups are NaN (not comparable).
+    """
+    workers = list(order) if order is not None else list(tensors)
+    matrix = np.full((len(workers), len(workers)), np.nan)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, worker in enumerate(workers):
+        groups.setdefault(tuple(np.shape(tensors[worker])), []).append(i)
+    for idx in groups.values():
+        stacked = _stack([tensors[workers[i]] for i in idx])
+        matrix[np.ix_(idx, idx)] = gram_scores(stacked, measure)
+    return CompatibilityMatrix(measure=measure, workers=workers, matrix=matrix)
+
+
+def _stack(arrays: Sequence[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    dtype = np.result_type(*arrays) if arrays else np.float32
+    if dtype not in (np.float32, np.float64):
+        dtype = np.float32
+    out = np.empty((len(arrays), arrays[0].size), dtype=dtype)
+    for row, array in zip(out, arrays, strict=True):
+        row[...] = array.reshape(-1)
+    return out

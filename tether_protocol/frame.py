@@ -1,0 +1,345 @@
+"""The binary tensor frame: one safetensors blob holding every tethered layer of a publish.
+
+Layout (the safetensors format, so the `safetensors` library reads our frames and we read its):
+8 bytes little-endian header length N, N bytes of JSON header (padded with spaces to 8-byte
+alignment), then the raw little-endian tensor bytes back to back. The header maps each layer name
+to {dtype, shape, data_offsets} and holds `__metadata__` (str → str); the snapshot metadata sits
+under the key `tetherfed.snapshot` as JSON.
+
+Decoding validates everything a hostile or broken client could get wrong and raises a subclass of
+`FrameError` naming the problem. Decoded float32/float16 tensors are zero-copy views of the input
+buffer; bfloat16 (which numpy lacks) is widened to float32, the one copy the format forces.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import ValidationError
+
+from .messages import LayerSpec, SnapshotMeta, WireDType
+
+META_KEY = "tetherfed.snapshot"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_LEN = struct.Struct("<Q")
+
+# wire dtype name -> (safetensors code, item size, numpy dtype used to hold the raw bytes)
+_DTYPES: dict[str, tuple[str, int, np.dtype[Any]]] = {
+    "float32": ("F32", 4, np.dtype("<f4")),
+    "float16": ("F16", 2, np.dtype("<f2")),
+    "bfloat16": ("BF16", 2, np.dtype("<u2")),
+}
+_BY_CODE = {code: name for name, (code, _, _) in _DTYPES.items()}
+
+
+class FrameError(ValueError):
+    """A frame could not be decoded; the message says what is wrong."""
+
+
+class HeaderLengthError(FrameError):
+    """The 8-byte header length is missing, zero, too large, or points past the end."""
+
+
+class HeaderError(FrameError):
+    """The JSON header is not valid JSON, or an entry lacks or misuses a field."""
+
+
+class MetadataError(FrameError):
+    """The snapshot metadata is missing or invalid."""
+
+
+class DTypeError(FrameError):
+    """A tensor uses a dtype other than F32, F16 or BF16, or not the one registered."""
+
+
+class ShapeError(FrameError):
+    """A tensor's shape is malformed or differs from the registered one."""
+
+
+class ByteLengthError(FrameError):
+    """Offsets overlap, leave gaps, disagree with dtype × shape, or the data is truncated."""
+
+
+class NonFiniteError(FrameError):
+    """A tensor holds NaN or ±Inf."""
+
+
+class LayerMismatchError(FrameError):
+    """The frame's layers are not exactly the registered layer table."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside a frame (offsets are absolute, from the frame's start)."""
+
+    name: str
+    dtype: WireDType
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass
+class Frame:
+    """A decoded frame: snapshot metadata, entries, and float arrays (views where possible)."""
+
+    meta: SnapshotMeta | None
+    entries: dict[str, TensorEntry]
+    tensors: dict[str, npt.NDArray[np.floating[Any]]] = field(default_factory=dict)
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+
+
+def to_wire(array: npt.ArrayLike, dtype: WireDType = "float32") -> npt.NDArray[Any]:
+    """The array as contiguous little-endian bytes of a wire dtype (no copy when already so)."""
+    if dtype not in _DTYPES:
+        raise DTypeError(f"unsupported wire dtype {dtype!r}; use float32, float16 or bfloat16")
+    arr = np.asarray(array)
+    if dtype == "bfloat16":
+        # Round to nearest even from float32, keeping the high 16 bits.
+        bits = np.ascontiguousarray(arr, dtype="<f4").view("<u4")
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype("<u2")
+    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype][2])
+
+
+def encode_parts(
+    tensors: Mapping[str, npt.ArrayLike],
+    meta: SnapshotMeta | None = None,
+    dtype: WireDType = "float32",
+    extra_metadata: Mapping[str, str] | None = None,
+) -> list[memoryview]:
+    """The frame as a list of buffers (header, then each tensor) to send without joining."""
+    code = _DTYPES[dtype][0] if dtype in _DTYPES else None
+    if code is None:
+        raise DTypeError(f"unsupported wire dtype {dtype!r}; use float32, float16 or bfloat16")
+    header: dict[str, Any] = {}
+    metadata = dict(extra_metadata or {})
+    if meta is not None:
+        metadata[META_KEY] = meta.model_dump_json()
+    if metadata:
+        header["__metadata__"] = metadata
+    buffers: list[memoryview] = []
+    offset = 0
+    for name, value in tensors.items():
+        wire = to_wire(value, dtype)
+        header[name] = {
+            "dtype": code,
+            "shape": list(wire.shape),
+            "data_offsets": [offset, offset + wire.nbytes],
+        }
+        offset += wire.nbytes
+        buffers.append(memoryview(wire.reshape(-1).view(np.uint8).data))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return [memoryview(_LEN.pack(len(raw)) + raw), *buffers]
+
+
+def encode_frame(
+    tensors: Mapping[str, npt.ArrayLike],
+    meta: SnapshotMeta | None = None,
+    dtype: WireDType = "float32",
+    extra_metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """One safetensors frame holding `tensors` (name → array) and the snapshot metadata."""
+    return b"".join(encode_parts(tensors, meta, dtype, extra_metadata))
+
+
+def frame_size(parts: Iterable[memoryview]) -> int:
+    """Total byte length of a frame given as parts."""
+    return sum(p.nbytes for p in parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def read_header(buf: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
+    """Parse and return (header JSON, offset where the data section starts)."""
+    view = memoryview(buf)
+    if view.nbytes < 8:
+        raise HeaderLengthError(
+            f"frame is {view.nbytes} bytes; it must start with an 8-byte header length"
+        )
+    (length,) = _LEN.unpack_from(view, 0)
+    if length < 2 or length > MAX_HEADER_BYTES:
+        raise HeaderLengthError(f"header length {length} is outside [2, {MAX_HEADER_BYTES}]")
+    if 8 + length > view.nbytes:
+        raise HeaderLengthError(
+            f"header length {length} runs past the end of a {view.nbytes}-byte frame"
+        )
+    try:
+        header = json.loads(bytes(view[8 : 8 + length]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise HeaderError("header must be a JSON object")
+    return header, 8 + length
+
+
+def parse_entries(header: Mapping[str, Any], data_start: int, total: int) -> dict[str, TensorEntry]:
+    """Validate every tensor entry of a header against the frame's byte length."""
+    entries: dict[str, TensorEntry] = {}
+    cursor = 0
+    items = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"),
+        key=lambda kv: _offsets(kv[0], kv[1])[0],
+    )
+    for name, spec in items:
+        dtype = _entry_dtype(name, spec)
+        shape = _entry_shape(name, spec)
+        begin, end = _offsets(name, spec)
+        expected = _DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64))
+        if begin != cursor:
+            raise ByteLengthError(
+                f"tensor {name!r} starts at {begin}, expected {cursor} (gap or overlap)"
+            )
+        if end - begin != expected:
+            raise ByteLengthError(
+                f"tensor {name!r} has {end - begin} bytes; "
+                f"dtype {dtype} × shape {list(shape)} needs {expected}"
+            )
+        cursor = end
+        entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+    if data_start + cursor != total:
+        raise ByteLengthError(
+            f"data section is {total - data_start} bytes but the header describes {cursor} "
+            "(truncated or padded)"
+        )
+    return entries
+
+
+def _offsets(name: str, spec: Any) -> tuple[int, int]:
+    offs = spec.get("data_offsets") if isinstance(spec, dict) else None
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise HeaderError(
+            f"tensor {name!r}: data_offsets must be [begin, end] with 0 ≤ begin ≤ end"
+        )
+    return offs[0], offs[1]
+
+
+def _entry_dtype(name: str, spec: Mapping[str, Any]) -> WireDType:
+    code = spec.get("dtype")
+    if code not in _BY_CODE:
+        raise DTypeError(f"tensor {name!r} has dtype {code!r}; frames carry F32, F16 or BF16")
+    return _BY_CODE[code]  # type: ignore[return-value]
+
+
+def _entry_shape(name: str, spec: Mapping[str, Any]) -> tuple[int, ...]:
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ShapeError(
+            f"tensor {name!r} has shape {shape!r}; expected a list of non-negative ints"
+        )
+    return tuple(shape)
+
+
+def parse_meta(header: Mapping[str, Any]) -> tuple[SnapshotMeta | None, dict[str, str]]:
+    """The snapshot metadata (None when absent) and any other `__metadata__` strings."""
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise MetadataError("__metadata__ must be an object of string values")
+    extra = {k: v for k, v in metadata.items() if k != META_KEY}
+    if META_KEY not in metadata:
+        return None, extra
+    try:
+        return SnapshotMeta.model_validate_json(metadata[META_KEY]), extra
+    except ValidationError as exc:
+        raise MetadataError(f"snapshot metadata is invalid: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "metadata"
+    return f"{where}: {err['msg']}"
+
+
+def check_layers(entries: Mapping[str, TensorEntry], layers: Sequence[LayerSpec]) -> None:
+    """Raise unless the frame holds exactly the registered layers, with their shapes and dtypes."""
+    registered = {layer.name: layer for layer in layers}
+    missing = [name for name in registered if name not in entries]
+    unknown = [name for name in entries if name not in registered]
+    if missing or unknown:
+        raise LayerMismatchError(
+            f"frame layers differ from the registered table: missing {missing}, unknown {unknown}"
+        )
+    for name, entry in entries.items():
+        spec = registered[name]
+        if list(entry.shape) != spec.shape:
+            raise ShapeError(
+                f"layer {name!r} has shape {list(entry.shape)}; registered {spec.shape}"
+            )
+        if entry.dtype != spec.dtype:
+            raise DTypeError(f"layer {name!r} has dtype {entry.dtype}; registered {spec.dtype}")
+
+
+def tensor_view(
+    buf: bytes | bytearray | memoryview, entry: TensorEntry
+) -> npt.NDArray[np.floating[Any]]:
+    """The tensor as float32/float16 (a view of `buf`), or float32 widened from bfloat16."""
+    raw = np.frombuffer(
+        buf,
+        dtype=_DTYPES[entry.dtype][2],
+        count=(entry.end - entry.start) // _DTYPES[entry.dtype][1],
+        offset=entry.start,
+    )
+    if entry.dtype == "bfloat16":
+        raw = (raw.astype("<u4") << np.uint32(16)).view("<f4")
+    return raw.reshape(entry.shape)
+
+
+def decode_frame(
+    buf: bytes | bytearray | memoryview,
+    *,
+    layers: Sequence[LayerSpec] | None = None,
+    require_meta: bool = True,
+    check_finite: bool = True,
+) -> Frame:
+    """Decode and validate a frame.
+
+    `layers`, when given, must match the frame exactly (names, shapes, dtypes). With
+    `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer.
+    """
+    header, data_start = read_header(buf)
+    meta, extra = parse_meta(header)
+    if require_meta and meta is None:
+        raise MetadataError(f"frame has no snapshot metadata under __metadata__[{META_KEY!r}]")
+    entries = parse_entries(header, data_start, memoryview(buf).nbytes)
+    if layers is not None:
+        check_layers(entries, layers)
+    if meta is not None:
+        _check_wire_dtype(entries, meta.wire_dtype)
+    tensors = {name: tensor_view(buf, entry) for name, entry in entries.items()}
+    if check_finite:
+        for name, array in tensors.items():
+            if not np.isfinite(array).all():
+                raise NonFiniteError(f"layer {name!r} contains NaN or Inf")
+    return Frame(meta=meta, entries=entries, tensors=tensors, extra_metadata=extra)
+
+
+def _check_wire_dtype(entries: Mapping[str, TensorEntry], wire: WireDType) -> None:
+    for name, entry in entries.items():
+        if entry.dtype != wire:
+            raise DTypeError(
+                f"layer {name!r} is {entry.dtype} but the metadata says wire_dtype {wire}"
+            )

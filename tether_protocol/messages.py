@@ -1,0 +1,511 @@
+"""Pydantic models for everything that crosses the wire between workers, coordinator and users.
+
+Every model forbids unknown fields, so a typo in a client is an error rather than a silent no-op.
+Tensors never travel in these models: they travel in safetensors frames (see `frame`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROTOCOL_VERSION = 1
+
+Measure = Literal["dot", "cosine", "pearson"]
+Action = Literal["merge", "drift", "hold"]
+MergeOperator = Literal["average", "weighted"]
+DriftOperator = Literal["repel", "decouple"]
+Trigger = Literal["plateau", "every_publish"]
+Pairing = Literal["best", "all"]
+WireDType = Literal["float32", "float16", "bfloat16"]
+WorkerStatus = Literal["active", "lost", "left"]
+Outcome = Literal["applied", "rejected"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=_NAME_RE.pattern,
+        description="Letters, digits, '_', '.', '-'; starts with a letter or digit; ≤ 128 chars.",
+    ),
+]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC (every timestamp on the wire is UTC)."""
+    return datetime.now(UTC)
+
+
+class WireModel(BaseModel):
+    """Base of every wire message: unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Versioned(WireModel):
+    """A top-level message that carries the protocol version it was written for."""
+
+    protocol: int = Field(default=PROTOCOL_VERSION, description="Protocol version.")
+
+    @field_validator("protocol")
+    @classmethod
+    def _supported(cls, value: int) -> int:
+        if value != PROTOCOL_VERSION:
+            raise ValueError(
+                f"unsupported protocol version {value}; this side speaks {PROTOCOL_VERSION}"
+            )
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------------------------
+
+LayerScope = list[str] | Literal["all", "middle"]
+
+
+class Policy(WireModel):
+    """How a federation turns compatibility scores into decisions (DESIGN §3).
+
+    Defaults are for a normalized measure: `pearson` scores two independent U[0,1) tethers near 0
+    and identical ones at 1, whatever the layer size, so one threshold fits every layer. (The raw
+    `dot` of the prototype grows with layer size — two 64×64 U[0,1) tethers score about 1,000 — so
+    a fixed threshold on it passes or fails by layer size alone; only the `seed` preset uses it.)
+    """
+
+    measure: Measure = Field(
+        default="pearson",
+        description="Compatibility measure. pearson: cosine of centred tethers, in [-1, 1]; "
+        "cosine: uncentred (two independent U[0,1) tethers score ≈ 0.75); dot: Σ Tᵢ⊙Tⱼ, unbounded.",
+    )
+    merge_threshold: float = Field(
+        default=0.5, description="Merge when score > this (pearson 0.5: clearly shared structure)."
+    )
+    drift_threshold: float | None = Field(
+        default=-0.5,
+        description="Drift when score < this; None never drifts. Must be ≤ merge_threshold; "
+        "between the two the pair holds.",
+    )
+    trigger: Trigger = Field(
+        default="plateau",
+        description="plateau: score when |Δloss| < loss_epsilon or grad-norm < grad_epsilon "
+        "(the prototype); every_publish: score on every publish.",
+    )
+    loss_epsilon: float = Field(
+        default=0.1, ge=0, description="Plateau: |lossₜ − lossₜ₋₁| below this."
+    )
+    grad_epsilon: float = Field(default=0.1, ge=0, description="Plateau: gradient norm below this.")
+    max_merges_per_epoch: int = Field(
+        default=5, ge=0, description="Merges one worker may receive per epoch (the prototype's 5)."
+    )
+    cooldown_steps: int = Field(
+        default=10, ge=0, description="Steps a pair waits on a layer after a merge or drift."
+    )
+    max_staleness_steps: int | None = Field(
+        default=1000,
+        ge=0,
+        description="A peer whose latest snapshot is this many steps behind (or ahead) is not "
+        "eligible; None disables the bound.",
+    )
+    pairing: Pairing = Field(
+        default="best",
+        description="best: at most one merge per worker per round, with its most compatible "
+        "eligible partner; all: merge with every eligible partner above the threshold.",
+    )
+    layers: LayerScope = Field(
+        default="all",
+        description="Layers in scope: 'all', 'middle' (the middle entry of the layer table, as "
+        "the prototype tethered only its hidden layer), or a list of layer names.",
+    )
+    merge_operator: MergeOperator = Field(default="average", description="average or weighted.")
+    merge_alpha: float = Field(
+        default=0.5, gt=0, le=1, description="weighted: Tᵢ ← (1−α)Tᵢ + αTⱼ (small α: soft tether)."
+    )
+    drift_operator: DriftOperator = Field(
+        default="decouple",
+        description="decouple: no change, the pair cools down (as clustered FL does); repel: "
+        "Tᵢ ← clip(Tᵢ + β(Tᵢ − Tⱼ), 0, 1).",
+    )
+    drift_beta: float = Field(default=0.05, gt=0, le=1, description="repel strength; keep small.")
+    retain_generations: int = Field(
+        default=8, ge=0, le=1024, description="Generation tensors kept per worker-layer."
+    )
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> Policy:
+        if self.drift_threshold is not None and self.drift_threshold > self.merge_threshold:
+            raise ValueError(
+                f"drift_threshold ({self.drift_threshold}) must be ≤ merge_threshold "
+                f"({self.merge_threshold})"
+            )
+        if self.measure != "dot":
+            for label, value in (("merge", self.merge_threshold), ("drift", self.drift_threshold)):
+                if value is not None and not -1.0 <= value <= 1.0:
+                    raise ValueError(
+                        f"{label}_threshold {value} is outside [-1, 1], the range of {self.measure}"
+                    )
+        if isinstance(self.layers, list) and not self.layers:
+            raise ValueError("layers must name at least one layer (or be 'all' / 'middle')")
+        return self
+
+    def merge_params(self) -> dict[str, float]:
+        """Parameters of the merge operator, as carried by a decision."""
+        return {"alpha": self.merge_alpha} if self.merge_operator == "weighted" else {}
+
+    def drift_params(self) -> dict[str, float]:
+        """Parameters of the drift operator, as carried by a decision."""
+        return {"beta": self.drift_beta} if self.drift_operator == "repel" else {}
+
+
+def seed_policy() -> Policy:
+    """The prototype (seed 001) as a policy: raw dot > 50, ≤ 5 merges an epoch, plateau trigger
+    with both thresholds 0.1, the middle layer only, merge by averaging, never drift."""
+    return Policy(
+        measure="dot",
+        merge_threshold=50.0,
+        drift_threshold=None,
+        trigger="plateau",
+        loss_epsilon=0.1,
+        grad_epsilon=0.1,
+        max_merges_per_epoch=5,
+        cooldown_steps=0,
+        max_staleness_steps=None,
+        pairing="best",
+        layers="middle",
+        merge_operator="average",
+    )
+
+
+PRESETS: dict[str, Any] = {"default": Policy, "seed": seed_policy}
+
+
+def policy_preset(name: str) -> Policy:
+    """A named policy preset: 'default' or 'seed'. Raises KeyError naming the known presets."""
+    try:
+        return PRESETS[name]()  # type: ignore[no-any-return]
+    except KeyError:
+        raise KeyError(f"unknown policy preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+class PolicyPatch(WireModel):
+    """A partial policy update (PATCH): the given fields change, then the whole is validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    measure: Measure | None = None
+    merge_threshold: float | None = None
+    drift_threshold: float | None = None
+    trigger: Trigger | None = None
+    loss_epsilon: float | None = None
+    grad_epsilon: float | None = None
+    max_merges_per_epoch: int | None = None
+    cooldown_steps: int | None = None
+    max_staleness_steps: int | None = None
+    pairing: Pairing | None = None
+    layers: LayerScope | None = None
+    merge_operator: MergeOperator | None = None
+    merge_alpha: float | None = None
+    drift_operator: DriftOperator | None = None
+    drift_beta: float | None = None
+    retain_generations: int | None = None
+
+    def apply(self, policy: Policy) -> Policy:
+        """The patched policy; raises pydantic.ValidationError if the result is invalid."""
+        merged = policy.model_dump() | self.model_dump(exclude_unset=True)
+        return Policy.model_validate(merged)
+
+
+# --------------------------------------------------------------------------------------------
+# Federations
+# --------------------------------------------------------------------------------------------
+
+
+class FederationCreate(Versioned):
+    """Create a federation; `policy` is a full policy or a preset name."""
+
+    name: Name
+    policy: Policy | Literal["default", "seed"] = "default"
+
+    def resolved_policy(self) -> Policy:
+        """The policy object, with a preset name expanded."""
+        return policy_preset(self.policy) if isinstance(self.policy, str) else self.policy
+
+
+class FederationPublic(WireModel):
+    """A federation as REST shows it."""
+
+    name: str
+    policy: Policy
+    created_at: datetime
+    workers: int = Field(description="Registered workers (any status).")
+    decisions: int = Field(description="Decisions issued so far (the last decision id).")
+
+
+class FederationsPublic(WireModel):
+    data: list[FederationPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
+class LayerSpec(WireModel):
+    """One tethered layer: its name, the tether's shape, and the wire dtype it publishes."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=8)
+    dtype: WireDType = "float32"
+
+    @property
+    def numel(self) -> int:
+        """Number of values in the tether."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class WorkerCreate(Versioned):
+    """Register a worker with its layer table."""
+
+    name: Name
+    layers: list[LayerSpec] = Field(min_length=1, max_length=4096)
+    meta: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, layers: list[LayerSpec]) -> list[LayerSpec]:
+        seen: set[str] = set()
+        for layer in layers:
+            if layer.name in seen:
+                raise ValueError(f"layer {layer.name!r} appears twice in the layer table")
+            seen.add(layer.name)
+        return layers
+
+
+class WorkerRegistered(WireModel):
+    """The answer to a registration: the worker's id and its own bearer token."""
+
+    worker_id: str
+    token: str
+    federation: str
+    policy: Policy
+
+
+class Heartbeat(Versioned):
+    """A worker's liveness signal with its latest training progress."""
+
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    loss: float | None = None
+    grad_norm: float | None = None
+
+
+class WorkerPublic(WireModel):
+    """A worker as REST shows it."""
+
+    worker_id: str
+    name: str
+    federation: str
+    status: WorkerStatus
+    layers: list[LayerSpec]
+    meta: dict[str, str | int | float | bool | None]
+    step: int | None = None
+    epoch: int | None = None
+    loss: float | None = None
+    generation: int = Field(default=0, description="Decisions applied so far (sum over layers).")
+    snapshot_version: int = Field(default=0, description="Publishes accepted so far.")
+    registered_at: datetime
+    last_seen: datetime | None = None
+
+
+class WorkersPublic(WireModel):
+    data: list[WorkerPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots and tethers
+# --------------------------------------------------------------------------------------------
+
+
+class SnapshotMeta(Versioned):
+    """What a publish says about the training state it was taken at (in the frame's metadata)."""
+
+    worker_id: str
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    loss: float | None = None
+    grad_norm: float | None = None
+    plateau: bool = Field(default=False, description="The worker saw the plateau trigger fire.")
+    wire_dtype: WireDType = "float32"
+    generations: dict[str, int] = Field(
+        default_factory=dict, description="Generation of each layer's tether in this snapshot."
+    )
+
+    @field_validator("loss", "grad_norm")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class SnapshotRef(WireModel):
+    """Points at one published snapshot of one worker (the partner's tether a decision uses)."""
+
+    worker_id: str
+    version: int = Field(ge=1)
+    step: int = Field(ge=0)
+
+
+class PublishAccepted(WireModel):
+    """202 answer to a publish: the snapshot's version (monotonic per worker)."""
+
+    worker_id: str
+    version: int
+    step: int
+    layers: int
+    bytes: int
+
+
+class TetherStats(WireModel):
+    """Summary statistics of one tether (JSON; raw values come as safetensors)."""
+
+    layer: str
+    shape: list[int]
+    dtype: WireDType
+    version: int
+    generation: int
+    step: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    histogram: list[int] = Field(description="32 equal bins over [min, max].")
+    bin_edges: list[float]
+
+
+class TethersPublic(WireModel):
+    worker_id: str
+    version: int
+    step: int
+    data: list[TetherStats]
+    count: int
+
+
+class GenerationRecord(WireModel):
+    """One generation of a worker-layer tether and where it came from."""
+
+    generation: int
+    parents: list[SnapshotRef | None] = Field(
+        description="Own previous snapshot, then the partner snapshot the decision used."
+    )
+    decision_id: int | None
+    action: Action | None
+    created_at: datetime
+    retained: bool = Field(description="Whether the tensor of this generation is still stored.")
+
+
+class GenerationsPublic(WireModel):
+    worker_id: str
+    layer: str
+    data: list[GenerationRecord]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility
+# --------------------------------------------------------------------------------------------
+
+
+class CompatibilityPublic(WireModel):
+    """All-pairs compatibility of a federation on one layer; null where not comparable."""
+
+    layer: str
+    measure: Measure
+    workers: list[str]
+    matrix: list[list[float | None]]
+    versions: dict[str, int]
+    computed_at: datetime
+
+
+class CompatibilitiesPublic(WireModel):
+    data: list[CompatibilityPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------------------------
+
+
+class Decision(Versioned):
+    """A decision about one worker's tether on one layer, relative to one partner.
+
+    The worker named by `worker_id` applies it (the partner's own tether is changed only by the
+    partner's own decisions). `id` is monotonic over the federation.
+    """
+
+    id: int = Field(ge=1)
+    federation: str
+    layer: str
+    worker_id: str
+    partner_id: str | None
+    action: Action
+    score: float | None
+    measure: Measure
+    merge_threshold: float
+    drift_threshold: float | None
+    operator: MergeOperator | DriftOperator | None
+    params: dict[str, float] = Field(default_factory=dict)
+    partner_snapshot: SnapshotRef | None
+    own_snapshot: SnapshotRef
+    epoch: int
+    reason: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DecisionsPublic(WireModel):
+    data: list[Decision]
+    count: int
+    last_id: int = Field(description="Highest decision id in this page (or the `after` cursor).")
+
+
+class AckCreate(Versioned):
+    """A worker's acknowledgement that it applied (or refused) a decision."""
+
+    outcome: Outcome
+    generation: int | None = Field(default=None, ge=0)
+    reason: str | None = Field(default=None, max_length=1024)
+
+    @model_validator(mode="after")
+    def _reason_for_rejection(self) -> AckCreate:
+        if self.outcome == "rejected" and not self.reason:
+            raise ValueError("a rejected ack needs a reason")
+        if self.outcome == "applied" and self.generation is None:
+            raise ValueError("an applied ack needs the new generation")
+        return self
+
+
+class AckPublic(WireModel):
+    decision_id: int
+    worker_id: str
+    outcome: Outcome
+    generation: int | None
+    reason: str | None
+    acked_at: datetime
+
+
+class ErrorBody(WireModel):
+    """Every 4xx/5xx body: a stable, human-readable `detail`."""
+
+    detail: str | list[dict[str, Any]]
