@@ -32,6 +32,7 @@ import numpy.typing as npt
 from .messages import Measure
 
 BLOCK_COLUMNS = 65_536
+GATHER_COLUMNS = 32_768
 KAPPA_MAX = 16.0
 
 FloatArray = npt.NDArray[np.float64]
@@ -46,34 +47,53 @@ class GramStats:
     n: int
 
 
-def gram_stats(
-    x: npt.NDArray[Any], *, shift: npt.NDArray[Any] | None = None, block: int = BLOCK_COLUMNS
-) -> GramStats:
-    """Gram matrix and row sums of X − shift (M × N) in one blocked pass; X is never copied whole.
+Rows = npt.NDArray[Any] | Sequence[npt.NDArray[Any]]
 
-    Without a shift (and with float32 input) each block goes straight to BLAS (`syrk`, as numpy
-    picks for `A @ A.T`); a shift costs one extra in-cache subtraction per block.
+
+def gram_stats(
+    rows: Rows, *, shift: npt.NDArray[Any] | None = None, block: int = BLOCK_COLUMNS
+) -> GramStats:
+    """Gram matrix and row sums of the rows (minus `shift`) in one blocked pass.
+
+    `rows` is a stacked M × N matrix or M flat arrays of length N. A float32 matrix with no
+    shift goes block by block straight to BLAS (`syrk`, as numpy picks for `A @ A.T`); anything
+    else is gathered (and shifted) block by block into a small cache-resident scratch, so separate
+    tensors are never stacked into one large copy.
     """
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D stacked matrix, got shape {x.shape}")
-    m, n = x.shape
+    m, n = _dimensions(rows)
+    direct = isinstance(rows, np.ndarray) and rows.dtype == np.float32 and shift is None
+    width = min(block if direct else GATHER_COLUMNS, n)
     gram = np.zeros((m, m), dtype=np.float64)
     sums = np.zeros(m, dtype=np.float64)
-    width = min(block, n)
     ones = np.ones(width, dtype=np.float32)
-    scratch = (
-        np.empty((m, width), dtype=np.float32)
-        if shift is not None or x.dtype != np.float32
-        else None
-    )
-    offset = shift.astype(np.float32)[:, None] if shift is not None else np.float32(0)
-    for start in range(0, n, block):
-        chunk = x[:, start : start + block]
-        if scratch is not None:
-            chunk = np.subtract(chunk, offset, out=scratch[:, : chunk.shape[1]], casting="unsafe")
+    scratch = None if direct else np.empty((m, width), dtype=np.float32)
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        chunk = rows[:, start:stop] if scratch is None else _gather(rows, start, stop, shift, scratch)  # type: ignore[call-overload]
         gram += chunk @ chunk.T
-        sums += chunk @ ones[: chunk.shape[1]]
+        sums += chunk @ ones[: stop - start]
     return GramStats(gram=gram, sums=sums, n=n)
+
+
+def _dimensions(rows: Rows) -> tuple[int, int]:
+    if isinstance(rows, np.ndarray):
+        if rows.ndim != 2:
+            raise ValueError(f"expected a 2-D stacked matrix, got shape {rows.shape}")
+        return rows.shape[0], rows.shape[1]
+    lengths = {r.size for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"rows must be non-empty and of one length, got lengths {sorted(lengths)}")
+    return len(rows), lengths.pop()
+
+
+def _gather(
+    rows: Rows, start: int, stop: int, shift: npt.NDArray[Any] | None, scratch: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    out = scratch[:, : stop - start]
+    for i, row in enumerate(rows):
+        piece = row.reshape(-1)[start:stop]
+        np.subtract(piece, shift[i] if shift is not None else 0, out=out[i], casting="unsafe")
+    return out
 
 
 def _covariance(stats: GramStats) -> FloatArray:
@@ -114,14 +134,15 @@ def _normalize(gram: FloatArray) -> FloatArray:
     return out
 
 
-def gram_scores(x: npt.NDArray[Any], measure: Measure, *, block: int = BLOCK_COLUMNS) -> FloatArray:
-    """All-pairs scores of the rows of a stacked matrix X (M × N)."""
+def gram_scores(rows: Rows, measure: Measure, *, block: int = BLOCK_COLUMNS) -> FloatArray:
+    """All-pairs scores of M rows (a stacked M × N matrix, or M flat arrays of length N)."""
     if measure not in ("dot", "cosine", "pearson"):
         raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
-    stats = gram_stats(x, block=block)
+    stats = gram_stats(rows, block=block)
     if measure == "pearson" and _ill_conditioned(stats, _covariance(stats)):
-        shift = x[:, :block].mean(axis=1, dtype=np.float64)
-        stats = gram_stats(x, shift=shift, block=block)
+        head = [row.reshape(-1)[:block] for row in rows]
+        shift = np.array([h.mean(dtype=np.float64) for h in head])
+        stats = gram_stats(rows, shift=shift, block=block)
     return scores_from_stats(stats, measure)
 
 
@@ -176,16 +197,6 @@ def all_pairs(
     for i, worker in enumerate(workers):
         groups.setdefault(tuple(np.shape(tensors[worker])), []).append(i)
     for idx in groups.values():
-        stacked = _stack([tensors[workers[i]] for i in idx])
-        matrix[np.ix_(idx, idx)] = gram_scores(stacked, measure)
+        flat = [np.asarray(tensors[workers[i]]).reshape(-1) for i in idx]
+        matrix[np.ix_(idx, idx)] = gram_scores(flat, measure)
     return CompatibilityMatrix(measure=measure, workers=workers, matrix=matrix)
-
-
-def _stack(arrays: Sequence[npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    dtype = np.result_type(*arrays) if arrays else np.float32
-    if dtype not in (np.float32, np.float64):
-        dtype = np.float32
-    out = np.empty((len(arrays), arrays[0].size), dtype=dtype)
-    for row, array in zip(out, arrays, strict=True):
-        row[...] = array.reshape(-1)
-    return out

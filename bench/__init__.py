@@ -1,0 +1,1 @@
+"""tetherfed benchmarks: each runs ours and a reference in one process run, interleaved."""
