@@ -1,0 +1,415 @@
+"""`Federation`: connects a tethered model to a coordinator without ever blocking training.
+
+The training thread only calls `fed.step(...)` once per optimizer step. That call
+
+1. applies decisions the I/O thread has already received and prepared (partner tether fetched),
+   on the model's device, in place, at this step boundary — each decision id at most once;
+2. on schedule (every `publish_every` steps, or when the plateau trigger fires) copies the tethers
+   into host buffers (pinned, with non-blocking copies, on CUDA) and hands them to the I/O thread;
+   if the network is slower than training, the newest snapshot replaces the unsent one.
+
+The I/O thread does all network work: registration, publishes, heartbeats, polling for
+decisions, fetching partner tethers, acks. When the coordinator is unreachable it logs one warning
+per outage, keeps the latest unsent snapshot, and retries with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tether_protocol.frame import encode_parts
+from tether_protocol.messages import (
+    AckCreate,
+    Decision,
+    Heartbeat,
+    LayerSpec,
+    Policy,
+    SnapshotMeta,
+    WireDType,
+)
+from tether_protocol.policy import plateau
+
+from ._errors import APIError, NotFoundError, TetherError
+from ._ops import apply_operator_
+from ._retry import RetryPolicy
+from ._sdk import Client
+from ._tethering import TetherParametrization, tethered_layers
+
+log = logging.getLogger("tetherfed.federation")
+
+
+@dataclass
+class StepReport:
+    """What one `Federation.step` did."""
+
+    step: int
+    published: bool = False
+    applied: list[Decision] = field(default_factory=list)
+    rejected: list[tuple[Decision, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Ready:
+    """A decision the I/O thread prepared: the partner tether, or why it cannot be applied."""
+
+    decision: Decision
+    partner: Tensor | None
+    problem: str | None = None
+
+
+@dataclass
+class _Snapshot:
+    buffers: dict[str, Tensor]
+    meta: SnapshotMeta
+    index: int  # which of the two host buffer sets holds it
+    event: Any = None  # a torch.cuda.Event when the copies were non-blocking
+
+
+class Federation:
+    """Federate a tethered model's tethers through a coordinator while it trains.
+
+    >>> with Federation("http://127.0.0.1:8000", "demo", model) as fed:
+    ...     for step, (x, y) in enumerate(loader):
+    ...         loss = train_step(x, y)
+    ...         fed.step(loss=loss.item(), epoch=epoch)
+
+    `resume` takes a previous `state_dict()` (from a checkpoint) to continue under the same worker
+    id with the same generations and applied decision ids.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        federation: str,
+        model: nn.Module,
+        *,
+        name: str = "worker",
+        publish_every: int = 1,
+        wire_dtype: WireDType = "float32",
+        token: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+        heartbeat_s: float = 2.0,
+        poll_wait_s: float = 0.5,
+        min_publish_interval_s: float = 0.0,
+        resume: Mapping[str, Any] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._layers = tethered_layers(model)
+        if not self._layers:
+            raise ValueError("the model has no tethered layers: call tetherfed.tether(model) first")
+        if publish_every < 1:
+            raise ValueError(f"publish_every must be ≥ 1, got {publish_every}")
+        self.federation, self.name = federation, name
+        self.publish_every, self.wire_dtype = publish_every, wire_dtype
+        self.heartbeat_s, self.poll_wait_s = heartbeat_s, poll_wait_s
+        self.min_publish_interval_s = min_publish_interval_s
+        self._meta = dict(meta or {})
+        self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
+        self._device = next(iter(self._layers.values())).storage().device
+        self.policy: Policy | None = None
+        self.worker_id: str | None = None
+        self._token: str | None = None
+        self.generations = {layer: 0 for layer in self._layers}
+        self.applied_ids: set[int] = set()
+        self._cursor = 0
+        self._step = 0
+        self._epoch = 0
+        self._loss: float | None = None
+        self._grad_norm: float | None = None
+        self._previous_loss: float | None = None
+        if resume:
+            self._load(resume)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pending: _Snapshot | None = None
+        self._sending: int | None = None
+        self._buffers = [self._host_buffers(), self._host_buffers()]
+        self._ready: queue.SimpleQueue[_Ready] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, AckCreate]] = queue.SimpleQueue()
+        self._registered = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tetherfed-io", daemon=True)
+        self._thread.start()
+
+    # -- training thread ------------------------------------------------------------------------
+    def step(
+        self, loss: float | None = None, epoch: int = 0, grad_norm: float | None = None
+    ) -> StepReport:
+        """Call once per optimizer step: applies ready decisions, publishes on schedule."""
+        self._step += 1
+        self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
+        report = StepReport(step=self._step)
+        self._apply_ready(report)
+        fired = self.policy is not None and plateau(
+            self.policy, loss, self._previous_loss, grad_norm
+        )
+        if self._step % self.publish_every == 0 or fired:
+            report.published = self._snapshot(plateau_fired=fired)
+        self._previous_loss = loss
+        return report
+
+    def wait_registered(self, timeout: float) -> bool:
+        """Block until the worker is registered (for scripts and tests); True if it is."""
+        return self._registered.wait(timeout)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume under the same id (store it in your checkpoint)."""
+        return {
+            "federation": self.federation,
+            "worker_id": self.worker_id,
+            "token": self._token,
+            "generations": dict(self.generations),
+            "applied_ids": sorted(self.applied_ids),
+            "cursor": self._cursor,
+            "step": self._step,
+        }
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        if state.get("federation") not in (None, self.federation):
+            raise ValueError(
+                f"checkpoint is for federation {state['federation']!r}, not {self.federation!r}"
+            )
+        self.worker_id, self._token = state.get("worker_id"), state.get("token")
+        self.generations.update({k: int(v) for k, v in state.get("generations", {}).items()})
+        self.applied_ids = {int(i) for i in state.get("applied_ids", [])}
+        self._cursor = int(state.get("cursor", max(self.applied_ids, default=0)))
+        self._step = int(state.get("step", 0))
+
+    def _apply_ready(self, report: StepReport) -> None:
+        while True:
+            try:
+                ready = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            decision = ready.decision
+            if decision.id in self.applied_ids:
+                continue  # delivered twice: applied once
+            problem = ready.problem or self._stale(decision)
+            if problem is None and ready.partner is not None:
+                self._apply(decision, ready.partner)
+                report.applied.append(decision)
+                self._acks.put(
+                    (
+                        decision.id,
+                        AckCreate(outcome="applied", generation=self.generations[decision.layer]),
+                    )
+                )
+            else:
+                reason = problem or "no partner tether"
+                report.rejected.append((decision, reason))
+                self._acks.put((decision.id, AckCreate(outcome="rejected", reason=reason)))
+            self.applied_ids.add(decision.id)
+            self._wake.set()
+
+    def _stale(self, decision: Decision) -> str | None:
+        bound = self.policy.max_staleness_steps if self.policy else None
+        ref = decision.partner_snapshot
+        if bound is not None and ref is not None and abs(self._step - ref.step) > bound:
+            return f"partner snapshot at step {ref.step} is more than {bound} steps from step {self._step}"
+        if decision.layer not in self._layers:
+            return f"layer {decision.layer!r} is not tethered here"
+        return None
+
+    def _apply(self, decision: Decision, partner: Tensor) -> None:
+        tp: TetherParametrization = self._layers[decision.layer]
+        if decision.operator is not None and decision.operator != "decouple":
+            value = tp.current().detach().clone()
+            apply_operator_(decision.operator, decision.params, value, partner)
+            tp.set_(value)
+        self.generations[decision.layer] += 1
+
+    def _host_buffers(self) -> dict[str, Tensor]:
+        pin = self._device.type == "cuda"
+        return {
+            name: torch.empty(tuple(tp.storage().shape), dtype=torch.float32, pin_memory=pin)
+            for name, tp in self._layers.items()
+        }
+
+    def _snapshot(self, plateau_fired: bool) -> bool:
+        if self.worker_id is None:
+            return False  # not registered yet: nothing to publish as
+        with self._lock:
+            index = 1 - self._sending if self._sending is not None else 0
+            self._pending = None  # claim: the I/O thread will not take these buffers now
+        buffers = self._buffers[index]
+        with torch.no_grad():
+            for name, tp in self._layers.items():
+                buffers[name].copy_(tp.current(), non_blocking=True)
+        event = None
+        if self._device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        meta = SnapshotMeta(
+            worker_id=self.worker_id,
+            step=self._step,
+            epoch=self._epoch,
+            loss=self._loss,
+            grad_norm=self._grad_norm,
+            plateau=plateau_fired,
+            wire_dtype=self.wire_dtype,
+            generations=dict(self.generations),
+        )
+        with self._lock:
+            self._pending = _Snapshot(buffers, meta, index, event)
+        self._wake.set()
+        return True
+
+    # -- I/O thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        outage = _Outage()
+        last_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if self.worker_id is None or not self._registered.is_set():
+                    self._register()
+                self._send_pending()
+                self._send_acks()
+                if time.monotonic() - last_beat >= self.heartbeat_s:
+                    self._heartbeat()
+                    last_beat = time.monotonic()
+                self._poll()
+                outage.recovered()
+            except TetherError as error:
+                self._stop.wait(outage.failed(error))
+            except Exception:  # a bug here must not kill training; say it loudly and retry
+                log.exception("tetherfed I/O thread error; retrying")
+                self._stop.wait(1.0)
+
+    def _register(self) -> None:
+        if self.worker_id is not None and self._token is not None:
+            self._client.authorize(self._token)
+            worker = self._client.get_worker(self.federation, self.worker_id)
+            self.policy = self._client.get_federation(self.federation).policy
+            log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
+        else:
+            layers = [
+                LayerSpec(name=n, shape=list(tp.storage().shape)) for n, tp in self._layers.items()
+            ]
+            layers = [spec.model_copy(update={"dtype": self.wire_dtype}) for spec in layers]
+            reg = self._client.register_worker(self.federation, self.name, layers, self._meta)
+            self.worker_id, self._token, self.policy = reg.worker_id, reg.token, reg.policy
+            self._client.authorize(reg.token)
+            log.info("registered as worker %s in federation %s", reg.worker_id, self.federation)
+        self._registered.set()
+
+    def _send_pending(self) -> None:
+        with self._lock:
+            snap, self._pending = self._pending, None
+            if snap is not None:
+                self._sending = snap.index
+        if snap is None:
+            return
+        try:
+            if snap.event is not None:
+                snap.event.synchronize()
+            tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
+            parts = encode_parts(tensors, snap.meta, self.wire_dtype)
+            self._client.publish(self.federation, snap.meta.worker_id, parts)
+        except TetherError:
+            with self._lock:  # keep it unless training already produced a newer one
+                if self._pending is None:
+                    self._pending = snap
+            raise
+        finally:
+            with self._lock:
+                self._sending = None
+        if self.min_publish_interval_s:
+            self._stop.wait(self.min_publish_interval_s)
+
+    def _send_acks(self) -> None:
+        while True:
+            try:
+                decision_id, ack = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._client.ack(self.federation, decision_id, ack)
+            except APIError as error:
+                log.warning("ack of decision %d refused: %s", decision_id, error)
+            except TetherError:
+                self._acks.put((decision_id, ack))
+                raise
+
+    def _heartbeat(self) -> None:
+        assert self.worker_id is not None
+        beat = Heartbeat(
+            step=self._step, epoch=self._epoch, loss=self._loss, grad_norm=self._grad_norm
+        )
+        self._client.heartbeat(self.federation, self.worker_id, beat)
+
+    def _poll(self) -> None:
+        assert self.worker_id is not None
+        wait = 0.0 if self._pending is not None or self._wake.is_set() else self.poll_wait_s
+        self._wake.clear()
+        page = self._client.worker_decisions(
+            self.federation, self.worker_id, after=self._cursor, wait=wait
+        )
+        for decision in page.data:
+            self._cursor = max(self._cursor, decision.id)
+            if decision.id not in self.applied_ids and decision.action != "hold":
+                self._ready.put(self._prepare(decision))
+        if not page.data and wait == 0.0:
+            self._wake.wait(0.01)  # nothing to do: do not spin
+
+    def _prepare(self, decision: Decision) -> _Ready:
+        if decision.operator == "decouple" or decision.partner_id is None:
+            return _Ready(decision, torch.zeros(0))
+        try:
+            partner = self._client.tether(self.federation, decision.partner_id, decision.layer)
+        except NotFoundError as error:
+            return _Ready(decision, None, f"partner tether unavailable: {error.detail}")
+        # Copy off the response buffer here, on the I/O thread; pinned so the training thread's
+        # host-to-device copy can be non-blocking.
+        tensor = torch.from_numpy(np.array(partner, dtype=np.float32))
+        return _Ready(decision, tensor.pin_memory() if self._device.type == "cuda" else tensor)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self, leave: bool = True) -> None:
+        """Stop the I/O thread (after sending pending acks) and, by default, leave the federation."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10.0)
+        try:
+            self._send_acks()
+            if leave and self.worker_id is not None and self._registered.is_set():
+                self._client.leave(self.federation, self.worker_id)
+        except TetherError as error:
+            log.warning("could not leave federation cleanly: %s", error)
+        self._client.close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Outage:
+    """Backoff with full jitter while the coordinator is unreachable; one warning per outage."""
+
+    def __init__(self, base_s: float = 0.2, cap_s: float = 5.0) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self.failures = 0
+
+    def failed(self, error: TetherError) -> float:
+        if self.failures == 0:
+            log.warning("coordinator call failed, training continues and retries: %s", error)
+        self.failures += 1
+        return random.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 10)))
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.warning("coordinator calls succeed again after %d failures", self.failures)
+        self.failures = 0

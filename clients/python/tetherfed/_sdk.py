@@ -1,0 +1,551 @@
+"""Typed httpx clients (sync and async) for every call of the coordinator's REST API v1.
+
+Both clients share one table of calls (`_Calls`): each method builds a `Call` (method, path,
+body, response model, idempotent or not) and the client sends it. Idempotent calls are retried
+on transport errors and 5xx with backoff and full jitter (`RetryPolicy`); others are sent once.
+Pass `transport=` (e.g. `httpx.ASGITransport(app)`) to talk to an in-process app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel
+
+from tether_protocol.frame import decode_frame
+from tether_protocol.messages import (
+    AckCreate,
+    AckPublic,
+    CompatibilitiesPublic,
+    CompatibilityPublic,
+    Decision,
+    DecisionsPublic,
+    FederationCreate,
+    FederationPublic,
+    FederationsPublic,
+    GenerationsPublic,
+    Heartbeat,
+    LayerSpec,
+    Policy,
+    PolicyPatch,
+    PublishAccepted,
+    TethersPublic,
+    TetherStats,
+    WorkerCreate,
+    WorkerPublic,
+    WorkerRegistered,
+    WorkersPublic,
+)
+
+from ._errors import TetherError, TransportError, error_for
+from ._retry import RetryPolicy
+
+T = TypeVar("T")
+Body = bytes | Sequence[memoryview] | None
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One REST call: what to send and how to read the answer."""
+
+    method: str
+    path: str
+    model: type[T] | None = None
+    json: Any = None
+    content: Body = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    idempotent: bool = True
+    raw: bool = False
+    timeout: float | None = None
+
+
+def _p(*parts: str) -> str:
+    return "/".join(quote(part, safe="") for part in parts)
+
+
+def _dump(model: BaseModel) -> Any:
+    return model.model_dump(mode="json", exclude_unset=False)
+
+
+class _Calls:
+    """The coordinator's REST surface as `Call` builders (shared by both clients)."""
+
+    @staticmethod
+    def healthz() -> Call[dict[str, Any]]:
+        return Call("GET", "/healthz")
+
+    @staticmethod
+    def readyz() -> Call[dict[str, Any]]:
+        return Call("GET", "/readyz")
+
+    @staticmethod
+    def create_federation(name: str, policy: Policy | str = "default") -> Call[FederationPublic]:
+        body = FederationCreate(name=name, policy=policy)  # type: ignore[arg-type]
+        return Call("POST", "/v1/federations", FederationPublic, json=_dump(body), idempotent=False)
+
+    @staticmethod
+    def list_federations() -> Call[FederationsPublic]:
+        return Call("GET", "/v1/federations", FederationsPublic)
+
+    @staticmethod
+    def get_federation(fed: str) -> Call[FederationPublic]:
+        return Call("GET", f"/v1/federations/{_p(fed)}", FederationPublic)
+
+    @staticmethod
+    def update_policy(fed: str, patch: PolicyPatch | Mapping[str, Any]) -> Call[FederationPublic]:
+        body = patch if isinstance(patch, PolicyPatch) else PolicyPatch.model_validate(patch)
+        return Call(
+            "PATCH",
+            f"/v1/federations/{_p(fed)}/policy",
+            FederationPublic,
+            json=body.model_dump(mode="json", exclude_unset=True),
+        )
+
+    @staticmethod
+    def delete_federation(fed: str) -> Call[None]:
+        return Call("DELETE", f"/v1/federations/{_p(fed)}")
+
+    @staticmethod
+    def register_worker(
+        fed: str, name: str, layers: Sequence[LayerSpec], meta: Mapping[str, Any] | None = None
+    ) -> Call[WorkerRegistered]:
+        body = WorkerCreate(name=name, layers=list(layers), meta=dict(meta or {}))
+        path = f"/v1/federations/{_p(fed)}/workers"
+        return Call("POST", path, WorkerRegistered, json=_dump(body), idempotent=False)
+
+    @staticmethod
+    def heartbeat(fed: str, wid: str, beat: Heartbeat) -> Call[dict[str, Any]]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/heartbeat"
+        return Call("POST", path, json=_dump(beat))
+
+    @staticmethod
+    def leave(fed: str, wid: str) -> Call[None]:
+        return Call("DELETE", f"/v1/federations/{_p(fed, 'workers', wid)}")
+
+    @staticmethod
+    def list_workers(fed: str) -> Call[WorkersPublic]:
+        return Call("GET", f"/v1/federations/{_p(fed)}/workers", WorkersPublic)
+
+    @staticmethod
+    def get_worker(fed: str, wid: str) -> Call[WorkerPublic]:
+        return Call("GET", f"/v1/federations/{_p(fed, 'workers', wid)}", WorkerPublic)
+
+    @staticmethod
+    def publish(fed: str, wid: str, frame: Body) -> Call[PublishAccepted]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/tethers"
+        return Call("PUT", path, PublishAccepted, content=frame)
+
+    @staticmethod
+    def tethers(fed: str, wid: str) -> Call[TethersPublic]:
+        return Call("GET", f"/v1/federations/{_p(fed, 'workers', wid)}/tethers", TethersPublic)
+
+    @staticmethod
+    def tether_bytes(fed: str, wid: str, layer: str) -> Call[bytes]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid, 'tethers', layer)}"
+        return Call("GET", path, raw=True)
+
+    @staticmethod
+    def tether_stats(fed: str, wid: str, layer: str) -> Call[TetherStats]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid, 'tethers', layer)}"
+        return Call("GET", path, TetherStats, params={"format": "stats"})
+
+    @staticmethod
+    def generations(fed: str, wid: str, layer: str) -> Call[GenerationsPublic]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid, 'tethers', layer)}/generations"
+        return Call("GET", path, GenerationsPublic)
+
+    @staticmethod
+    def compatibility(fed: str, layer: str | None = None) -> Call[Any]:
+        path = f"/v1/federations/{_p(fed)}/compatibility"
+        if layer is None:
+            return Call("GET", path, CompatibilitiesPublic)
+        return Call("GET", path, CompatibilityPublic, params={"layer": layer})
+
+    @staticmethod
+    def decisions(
+        fed: str,
+        *,
+        worker: str | None = None,
+        layer: str | None = None,
+        action: str | None = None,
+        after: int | None = None,
+        limit: int | None = None,
+    ) -> Call[DecisionsPublic]:
+        query = {"worker": worker, "layer": layer, "action": action, "after": after, "limit": limit}
+        params = {k: v for k, v in query.items() if v is not None}
+        return Call("GET", f"/v1/federations/{_p(fed)}/decisions", DecisionsPublic, params=params)
+
+    @staticmethod
+    def worker_decisions(
+        fed: str, wid: str, after: int = 0, wait: float = 0.0
+    ) -> Call[DecisionsPublic]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/decisions"
+        return Call(
+            "GET", path, DecisionsPublic, params={"after": after, "wait": wait}, timeout=wait + 10.0
+        )
+
+    @staticmethod
+    def ack(fed: str, decision_id: int, ack: AckCreate) -> Call[AckPublic]:
+        path = f"/v1/federations/{_p(fed)}/decisions/{decision_id}/ack"
+        return Call("POST", path, AckPublic, json=_dump(ack))
+
+
+CALLS = _Calls()
+
+
+def _read(call: Call[T], response: httpx.Response) -> T:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except (json.JSONDecodeError, AttributeError):
+            detail = response.text
+        raise error_for(response.status_code, detail, call.method, call.path)
+    if call.raw:
+        return cast(T, response.content)
+    if call.model is None:
+        return cast(T, response.json() if response.content else None)
+    model = cast(type[BaseModel], call.model)
+    return cast(T, model.model_validate_json(response.content))
+
+
+def _request_kwargs(call: Call[Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"params": call.params or None}
+    if call.json is not None:
+        kwargs["json"] = call.json
+    if call.content is not None:
+        kwargs["content"] = (
+            call.content if isinstance(call.content, bytes) else _chunks(call.content)
+        )
+        kwargs["headers"] = {"content-type": "application/octet-stream"}
+        if not isinstance(call.content, bytes):
+            kwargs["headers"]["content-length"] = str(sum(p.nbytes for p in call.content))
+    if call.timeout is not None:
+        kwargs["timeout"] = httpx.Timeout(call.timeout, connect=5.0)
+    return kwargs
+
+
+def _chunks(parts: Sequence[memoryview]) -> Iterator[bytes]:
+    # httpx streams iterables of bytes; memoryview slices of 1 MiB avoid joining the frame.
+    for part in parts:
+        for start in range(0, part.nbytes, 1 << 20):
+            yield part[start : start + (1 << 20)]  # type: ignore[misc]
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+class Client:
+    """Synchronous client of a tetherfed coordinator.
+
+    >>> with Client("http://127.0.0.1:8000") as api:
+    ...     api.create_federation("demo", policy="seed")
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.Client(
+            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport
+        )
+
+    def authorize(self, token: str | None) -> None:
+        """Send `token` as the bearer token from now on (a worker's own token after registering)."""
+        self._http.headers.pop("authorization", None)
+        self._http.headers.update(_headers(token))
+
+    def call(self, call: Call[T]) -> T:
+        """Send one call, retrying idempotent ones per `self.retry`."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return self._once(call)
+            except TetherError as error:
+                if not call.idempotent or not self.retry.should_retry(error, attempt, started):
+                    raise
+                time.sleep(self.retry.delay(attempt))
+                attempt += 1
+
+    def _once(self, call: Call[T]) -> T:
+        try:
+            response = self._http.request(call.method, call.path, **_request_kwargs(call))
+        except httpx.TransportError as exc:
+            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+        return _read(call, response)
+
+    # -- the REST surface ---------------------------------------------------------------------
+    def healthz(self) -> dict[str, Any]:
+        return self.call(CALLS.healthz())
+
+    def readyz(self) -> dict[str, Any]:
+        return self.call(CALLS.readyz())
+
+    def create_federation(self, name: str, policy: Policy | str = "default") -> FederationPublic:
+        return self.call(CALLS.create_federation(name, policy))
+
+    def list_federations(self) -> FederationsPublic:
+        return self.call(CALLS.list_federations())
+
+    def get_federation(self, fed: str) -> FederationPublic:
+        return self.call(CALLS.get_federation(fed))
+
+    def update_policy(self, fed: str, patch: PolicyPatch | Mapping[str, Any]) -> FederationPublic:
+        return self.call(CALLS.update_policy(fed, patch))
+
+    def delete_federation(self, fed: str) -> None:
+        self.call(CALLS.delete_federation(fed))
+
+    def register_worker(
+        self,
+        fed: str,
+        name: str,
+        layers: Sequence[LayerSpec],
+        meta: Mapping[str, Any] | None = None,
+    ) -> WorkerRegistered:
+        return self.call(CALLS.register_worker(fed, name, layers, meta))
+
+    def heartbeat(self, fed: str, wid: str, beat: Heartbeat) -> dict[str, Any]:
+        return self.call(CALLS.heartbeat(fed, wid, beat))
+
+    def leave(self, fed: str, wid: str) -> None:
+        self.call(CALLS.leave(fed, wid))
+
+    def list_workers(self, fed: str) -> WorkersPublic:
+        return self.call(CALLS.list_workers(fed))
+
+    def get_worker(self, fed: str, wid: str) -> WorkerPublic:
+        return self.call(CALLS.get_worker(fed, wid))
+
+    def publish(self, fed: str, wid: str, frame: Body) -> PublishAccepted:
+        return self.call(CALLS.publish(fed, wid, frame))
+
+    def tethers(self, fed: str, wid: str) -> TethersPublic:
+        return self.call(CALLS.tethers(fed, wid))
+
+    def tether(self, fed: str, wid: str, layer: str) -> npt.NDArray[np.floating[Any]]:
+        """One layer's latest published tether, decoded from its safetensors frame."""
+        frame = decode_frame(self.call(CALLS.tether_bytes(fed, wid, layer)), require_meta=False)
+        return frame.tensors[layer]
+
+    def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
+        return self.call(CALLS.tether_stats(fed, wid, layer))
+
+    def generations(self, fed: str, wid: str, layer: str) -> GenerationsPublic:
+        return self.call(CALLS.generations(fed, wid, layer))
+
+    def compatibility(self, fed: str, layer: str | None = None) -> Any:
+        """CompatibilityPublic for one layer, or CompatibilitiesPublic for every layer."""
+        return self.call(CALLS.compatibility(fed, layer))
+
+    def decisions(self, fed: str, **query: Any) -> DecisionsPublic:
+        """Decisions of a federation, filtered by worker, layer, action, after, limit."""
+        return self.call(CALLS.decisions(fed, **query))
+
+    def worker_decisions(
+        self, fed: str, wid: str, after: int = 0, wait: float = 0.0
+    ) -> DecisionsPublic:
+        """A worker's decisions after id `after`, long-polling up to `wait` seconds."""
+        return self.call(CALLS.worker_decisions(fed, wid, after, wait))
+
+    def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
+        return self.call(CALLS.ack(fed, decision_id, ack))
+
+    def stream_decisions(self, fed: str, last_event_id: int | None = None) -> Iterator[Decision]:
+        """Follow the federation's decisions as Server-Sent Events (resumes after `last_event_id`)."""
+        headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
+        path = f"/v1/federations/{_p(fed)}/decisions/stream"
+        try:
+            with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _read(Call("GET", path), response)
+                yield from _sse_decisions(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise TransportError(f"GET {path}: {exc!r}") from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sse_decisions(lines: Iterator[str]) -> Iterator[Decision]:
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield Decision.model_validate_json("\n".join(data))
+            data = []
+
+
+class AsyncClient:
+    """Asynchronous client of a tetherfed coordinator (same calls as `Client`, awaited)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport
+        )
+
+    def authorize(self, token: str | None) -> None:
+        """Send `token` as the bearer token from now on."""
+        self._http.headers.pop("authorization", None)
+        self._http.headers.update(_headers(token))
+
+    async def call(self, call: Call[T]) -> T:
+        """Send one call, retrying idempotent ones per `self.retry`."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return await self._once(call)
+            except TetherError as error:
+                if not call.idempotent or not self.retry.should_retry(error, attempt, started):
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt))
+                attempt += 1
+
+    async def _once(self, call: Call[T]) -> T:
+        kwargs = _request_kwargs(call)
+        if call.content is not None and not isinstance(call.content, bytes):
+            kwargs["content"] = b"".join(call.content)  # async httpx needs an async iterable
+        try:
+            response = await self._http.request(call.method, call.path, **kwargs)
+        except httpx.TransportError as exc:
+            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+        return _read(call, response)
+
+    async def healthz(self) -> dict[str, Any]:
+        return await self.call(CALLS.healthz())
+
+    async def readyz(self) -> dict[str, Any]:
+        return await self.call(CALLS.readyz())
+
+    async def create_federation(
+        self, name: str, policy: Policy | str = "default"
+    ) -> FederationPublic:
+        return await self.call(CALLS.create_federation(name, policy))
+
+    async def list_federations(self) -> FederationsPublic:
+        return await self.call(CALLS.list_federations())
+
+    async def get_federation(self, fed: str) -> FederationPublic:
+        return await self.call(CALLS.get_federation(fed))
+
+    async def update_policy(
+        self, fed: str, patch: PolicyPatch | Mapping[str, Any]
+    ) -> FederationPublic:
+        return await self.call(CALLS.update_policy(fed, patch))
+
+    async def delete_federation(self, fed: str) -> None:
+        await self.call(CALLS.delete_federation(fed))
+
+    async def register_worker(
+        self,
+        fed: str,
+        name: str,
+        layers: Sequence[LayerSpec],
+        meta: Mapping[str, Any] | None = None,
+    ) -> WorkerRegistered:
+        return await self.call(CALLS.register_worker(fed, name, layers, meta))
+
+    async def heartbeat(self, fed: str, wid: str, beat: Heartbeat) -> dict[str, Any]:
+        return await self.call(CALLS.heartbeat(fed, wid, beat))
+
+    async def leave(self, fed: str, wid: str) -> None:
+        await self.call(CALLS.leave(fed, wid))
+
+    async def list_workers(self, fed: str) -> WorkersPublic:
+        return await self.call(CALLS.list_workers(fed))
+
+    async def get_worker(self, fed: str, wid: str) -> WorkerPublic:
+        return await self.call(CALLS.get_worker(fed, wid))
+
+    async def publish(self, fed: str, wid: str, frame: Body) -> PublishAccepted:
+        return await self.call(CALLS.publish(fed, wid, frame))
+
+    async def tethers(self, fed: str, wid: str) -> TethersPublic:
+        return await self.call(CALLS.tethers(fed, wid))
+
+    async def tether(self, fed: str, wid: str, layer: str) -> npt.NDArray[np.floating[Any]]:
+        frame = decode_frame(
+            await self.call(CALLS.tether_bytes(fed, wid, layer)), require_meta=False
+        )
+        return frame.tensors[layer]
+
+    async def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
+        return await self.call(CALLS.tether_stats(fed, wid, layer))
+
+    async def generations(self, fed: str, wid: str, layer: str) -> GenerationsPublic:
+        return await self.call(CALLS.generations(fed, wid, layer))
+
+    async def compatibility(self, fed: str, layer: str | None = None) -> Any:
+        return await self.call(CALLS.compatibility(fed, layer))
+
+    async def decisions(self, fed: str, **query: Any) -> DecisionsPublic:
+        return await self.call(CALLS.decisions(fed, **query))
+
+    async def worker_decisions(
+        self, fed: str, wid: str, after: int = 0, wait: float = 0.0
+    ) -> DecisionsPublic:
+        return await self.call(CALLS.worker_decisions(fed, wid, after, wait))
+
+    async def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
+        return await self.call(CALLS.ack(fed, decision_id, ack))
+
+    async def stream_decisions(
+        self, fed: str, last_event_id: int | None = None
+    ) -> AsyncIterator[Decision]:
+        """Follow the federation's decisions as Server-Sent Events."""
+        headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
+        path = f"/v1/federations/{_p(fed)}/decisions/stream"
+        async with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _read(Call("GET", path), response)
+            data: list[str] = []
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield Decision.model_validate_json("\n".join(data))
+                    data = []
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

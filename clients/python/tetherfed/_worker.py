@@ -1,0 +1,306 @@
+"""The worker process: train a built-in (or user) task with a tethered model, federating as it goes.
+
+Flat on purpose: build everything from a typed config, then one loop. Metrics go to stdout and to
+`metrics.jsonl` as one JSON object per line; checkpoints `latest.pt` and `best.pt` (by validation
+loss) hold the config, step, model, optimizer, scheduler, tethers, generations and the applied
+decision ids, so `--resume` continues under the same worker id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tether_protocol.messages import WireDType
+
+from ._federation import Federation
+from ._tasks import Task, build_model, default_model, load_task
+from ._tethering import tether, update_importance
+
+log = logging.getLogger("tetherfed.worker")
+
+
+class WorkerConfig(BaseModel):
+    """Everything a worker run needs; stored in its checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coordinator: str | None = Field(default=None, description="Coordinator URL; None trains alone.")
+    federation: str = "default"
+    token: str | None = None
+    name: str | None = None
+    task: str = "random-classification"
+    model: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    steps: int | None = Field(default=None, ge=1)
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    layer_lr: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer LR multipliers by module-name prefix."
+    )
+    publish_every: int = Field(default=10, ge=1)
+    tether_mode: Literal["static", "learned", "importance"] = "static"
+    wire_dtype: WireDType = "float32"
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=100, ge=1)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Steps to run: `steps`, else `epochs` × steps per epoch (default one epoch)."""
+        return self.steps if self.steps is not None else (self.epochs or 1) * steps_per_epoch
+
+
+def pick_device(spec: str) -> torch.device:
+    """`auto` → the first CUDA device if there is one, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def build_optimizer(model: nn.Module, cfg: WorkerConfig) -> torch.optim.Optimizer:
+    """Optimizer with one parameter group per `layer_lr` prefix (first match wins) plus the rest."""
+    groups: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in cfg.layer_lr}
+    rest: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        prefix = next((p for p in cfg.layer_lr if name.startswith(p)), None)
+        (groups[prefix] if prefix is not None else rest).append(param)
+    param_groups = [{"params": rest}] + [
+        {"params": params, "lr": cfg.lr * cfg.layer_lr[prefix]}
+        for prefix, params in groups.items()
+        if params
+    ]
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    return kinds[cfg.optimizer](param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # type: ignore[operator]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: WorkerConfig, total: int) -> Any:
+    """LR schedule over the run: constant, cosine to zero, or ×0.1 at 1/2 and 3/4 of the run."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    if cfg.scheduler == "step":
+        milestones = [total // 2, 3 * total // 4]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def batches(task: Task, batch_size: int, seed: int) -> Iterator[tuple[int, Any, Any]]:
+    """(epoch, x, y) forever, reshuffled every epoch from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(task.train, batch_size=batch_size, shuffle=True, generator=generator)
+    epoch = 0
+    while True:
+        for x, y in loader:
+            yield epoch, x, y
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, device: torch.device) -> float:
+    """Mean validation loss."""
+    model.eval()
+    x, y = task.val.tensors
+    loss = float(task.loss_fn(model(x.to(device)), y.to(device)))
+    model.train()
+    return loss
+
+
+def save_checkpoint(path: Path, run: _Run, step: int) -> None:
+    """Write a checkpoint atomically (temp file, then rename)."""
+    state = {
+        "config": run.cfg.model_dump(mode="json"),
+        "step": step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "federation": run.fed.state_dict() if run.fed is not None else None,
+        "val_loss": run.val_loss,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class Metrics:
+    """One JSON object per line to stdout and to a JSONL file."""
+
+    def __init__(self, path: Path | None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a") if path is not None else None
+
+    def emit(self, **fields: Any) -> None:
+        line = json.dumps(fields, separators=(",", ":"))
+        print(line, flush=True)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass
+class _Run:
+    """Everything one worker run holds, built once by `_setup`."""
+
+    cfg: WorkerConfig
+    device: torch.device
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Iterator[tuple[int, Any, Any]]
+    total: int
+    start: int
+    fed: Federation | None
+    metrics: Metrics
+    counts: dict[str, int] = field(default_factory=lambda: {"merge": 0, "drift": 0, "rejected": 0})
+    best: float = math.inf
+    val_loss: float = math.nan
+    started: float = field(default_factory=time.monotonic)
+
+
+def _setup(cfg: WorkerConfig) -> _Run:
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    task = load_task(cfg.task, seed=cfg.seed)
+    model = build_model(cfg.model or default_model(cfg.task), task, seed=cfg.seed)
+    model = tether(model, cfg.tether_mode, seed=cfg.seed).to(device)
+    data = batches(task, cfg.batch_size, cfg.seed)
+    total = cfg.total_steps(math.ceil(len(task.train) / cfg.batch_size))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    resume_state, start = None, 0
+    latest = cfg.checkpoint_dir / "latest.pt" if cfg.checkpoint_dir else None
+    if cfg.resume and latest is not None and latest.exists():
+        saved = torch.load(latest, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        resume_state, start = saved["federation"], saved["step"]
+        for _ in range(start):  # the same data order as an uninterrupted run
+            next(data)
+    fed = None
+    if cfg.coordinator:
+        fed = Federation(
+            cfg.coordinator,
+            cfg.federation,
+            model,
+            name=cfg.name or f"{cfg.task}-s{cfg.seed}",
+            publish_every=cfg.publish_every,
+            wire_dtype=cfg.wire_dtype,
+            token=cfg.token,
+            meta={"task": cfg.task, "seed": cfg.seed, "device": str(device)},
+            resume=resume_state,
+        )
+    metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
+    return _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
+
+
+def _train_step(run: _Run) -> tuple[int, float, float]:
+    epoch, x, y = next(run.data)
+    out = run.model(x.to(run.device, non_blocking=True))
+    loss = run.task.loss_fn(out, y.to(run.device, non_blocking=True))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(nn.utils.clip_grad_norm_(run.model.parameters(), math.inf))
+    if run.cfg.tether_mode == "importance":
+        update_importance(run.model)
+    run.optimizer.step()
+    run.scheduler.step()
+    loss_value = loss.item()
+    if run.fed is not None:
+        report = run.fed.step(loss=loss_value, epoch=epoch, grad_norm=grad_norm)
+        for decision in report.applied:
+            run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
+        run.counts["rejected"] += len(report.rejected)
+    return epoch, loss_value, grad_norm
+
+
+def _evaluate(run: _Run, step: int) -> None:
+    run.val_loss = evaluate(run.model, run.task, run.device)
+    if run.cfg.checkpoint_dir is None:
+        return
+    save_checkpoint(run.cfg.checkpoint_dir / "latest.pt", run, step)
+    if run.val_loss < run.best:
+        run.best = run.val_loss
+        save_checkpoint(run.cfg.checkpoint_dir / "best.pt", run, step)
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)
+
+
+def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> None:
+    run.metrics.emit(
+        event="step",
+        worker_id=run.fed.worker_id if run.fed else None,
+        step=step,
+        total=run.total,
+        epoch=epoch,
+        loss=_round(loss),
+        val_loss=_round(run.val_loss),
+        grad_norm=_round(grad_norm),
+        generation=sum(run.fed.generations.values()) if run.fed else 0,
+        merges=run.counts["merge"],
+        drifts=run.counts["drift"],
+        rejected=run.counts["rejected"],
+        steps_per_s=round((step - run.start) / max(time.monotonic() - run.started, 1e-9), 2),
+    )
+
+
+def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns the final summary (also emitted as the last metrics line)."""
+    run = _setup(cfg)
+    try:
+        for step in range(run.start + 1, run.total + 1):
+            epoch, loss, grad_norm = _train_step(run)
+            if step % cfg.eval_every == 0 or step == run.total:
+                _evaluate(run, step)
+            if step % cfg.log_every == 0 or step == run.total:
+                _log(run, step, epoch, loss, grad_norm)
+    finally:
+        if run.fed is not None:
+            run.fed.close()
+        worker_id = run.fed.worker_id if run.fed else None
+        summary = {
+            "event": "done",
+            "worker_id": worker_id,
+            "steps": run.total,
+            "val_loss": _round(run.val_loss),
+            **run.counts,
+        }
+        run.metrics.emit(**summary)
+        run.metrics.close()
+    return summary
+
+
+def main_worker(cfg: WorkerConfig) -> int:
+    """CLI entry: run and map failures to exit codes."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    run_worker(cfg)
+    return 0

@@ -1,0 +1,274 @@
+"""The worker library against a real coordinator process on real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tetherfed
+import torch
+from tetherfed import Client, Federation, tether
+from torch import nn
+
+pytestmark = pytest.mark.integration
+
+EVERY = {
+    "measure": "pearson",
+    "trigger": "every_publish",
+    "cooldown_steps": 0,
+    "merge_threshold": 0.5,
+    "drift_threshold": -0.5,
+    "max_merges_per_epoch": 1000,
+    "max_staleness_steps": None,
+}
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(16, 8))
+    model.add_module("act", nn.ReLU())
+    model.add_module("fc2", nn.Linear(8, 4))
+    return model
+
+
+def train(
+    fed: Federation,
+    model: nn.Module,
+    steps: int,
+    until: Callable[[], bool] | None = None,
+    timeout: float = 20.0,
+) -> int:
+    """Train on random data, calling fed.step; stop after `steps` or when `until()` holds."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    deadline = time.monotonic() + timeout
+    done = 0
+    while time.monotonic() < deadline and (done < steps or (until is not None and not until())):
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fed.step(loss=loss.item(), epoch=0, grad_norm=1.0)
+        done += 1
+        time.sleep(0.002)
+        if until is None and done >= steps:
+            break
+    return done
+
+
+@pytest.fixture
+def coordinator(coordinator_process: Callable[..., Any]) -> Any:
+    return coordinator_process()
+
+
+@pytest.fixture
+def api(coordinator: Any) -> Iterator[Client]:
+    with Client(coordinator.url) as client:
+        yield client
+
+
+def federations(url: str, fed: str, models: list[nn.Module], **kw: Any) -> list[Federation]:
+    feds = [
+        Federation(url, fed, m, name=f"w{i}", heartbeat_s=0.5, poll_wait_s=0.2, **kw)
+        for i, m in enumerate(models)
+    ]
+    for f in feds:
+        assert f.wait_registered(15), "worker did not register"
+    return feds
+
+
+def test_identical_static_tethers_merge_and_acks_are_visible(api: Client, coordinator: Any) -> None:
+    api.create_federation("same", policy=EVERY)  # type: ignore[arg-type]
+    models = [tether(mlp(i), "static", seed=7) for i in range(2)]
+    feds = federations(coordinator.url, "same", models)
+    try:
+        applied: list[int] = []
+        for _ in range(200):
+            for f in feds:
+                applied += [d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied]
+            if applied:
+                break
+            time.sleep(0.05)
+        assert applied, "no merge was applied although the tethers are identical"
+        merges = api.decisions("same", action="merge")
+        assert merges.count >= 1
+        assert all(
+            d.action == "merge" and d.score is not None and d.score > 0.99 for d in merges.data
+        )
+        assert sum(sum(f.generations.values()) for f in feds) >= 1
+    finally:
+        for f in feds:
+            f.close()
+    workers = api.list_workers("same")
+    assert {w.status for w in workers.data} == {"left"}
+
+
+def test_anti_correlated_tethers_drift_under_pearson(api: Client, coordinator: Any) -> None:
+    policy = EVERY | {"drift_operator": "repel", "drift_beta": 0.1}
+    api.create_federation("anti", policy=policy)  # type: ignore[arg-type]
+    a, b = tether(mlp(0), "static", seed=1), tether(mlp(1), "static", seed=1)
+    for name, tp in tetherfed.tethered_layers(b).items():
+        tp.set_(1.0 - tetherfed.tethered_layers(a)[name].current())
+    feds = federations(coordinator.url, "anti", [a, b])
+    before = tetherfed.tethered_layers(a)["fc1"].current().clone()
+    try:
+        drifted: list[Any] = []
+        for _ in range(200):
+            drifted += [d for d in feds[0].step(loss=1.0, epoch=0).applied if d.action == "drift"]
+            feds[1].step(loss=1.0, epoch=0)
+            if drifted:
+                break
+            time.sleep(0.05)
+        assert drifted, "anti-correlated tethers did not drift"
+        after = tetherfed.tethered_layers(a)[drifted[0].layer].current()
+        layer_before = before if drifted[0].layer == "fc1" else after
+        assert drifted[0].score is not None and drifted[0].score < -0.99
+        if drifted[0].layer == "fc1":
+            assert not torch.equal(after, layer_before), "repel left the tether unchanged"
+        assert float(after.min()) >= 0.0 and float(after.max()) <= 1.0
+    finally:
+        for f in feds:
+            f.close()
+
+
+def test_a_decision_delivered_twice_is_applied_once(api: Client, coordinator: Any) -> None:
+    api.create_federation("twice", policy=EVERY | {"max_merges_per_epoch": 1})  # type: ignore[arg-type]
+    models = [tether(mlp(i), "static", seed=3) for i in range(2)]
+    feds = federations(coordinator.url, "twice", models)
+    try:
+        first: list[int] = []
+        for _ in range(200):
+            first += [d.id for d in feds[0].step(loss=1.0, epoch=0).applied]
+            feds[1].step(loss=1.0, epoch=0)
+            if first:
+                break
+            time.sleep(0.05)
+        assert first
+        generations = dict(feds[0].generations)
+        tethers = {
+            n: tp.current().clone() for n, tp in tetherfed.tethered_layers(models[0]).items()
+        }
+        feds[0]._cursor = 0  # the next poll delivers every decision again
+        for _ in range(40):
+            report = feds[0].step(loss=1.0, epoch=0)
+            assert not [d for d in report.applied if d.id in first], "a decision was applied twice"
+            time.sleep(0.05)
+        assert feds[0].generations == generations
+        for n, tp in tetherfed.tethered_layers(models[0]).items():
+            assert torch.equal(tp.current(), tethers[n])
+    finally:
+        for f in feds:
+            f.close()
+
+
+def restart_on(url: str, redis_url: str, key_prefix: str) -> subprocess.Popen[bytes]:
+    """A coordinator process on the same port, Redis and key prefix as the one that died."""
+    port = url.rsplit(":", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")} | {
+        "TETHER_KEY_PREFIX": key_prefix
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--redis-url",
+        redis_url,
+    ]
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("restarted coordinator never became ready")
+
+
+def test_training_survives_a_coordinator_outage_and_resumes(
+    api: Client, coordinator: Any, redis_url: str, key_prefix: str
+) -> None:
+    api.create_federation("outage", policy=EVERY)  # type: ignore[arg-type]
+    model = tether(mlp(0), "static", seed=0)
+    (fed,) = federations(coordinator.url, "outage", [model])
+    try:
+        train(fed, model, steps=20)
+        coordinator.stop()
+        started = time.monotonic()
+        done = train(fed, model, steps=300, timeout=30)
+        assert done == 300, f"training stalled: {done} steps while the coordinator was down"
+        assert time.monotonic() - started < 20, "steps slowed to a crawl during the outage"
+        # A new coordinator process on the same Redis and port: the worker publishes again.
+        back = restart_on(coordinator.url, redis_url, key_prefix)
+        try:
+            with Client(coordinator.url) as client:
+                version = client.get_worker("outage", fed.worker_id).snapshot_version  # type: ignore[arg-type]
+                assert version >= 1, "nothing was published before the outage"
+
+                def newer() -> bool:
+                    wid = str(fed.worker_id)
+                    return client.get_worker("outage", wid).snapshot_version > version
+
+                train(fed, model, steps=10, until=newer, timeout=30)
+                assert newer(), "the worker did not publish again after the coordinator came back"
+        finally:
+            back.terminate()
+            back.wait(timeout=10)
+    finally:
+        fed.close(leave=False)
+
+
+def test_resume_keeps_id_generation_and_applied_ids(api: Client, coordinator: Any) -> None:
+    api.create_federation("resume", policy=EVERY | {"max_merges_per_epoch": 1})  # type: ignore[arg-type]
+    models = [tether(mlp(i), "static", seed=5) for i in range(2)]
+    feds = federations(coordinator.url, "resume", models)
+    for _ in range(200):
+        if feds[0].step(loss=1.0, epoch=0).applied:
+            break
+        feds[1].step(loss=1.0, epoch=0)
+        time.sleep(0.05)
+    state = feds[0].state_dict()
+    for f in feds:
+        f.close(leave=False)
+    assert state["applied_ids"], "nothing was applied before the checkpoint"
+    resumed = Federation(coordinator.url, "resume", models[0], resume=state, heartbeat_s=0.5)
+    try:
+        assert resumed.wait_registered(15)
+        assert resumed.worker_id == state["worker_id"]
+        assert resumed.generations == state["generations"]
+        assert sorted(resumed.applied_ids) == state["applied_ids"]
+        assert api.get_worker("resume", state["worker_id"]).worker_id == state["worker_id"]
+    finally:
+        resumed.close()
+
+
+def test_publish_frames_match_the_model_tethers(api: Client, coordinator: Any) -> None:
+    api.create_federation("frames", policy="default")
+    model = tether(mlp(0), "static", seed=11)
+    (fed,) = federations(coordinator.url, "frames", [model], publish_every=1)
+    try:
+        fed.step(loss=1.0, epoch=0)
+        deadline = time.monotonic() + 10
+        while (
+            time.monotonic() < deadline
+            and api.get_worker("frames", fed.worker_id).snapshot_version == 0
+        ):  # type: ignore[arg-type]
+            time.sleep(0.05)
+        remote = api.tether("frames", fed.worker_id, "fc2")  # type: ignore[arg-type]
+        local = tetherfed.tethered_layers(model)["fc2"].current().numpy()
+        np.testing.assert_array_equal(remote, local)
+    finally:
+        fed.close()
