@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from tetherfed._tasks import (
     Task,
     build_model,
@@ -16,7 +18,6 @@ from tetherfed._tasks import (
     task_names,
 )
 from tetherfed._tethering import tether, tethered_layers
-from torch import nn
 
 EXPECTED = {
     # name: (kind, input_shape, n_outputs, n_train, n_val)

@@ -8,6 +8,8 @@ from typing import Any, cast
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from tetherfed._tethering import (
     TetherMode,
     TetherParametrization,
@@ -18,7 +20,6 @@ from tetherfed._tethering import (
     tethered_layers,
     update_importance,
 )
-from torch import Tensor, nn
 
 MODES = ["static", "learned", "importance"]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tetherfed._tasks import Task
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from tetherfed._tasks import Task
 
 NOT_CALLABLE = 42
 

@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import tetherfed
 import torch
-from tetherfed import Client, Federation, tether
 from torch import nn
+
+import tetherfed
+from tetherfed import Client, Federation, tether
 
 pytestmark = pytest.mark.integration
 

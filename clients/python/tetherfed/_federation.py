@@ -72,9 +72,23 @@ class _Ready:
 @dataclass
 class _Snapshot:
     buffers: dict[str, Tensor]
-    meta: SnapshotMeta
+    progress: tuple[int, int, float | None, float | None, bool]  # step, epoch, loss, grad, plateau
+    generations: dict[str, int]
     index: int  # which of the two host buffer sets holds it
     event: Any = None  # a torch.cuda.Event when the copies were non-blocking
+
+    def meta(self, worker_id: str, wire_dtype: WireDType) -> SnapshotMeta:
+        step, epoch, loss, grad_norm, fired = self.progress
+        return SnapshotMeta(
+            worker_id=worker_id,
+            step=step,
+            epoch=epoch,
+            loss=loss,
+            grad_norm=grad_norm,
+            plateau=fired,
+            wire_dtype=wire_dtype,
+            generations=self.generations,
+        )
 
 
 class Federation:
@@ -102,7 +116,7 @@ class Federation:
         meta: Mapping[str, Any] | None = None,
         heartbeat_s: float = 2.0,
         poll_wait_s: float = 0.5,
-        min_publish_interval_s: float = 0.0,
+        io_budget: float = 0.05,
         resume: Mapping[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -114,7 +128,10 @@ class Federation:
         self.federation, self.name = federation, name
         self.publish_every, self.wire_dtype = publish_every, wire_dtype
         self.heartbeat_s, self.poll_wait_s = heartbeat_s, poll_wait_s
-        self.min_publish_interval_s = min_publish_interval_s
+        if not 0.0 < io_budget <= 1.0:
+            raise ValueError(f"io_budget must be in (0, 1], got {io_budget}")
+        self.io_budget = io_budget
+        self._next_publish = 0.0
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
         self._device = next(iter(self._layers.values())).storage().device
@@ -132,7 +149,6 @@ class Federation:
         if resume:
             self._load(resume)
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._pending: _Snapshot | None = None
         self._sending: int | None = None
@@ -211,7 +227,6 @@ class Federation:
                 report.rejected.append((decision, reason))
                 self._acks.put((decision.id, AckCreate(outcome="rejected", reason=reason)))
             self.applied_ids.add(decision.id)
-            self._wake.set()
 
     def _stale(self, decision: Decision) -> str | None:
         bound = self.policy.max_staleness_steps if self.policy else None
@@ -251,19 +266,10 @@ class Federation:
         if self._device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        meta = SnapshotMeta(
-            worker_id=self.worker_id,
-            step=self._step,
-            epoch=self._epoch,
-            loss=self._loss,
-            grad_norm=self._grad_norm,
-            plateau=plateau_fired,
-            wire_dtype=self.wire_dtype,
-            generations=dict(self.generations),
-        )
+        # The metadata model is built on the I/O thread: the training thread only records numbers.
+        progress = (self._step, self._epoch, self._loss, self._grad_norm, plateau_fired)
         with self._lock:
-            self._pending = _Snapshot(buffers, meta, index, event)
-        self._wake.set()
+            self._pending = _Snapshot(buffers, progress, dict(self.generations), index, event)
         return True
 
     # -- I/O thread -----------------------------------------------------------------------------
@@ -305,18 +311,22 @@ class Federation:
         self._registered.set()
 
     def _send_pending(self) -> None:
+        if time.monotonic() < self._next_publish:
+            return
         with self._lock:
             snap, self._pending = self._pending, None
             if snap is not None:
                 self._sending = snap.index
         if snap is None:
             return
+        started = time.monotonic()
         try:
             if snap.event is not None:
                 snap.event.synchronize()
+            assert self.worker_id is not None
             tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
-            parts = encode_parts(tensors, snap.meta, self.wire_dtype)
-            self._client.publish(self.federation, snap.meta.worker_id, parts)
+            parts = encode_parts(tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype)
+            self._client.publish(self.federation, self.worker_id, parts)
         except TetherError:
             with self._lock:  # keep it unless training already produced a newer one
                 if self._pending is None:
@@ -325,8 +335,10 @@ class Federation:
         finally:
             with self._lock:
                 self._sending = None
-        if self.min_publish_interval_s:
-            self._stop.wait(self.min_publish_interval_s)
+        # Publishing may take at most `io_budget` of the wall clock (it competes with training for
+        # the GIL and the CPU); snapshots taken meanwhile coalesce, the latest wins.
+        now = time.monotonic()
+        self._next_publish = now + (now - started) * (1.0 / self.io_budget - 1.0)
 
     def _send_acks(self) -> None:
         while True:
@@ -351,17 +363,21 @@ class Federation:
 
     def _poll(self) -> None:
         assert self.worker_id is not None
-        wait = 0.0 if self._pending is not None or self._wake.is_set() else self.poll_wait_s
-        self._wake.clear()
+        until_publish = self._next_publish - time.monotonic()
+        if self._pending is not None and until_publish <= 0:
+            return  # publish first
+        # Long-poll (the thread sleeps in a socket read, holding no GIL) until the next publish is
+        # due; acks waiting to go out cut the wait short.
+        wait = self.poll_wait_s if self._pending is None else min(self.poll_wait_s, until_publish)
+        if not self._acks.empty() or self._stop.is_set():
+            wait = 0.0
         page = self._client.worker_decisions(
-            self.federation, self.worker_id, after=self._cursor, wait=wait
+            self.federation, self.worker_id, after=self._cursor, wait=round(wait, 3)
         )
         for decision in page.data:
             self._cursor = max(self._cursor, decision.id)
             if decision.id not in self.applied_ids and decision.action != "hold":
                 self._ready.put(self._prepare(decision))
-        if not page.data and wait == 0.0:
-            self._wake.wait(0.01)  # nothing to do: do not spin
 
     def _prepare(self, decision: Decision) -> _Ready:
         if decision.operator == "decouple" or decision.partner_id is None:
@@ -379,8 +395,7 @@ class Federation:
     def close(self, leave: bool = True) -> None:
         """Stop the I/O thread (after sending pending acks) and, by default, leave the federation."""
         self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10.0)
+        self._thread.join(timeout=self.poll_wait_s + 10.0)
         try:
             self._send_acks()
             if leave and self.worker_id is not None and self._registered.is_set():
