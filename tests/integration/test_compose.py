@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tetherfed.cli import build_parser
 from tetherfed_coordinator.__main__ import parse_args as coordinator_args
 

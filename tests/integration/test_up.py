@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tetherfed import Client
 from tetherfed._up import worker_argv
 from tetherfed.cli import build_parser
