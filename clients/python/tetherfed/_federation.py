@@ -115,7 +115,7 @@ class Federation:
         token: str | None = None,
         meta: Mapping[str, Any] | None = None,
         heartbeat_s: float = 2.0,
-        poll_wait_s: float = 0.5,
+        poll_wait_s: float = 0.2,
         io_budget: float = 0.05,
         resume: Mapping[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
@@ -150,6 +150,7 @@ class Federation:
             self._load(resume)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closing = threading.Event()
         self._pending: _Snapshot | None = None
         self._sending: int | None = None
         self._buffers = [self._host_buffers(), self._host_buffers()]
@@ -253,8 +254,7 @@ class Federation:
         }
 
     def _snapshot(self, plateau_fired: bool) -> bool:
-        if self.worker_id is None:
-            return False  # not registered yet: nothing to publish as
+        # Before registration completes the snapshot waits here like any unsent one.
         with self._lock:
             index = 1 - self._sending if self._sending is not None else 0
             self._pending = None  # claim: the I/O thread will not take these buffers now
@@ -282,6 +282,8 @@ class Federation:
                     self._register()
                 self._send_pending()
                 self._send_acks()
+                if self._closing.is_set() and self._pending is None:
+                    return  # flushed: close() takes it from here
                 if time.monotonic() - last_beat >= self.heartbeat_s:
                     self._heartbeat()
                     last_beat = time.monotonic()
@@ -311,7 +313,7 @@ class Federation:
         self._registered.set()
 
     def _send_pending(self) -> None:
-        if time.monotonic() < self._next_publish:
+        if time.monotonic() < self._next_publish and not self._closing.is_set():
             return
         with self._lock:
             snap, self._pending = self._pending, None
@@ -392,8 +394,11 @@ class Federation:
         return _Ready(decision, tensor.pin_memory() if self._device.type == "cuda" else tensor)
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def close(self, leave: bool = True) -> None:
-        """Stop the I/O thread (after sending pending acks) and, by default, leave the federation."""
+    def close(self, leave: bool = True, flush_timeout_s: float = 10.0) -> None:
+        """Publish the last snapshot and send pending acks (waiting at most `flush_timeout_s`),
+        stop the I/O thread and, by default, leave the federation."""
+        self._closing.set()
+        self._thread.join(timeout=flush_timeout_s + self.poll_wait_s)
         self._stop.set()
         self._thread.join(timeout=self.poll_wait_s + 10.0)
         try:
