@@ -69,7 +69,10 @@ def gram_stats(
     scratch = None if direct else np.empty((m, width), dtype=np.float32)
     for start in range(0, n, width):
         stop = min(start + width, n)
-        chunk = rows[:, start:stop] if scratch is None else _gather(rows, start, stop, shift, scratch)  # type: ignore[call-overload]
+        if scratch is None:
+            chunk = np.asarray(rows)[:, start:stop]
+        else:
+            chunk = _gather(rows, start, stop, shift, scratch)
         gram += chunk @ chunk.T
         sums += chunk @ ones[: stop - start]
     return GramStats(gram=gram, sums=sums, n=n)
@@ -87,7 +90,11 @@ def _dimensions(rows: Rows) -> tuple[int, int]:
 
 
 def _gather(
-    rows: Rows, start: int, stop: int, shift: npt.NDArray[Any] | None, scratch: npt.NDArray[np.float32]
+    rows: Rows,
+    start: int,
+    stop: int,
+    shift: npt.NDArray[Any] | None,
+    scratch: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.float32]:
     out = scratch[:, : stop - start]
     for i, row in enumerate(rows):
@@ -200,3 +207,60 @@ def all_pairs(
         flat = [np.asarray(tensors[workers[i]]).reshape(-1) for i in idx]
         matrix[np.ix_(idx, idx)] = gram_scores(flat, measure)
     return CompatibilityMatrix(measure=measure, workers=workers, matrix=matrix)
+
+
+def row_scores(
+    own: npt.NDArray[Any],
+    others: Mapping[str, npt.NDArray[Any]],
+    measure: Measure,
+    *,
+    block: int = GATHER_COLUMNS,
+) -> dict[str, float]:
+    """Scores of one tether against each of `others` (worker id → tether): one row of the matrix.
+
+    What a scoring round needs is the publisher's row, not all M² pairs: this costs one pass over
+    the M tethers (dot products with `own`, plus each row's sum and sum of squares, block by block),
+    where the full Gram matrix costs M times the arithmetic. Others with a different shape are NaN.
+    """
+    if measure not in ("dot", "cosine", "pearson"):
+        raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+    names = [w for w, a in others.items() if np.shape(a) == np.shape(own)]
+    out = {w: float("nan") for w in others}
+    if not names:
+        return out
+    rows = [np.asarray(own).reshape(-1), *(np.asarray(others[w]).reshape(-1) for w in names)]
+    n = rows[0].size
+    shift = (
+        np.array([r[:block].mean(dtype=np.float64) for r in rows]) if measure == "pearson" else None
+    )
+    dots, sums, squares = _row_moments(rows, shift, block)
+    if measure == "dot":
+        values = dots[1:]
+    else:
+        if measure == "pearson":
+            dots = dots - sums[0] * sums / n
+            squares = squares - sums * sums / n
+        norms = np.sqrt(np.clip(squares, 0.0, None))
+        degenerate = norms <= 1e-12 * max(float(norms.max()), 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.clip(dots[1:] / (norms[0] * norms[1:]), -1.0, 1.0)
+        values[degenerate[1:] | degenerate[0]] = np.nan
+    out.update({w: float(v) for w, v in zip(names, values, strict=True)})
+    return out
+
+
+def _row_moments(
+    rows: Sequence[npt.NDArray[Any]], shift: npt.NDArray[Any] | None, block: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per row: dot with row 0, sum, and sum of squares (of rows minus shift), float64-accumulated."""
+    m, n = len(rows), rows[0].size
+    width = min(block, n)
+    scratch = np.empty((m, width), dtype=np.float32)
+    ones = np.ones(width, dtype=np.float32)
+    dots, sums, squares = np.zeros(m), np.zeros(m), np.zeros(m)
+    for start in range(0, n, width):
+        chunk = _gather(rows, start, min(start + width, n), shift, scratch)
+        dots += chunk @ chunk[0]
+        sums += chunk @ ones[: chunk.shape[1]]
+        squares += np.einsum("ij,ij->i", chunk, chunk)
+    return dots, sums, squares

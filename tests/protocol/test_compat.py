@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tether_protocol.compat import all_pairs, gram_scores, pair_score
+from tether_protocol.compat import all_pairs, gram_scores, pair_score, row_scores
 
 MEASURES = ["dot", "cosine", "pearson"]
 
@@ -116,3 +116,27 @@ def test_constant_tether_is_not_comparable_under_pearson() -> None:
 def test_unknown_measure_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown measure"):
         gram_scores(np.ones((2, 3), np.float32), "l2")  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=stacks, measure=st.sampled_from(MEASURES), block=st.sampled_from([5, 64, 32_768]))
+def test_row_scores_equal_the_matching_row_of_the_matrix(
+    x: np.ndarray, measure: str, block: int
+) -> None:
+    x = x + np.linspace(0, 1, x.shape[1], dtype=np.float32)  # well-conditioned rows
+    others = {f"w{i}": x[i] for i in range(1, len(x))}
+    row = row_scores(x[0], others, measure, block=block)  # type: ignore[arg-type]
+    full = gram_scores(x, measure)  # type: ignore[arg-type]
+    for i in range(1, len(x)):
+        tolerance = 1e-5 * max(1.0, abs(full[0, i])) if measure == "dot" else 2e-4
+        assert row[f"w{i}"] == pytest.approx(full[0, i], abs=tolerance)
+
+
+def test_row_scores_mark_other_shapes_not_comparable() -> None:
+    rng = np.random.default_rng(2)
+    own = rng.random((4, 4))
+    row = row_scores(
+        own, {"same": own.copy(), "other": rng.random(16), "flat": rng.random((2, 8))}, "pearson"
+    )
+    assert row["same"] == pytest.approx(1.0)
+    assert np.isnan(row["other"]) and np.isnan(row["flat"])
