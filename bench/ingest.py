@@ -1,0 +1,128 @@
+"""Ingest benchmark: a tether PUT through the real HTTP server vs redis-py SET of the same bytes.
+
+Both write the same frame to the same Redis; reps are interleaved and medians compared. Also
+measures raw loopback TCP throughput in the same run, for context. Target: ours/reference ≥ 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import redis
+
+from tether_protocol.frame import encode_frame
+from tether_protocol.messages import SnapshotMeta
+from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
+from tetherfed_coordinator.keys import glob_escape
+
+MB = 1e6
+
+
+def loopback_mbps(payload: memoryview) -> float:
+    """Raw TCP throughput over 127.0.0.1 for one payload, MB/s."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def drain() -> None:
+        conn, _ = server.accept()
+        with conn:
+            buf = bytearray(1 << 20)
+            while conn.recv_into(buf):
+                pass
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        start = time.perf_counter()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        thread.join()
+        elapsed = time.perf_counter() - start
+    server.close()
+    return payload.nbytes / MB / elapsed
+
+
+def _start(url: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env |= {"TETHER_KEY_PREFIX": prefix, "TETHER_SCORING_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1", "--port",
+           str(port), "--redis-url", url]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return proc, base
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("coordinator did not start")
+
+
+def _measure(url: str, size_mb: int, reps: int) -> dict[str, float]:
+    prefix = f"tfbench:{uuid.uuid4().hex[:8]}:"
+    proc, base = _start(url, prefix)
+    r = redis.Redis.from_url(url)
+    try:
+        side = int((size_mb * MB / 4) ** 0.5)
+        tether = np.random.default_rng(0).random((side, side), dtype=np.float32)
+        with httpx.Client(base_url=base, timeout=120) as http:
+            http.post("/v1/federations", json={"name": "bench"}).raise_for_status()
+            layers = [{"name": "w", "shape": [side, side]}]
+            wid = http.post(
+                "/v1/federations/bench/workers", json={"name": "b", "layers": layers}
+            ).json()["worker_id"]
+            body = encode_frame({"w": tether}, SnapshotMeta(worker_id=wid, step=0, epoch=0))
+            ours, ref, tcp = [], [], []
+            for _ in range(reps):
+                start = time.perf_counter()
+                http.put(
+                    f"/v1/federations/bench/workers/{wid}/tethers", content=body
+                ).raise_for_status()
+                ours.append(len(body) / MB / (time.perf_counter() - start))
+                start = time.perf_counter()
+                r.set(f"{prefix}reference", body)
+                ref.append(len(body) / MB / (time.perf_counter() - start))
+                tcp.append(loopback_mbps(memoryview(body)))
+        return {"ours": statistics.median(ours), "reference": statistics.median(ref),
+                "tcp": statistics.median(tcp), "bytes": len(body)}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        keys = list(r.scan_iter(match=glob_escape(prefix) + "*"))
+        if keys:
+            r.unlink(*keys)
+        r.close()
+
+
+def run(quick: bool = False) -> dict[str, object]:
+    """Run the benchmark (64 MB frame, 7 reps; 8 MB and 5 reps when quick)."""
+    size_mb, reps = (8, 5) if quick else (64, 7)
+    url = os.environ.get("REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            url = stack.enter_context(EmbeddedRedis()).url
+        m = _measure(url, size_mb, reps)
+    ratio = m["ours"] / m["reference"]
+    return {
+        "name": "ingest", "ours": round(m["ours"], 1), "reference": round(m["reference"], 1),
+        "unit": "MB/s", "ratio": round(ratio, 3), "target": 1.0, "passed": ratio >= 1.0,
+        "params": {"frame_bytes": m["bytes"], "reps": reps, "loopback_tcp_mbps": round(m["tcp"], 1),
+                   "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded"},
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv)))

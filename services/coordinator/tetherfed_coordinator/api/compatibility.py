@@ -1,0 +1,45 @@
+"""Compatibility matrices, computed on demand from the latest snapshots of active workers."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import APIRouter, HTTPException
+
+from tether_protocol.messages import CompatibilitiesPublic, CompatibilityPublic, utcnow
+
+from ..scoring import matrices
+from .deps import ReaderAuth, StoreDep
+
+router = APIRouter(prefix="/v1/federations/{fed}/compatibility", tags=["compatibility"])
+
+
+@router.get("", dependencies=[ReaderAuth])
+async def compatibility(
+    fed: str, store: StoreDep, layer: str | None = None
+) -> CompatibilityPublic | CompatibilitiesPublic:
+    """All-pairs compatibility: `?layer=L` gives that layer's matrix; without it, every layer's.
+    Null marks pairs that are not comparable."""
+    policy = await store.policy(fed)
+    snaps = await store.active_snapshots(fed)
+    found = await anyio.to_thread.run_sync(lambda: matrices(snaps, policy.measure))
+    if layer is not None:
+        if layer not in found:
+            raise HTTPException(
+                404, f"no active worker of federation {fed!r} publishes layer {layer!r}"
+            )
+        found = {layer: found[layer]}
+    now = utcnow()
+    data = [
+        CompatibilityPublic(
+            layer=name,
+            measure=m.measure,
+            workers=m.workers,
+            matrix=m.as_lists(),
+            versions={w: snaps[w].version for w in m.workers},
+            computed_at=now,
+        )
+        for name, m in found.items()
+    ]
+    if layer is not None:
+        return data[0]
+    return CompatibilitiesPublic(data=data, count=len(data))

@@ -1,0 +1,134 @@
+"""Tethers: publish a frame, read summaries, raw layers and generation lineage."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from tether_protocol.frame import encode_frame, tensor_view
+from tether_protocol.messages import (
+    GenerationRecord,
+    GenerationsPublic,
+    PublishAccepted,
+    TethersPublic,
+    TetherStats,
+)
+
+from ..ingest import read_body, store_publish, validate
+from ..store import Snapshot, Store
+from .deps import MetricsDep, ReaderAuth, SettingsDep, StoreDep, WorkerAuth
+from .workers import ensure_member
+
+router = APIRouter(prefix="/v1/federations/{fed}/workers/{wid}/tethers", tags=["tethers"])
+
+FRAME_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A safetensors frame holding every registered layer, with SnapshotMeta "
+        "under __metadata__['tetherfed.snapshot'].",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+SAFETENSORS = {200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}}
+
+
+@router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
+async def publish(
+    fed: str, wid: str, request: Request, store: StoreDep, settings: SettingsDep,
+    metrics: MetricsDep,
+) -> PublishAccepted:  # fmt: skip
+    """Publish a snapshot (413 over the size cap; 400/422 naming what is wrong; nothing written)."""
+    policy = await store.policy(fed)
+    record = await store.worker_record(fed, wid)
+    ensure_member(record, fed, wid)
+    buf = await read_body(request, settings.max_frame_bytes)
+    frame = await validate(buf, store.layers_of(record), wid)
+    version = await store_publish(store, fed, wid, policy, buf, frame)
+    metrics.publishes += 1
+    metrics.bytes_in += buf.nbytes
+    assert frame.meta is not None
+    return PublishAccepted(
+        worker_id=wid, version=version, step=frame.meta.step, layers=len(frame.entries),
+        bytes=buf.nbytes,
+    )  # fmt: skip
+
+
+def tether_stats(snap: Snapshot, layer: str) -> TetherStats:
+    """Summary statistics and a 32-bin histogram of one layer of a snapshot."""
+    entry = snap.entries[layer]
+    values = tensor_view(snap.buf, entry).astype(np.float64, copy=False).reshape(-1)
+    lo, hi = float(values.min()), float(values.max())
+    hist, edges = np.histogram(values, bins=32, range=(lo, hi) if hi > lo else (lo, lo + 1.0))
+    return TetherStats(
+        layer=layer, shape=list(entry.shape), dtype=entry.dtype, version=snap.version,
+        generation=snap.meta.generations.get(layer, 0), step=snap.step,
+        mean=float(values.mean()), std=float(values.std()), min=lo, max=hi,
+        histogram=[int(h) for h in hist], bin_edges=[float(e) for e in edges],
+    )  # fmt: skip
+
+
+@router.get("", dependencies=[ReaderAuth])
+async def summary(fed: str, wid: str, store: StoreDep) -> TethersPublic:
+    """Per-layer statistics of the worker's latest snapshot."""
+    snap = await store.snapshot(fed, wid)
+    data = [tether_stats(snap, layer) for layer in snap.entries]
+    return TethersPublic(
+        worker_id=wid, version=snap.version, step=snap.step, data=data, count=len(data)
+    )
+
+
+async def _layer_frame(
+    store: Store, fed: str, wid: str, layer: str, generation: int | None
+) -> bytes:
+    if generation is not None:
+        await store.worker_record(fed, wid)
+        raw: bytes | None = await store.rb.get(
+            store.keys.generation_tensor(fed, wid, layer, generation)
+        )
+        if raw is None:
+            raise HTTPException(404, f"generation {generation} of layer {layer!r} is not retained")
+        return raw
+    snap = await store.snapshot(fed, wid)
+    entry = snap.entries[layer]
+    extra = {"tetherfed.version": str(snap.version)}
+    return encode_frame(
+        {layer: tensor_view(snap.buf, entry)},
+        meta=snap.meta,
+        dtype=entry.dtype,
+        extra_metadata=extra,
+    )
+
+
+@router.get("/{layer}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
+async def layer(
+    fed: str, wid: str, layer: str, store: StoreDep,
+    format: Literal["safetensors", "stats"] = "safetensors", generation: int | None = None,
+) -> Response | TetherStats:  # fmt: skip
+    """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
+    `?generation=g`: a retained generation's tensor)."""
+    snap = await store.snapshot(fed, wid)
+    if layer not in snap.entries:
+        raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
+    if format == "stats":
+        return tether_stats(snap, layer)
+    body = await _layer_frame(store, fed, wid, layer, generation)
+    headers = {"X-Tether-Version": str(snap.version)}
+    return Response(body, media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/{layer}/generations", dependencies=[ReaderAuth])
+async def generations(fed: str, wid: str, layer: str, store: StoreDep) -> GenerationsPublic:
+    """The layer's lineage: every generation with its parents and the decision that made it."""
+    record = await store.worker_record(fed, wid)
+    if layer not in {spec.name for spec in store.layers_of(record)}:
+        raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
+    keys = store.keys
+    rows = await store.r.lrange(keys.generations(fed, wid, layer), 0, -1)
+    kept = set(await store.r.lrange(keys.retained(fed, wid, layer), 0, -1))
+    data = []
+    for row in rows:
+        rec = GenerationRecord.model_validate_json(row)
+        data.append(rec.model_copy(update={"retained": str(rec.generation) in kept}))
+    return GenerationsPublic(worker_id=wid, layer=layer, data=data, count=len(data))

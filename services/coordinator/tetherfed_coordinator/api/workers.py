@@ -1,0 +1,56 @@
+"""Workers: register, heartbeat, leave, list, read."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Response
+
+from tether_protocol.messages import (
+    Heartbeat,
+    WorkerCreate,
+    WorkerPublic,
+    WorkerRegistered,
+    WorkersPublic,
+)
+
+from .deps import AdminAuth, ReaderAuth, StoreDep, WorkerAuth, WorkerOrAdminAuth
+
+router = APIRouter(prefix="/v1/federations/{fed}/workers", tags=["workers"])
+
+
+@router.post("", status_code=201, dependencies=[AdminAuth])
+async def register_worker(fed: str, body: WorkerCreate, store: StoreDep) -> WorkerRegistered:
+    """Register a worker with its layer table; returns its id and its own token (shown once)."""
+    return await store.register(fed, body)
+
+
+@router.get("", dependencies=[ReaderAuth])
+async def list_workers(fed: str, store: StoreDep) -> WorkersPublic:
+    """Every worker with status active | lost | left."""
+    data = await store.workers(fed)
+    return WorkersPublic(data=data, count=len(data))
+
+
+@router.get("/{wid}", dependencies=[ReaderAuth])
+async def get_worker(fed: str, wid: str, store: StoreDep) -> WorkerPublic:
+    """One worker."""
+    return await store.worker_public(fed, wid)
+
+
+@router.post("/{wid}/heartbeat", status_code=204, dependencies=[WorkerAuth])
+async def heartbeat(fed: str, wid: str, body: Heartbeat, store: StoreDep) -> Response:
+    """Renew liveness and record progress; 409 after the worker left."""
+    await store.heartbeat(fed, wid, body.step, body.epoch, body.loss, body.grad_norm)
+    return Response(status_code=204)
+
+
+@router.delete("/{wid}", status_code=204, dependencies=[WorkerOrAdminAuth])
+async def leave(fed: str, wid: str, store: StoreDep) -> Response:
+    """The worker leaves: it stops being scored; its records stay readable."""
+    await store.leave(fed, wid)
+    return Response(status_code=204)
+
+
+def ensure_member(record: dict[str, str], fed: str, wid: str) -> None:
+    """409 when the worker has left (it may no longer publish)."""
+    if record.get("status") == "left":
+        raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")

@@ -1,0 +1,109 @@
+"""Build the FastAPI app: Redis clients, the scoring task, routers, error handlers, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .api import compatibility, decisions, federations, health, tethers, workers
+from .embedded import EmbeddedRedis
+from .metrics import Metrics
+from .scoring import Scorer
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class CountRequests:
+    """ASGI middleware counting requests by method and status (no body buffering)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests[(scope["method"], message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    rb = aioredis.Redis.from_url(url, decode_responses=False)
+    blocking = aioredis.Redis.from_url(url, decode_responses=True, max_connections=1000)
+    return r, rb, blocking
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start Redis clients (and an embedded server without a URL) and the scoring loop."""
+    settings: Settings = app.state.settings
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir).start()
+        url = embedded.url
+    r, rb, blocking = _clients(url)
+    sync_rb = redis.Redis.from_url(url, decode_responses=False)
+    app.state.store = store = Store(r, rb, blocking, sync_rb, settings)
+    task = None
+    if settings.scoring_enabled:
+        app.state.scorer = scorer = Scorer(store, app.state.metrics)
+        await scorer.ensure_group()
+        task = asyncio.create_task(scorer.run(), name="tetherfed-scoring")
+    try:
+        yield
+    finally:
+        if task is not None:
+            # Stop between steps rather than cancelling a Redis command mid-reply.
+            scorer.stopping.set()
+            try:
+                await asyncio.wait_for(task, timeout=10)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("scoring loop did not stop in time")
+        for client in (r, rb, blocking):
+            await client.aclose()
+        sync_rb.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The coordinator app for `settings` (read from the environment when omitted)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="tetherfed coordinator",
+        version="1",
+        description="Workers publish tether frames; the coordinator scores pairs and decides "
+        "merge / drift / hold (DESIGN §3–§4).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+    for module in (health, federations, workers, tethers, compatibility, decisions):
+        app.include_router(module.router)
+    handlers: dict[Any, Any] = {aioredis.ConnectionError: _redis_down}
+    for exc_type, handler in handlers.items():
+        app.add_exception_handler(exc_type, handler)
+    app.add_middleware(CountRequests, metrics=metrics)
+    return app

@@ -1,0 +1,42 @@
+-- Write one scoring round atomically: decisions and the policy state they change.
+-- A round is written at most once per (worker, snapshot version): `scored_version` guards it,
+-- so a redelivered or reclaimed scoring entry never emits a decision twice.
+-- KEYS: 1 worker hash, 2 decision counter, 3 federation stream, 4 worker stream,
+--       5 merges hash, 6 cooldowns hash
+-- ARGV: 1 version, 2 maxlen, 3 epoch, 4 n decisions, then n × (action, JSON body without id),
+--       then m, m × (layer, merges added), then c, c × (cooldown field, step)
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+local scored = tonumber(redis.call('HGET', KEYS[1], 'scored_version') or '0')
+if scored >= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'scored_version', ARGV[1])
+local i = 5
+local ids = {}
+for _ = 1, tonumber(ARGV[4]) do
+  local action, body = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local id = redis.call('INCR', KEYS[2])
+  local doc = '{"id":' .. id .. ',' .. string.sub(body, 2)
+  local sid = id .. '-0'
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], sid, 'd', doc)
+  if action ~= 'hold' then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], sid, 'd', doc)
+  end
+  ids[#ids + 1] = id
+end
+if redis.call('HGET', KEYS[5], '__epoch') ~= ARGV[3] then
+  redis.call('DEL', KEYS[5])
+  redis.call('HSET', KEYS[5], '__epoch', ARGV[3])
+end
+local m = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, m do
+  redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local c = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, c do
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+return ids

@@ -1,0 +1,110 @@
+"""Every Redis key the coordinator uses, built here under one prefix.
+
+Memory (DESIGN §4, issue 3 §4), per worker: one hash, one liveness key, the latest frame (one
+value), its metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers),
+its decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
+generation, small) and at most `policy.retain_generations` generation tensors. Per federation: a
+hash, the worker set, the token index, the decision counter, the decision stream (approximate
+MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
+"""
+
+from __future__ import annotations
+
+import re
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+def glob_escape(text: str) -> str:
+    """`text` with Redis glob metacharacters escaped, for SCAN MATCH patterns."""
+    return _GLOB.sub(r"\\\1", text)
+
+
+class Keys:
+    """Key builder for one prefix (e.g. `tetherfed:`)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    # global
+    def federations(self) -> str:
+        """Set of federation names."""
+        return f"{self.prefix}federations"
+
+    def scoring(self) -> str:
+        """The scoring queue (a stream read by the `scorers` consumer group)."""
+        return f"{self.prefix}scoring"
+
+    # per federation
+    def federation(self, fed: str) -> str:
+        """Hash: policy (JSON), created_at."""
+        return f"{self.prefix}fed:{fed}"
+
+    def federation_match(self, fed: str) -> str:
+        """SCAN pattern of every key below a federation."""
+        return glob_escape(f"{self.prefix}fed:{fed}:") + "*"
+
+    def workers(self, fed: str) -> str:
+        """Set of worker ids."""
+        return f"{self.prefix}fed:{fed}:workers"
+
+    def tokens(self, fed: str) -> str:
+        """Hash: sha256(token) → worker id."""
+        return f"{self.prefix}fed:{fed}:tokens"
+
+    def decision_seq(self, fed: str) -> str:
+        """Counter: the last decision id."""
+        return f"{self.prefix}fed:{fed}:decision_seq"
+
+    def decisions(self, fed: str) -> str:
+        """Stream of every decision; entry id `<decision id>-0`."""
+        return f"{self.prefix}fed:{fed}:decisions"
+
+    def acks(self, fed: str) -> str:
+        """Hash: decision id → AckPublic JSON."""
+        return f"{self.prefix}fed:{fed}:acks"
+
+    # per worker
+    def worker(self, fed: str, wid: str) -> str:
+        """Hash: the worker record (name, layers, meta, token hash, progress, version)."""
+        return f"{self.prefix}fed:{fed}:w:{wid}"
+
+    def alive(self, fed: str, wid: str) -> str:
+        """String with the heartbeat TTL; its absence means lost."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:alive"
+
+    def snapshot(self, fed: str, wid: str) -> str:
+        """The latest frame, one value."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:snap"
+
+    def snapshot_meta(self, fed: str, wid: str) -> str:
+        """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, entries JSON."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:snapmeta"
+
+    def worker_decisions(self, fed: str, wid: str) -> str:
+        """Stream of the merge/drift decisions addressed to this worker."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:decisions"
+
+    def merges(self, fed: str, wid: str) -> str:
+        """Hash: `__epoch` and layer → merges received this epoch."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:merges"
+
+    def cooldowns(self, fed: str, wid: str) -> str:
+        """Hash: `layer\\x00partner` → step of the pair's last merge or drift."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:cooldowns"
+
+    def applied(self, fed: str, wid: str) -> str:
+        """Hash: `layer\\x00generation` → JSON of the acked decision that made it."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:applied"
+
+    def generations(self, fed: str, wid: str, layer: str) -> str:
+        """List of GenerationRecord JSON (every generation's metadata)."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:gen:{layer}"
+
+    def retained(self, fed: str, wid: str, layer: str) -> str:
+        """List of generation numbers whose tensors are kept (capped by policy)."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:genkeep:{layer}"
+
+    def generation_tensor(self, fed: str, wid: str, layer: str, generation: int) -> str:
+        """One retained generation's tensor (a one-layer frame)."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:gent:{generation}:{layer}"

@@ -1,0 +1,44 @@
+"""The coordinator's one settings class (env prefix `TETHER_`, plus `REDIS_URL`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything the coordinator reads from its environment, validated at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="TETHER_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8420, ge=0, le=65535)
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TETHER_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis to use; None starts an embedded redis-server.",
+    )
+    data_dir: Path | None = Field(
+        default=None, description="Embedded Redis: directory for its AOF (None: in memory only)."
+    )
+    key_prefix: str = Field(default="tetherfed:", min_length=1)
+    token: str | None = Field(default=None, description="Bearer token; None turns auth off.")
+    max_frame_bytes: int = Field(default=1 << 30, ge=64)
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0)
+    stream_maxlen: int = Field(default=100_000, ge=10, description="Approximate MAXLEN of streams.")
+    consumer_name: str = Field(default_factory=_default_consumer)
+    scoring_enabled: bool = True
+    scoring_block_ms: int = Field(default=1000, ge=1)
+    reclaim_idle_ms: int = Field(
+        default=30_000, ge=1, description="A pending scoring entry idle this long is reclaimed."
+    )
+    long_poll_max_s: float = Field(default=30.0, ge=0)
+    sse_keepalive_s: float = Field(default=15.0, gt=0)

@@ -1,0 +1,418 @@
+"""All coordinator state, in Redis: federations, workers, snapshots, decisions, acks, lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import HTTPException
+
+from tether_protocol.frame import TensorEntry, parse_entries, read_header
+from tether_protocol.messages import (
+    AckCreate,
+    AckPublic,
+    Decision,
+    FederationPublic,
+    LayerSpec,
+    Policy,
+    SnapshotMeta,
+    WorkerCreate,
+    WorkerPublic,
+    WorkerRegistered,
+    utcnow,
+)
+
+from .errors import federation_not_found, no_snapshot, worker_not_found
+from .keys import Keys
+from .settings import Settings
+
+FIELD_SEP = "\x00"
+
+
+def lua(name: str) -> str:
+    """Source of a Lua script shipped with the package."""
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+def hash_token(token: str) -> str:
+    """sha256 hex of a bearer token (tokens are stored hashed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _opt_float(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
+def _opt_int(text: str | None) -> int | None:
+    return int(text) if text not in (None, "") else None
+
+
+@dataclass
+class Snapshot:
+    """A worker's latest frame as stored: bytes, entries (absolute offsets) and metadata."""
+
+    worker_id: str
+    version: int
+    step: int
+    epoch: int
+    prev_loss: float | None
+    meta: SnapshotMeta
+    buf: bytes
+    entries: dict[str, TensorEntry]
+
+
+def snapshot_from(wid: str, meta: dict[str, str], buf: bytes | None) -> Snapshot | None:
+    """A Snapshot from its metadata hash and frame bytes (None when either is missing)."""
+    if not meta or buf is None:
+        return None
+    header, start = read_header(buf)
+    return Snapshot(
+        worker_id=wid,
+        version=int(meta["version"]),
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        prev_loss=_opt_float(meta.get("prev_loss")),
+        meta=SnapshotMeta.model_validate_json(meta["meta"]),
+        buf=buf,
+        entries=parse_entries(header, start, len(buf)),
+    )
+
+
+class Store:
+    """Typed access to the coordinator's Redis keys.
+
+    `r` decodes responses to str; `rb` returns bytes (frames); `blocking` serves XREAD BLOCK so
+    long polls never starve the main pool; `sync_rb` (a blocking client, used from worker threads)
+    writes published frames.
+    """
+
+    def __init__(
+        self, r: aioredis.Redis, rb: aioredis.Redis, blocking: aioredis.Redis,
+        sync_rb: redis.Redis, settings: Settings,
+    ) -> None:  # fmt: skip
+        self.r, self.rb, self.blocking, self.sync_rb = r, rb, blocking, sync_rb
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.publish_script = lua("publish.lua")
+        self.commit_script = self.r.register_script(lua("commit.lua"))
+
+    # ---------------------------------------------------------------- federations
+    async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
+        """Create a federation; 409 if the name is taken."""
+        if not await self.r.sadd(self.keys.federations(), name):
+            raise HTTPException(409, f"federation {name!r} already exists")
+        now = utcnow().isoformat()
+        await self.r.hset(
+            self.keys.federation(name),
+            mapping={"policy": policy.model_dump_json(), "created_at": now},
+        )
+        return await self.federation(name)
+
+    async def policy(self, fed: str) -> Policy:
+        """The federation's policy; 404 if the federation is unknown."""
+        raw = await self.r.hget(self.keys.federation(fed), "policy")
+        if raw is None:
+            raise federation_not_found(fed)
+        return Policy.model_validate_json(raw)
+
+    async def federation(self, fed: str) -> FederationPublic:
+        """The federation as REST shows it."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.federation(fed))
+            pipe.scard(self.keys.workers(fed))
+            pipe.get(self.keys.decision_seq(fed))
+            record, workers, seq = await pipe.execute()
+        if not record:
+            raise federation_not_found(fed)
+        return FederationPublic(
+            name=fed,
+            policy=Policy.model_validate_json(record["policy"]),
+            created_at=datetime.fromisoformat(record["created_at"]),
+            workers=workers,
+            decisions=int(seq or 0),
+        )
+
+    async def federations(self) -> list[FederationPublic]:
+        """Every federation, sorted by name."""
+        names = sorted(await self.r.smembers(self.keys.federations()))
+        out = []
+        for name in names:
+            try:
+                out.append(await self.federation(name))
+            except HTTPException:
+                continue  # deleted meanwhile
+        return out
+
+    async def set_policy(self, fed: str, policy: Policy) -> None:
+        """Replace the federation's policy."""
+        await self.r.hset(self.keys.federation(fed), "policy", policy.model_dump_json())
+
+    async def delete_federation(self, fed: str) -> None:
+        """Remove the federation and every key below it."""
+        await self.policy(fed)
+        await self.r.srem(self.keys.federations(), fed)
+        await self.r.unlink(self.keys.federation(fed))
+        batch: list[str] = []
+        async for key in self.r.scan_iter(match=self.keys.federation_match(fed), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self.r.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self.r.unlink(*batch)
+
+    # ---------------------------------------------------------------- workers
+    async def register(self, fed: str, body: WorkerCreate) -> WorkerRegistered:
+        """Register a worker: a fresh id and token; the worker starts active."""
+        policy = await self.policy(fed)
+        wid = f"{body.name}-{secrets.token_hex(3)}"
+        while await self.r.sismember(self.keys.workers(fed), wid):
+            wid = f"{body.name}-{secrets.token_hex(3)}"
+        token = secrets.token_urlsafe(32)
+        record = {
+            "name": body.name,
+            "layers": json.dumps([layer.model_dump() for layer in body.layers]),
+            "meta": json.dumps(body.meta),
+            "token_hash": hash_token(token),
+            "registered_at": utcnow().isoformat(),
+            "status": "active",
+            "version": 0,
+        }
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.worker(fed, wid), mapping=record)
+            pipe.sadd(self.keys.workers(fed), wid)
+            pipe.hset(self.keys.tokens(fed), hash_token(token), wid)
+            pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
+            await pipe.execute()
+        return WorkerRegistered(worker_id=wid, token=token, federation=fed, policy=policy)
+
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.settings.heartbeat_ttl_s * 1000))
+
+    async def worker_record(self, fed: str, wid: str) -> dict[str, str]:
+        """The raw worker hash; 404 for an unknown federation or worker."""
+        record = await self.r.hgetall(self.keys.worker(fed, wid))
+        if not record:
+            await self.policy(fed)
+            raise worker_not_found(fed, wid)
+        return record
+
+    @staticmethod
+    def layers_of(record: dict[str, str]) -> list[LayerSpec]:
+        """The registered layer table of a worker record."""
+        return [LayerSpec.model_validate(x) for x in json.loads(record["layers"])]
+
+    async def worker_public(self, fed: str, wid: str) -> WorkerPublic:
+        """One worker as REST shows it."""
+        record = await self.worker_record(fed, wid)
+        alive = await self.r.exists(self.keys.alive(fed, wid))
+        generations = await self.r.hget(self.keys.snapshot_meta(fed, wid), "meta")
+        return self._public(fed, wid, record, bool(alive), generations)
+
+    def _public(
+        self, fed: str, wid: str, record: dict[str, str], alive: bool, meta: str | None
+    ) -> WorkerPublic:
+        status = record["status"] if record["status"] == "left" else "active" if alive else "lost"
+        generation = sum(SnapshotMeta.model_validate_json(meta).generations.values()) if meta else 0
+        last_seen = record.get("last_seen") or record["registered_at"]
+        return WorkerPublic(
+            worker_id=wid,
+            name=record["name"],
+            federation=fed,
+            status=status,  # type: ignore[arg-type]
+            layers=self.layers_of(record),
+            meta=json.loads(record["meta"]),
+            step=_opt_int(record.get("step")),
+            epoch=_opt_int(record.get("epoch")),
+            loss=_opt_float(record.get("loss")),
+            generation=generation,
+            snapshot_version=int(record.get("version", 0)),
+            registered_at=datetime.fromisoformat(record["registered_at"]),
+            last_seen=datetime.fromisoformat(last_seen),
+        )
+
+    async def workers(self, fed: str) -> list[WorkerPublic]:
+        """Every worker of a federation, sorted by id."""
+        await self.policy(fed)
+        wids = sorted(await self.r.smembers(self.keys.workers(fed)))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hgetall(self.keys.worker(fed, wid))
+                pipe.exists(self.keys.alive(fed, wid))
+                pipe.hget(self.keys.snapshot_meta(fed, wid), "meta")
+            raw = await pipe.execute()
+        out = []
+        for i, wid in enumerate(wids):
+            record, alive, meta = raw[3 * i : 3 * i + 3]
+            if record:
+                out.append(self._public(fed, wid, record, bool(alive), meta))
+        return out
+
+    async def heartbeat(
+        self, fed: str, wid: str, step: int, epoch: int, loss: float | None, grad_norm: float | None
+    ) -> None:
+        """Record progress and renew the liveness TTL (a lost worker becomes active again)."""
+        record = await self.worker_record(fed, wid)
+        if record["status"] == "left":
+            raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")
+        fields = {
+            "step": step,
+            "epoch": epoch,
+            "loss": "" if loss is None else loss,
+            "grad_norm": "" if grad_norm is None else grad_norm,
+            "last_seen": utcnow().isoformat(),
+        }
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.worker(fed, wid), mapping=fields)
+            pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
+            await pipe.execute()
+
+    async def leave(self, fed: str, wid: str) -> None:
+        """Mark a worker as left: out of scoring for good; its history stays readable."""
+        await self.worker_record(fed, wid)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.keys.worker(fed, wid),
+                mapping={"status": "left", "last_seen": utcnow().isoformat()},
+            )
+            pipe.delete(self.keys.alive(fed, wid))
+            await pipe.execute()
+
+    async def token_owner(self, fed: str, token: str) -> str | None:
+        """The worker id a bearer token belongs to in this federation, if any."""
+        owner: str | None = await self.r.hget(self.keys.tokens(fed), hash_token(token))
+        return owner
+
+    # ---------------------------------------------------------------- snapshots
+    async def snapshot(self, fed: str, wid: str) -> Snapshot:
+        """The worker's latest snapshot; 404 when it has none."""
+        await self.worker_record(fed, wid)
+        found = await self._snapshots(fed, [wid])
+        if wid not in found:
+            raise no_snapshot(fed, wid)
+        return found[wid]
+
+    async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
+        async with self.rb.pipeline(transaction=True) as pipe:
+            for wid in wids:
+                pipe.hgetall(self.keys.snapshot_meta(fed, wid))
+                pipe.get(self.keys.snapshot(fed, wid))
+            raw = await pipe.execute()
+        out = {}
+        for i, wid in enumerate(wids):
+            meta = {k.decode(): v.decode() for k, v in raw[2 * i].items()}
+            snap = snapshot_from(wid, meta, raw[2 * i + 1])
+            if snap is not None:
+                out[wid] = snap
+        return out
+
+    async def active_snapshots(self, fed: str, include: str | None = None) -> dict[str, Snapshot]:
+        """Latest snapshots of active workers (plus `include` unless it has left)."""
+        wids = sorted(await self.r.smembers(self.keys.workers(fed)))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hget(self.keys.worker(fed, wid), "status")
+                pipe.exists(self.keys.alive(fed, wid))
+            raw = await pipe.execute()
+        chosen = [
+            wid
+            for i, wid in enumerate(wids)
+            if raw[2 * i] == "active" and (raw[2 * i + 1] or wid == include)
+        ]
+        return await self._snapshots(fed, chosen)
+
+    # ---------------------------------------------------------------- decisions and acks
+    async def decisions(
+        self, fed: str, after: int, limit: int, **match: str | None
+    ) -> list[Decision]:
+        """Decisions with id > `after` matching every given field (worker_id, layer, action)."""
+        wanted = {k: v for k, v in match.items() if v is not None}
+        out: list[Decision] = []
+        cursor = after + 1
+        while len(out) < limit:
+            rows = await self.r.xrange(
+                self.keys.decisions(fed), min=f"{cursor}-0", count=max(limit, 256)
+            )
+            for sid, fields in rows:
+                decision = Decision.model_validate_json(fields["d"])
+                if all(getattr(decision, k) == v for k, v in wanted.items()):
+                    out.append(decision)
+                cursor = int(sid.split("-")[0]) + 1
+            if len(rows) < max(limit, 256):
+                break
+        return out[:limit]
+
+    async def decision(self, fed: str, decision_id: int) -> Decision:
+        """One decision by id; 404 when unknown or trimmed."""
+        rows = await self.r.xrange(
+            self.keys.decisions(fed), min=f"{decision_id}-0", max=f"{decision_id}-0"
+        )
+        if not rows:
+            await self.policy(fed)
+            raise HTTPException(404, f"decision {decision_id} not found in federation {fed!r}")
+        return Decision.model_validate_json(rows[0][1]["d"])
+
+    async def worker_decisions(
+        self, fed: str, wid: str, after: int, limit: int, wait_s: float
+    ) -> list[Decision]:
+        """Merge/drift decisions for one worker with id > `after`, waiting up to `wait_s`."""
+        key = self.keys.worker_decisions(fed, wid)
+        rows = await self.r.xrange(key, min=f"{after + 1}-0", count=limit)
+        if not rows and wait_s > 0:
+            got = await self.blocking.xread(
+                {key: f"{after}-0"}, count=limit, block=max(1, int(wait_s * 1000))
+            )
+            rows = got[0][1] if got else []
+        return [Decision.model_validate_json(fields["d"]) for _, fields in rows]
+
+    async def ack(self, fed: str, decision: Decision, body: AckCreate) -> tuple[AckPublic, bool]:
+        """Record an ack; returns (ack, created). 409 when a different outcome was recorded."""
+        ack = AckPublic(
+            decision_id=decision.id,
+            worker_id=decision.worker_id,
+            outcome=body.outcome,
+            generation=body.generation,
+            reason=body.reason,
+            acked_at=utcnow(),
+        )
+        created = await self.r.hsetnx(self.keys.acks(fed), str(decision.id), ack.model_dump_json())
+        if not created:
+            previous = await self.acked(fed, decision.id)
+            assert previous is not None
+            if (previous.outcome, previous.generation) != (body.outcome, body.generation):
+                raise HTTPException(
+                    409, f"decision {decision.id} was already acked as {previous.outcome}"
+                )
+            return previous, False
+        if body.outcome == "applied":
+            field = f"{decision.layer}{FIELD_SEP}{body.generation}"
+            await self.r.hset(
+                self.keys.applied(fed, decision.worker_id), field, decision.model_dump_json()
+            )
+        return ack, True
+
+    async def acked(self, fed: str, decision_id: int) -> AckPublic | None:
+        """The ack of a decision, if any."""
+        raw = await self.r.hget(self.keys.acks(fed), str(decision_id))
+        return AckPublic.model_validate_json(raw) if raw else None
+
+    async def scoring_backlog(self) -> tuple[int, int]:
+        """(entries in the scoring stream, entries delivered but not acked)."""
+        key = self.keys.scoring()
+        length = await self.r.xlen(key)
+        try:
+            pending = await self.r.xpending(key, "scorers")
+        except aioredis.ResponseError:
+            return length, 0
+        return length, int(pending["pending"])
+
+    async def lag(self) -> Any:
+        """Consumer-group info of the scoring stream (for tests and metrics)."""
+        return await self.r.xinfo_groups(self.keys.scoring())

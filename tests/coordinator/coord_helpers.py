@@ -1,0 +1,40 @@
+"""Helpers for coordinator tests: layer tables and frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tether_protocol.frame import encode_frame
+from tether_protocol.messages import SnapshotMeta
+
+LAYERS = [
+    {"name": "fc1", "shape": [8, 4], "dtype": "float32"},
+    {"name": "fc2", "shape": [4, 2], "dtype": "float32"},
+]
+
+
+def tensors(seed: int = 0, base: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Random tethers for LAYERS (or `base` plus small noise)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in LAYERS:
+        noise = rng.random(spec["shape"], dtype=np.float32)
+        out[spec["name"]] = noise if base is None else base[spec["name"]] + 0.01 * noise
+    return out
+
+
+def frame(wid: str, step: int = 1, data: dict[str, Any] | None = None, **meta: Any) -> bytes:
+    """A valid frame for LAYERS published by `wid`."""
+    snapshot = SnapshotMeta(worker_id=wid, step=step, epoch=meta.pop("epoch", 0), **meta)
+    return encode_frame(data if data is not None else tensors(step), snapshot)
+
+
+def worker_body(name: str = "w") -> dict[str, Any]:
+    """A registration body."""
+    return {"name": name, "layers": LAYERS, "meta": {"gpu": 0}}
+
+
+EVERY_PUBLISH = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
+                 "merge_threshold": 0.5, "drift_threshold": -0.5}  # fmt: skip
