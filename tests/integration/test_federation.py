@@ -207,7 +207,9 @@ def test_training_survives_a_coordinator_outage_and_resumes(
     (fed,) = federations(coordinator.url, "outage", [model])
     try:
         wid = str(fed.worker_id)
-        train(fed, model, steps=20, until=lambda: api.get_worker("outage", wid).snapshot_version > 0)
+        train(
+            fed, model, steps=20, until=lambda: api.get_worker("outage", wid).snapshot_version > 0
+        )
         coordinator.stop()
         started = time.monotonic()
         done = train(fed, model, steps=300, timeout=30)

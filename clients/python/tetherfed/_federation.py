@@ -327,7 +327,9 @@ class Federation:
                 snap.event.synchronize()
             assert self.worker_id is not None
             tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
-            parts = encode_parts(tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype)
+            parts = encode_parts(
+                tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype
+            )
             self._client.publish(self.federation, self.worker_id, parts)
         except TetherError:
             with self._lock:  # keep it unless training already produced a newer one
