@@ -18,24 +18,26 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Tools run as modules: with --system-site-packages a tool already installed system-wide has no
+# script in .venv/bin.
 lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy tether_protocol
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy tether_protocol
 
 unit: venv
-	$(VENV)/bin/pytest -q
+	$(PY) -m pytest -q
 
 test: lint unit
 
 demo: venv
-	$(VENV)/bin/tetherfed up --workers 3 --task random-classification --steps 600 --out runs/demo
+	$(PY) -m tetherfed.cli up --workers 3 --task random-classification --steps 600 --out runs/demo
 
 bench: venv
-	$(VENV)/bin/tetherfed bench --json bench-results.jsonl
+	$(PY) -m tetherfed.cli bench --json bench-results.jsonl
 
 bench-quick: venv
-	$(VENV)/bin/tetherfed bench --quick --json bench-quick.jsonl
+	$(PY) -m tetherfed.cli bench --quick --json bench-quick.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

@@ -21,15 +21,16 @@ from datetime import datetime
 import anyio.to_thread
 import redis.asyncio as aioredis
 
-from tether_protocol.compat import CompatibilityMatrix, all_pairs
+from tether_protocol.compat import CompatibilityMatrix, all_pairs, row_scores
 from tether_protocol.frame import tensor_view
 from tether_protocol.messages import Decision, Measure, Policy, SnapshotRef, utcnow
 from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Round, decide
 
 from .metrics import Metrics
-from .store import FIELD_SEP, Snapshot, Store
+from .store import FIELD_SEP, Snapshot, SnapshotCache, Store
 
 GROUP = "scorers"
+BATCH = 64  # scoring entries read at once; one snapshot load serves the whole batch
 log = logging.getLogger(__name__)
 
 
@@ -48,12 +49,21 @@ def matrices(snaps: Mapping[str, Snapshot], measure: Measure) -> dict[str, Compa
 def publisher_scores(
     snaps: Mapping[str, Snapshot], wid: str, measure: Measure
 ) -> dict[str, dict[str, float]]:
-    """Layer → partner → score of worker `wid` against every other loaded worker."""
+    """Layer → partner → score of worker `wid` against every other loaded worker.
+
+    Only the publisher's row is computed (`row_scores`): a round costs one pass over the M
+    tethers of each layer, not the M² pairs of the full matrix.
+    """
     own = snaps[wid]
     out: dict[str, dict[str, float]] = {}
-    for layer, matrix in matrices(snaps, measure).items():
-        if layer in own.entries and len(matrix.workers) > 1:
-            out[layer] = matrix.row(wid)
+    for layer, entry in own.entries.items():
+        others = {
+            w: tensor_view(s.buf, s.entries[layer])
+            for w, s in snaps.items()
+            if w != wid and layer in s.entries
+        }
+        if others:
+            out[layer] = row_scores(tensor_view(own.buf, entry), others, measure)
     return out
 
 
@@ -65,6 +75,7 @@ class Scorer:
         self.metrics = metrics
         self.settings = store.settings
         self.consumer = store.settings.consumer_name
+        self.cache = SnapshotCache(store)
         self.stopping = asyncio.Event()
 
     async def ensure_group(self) -> None:
@@ -87,41 +98,64 @@ class Scorer:
                 await asyncio.sleep(0.5)
 
     async def step(self, block_ms: int | None = None) -> int:
-        """One pass: reclaimed entries first, then new ones; returns entries handled."""
+        """One pass: reclaimed entries first, else new ones, scored as a batch; returns entries."""
         key = self.store.keys.scoring()
         claimed = await self.store.r.xautoclaim(
-            key, GROUP, self.consumer, min_idle_time=self.settings.reclaim_idle_ms, count=16
+            key, GROUP, self.consumer, min_idle_time=self.settings.reclaim_idle_ms, count=BATCH
         )
         entries = [e for e in claimed[1] if e and e[1]]
         if not entries:
             block = self.settings.scoring_block_ms if block_ms is None else block_ms
             got = await self.store.blocking.xreadgroup(
-                GROUP, self.consumer, {key: ">"}, count=16, block=block
+                GROUP, self.consumer, {key: ">"}, count=BATCH, block=block
             )
             entries = got[0][1] if got else []
-        for entry_id, fields in entries:
-            await self.handle(entry_id, fields)
+        await self.handle(entries)
         return len(entries)
 
-    async def handle(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Score one entry, then XACK and XDEL it."""
-        if fields:
-            await self.score(fields["fed"], fields["worker"])
-        async with self.store.r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.store.keys.scoring(), GROUP, entry_id)
-            pipe.xdel(self.store.keys.scoring(), entry_id)
-            await pipe.execute()
+    async def handle(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Score a batch (each federation's snapshots loaded once, each worker scored once at
+        its latest version), then XACK and XDEL every entry."""
+        todo: dict[str, set[str]] = {}
+        for _, fields in entries:
+            if fields:
+                todo.setdefault(fields["fed"], set()).add(fields["worker"])
+        for fed, wids in todo.items():
+            await self.score_many(fed, sorted(wids))
+        if entries:
+            ids = [entry_id for entry_id, _ in entries]
+            async with self.store.r.pipeline(transaction=True) as pipe:
+                pipe.xack(self.store.keys.scoring(), GROUP, *ids)
+                pipe.xdel(self.store.keys.scoring(), *ids)
+                await pipe.execute()
 
     async def score(self, fed: str, wid: str) -> list[int] | None:
         """Score the worker's latest snapshot; the new decision ids, or None if nothing to do."""
+        return (await self.score_many(fed, [wid])).get(wid)
+
+    async def score_many(self, fed: str, wids: list[str]) -> dict[str, list[int] | None]:
+        """Score several publishers of one federation against one load of its snapshots."""
         store, keys = self.store, self.store.keys
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
-        scored = await store.r.hget(keys.worker(fed, wid), "scored_version")
-        snaps = await store.active_snapshots(fed, include=wid)
-        own = snaps.get(wid)
-        if raw_policy is None or own is None or own.version <= int(scored or 0):
-            return None
+        if raw_policy is None:
+            return {}
         policy = Policy.model_validate_json(raw_policy)
+        snaps = await self.cache.active(fed, include=wids)
+        async with store.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hget(keys.worker(fed, wid), "scored_version")
+            scored = await pipe.execute()
+        return {
+            wid: await self._score_one(fed, policy, snaps, wid, int(done or 0))
+            for wid, done in zip(wids, scored, strict=True)
+        }
+
+    async def _score_one(
+        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot], wid: str, scored: int
+    ) -> list[int] | None:
+        own = snaps.get(wid)
+        if own is None or own.version <= scored:
+            return None
         started = time.perf_counter()
         state = await self._state(fed, wid, own, snaps)
         result = await anyio.to_thread.run_sync(lambda: self._decide(policy, state, snaps, own))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -315,18 +316,28 @@ class Store:
 
     async def active_snapshots(self, fed: str, include: str | None = None) -> dict[str, Snapshot]:
         """Latest snapshots of active workers (plus `include` unless it has left)."""
+        return await self._snapshots(fed, await self.active_ids(fed, [include] if include else []))
+
+    async def active_ids(self, fed: str, include: Collection[str] = ()) -> list[str]:
+        """Active workers of a federation (alive, not left), plus `include` unless they left."""
         wids = sorted(await self.r.smembers(self.keys.workers(fed)))
         async with self.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hget(self.keys.worker(fed, wid), "status")
                 pipe.exists(self.keys.alive(fed, wid))
             raw = await pipe.execute()
-        chosen = [
+        return [
             wid
             for i, wid in enumerate(wids)
-            if raw[2 * i] == "active" and (raw[2 * i + 1] or wid == include)
+            if raw[2 * i] == "active" and (raw[2 * i + 1] or wid in include)
         ]
-        return await self._snapshots(fed, chosen)
+
+    async def snapshot_versions(self, fed: str, wids: list[str]) -> list[int]:
+        """The latest snapshot version of each worker (0 when it has none)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hget(self.keys.snapshot_meta(fed, wid), "version")
+            return [int(v or 0) for v in await pipe.execute()]
 
     # ---------------------------------------------------------------- decisions and acks
     async def decisions(
@@ -416,3 +427,29 @@ class Store:
     async def lag(self) -> Any:
         """Consumer-group info of the scoring stream (for tests and metrics)."""
         return await self.r.xinfo_groups(self.keys.scoring())
+
+
+class SnapshotCache:
+    """A scorer's copy of the latest snapshots, refetched only when a worker's version changed.
+
+    Memory: at most one frame per active worker of the federations this replica scores (entries
+    of workers that are no longer active are dropped on the next load of their federation).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._snaps: dict[str, dict[str, Snapshot]] = {}
+
+    async def active(self, fed: str, include: Collection[str] = ()) -> dict[str, Snapshot]:
+        """Latest snapshots of the federation's active workers (and `include`)."""
+        wids = await self.store.active_ids(fed, include)
+        versions = await self.store.snapshot_versions(fed, wids)
+        cached = {w: s for w, s in self._snaps.get(fed, {}).items() if w in set(wids)}
+        stale = [
+            w
+            for w, v in zip(wids, versions, strict=True)
+            if v and (w not in cached or cached[w].version != v)
+        ]
+        cached.update(await self.store._snapshots(fed, stale))
+        self._snaps[fed] = cached
+        return dict(cached)
