@@ -22,7 +22,6 @@ from tetherfed_coordinator.__main__ import parse_args as coordinator_args
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -43,7 +42,14 @@ def command(service: str) -> list[str]:
 
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [str(CHECK_JSONSCHEMA), "--builtin-schema", "vendor.compose-spec", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "check_jsonschema",
+        "--builtin-schema",
+        "vendor.compose-spec",
+        str(path),
+    ]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
 
 
