@@ -1,0 +1,110 @@
+"""`tetherfed worker` as real processes against a real coordinator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tetherfed import Client
+
+pytestmark = pytest.mark.integration
+
+
+def worker(url: str, fed: str, seed: int, out: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable, "-m", "tetherfed.cli", "worker", "--coordinator", url, "--federation", fed,
+        "--seed", str(seed), "--name", f"w{seed}", "--device", "cpu", "--checkpoint-dir", str(out),
+        "--log-every", "50", "--eval-every", "50", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines and lines[-1]["event"] == "done", out[-2000:]
+    return lines[-1]  # type: ignore[no-any-return]
+
+
+def test_two_processes_under_the_seed_preset_merge_the_middle_layer_only(
+    coordinator_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    coordinator = coordinator_process()
+    with Client(coordinator.url) as api:
+        api.create_federation("seed", policy="seed")
+    procs = [
+        worker(
+            coordinator.url, "seed", s, tmp_path / f"w{s}", "--steps", "300", "--publish-every", "1"
+        )
+        for s in (1, 2)
+    ]
+    summaries = [finish(p) for p in procs]
+    with Client(coordinator.url) as api:
+        decisions = api.decisions("seed", limit=1000).data
+    merges = [d for d in decisions if d.action == "merge"]
+    assert merges, "the seed preset (raw dot > 50 on a 64×64 tether) should merge"
+    assert {d.layer for d in decisions} == {"fc2"}, "the seed preset scores the middle layer only"
+    assert all(d.measure == "dot" and d.operator == "average" for d in merges)
+    assert sum(s["merge"] for s in summaries) >= 1, "no worker applied a merge"
+    assert max(s["merge"] for s in summaries) <= 5 * 3, "more than 5 merges an epoch"
+
+
+def test_resume_from_a_checkpoint_keeps_id_generation_and_applied_ids(
+    coordinator_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    coordinator = coordinator_process()
+    policy = {"trigger": "every_publish", "merge_threshold": 0.0, "cooldown_steps": 0}
+    with Client(coordinator.url) as api:
+        api.create_federation("resume", policy=policy)  # type: ignore[arg-type]
+    first = [
+        worker(
+            coordinator.url,
+            "resume",
+            s,
+            tmp_path / f"w{s}",
+            "--steps",
+            "150",
+            "--publish-every",
+            "2",
+        )
+        for s in (1, 2)
+    ]
+    done = [finish(p) for p in first]
+    saved = torch.load(tmp_path / "w1" / "latest.pt", weights_only=False)
+    state = saved["federation"]
+    assert state["worker_id"] == done[0]["worker_id"] and saved["step"] == 150
+    resumed = worker(
+        coordinator.url,
+        "resume",
+        1,
+        tmp_path / "w1",
+        "--steps",
+        "200",
+        "--publish-every",
+        "2",
+        "--resume",
+    )
+    summary = finish(resumed)
+    assert summary["worker_id"] == state["worker_id"], "resume registered a new worker"
+    again = torch.load(tmp_path / "w1" / "latest.pt", weights_only=False)["federation"]
+    assert set(state["applied_ids"]) <= set(again["applied_ids"]), "applied ids were lost"
+    for layer, generation in state["generations"].items():
+        assert again["generations"][layer] >= generation, "a generation went backwards"
+    metrics = [
+        json.loads(line) for line in (tmp_path / "w1" / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [m["step"] for m in metrics if m["event"] == "step"]
+    assert steps[-1] == 200 and 150 < steps[-2] < 200 or steps[-1] == 200
