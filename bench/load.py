@@ -60,10 +60,17 @@ async def _worker(
         return step
 
 
-async def _collect(url: str, until: float, latencies: dict[tuple[str, int], float]) -> None:
+async def _collect(
+    url: str,
+    until: float,
+    sent: dict[tuple[str, int], float],
+    latencies: dict[tuple[str, int], float],
+) -> None:
     async with AsyncClient(url) as api:
         cursor = 0
         while time.monotonic() < until + 5:
+            if time.monotonic() > until + 0.5 and sent.keys() <= latencies.keys():
+                return  # every publish has its decision
             page = await api.decisions("load", after=cursor, limit=1000)
             for d in page.data:
                 key = (d.worker_id, d.own_snapshot.version)
@@ -91,7 +98,7 @@ async def _run(url: str, workers: int, hz: float, seconds: float) -> dict[str, A
     until = time.monotonic() + seconds
     tasks = [_worker(url, f"sim{i}", hz, until, sent) for i in range(workers)]
     results = await asyncio.gather(
-        *tasks, _collect(url, until, committed), _backlog(url, until, backlog)
+        *tasks, _collect(url, until, sent, committed), _backlog(url, until, backlog)
     )
     publishes = sum(results[:workers])
     lat = [(committed[k] - t) * 1e3 for k, t in sent.items() if k in committed]

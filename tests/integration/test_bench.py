@@ -1,0 +1,36 @@
+"""`tetherfed bench --quick` runs every benchmark and writes one valid JSON line each.
+
+Timing is not asserted here (that is what the benchmarks report); this checks they run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+KEYS = {"name", "ours", "reference", "unit", "ratio", "target", "passed", "params"}
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, "-m", "tetherfed.cli", "bench", "--quick", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["scoring", "ingest", "latency", "overhead", "load"]
+    for line in lines:
+        assert line.keys() >= KEYS, f"{line['name']} lacks {KEYS - line.keys()}"
+        assert isinstance(line["passed"], bool) and line["ours"] is not None
+    assert done.stdout.count("\n") == len(lines), "stdout should carry the same JSON lines"
+
+
+def test_unknown_benchmark_is_a_usage_error() -> None:
+    cmd = [sys.executable, "-m", "tetherfed.cli", "bench", "nope"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "unknown benchmark" in done.stderr
