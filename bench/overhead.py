@@ -57,9 +57,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                 raise RuntimeError("the benchmark worker could not register")
             _loop(model, opt, batches[:50], fed)  # warm-up
             on, off = [], []
+            published, on_seconds = fed.stats.published, 0.0
             for _ in range(repeats):
                 on.append(_loop(model, opt, batches, fed))
+                on_seconds += len(batches) / on[-1]
                 off.append(_loop(model, opt, batches, None))
+            published = fed.stats.published - published
+            io_budget = fed.io_budget
     on.sort()
     off.sort()
     ours, ref = on[len(on) // 2], off[len(off) // 2]
@@ -79,6 +83,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             "repeats": repeats,
             "publish_every": 1,
             "device": "cpu",
+            "publishes_per_s": round(published / on_seconds, 1),
+            "io_budget": io_budget,
         },
     )
 

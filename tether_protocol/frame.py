@@ -328,7 +328,7 @@ def decode_frame(
     if layers is not None:
         check_layers(entries, layers)
     if meta is not None:
-        _check_wire_dtype(entries, meta.wire_dtype)
+        check_wire_dtype(entries, meta.wire_dtype)
     tensors = {name: tensor_view(buf, entry) for name, entry in entries.items()}
     if check_finite:
         for name, array in tensors.items():
@@ -337,7 +337,8 @@ def decode_frame(
     return Frame(meta=meta, entries=entries, tensors=tensors, extra_metadata=extra)
 
 
-def _check_wire_dtype(entries: Mapping[str, TensorEntry], wire: WireDType) -> None:
+def check_wire_dtype(entries: Mapping[str, TensorEntry], wire: WireDType) -> None:
+    """Raise unless every tensor uses the wire dtype the metadata declares."""
     for name, entry in entries.items():
         if entry.dtype != wire:
             raise DTypeError(

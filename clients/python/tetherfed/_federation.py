@@ -61,6 +61,16 @@ class StepReport:
 
 
 @dataclass
+class FederationStats:
+    """Counters of one Federation: snapshots taken by training, frames the I/O thread sent
+    (the difference coalesced: latest wins), and failed network calls."""
+
+    snapshots: int = 0
+    published: int = 0
+    failures: int = 0
+
+
+@dataclass
 class _Ready:
     """A decision the I/O thread prepared: the partner tether, or why it cannot be applied."""
 
@@ -140,6 +150,7 @@ class Federation:
         self._token: str | None = None
         self.generations = {layer: 0 for layer in self._layers}
         self.applied_ids: set[int] = set()
+        self.stats = FederationStats()
         self._cursor = 0
         self._step = 0
         self._epoch = 0
@@ -174,6 +185,7 @@ class Federation:
         )
         if self._step % self.publish_every == 0 or fired:
             report.published = self._snapshot(plateau_fired=fired)
+            self.stats.snapshots += 1
         self._previous_loss = loss
         return report
 
@@ -290,6 +302,7 @@ class Federation:
                 self._poll()
                 outage.recovered()
             except TetherError as error:
+                self.stats.failures += 1
                 self._stop.wait(outage.failed(error))
             except Exception:  # a bug here must not kill training; say it loudly and retry
                 log.exception("tetherfed I/O thread error; retrying")
@@ -331,6 +344,7 @@ class Federation:
                 tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype
             )
             self._client.publish(self.federation, self.worker_id, parts)
+            self.stats.published += 1
         except TetherError:
             with self._lock:  # keep it unless training already produced a newer one
                 if self._pending is None:

@@ -224,22 +224,37 @@ def _request_kwargs(call: Call[Any]) -> dict[str, Any]:
     if call.json is not None:
         kwargs["json"] = call.json
     if call.content is not None:
-        kwargs["content"] = (
-            call.content if isinstance(call.content, bytes) else _chunks(call.content)
-        )
-        kwargs["headers"] = {"content-type": "application/octet-stream"}
-        if not isinstance(call.content, bytes):
-            kwargs["headers"]["content-length"] = str(sum(p.nbytes for p in call.content))
+        parts = _parts(call.content)
+        kwargs["content"] = _chunks(parts)
+        # An explicit length keeps httpx from switching a streamed body to chunked encoding.
+        kwargs["headers"] = {
+            "content-type": "application/octet-stream",
+            "content-length": str(sum(p.nbytes for p in parts)),
+        }
     if call.timeout is not None:
         kwargs["timeout"] = httpx.Timeout(call.timeout, connect=5.0)
     return kwargs
 
 
-def _chunks(parts: Sequence[memoryview]) -> Iterator[bytes]:
-    # httpx streams iterables of bytes; memoryview slices of 1 MiB avoid joining the frame.
+def _parts(content: bytes | Sequence[memoryview]) -> Sequence[memoryview]:
+    return [memoryview(content)] if isinstance(content, bytes) else content
+
+
+_CHUNK = 1 << 20
+
+
+def _chunks(parts: Sequence[memoryview]) -> Iterator[memoryview]:
+    # httpx streams iterables of bytes-likes; memoryview slices of 1 MiB avoid joining the frame,
+    # and sending them one by one avoids httpcore's copy-the-rest loop over one huge bytes.
     for part in parts:
-        for start in range(0, part.nbytes, 1 << 20):
-            yield part[start : start + (1 << 20)]  # type: ignore[misc]
+        flat = part.cast("B") if part.ndim != 1 or part.itemsize != 1 else part
+        for start in range(0, flat.nbytes, _CHUNK):
+            yield flat[start : start + _CHUNK]
+
+
+async def _achunks(parts: Sequence[memoryview]) -> AsyncIterator[memoryview]:
+    for chunk in _chunks(parts):
+        yield chunk
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -437,8 +452,8 @@ class AsyncClient:
 
     async def _once(self, call: Call[T]) -> T:
         kwargs = _request_kwargs(call)
-        if call.content is not None and not isinstance(call.content, bytes):
-            kwargs["content"] = b"".join(call.content)  # async httpx needs an async iterable
+        if call.content is not None:
+            kwargs["content"] = _achunks(_parts(call.content))  # async httpx: an async iterable
         try:
             response = await self._http.request(call.method, call.path, **kwargs)
         except httpx.TransportError as exc:

@@ -1,17 +1,27 @@
-"""Tether publish: stream the body in under a size cap, validate, store with one MULTI.
+"""Tether publish: stream the body into Redis while validating it, then commit with one MULTI.
 
-The body is copied once, chunk by chunk, into a buffer preallocated from Content-Length; the frame
-is validated (header, layer table, byte lengths, finiteness) before anything is written, so a bad
-frame leaves no trace; then one transaction stores the frame as one value, the snapshot metadata,
-the liveness renewal, the scoring-queue entry and any new generation records.
+Receiving a large body over HTTP is slower than Redis can store it, so the two overlap: each
+chunk is validated incrementally (`tether_protocol.framestream`: header as soon as it is
+complete, finiteness chunk by chunk) and appended to a temporary key over one dedicated
+connection, pipelined without waiting for replies. The temporary key carries a TTL (renewed
+with every chunk), so a crashed coordinator leaks nothing. On success one transaction renames it
+to the snapshot key and writes the bookkeeping (version, metadata, liveness, scoring entry,
+generation records); on any failure the temporary key is deleted before the 4xx goes out, so a
+bad frame leaves no trace.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import anyio.to_thread
+import anyio
+import redis.asyncio as aioredis
 from fastapi import HTTPException, Request
+from redis.asyncio.connection import Connection
 
 from tether_protocol.frame import (
     DTypeError,
@@ -20,16 +30,25 @@ from tether_protocol.frame import (
     LayerMismatchError,
     NonFiniteError,
     ShapeError,
-    decode_frame,
+    TensorEntry,
     encode_frame,
 )
-from tether_protocol.messages import GenerationRecord, LayerSpec, Policy, SnapshotRef, utcnow
+from tether_protocol.framestream import FrameStream
+from tether_protocol.messages import (
+    GenerationRecord,
+    LayerSpec,
+    Policy,
+    SnapshotMeta,
+    SnapshotRef,
+    utcnow,
+)
 
 from .store import FIELD_SEP, Store
 
 # Frame errors about the registered table or the values are 422; malformed frames are 400.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError)
-_THREAD_MIN_BYTES = 1 << 20
+# An upload idle this long loses its temporary key (renewed with every chunk).
+UPLOAD_TTL_MS = 120_000
 
 
 def too_large(limit: int) -> HTTPException:
@@ -37,30 +56,45 @@ def too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"frame exceeds the maximum of {limit} bytes")
 
 
-async def read_body(request: Request, limit: int) -> memoryview:
-    """The request body, failing with 413 as soon as it passes `limit` bytes."""
+def frame_http_error(exc: FrameError) -> HTTPException:
+    """400 for a malformed frame, 422 for one that disagrees with the table or holds NaN/Inf."""
+    return HTTPException(422 if isinstance(exc, _UNPROCESSABLE) else 400, str(exc))
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a stored publish was: its new version, the frame (meta, entries) and its size."""
+
+    version: int
+    frame: Frame
+    nbytes: int
+
+
+def declared_size(request: Request, limit: int) -> int | None:
+    """The Content-Length (None when absent); 400 when malformed, 413 over `limit`."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return await _read_chunked(request, limit)
+        return None
     if not declared.isdigit():
         raise HTTPException(400, "Content-Length is not a number")
-    size = int(declared)
-    if size > limit:
+    if int(declared) > limit:
         raise too_large(limit)
-    buf = bytearray(size)
+    return int(declared)
+
+
+async def _sized_body(request: Request, size: int) -> AsyncIterator[bytes]:
     pos = 0
     async for chunk in request.stream():
-        end = pos + len(chunk)
-        if end > size:
+        pos += len(chunk)
+        if pos > size:
             raise HTTPException(400, "body is longer than its Content-Length")
-        buf[pos:end] = chunk
-        pos = end
+        if chunk:
+            yield chunk
     if pos != size:
         raise HTTPException(400, f"body ended after {pos} of {size} bytes")
-    return memoryview(buf)
 
 
-async def _read_chunked(request: Request, limit: int) -> memoryview:
+async def _read_chunked(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
@@ -68,39 +102,132 @@ async def _read_chunked(request: Request, limit: int) -> memoryview:
         if total > limit:
             raise too_large(limit)
         chunks.append(chunk)
-    return memoryview(b"".join(chunks))
+    return b"".join(chunks)
 
 
-async def validate(buf: memoryview, layers: list[LayerSpec], wid: str) -> Frame:
-    """Decode the frame against the layer table; 400/422 naming the problem."""
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+class Upload:
+    """A temporary key filled by pipelined APPENDs over one connection taken from the pool."""
+
+    def __init__(self, client: aioredis.Redis, conn: Connection, key: str) -> None:
+        self.client, self.conn, self.key = client, conn, key
+        self.pending = 0  # replies sent for but not read yet
+        self.length = 0
+
+    @classmethod
+    async def open(cls, client: aioredis.Redis, key: str) -> Upload:
+        """Take a connection from `client`'s pool for one upload."""
+        conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        return cls(client, conn, key)
+
+    async def append(self, chunk: bytes) -> None:
+        """Send the chunk (and a TTL renewal) without waiting for the replies."""
+        packed = self.conn.pack_commands(
+            [("APPEND", self.key, chunk), ("PEXPIRE", self.key, UPLOAD_TTL_MS)]
+        )
+        await self.conn.send_packed_command(packed, check_health=False)
+        self.pending += 2
+        self.length += len(chunk)
+
+    async def complete(self) -> None:
+        """Read every pending reply; raise unless the key holds exactly the bytes sent."""
+        stored = 0
+        for i in range(self.pending):
+            reply = await self.conn.read_response()
+            if i % 2 == 0:
+                stored = int(reply)
+        self.pending = 0
+        if stored != self.length:
+            raise HTTPException(503, "frame upload was interrupted (temporary key expired)")
+
+    async def abort(self) -> None:
+        """Delete the temporary key after the in-flight APPENDs (or drop the connection)."""
+        try:
+            for _ in range(self.pending):
+                await self.conn.read_response()
+            self.pending = 0
+            await self.conn.send_command("DEL", self.key)
+            await self.conn.read_response()
+        except Exception:
+            await self.conn.disconnect()
+            await self.client.delete(self.key)  # may race with in-flight APPENDs; TTL covers it
+
+    async def release(self) -> None:
+        """Give the connection back to the pool."""
+        await self.client.connection_pool.release(self.conn)
+
+
+def _changed(meta: SnapshotMeta | None, entries: Mapping[str, Any], prev: dict[str, str]) -> dict[
+    str, int]:  # fmt: skip
+    """Layers whose generation moved past the previous snapshot's (they get generation records)."""
+    if meta is None:
+        return {}
+    old = json.loads(prev["meta"])["generations"] if prev else {}
+    return {
+        layer: g for layer, g in meta.generations.items()
+        if layer in entries and g > old.get(layer, 0)
+    }  # fmt: skip
+
+
+async def receive_publish(
+    store: Store, request: Request, limit: int, fed: str, wid: str, policy: Policy,
+    layers: list[LayerSpec],
+) -> Published:  # fmt: skip
+    """Stream, validate and store one publish; 400/413/422 with nothing written on failure."""
+    size = declared_size(request, limit)
+    body: AsyncIterator[bytes]
+    if size is None:
+        whole = await _read_chunked(request, limit)
+        size, body = len(whole), _one(whole)
+    else:
+        body = _sized_body(request, size)
+    prev: dict[str, str] = await store.r.hgetall(store.keys.snapshot_meta(fed, wid))  # type: ignore[assignment]
+    stream = FrameStream(size, layers, keep=lambda meta, entries: _changed(meta, entries, prev))
+    temp = store.keys.snapshot_upload(fed, wid, uuid.uuid4().hex)
+    upload = await Upload.open(store.rb, temp)
     try:
-        if buf.nbytes >= _THREAD_MIN_BYTES:
-            frame = await anyio.to_thread.run_sync(lambda: decode_frame(buf, layers=layers))
-        else:
-            frame = decode_frame(buf, layers=layers)
-    except _UNPROCESSABLE as exc:
-        raise HTTPException(422, str(exc)) from None
+        frame = await _pump(body, stream, upload, wid)
+        version = await _commit(store, fed, wid, policy, prev, frame, temp)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await upload.abort()
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upload.release()
+    return Published(version, frame, size)
+
+
+async def _pump(body: AsyncIterator[bytes], stream: FrameStream, upload: Upload, wid: str) -> Frame:
+    try:
+        async for chunk in body:
+            stream.feed(chunk)
+            await upload.append(chunk)
+        frame = stream.finish()
     except FrameError as exc:
-        raise HTTPException(400, str(exc)) from None
+        raise frame_http_error(exc) from None
     assert frame.meta is not None
     if frame.meta.worker_id != wid:
         raise HTTPException(
             400, f"snapshot metadata names worker {frame.meta.worker_id!r}, not {wid!r}"
         )
+    await upload.complete()
     return frame
 
 
-async def store_publish(
-    store: Store, fed: str, wid: str, policy: Policy, buf: memoryview, frame: Frame
-) -> int:
-    """Write the snapshot and its bookkeeping in one transaction; returns the new version."""
+async def _commit(
+    store: Store, fed: str, wid: str, policy: Policy, prev: dict[str, str], frame: Frame,
+    temp: str,
+) -> int:  # fmt: skip
+    """Rename the uploaded frame into place and write its bookkeeping in one transaction."""
     keys, meta = store.keys, frame.meta
     assert meta is not None
-    prev = await store.r.hgetall(keys.snapshot_meta(fed, wid))
-    # The big write goes through a synchronous client in a worker thread: redis-py's blocking
-    # socket `sendall` of the memoryview is ~4x faster than its asyncio transport for 64 MB.
-    with store.sync_rb.pipeline(transaction=True) as pipe:
-        pipe.set(keys.snapshot(fed, wid), buf)
+    async with store.rb.pipeline(transaction=True) as pipe:
+        pipe.rename(temp, keys.snapshot(fed, wid))
+        pipe.persist(keys.snapshot(fed, wid))
         pipe.eval(
             store.publish_script, 4,
             keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.scoring(), keys.alive(fed, wid),
@@ -109,8 +236,8 @@ async def store_publish(
             store.settings.stream_maxlen,
         )  # fmt: skip
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
-        results = await anyio.to_thread.run_sync(pipe.execute)
-    return int(results[1])
+        results = await pipe.execute()
+    return int(results[2])
 
 
 def _blank(value: float | None) -> str | float:
@@ -121,13 +248,7 @@ async def _queue_generations(
     store: Store, pipe: object, fed: str, wid: str, policy: Policy, prev: dict[str, str],
     frame: Frame,
 ) -> None:  # fmt: skip
-    meta = frame.meta
-    assert meta is not None
-    old = json.loads(prev["meta"])["generations"] if prev else {}
-    changed = {
-        layer: g for layer, g in meta.generations.items()
-        if layer in frame.entries and g > old.get(layer, 0)
-    }  # fmt: skip
+    changed = _changed(frame.meta, frame.entries, prev)
     if not changed:
         return
     own = (
@@ -163,10 +284,14 @@ async def _queue_generation(
     kept = [int(g) for g in await store.r.lrange(keys.retained(fed, wid, layer), 0, -1)]
     kept.append(generation)
     dropped = kept[: max(0, len(kept) - policy.retain_generations)]
-    entry = frame.entries[layer]
-    tensor = encode_frame({layer: frame.tensors[layer]}, meta=frame.meta, dtype=entry.dtype)
+    tensor = _generation_frame(frame, frame.entries[layer])
     p.set(keys.generation_tensor(fed, wid, layer, generation), tensor)  # type: ignore[attr-defined]
     p.rpush(keys.retained(fed, wid, layer), generation)  # type: ignore[attr-defined]
     p.ltrim(keys.retained(fed, wid, layer), -policy.retain_generations, -1)  # type: ignore[attr-defined]
     for g in dropped:
         p.unlink(keys.generation_tensor(fed, wid, layer, g))  # type: ignore[attr-defined]
+
+
+def _generation_frame(frame: Frame, entry: TensorEntry) -> bytes:
+    """A one-layer frame of a kept layer (the stream kept the bytes of every changed layer)."""
+    return encode_frame({entry.name: frame.tensors[entry.name]}, meta=frame.meta, dtype=entry.dtype)

@@ -77,6 +77,10 @@ class Keys:
         """The latest frame, one value."""
         return f"{self.prefix}fed:{fed}:w:{wid}:snap"
 
+    def snapshot_upload(self, fed: str, wid: str, upload: str) -> str:
+        """A frame being streamed in (TTL'd; renamed to `snapshot` when complete and valid)."""
+        return f"{self.snapshot(fed, wid)}:upload:{upload}"
+
     def snapshot_meta(self, fed: str, wid: str) -> str:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, entries JSON."""
         return f"{self.prefix}fed:{fed}:w:{wid}:snapmeta"

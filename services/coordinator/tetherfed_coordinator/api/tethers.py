@@ -16,7 +16,7 @@ from tether_protocol.messages import (
     TetherStats,
 )
 
-from ..ingest import read_body, store_publish, validate
+from ..ingest import receive_publish
 from ..store import Snapshot, Store
 from .deps import MetricsDep, ReaderAuth, SettingsDep, StoreDep, WorkerAuth
 from .workers import ensure_member
@@ -43,15 +43,14 @@ async def publish(
     policy = await store.policy(fed)
     record = await store.worker_record(fed, wid)
     ensure_member(record, fed, wid)
-    buf = await read_body(request, settings.max_frame_bytes)
-    frame = await validate(buf, store.layers_of(record), wid)
-    version = await store_publish(store, fed, wid, policy, buf, frame)
+    layers = store.layers_of(record)
+    done = await receive_publish(store, request, settings.max_frame_bytes, fed, wid, policy, layers)
     metrics.publishes += 1
-    metrics.bytes_in += buf.nbytes
-    assert frame.meta is not None
+    metrics.bytes_in += done.nbytes
+    assert done.frame.meta is not None
     return PublishAccepted(
-        worker_id=wid, version=version, step=frame.meta.step, layers=len(frame.entries),
-        bytes=buf.nbytes,
+        worker_id=wid, version=done.version, step=done.frame.meta.step,
+        layers=len(done.frame.entries), bytes=done.nbytes,
     )  # fmt: skip
 
 

@@ -1,0 +1,211 @@
+"""Incremental frame validation: feed a frame in chunks of any size, learn it is bad early.
+
+`FrameStream` applies the checks of `frame.decode_frame` as the bytes arrive, in the same order
+and with the same typed errors: the header (length, JSON, metadata, entries against the declared
+total length, the registered layer table, the wire dtype) as soon as it is complete, then the
+finiteness of the data section chunk by chunk, carrying partial elements across chunk
+boundaries. It keeps no copy of the data section except the layers a caller asks to keep (chosen
+once the header is known), so a large frame can be forwarded elsewhere while it is validated.
+No I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .frame import (
+    MAX_HEADER_BYTES,
+    META_KEY,
+    ByteLengthError,
+    Frame,
+    FrameError,
+    MetadataError,
+    NonFiniteError,
+    TensorEntry,
+    check_layers,
+    check_wire_dtype,
+    parse_entries,
+    parse_meta,
+    read_header,
+    tensor_view,
+)
+from .messages import LayerSpec, SnapshotMeta
+
+KeepFn = Callable[[SnapshotMeta | None, Mapping[str, TensorEntry]], Collection[str]]
+
+# wire dtype -> (item size, raw numpy dtype, mask of the exponent bits: all ones is NaN or Inf)
+_RAW: dict[str, tuple[int, np.dtype[Any], int]] = {
+    "float32": (4, np.dtype("<u4"), 0x7F800000),
+    "float16": (2, np.dtype("<u2"), 0x7C00),
+    "bfloat16": (2, np.dtype("<u2"), 0x7F80),
+}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A stretch of the data section whose tensors share one dtype (absolute offsets)."""
+
+    start: int
+    end: int
+    dtype: str
+
+
+class FrameStream:
+    """Validate a frame of `total` bytes fed in chunks; `finish()` returns its `Frame`.
+
+    `layers`, `require_meta` and `check_finite` mean what they mean for `decode_frame`. `keep`,
+    called once with the metadata and entries when the header is complete, names the layers
+    whose bytes to keep; the returned frame's `tensors` holds exactly those.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        layers: Sequence[LayerSpec] | None = None,
+        *,
+        require_meta: bool = True,
+        check_finite: bool = True,
+        keep: KeepFn | None = None,
+    ) -> None:
+        self.total = total
+        self.layers, self.require_meta, self.check_finite = layers, require_meta, check_finite
+        self._keep_fn = keep
+        self.pos = 0
+        self._head = bytearray()
+        self._need = 8  # header bytes wanted before the next parsing step
+        self._frame: Frame | None = None
+        self._runs: list[_Run] = []
+        self._starts: list[int] = []
+        self._carry = bytearray()
+        self._kept: dict[str, bytearray] = {}
+
+    @property
+    def frame(self) -> Frame | None:
+        """The frame's metadata and entries once its header is complete (no tensors yet)."""
+        return self._frame
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Consume the next bytes; raises the `FrameError` subclass `decode_frame` would."""
+        view = memoryview(chunk).cast("B")
+        if self.pos + view.nbytes > self.total:
+            raise ByteLengthError(f"frame is longer than its declared {self.total} bytes")
+        if self._frame is None:
+            view = self._feed_head(view)
+        if view.nbytes:
+            self._feed_data(view)
+
+    def finish(self) -> Frame:
+        """The validated frame, once exactly `total` bytes were fed."""
+        if self._frame is None:
+            read_header(self._head)  # raises: the frame ended inside its header
+            raise ByteLengthError("frame ended inside its header")  # pragma: no cover
+        if self.pos != self.total:
+            raise ByteLengthError(f"frame ended after {self.pos} of {self.total} bytes")
+        tensors = {
+            name: tensor_view(buf, _rebased(self._frame.entries[name]))
+            for name, buf in self._kept.items()
+        }
+        return Frame(self._frame.meta, self._frame.entries, tensors, self._frame.extra_metadata)
+
+    # ---------------------------------------------------------------- header
+    def _feed_head(self, view: memoryview) -> memoryview:
+        while self._frame is None and view.nbytes:
+            take = min(self._need - len(self._head), view.nbytes)
+            self._head += view[:take]
+            self.pos += take
+            view = view[take:]
+            if len(self._head) == self._need:
+                self._advance_head()
+        return view
+
+    def _advance_head(self) -> None:
+        if self._need == 8:
+            length = int.from_bytes(self._head[:8], "little")
+            if not 2 <= length <= MAX_HEADER_BYTES:
+                read_header(self._head)  # raises read_header's out-of-range error
+            # A header running past the end: read_header names that once all bytes are here.
+            self._need = min(8 + length, self.total)
+            if self._need > len(self._head):
+                return
+        self._parse_header()
+
+    def _parse_header(self) -> None:
+        header, data_start = read_header(self._head)
+        meta, extra = parse_meta(header)
+        if self.require_meta and meta is None:
+            raise MetadataError(f"frame has no snapshot metadata under __metadata__[{META_KEY!r}]")
+        entries = parse_entries(header, data_start, self.total)
+        if self.layers is not None:
+            check_layers(entries, self.layers)
+        if meta is not None:
+            check_wire_dtype(entries, meta.wire_dtype)
+        self._frame = Frame(meta=meta, entries=entries, extra_metadata=extra)
+        self._runs = _runs(entries.values())
+        self._starts = [e.start for e in entries.values()]
+        wanted = self._keep_fn(meta, entries) if self._keep_fn else ()
+        self._kept = {name: bytearray() for name in entries if name in set(wanted)}
+
+    # ---------------------------------------------------------------- data section
+    def _feed_data(self, view: memoryview) -> None:
+        begin, end = self.pos, self.pos + view.nbytes
+        if self.check_finite:
+            for run in self._runs:
+                lo, hi = max(begin, run.start), min(end, run.end)
+                if lo < hi:
+                    self._check_run(run, view[lo - begin : hi - begin], lo)
+        assert self._frame is not None
+        for name, buf in self._kept.items():
+            entry = self._frame.entries[name]
+            lo, hi = max(begin, entry.start), min(end, entry.end)
+            if lo < hi:
+                buf.extend(view[lo - begin : hi - begin])
+        self.pos = end
+
+    def _check_run(self, run: _Run, part: memoryview, at: int) -> None:
+        size, raw, mask = _RAW[run.dtype]
+        if self._carry:
+            fill = min(size - len(self._carry), part.nbytes)
+            self._carry += part[:fill]
+            part, at = part[fill:], at + fill
+            if len(self._carry) == size:
+                self._check_values(np.frombuffer(self._carry, raw), mask, at - size, size)
+                self._carry.clear()
+        whole = part.nbytes - part.nbytes % size
+        self._check_values(np.frombuffer(part, raw, whole // size), mask, at, size)
+        self._carry += part[whole:]
+
+    def _check_values(self, bits: npt.NDArray[Any], mask: int, at: int, size: int) -> None:
+        bad = (bits & bits.dtype.type(mask)) == mask
+        if bad.any():
+            offset = at + int(np.argmax(bad)) * size
+            raise NonFiniteError(f"layer {self._layer_at(offset)!r} contains NaN or Inf")
+
+    def _layer_at(self, offset: int) -> str:
+        assert self._frame is not None
+        names = list(self._frame.entries)
+        return names[bisect.bisect_right(self._starts, offset) - 1]
+
+
+def _runs(entries: Collection[TensorEntry]) -> list[_Run]:
+    runs: list[_Run] = []
+    for entry in entries:
+        if entry.start == entry.end:
+            continue
+        if runs and runs[-1].dtype == entry.dtype and runs[-1].end == entry.start:
+            runs[-1] = _Run(runs[-1].start, entry.end, entry.dtype)
+        else:
+            runs.append(_Run(entry.start, entry.end, entry.dtype))
+    return runs
+
+
+def _rebased(entry: TensorEntry) -> TensorEntry:
+    return TensorEntry(entry.name, entry.dtype, entry.shape, 0, entry.end - entry.start)
+
+
+__all__ = ["FrameError", "FrameStream", "KeepFn"]
