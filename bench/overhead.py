@@ -39,15 +39,15 @@ def _loop(
     return len(batches) / (time.perf_counter() - start)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Interleave federated and plain blocks; report the median steps/s of each."""
     torch.manual_seed(0)
     task = load_task("random-classification", seed=0)
-    x, y = task.train.tensors
+    x, y = (t.to(device) for t in task.train.tensors)
     block, repeats = (100, 3) if quick else (500, 9)
     batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 32 * block, 32) if i + 32 <= len(x)]
     batches = (batches * (block // len(batches) + 1))[:block]
-    model = tether(build_model("mlp", task, seed=0), "static", seed=0)
+    model = tether(build_model("mlp", task, seed=0), "static", seed=0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with coordinator() as coord:
         with Client(coord.url) as api:
@@ -82,7 +82,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "block_steps": block,
             "repeats": repeats,
             "publish_every": 1,
-            "device": "cpu",
+            "device": device,
             "publishes_per_s": round(published / on_seconds, 1),
             "io_budget": io_budget,
         },
@@ -90,4 +90,5 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv)))
+    device = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--device=")), "cpu")
+    print(json.dumps(run(quick="--quick" in sys.argv, device=device)))

@@ -87,9 +87,15 @@ def federations(url: str, fed: str, models: list[nn.Module], **kw: Any) -> list[
     return feds
 
 
-def test_identical_static_tethers_merge_and_acks_are_visible(api: Client, coordinator: Any) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_identical_static_tethers_merge_and_acks_are_visible(
+    api: Client, coordinator: Any, device: str
+) -> None:
     api.create_federation("same", policy=EVERY)  # type: ignore[arg-type]
-    models = [tether(mlp(i), "static", seed=7) for i in range(2)]
+    models = [tether(mlp(i), "static", seed=7).to(device) for i in range(2)]
     feds = federations(coordinator.url, "same", models)
     try:
         applied: list[int] = []

