@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -60,8 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = EmbeddedRedis(settings.data_dir).start()
         url = embedded.url
     r, rb, blocking = _clients(url)
-    sync_rb = redis.Redis.from_url(url, decode_responses=False)
-    app.state.store = store = Store(r, rb, blocking, sync_rb, settings)
+    app.state.store = store = Store(r, rb, blocking, settings)
     task = None
     if settings.scoring_enabled:
         app.state.scorer = scorer = Scorer(store, app.state.metrics)
@@ -79,7 +77,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 log.warning("scoring loop did not stop in time")
         for client in (r, rb, blocking):
             await client.aclose()
-        sync_rb.close()
         if embedded is not None:
             embedded.stop()
 

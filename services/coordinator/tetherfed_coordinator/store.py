@@ -11,7 +11,6 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from fastapi import HTTPException
 
@@ -89,16 +88,15 @@ def snapshot_from(wid: str, meta: dict[str, str], buf: bytes | None) -> Snapshot
 class Store:
     """Typed access to the coordinator's Redis keys.
 
-    `r` decodes responses to str; `rb` returns bytes (frames); `blocking` serves XREAD BLOCK so
-    long polls never starve the main pool; `sync_rb` (a blocking client, used from worker threads)
-    writes published frames.
+    `r` decodes responses to str; `rb` returns bytes (frames, and the streamed uploads);
+    `blocking` serves XREAD BLOCK so long polls never starve the main pool.
     """
 
     def __init__(
         self, r: aioredis.Redis, rb: aioredis.Redis, blocking: aioredis.Redis,
-        sync_rb: redis.Redis, settings: Settings,
+        settings: Settings,
     ) -> None:  # fmt: skip
-        self.r, self.rb, self.blocking, self.sync_rb = r, rb, blocking, sync_rb
+        self.r, self.rb, self.blocking = r, rb, blocking
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.publish_script = lua("publish.lua")
