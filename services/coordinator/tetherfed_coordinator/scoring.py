@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from .store import FIELD_SEP, Snapshot, SnapshotCache, Store
 
 GROUP = "scorers"
 BATCH = 64  # scoring entries read at once; one snapshot load serves the whole batch
+INLINE_BYTES = 1 << 20  # rounds over less than this run on the event loop, not in a thread
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,7 @@ class Scorer:
         self.settings = store.settings
         self.consumer = store.settings.consumer_name
         self.cache = SnapshotCache(store)
+        self._last_reclaim = 0.0
         self.stopping = asyncio.Event()
 
     async def ensure_group(self) -> None:
@@ -100,10 +103,7 @@ class Scorer:
     async def step(self, block_ms: int | None = None) -> int:
         """One pass: reclaimed entries first, else new ones, scored as a batch; returns entries."""
         key = self.store.keys.scoring()
-        claimed = await self.store.r.xautoclaim(
-            key, GROUP, self.consumer, min_idle_time=self.settings.reclaim_idle_ms, count=BATCH
-        )
-        entries = [e for e in claimed[1] if e and e[1]]
+        entries = await self._reclaim() if self._reclaim_due() else []
         if not entries:
             block = self.settings.scoring_block_ms if block_ms is None else block_ms
             got = await self.store.blocking.xreadgroup(
@@ -112,6 +112,22 @@ class Scorer:
             entries = got[0][1] if got else []
         await self.handle(entries)
         return len(entries)
+
+    def _reclaim_due(self) -> bool:
+        # Looking for a dead consumer's entries costs a round trip; once per half idle period
+        # is enough to reclaim them within `reclaim_idle_ms` and a half.
+        now = time.monotonic()
+        if now - self._last_reclaim < self.settings.reclaim_idle_ms / 2000:
+            return False
+        self._last_reclaim = now
+        return True
+
+    async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
+        claimed = await self.store.r.xautoclaim(
+            self.store.keys.scoring(), GROUP, self.consumer,
+            min_idle_time=self.settings.reclaim_idle_ms, count=BATCH,
+        )  # fmt: skip
+        return [e for e in claimed[1] if e and e[1]]
 
     async def handle(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Score a batch (each federation's snapshots loaded once, each worker scored once at
@@ -158,7 +174,11 @@ class Scorer:
             return None
         started = time.perf_counter()
         state = await self._state(fed, wid, own, snaps)
-        result = await anyio.to_thread.run_sync(lambda: self._decide(policy, state, snaps, own))
+        decide_now = functools.partial(self._decide, policy, state, snaps, own)
+        if sum(len(snap.buf) for snap in snaps.values()) < INLINE_BYTES:
+            result = decide_now()  # cheaper than the hop to a worker thread
+        else:
+            result = await anyio.to_thread.run_sync(decide_now)
         self.metrics.scoring_seconds += time.perf_counter() - started
         self.metrics.scoring_rounds += 1
         ids = await self._commit(fed, policy, own, result)
