@@ -118,7 +118,12 @@ def test_federation_init_command_parses() -> None:
     cmd = command("federation")
     assert cmd[0] == "tetherfed", cmd
     args = build_parser().parse_args(cmd[1:])
-    assert (args.command, args.workers, args.coordinator) == ("up", 0, "http://coordinator:8420")
+    assert (args.command, args.action, args.coordinator) == (
+        "federation",
+        "create",
+        "http://coordinator:8420",
+    )
+    assert (args.name, args.policy) == ("compose", "demo")
 
 
 @pytest.mark.parametrize("service", ["worker", "worker-gpu"])

@@ -120,6 +120,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.names, quick=args.quick, json_path=args.json)
 
 
+def _cmd_federation(args: argparse.Namespace) -> int:
+    from ._errors import TetherError, TransportError
+    from ._sdk import Client
+    from ._up import create_federation, resolve_policy
+
+    try:
+        policy = resolve_policy(args.policy)
+    except (KeyError, ValueError, OSError) as error:
+        print(f"invalid --policy {args.policy!r}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    with Client(args.coordinator, token=args.token) as client:
+        try:
+            create_federation(client, args.name, policy)
+            print(client.get_federation(args.name).model_dump_json(indent=2))
+        except TransportError as error:
+            print(f"coordinator unreachable: {error}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except TetherError as error:
+            print(str(error), file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tetherfed", description="Multi-agent tether federation.")
@@ -144,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_worker_args(worker)
 
+    federation = sub.add_parser("federation", help="create a federation (idempotent)")
+    fed_sub = federation.add_subparsers(dest="action", required=True)
+    create = fed_sub.add_parser("create", help="create NAME, or keep it if it exists")
+    create.add_argument("name")
+    create.add_argument(
+        "--policy", default="default", help="preset (default, seed, demo) or JSON file"
+    )
+    create.add_argument("--coordinator", default="http://127.0.0.1:8420")
+    create.add_argument("--token", default=None)
+
     bench = sub.add_parser("bench", help="run benchmarks (ours vs a reference, same run)")
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     bench.add_argument("--quick", action="store_true", help="small sizes; checks they run")
@@ -165,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "coordinator":
         return _cmd_coordinator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    handlers = {"worker": _cmd_worker, "bench": _cmd_bench}
+    handlers = {"worker": _cmd_worker, "bench": _cmd_bench, "federation": _cmd_federation}
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args))
