@@ -47,6 +47,8 @@ from .store import FIELD_SEP, Store
 
 # Frame errors about the registered table or the values are 422; malformed frames are 400.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError)
+# Frames up to this size are read whole and SET: fewer round trips than streaming them.
+SMALL_FRAME = 1 << 20
 # An upload idle this long loses its temporary key (renewed with every chunk).
 UPLOAD_TTL_MS = 120_000
 
@@ -105,8 +107,8 @@ async def _read_chunked(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    yield body
+async def _read_sized(request: Request, size: int) -> bytes:
+    return b"".join([chunk async for chunk in _sized_body(request, size)])
 
 
 class Upload:
@@ -178,18 +180,24 @@ async def receive_publish(
 ) -> Published:  # fmt: skip
     """Stream, validate and store one publish; 400/413/422 with nothing written on failure."""
     size = declared_size(request, limit)
-    body: AsyncIterator[bytes]
-    if size is None:
-        whole = await _read_chunked(request, limit)
-        size, body = len(whole), _one(whole)
-    else:
-        body = _sized_body(request, size)
     prev: dict[str, str] = await store.r.hgetall(store.keys.snapshot_meta(fed, wid))  # type: ignore[assignment]
-    stream = FrameStream(size, layers, keep=lambda meta, entries: _changed(meta, entries, prev))
+    stream = FrameStream(
+        size or 0, layers, keep=lambda meta, entries: _changed(meta, entries, prev)
+    )
+    if size is None or size <= SMALL_FRAME:
+        whole = await (
+            _read_chunked(request, limit) if size is None else _read_sized(request, size)
+        )
+        if size is None:
+            stream = FrameStream(len(whole), layers, keep=lambda m, e: _changed(m, e, prev))
+        _feed(stream, whole)
+        frame = _finish(stream, wid)
+        version = await _commit(store, fed, wid, policy, prev, frame, whole)
+        return Published(version, frame, len(whole))
     temp = store.keys.snapshot_upload(fed, wid, uuid.uuid4().hex)
     upload = await Upload.open(store.rb, temp)
     try:
-        frame = await _pump(body, stream, upload, wid)
+        frame = await _pump(_sized_body(request, size), stream, upload, wid)
         version = await _commit(store, fed, wid, policy, prev, frame, temp)
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -202,10 +210,24 @@ async def receive_publish(
 
 
 async def _pump(body: AsyncIterator[bytes], stream: FrameStream, upload: Upload, wid: str) -> Frame:
+    async for chunk in body:
+        _feed(stream, chunk)
+        await upload.append(chunk)
+    frame = _finish(stream, wid)
+    await upload.complete()
+    return frame
+
+
+def _feed(stream: FrameStream, chunk: bytes) -> None:
     try:
-        async for chunk in body:
-            stream.feed(chunk)
-            await upload.append(chunk)
+        stream.feed(chunk)
+    except FrameError as exc:
+        raise frame_http_error(exc) from None
+
+
+def _finish(stream: FrameStream, wid: str) -> Frame:
+    """The validated frame; 400/422 naming the problem, or naming another publisher."""
+    try:
         frame = stream.finish()
     except FrameError as exc:
         raise frame_http_error(exc) from None
@@ -214,30 +236,38 @@ async def _pump(body: AsyncIterator[bytes], stream: FrameStream, upload: Upload,
         raise HTTPException(
             400, f"snapshot metadata names worker {frame.meta.worker_id!r}, not {wid!r}"
         )
-    await upload.complete()
     return frame
 
 
 async def _commit(
     store: Store, fed: str, wid: str, policy: Policy, prev: dict[str, str], frame: Frame,
-    temp: str,
+    source: str | bytes,
 ) -> int:  # fmt: skip
-    """Rename the uploaded frame into place and write its bookkeeping in one transaction."""
+    """Put the frame in place (rename the uploaded temporary key, or SET a small frame's bytes)
+    and write its bookkeeping, in one transaction."""
     keys, meta = store.keys, frame.meta
     assert meta is not None
     async with store.rb.pipeline(transaction=True) as pipe:
-        pipe.rename(temp, keys.snapshot(fed, wid))
-        pipe.persist(keys.snapshot(fed, wid))
+        if isinstance(source, bytes):
+            pipe.set(keys.snapshot(fed, wid), source)
+        else:
+            pipe.rename(source, keys.snapshot(fed, wid))
+            pipe.persist(keys.snapshot(fed, wid))
         pipe.eval(
-            store.publish_script, 4,
+            store.publish_script, 5,
             keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.scoring(), keys.alive(fed, wid),
+            keys.federation(fed),
             fed, wid, meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
             meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(),
             store.settings.stream_maxlen,
         )  # fmt: skip
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
         results = await pipe.execute()
-    return int(results[2])
+    version = int(results[1 if isinstance(source, bytes) else 2])
+    if version == -2:  # the federation was deleted while this frame streamed in
+        await store.r.unlink(keys.snapshot(fed, wid))
+        raise HTTPException(404, f"federation {fed!r} not found")
+    return version
 
 
 def _blank(value: float | None) -> str | float:

@@ -1,7 +1,10 @@
 -- Accept a publish atomically (runs inside the MULTI that SETs the frame bytes).
--- KEYS: 1 worker hash, 2 snapshot meta hash, 3 scoring stream, 4 alive key
+-- KEYS: 1 worker hash, 2 snapshot meta hash, 3 scoring stream, 4 alive key, 5 federation hash
+-- Returns the new version, or -2 when the federation was deleted meanwhile (the caller then
+-- removes the frame the same transaction stored).
 -- ARGV: 1 fed, 2 worker, 3 step, 4 epoch, 5 loss|'', 6 grad_norm|'', 7 SnapshotMeta JSON,
 --       8 now (ISO), 9 heartbeat ttl ms, 10 stream maxlen
+if redis.call('EXISTS', KEYS[5]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 local prev = redis.call('HGET', KEYS[2], 'loss') or ''
 redis.call('DEL', KEYS[2])

@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store
 
 GROUP = "scorers"
-BATCH = 64  # scoring entries read at once; one snapshot load serves the whole batch
+BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
 INLINE_BYTES = 1 << 20  # rounds over less than this run on the event loop, not in a thread
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class Scorer:
             keys=[
                 keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
                 keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
+                keys.federation(fed),
             ],
             args=args,
         )  # fmt: skip
