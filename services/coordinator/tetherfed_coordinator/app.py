@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,9 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import compatibility, decisions, federations, health, tethers, workers
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
-from .scoring import Scorer
+from .scoring import Scorer, ScoringThread
 from .settings import Settings
-from .store import Store
+from .store import Store, redis_clients
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,6 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
-def _clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
-    r = aioredis.Redis.from_url(url, decode_responses=True)
-    rb = aioredis.Redis.from_url(url, decode_responses=False)
-    blocking = aioredis.Redis.from_url(url, decode_responses=True, max_connections=1000)
-    return r, rb, blocking
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start Redis clients (and an embedded server without a URL) and the scoring loop."""
@@ -58,23 +50,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir).start()
         url = embedded.url
-    r, rb, blocking = _clients(url)
+    r, rb, blocking = redis_clients(url)
     app.state.store = store = Store(r, rb, blocking, settings)
-    task = None
+    # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.
+    app.state.scorer = scorer = Scorer(store, app.state.metrics)
+    await scorer.ensure_group()
+    background = None
     if settings.scoring_enabled:
-        app.state.scorer = scorer = Scorer(store, app.state.metrics)
-        await scorer.ensure_group()
-        task = asyncio.create_task(scorer.run(), name="tetherfed-scoring")
+        background = ScoringThread(url, settings, app.state.metrics).start()
     try:
         yield
     finally:
-        if task is not None:
-            # Stop between steps rather than cancelling a Redis command mid-reply.
-            scorer.stopping.set()
-            try:
-                await asyncio.wait_for(task, timeout=10)
-            except (TimeoutError, asyncio.CancelledError):
-                log.warning("scoring loop did not stop in time")
+        if background is not None:
+            background.stop(timeout_s=10)
         for client in (r, rb, blocking):
             await client.aclose()
         if embedded is not None:

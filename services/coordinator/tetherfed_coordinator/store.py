@@ -85,6 +85,15 @@ def snapshot_from(wid: str, meta: dict[str, str], buf: bytes | None) -> Snapshot
     )
 
 
+def redis_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
+    """The three clients a Store uses: str replies, bytes replies, and blocking reads (a pool
+    large enough for every worker's long-poll to hold a connection)."""
+    r = aioredis.Redis.from_url(url, decode_responses=True)
+    rb = aioredis.Redis.from_url(url, decode_responses=False)
+    blocking = aioredis.Redis.from_url(url, decode_responses=True, max_connections=1000)
+    return r, rb, blocking
+
+
 class Store:
     """Typed access to the coordinator's Redis keys.
 
