@@ -65,6 +65,7 @@ def coordinator_settings(redis_url: str, key_prefix: str) -> Settings:
         long_poll_max_s=5.0,
         sse_keepalive_s=0.3,
         consumer_name=f"test-{uuid.uuid4().hex[:6]}",
+        scorer_processes=0,  # in-process: the scoring loop runs on a thread of this process
     )
 
 

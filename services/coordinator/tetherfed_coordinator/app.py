@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import compatibility, decisions, federations, health, tethers, workers
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
-from .scoring import Scorer, ScoringThread
+from .scoring import Scorer, ScoringProcesses, ScoringThread
 from .settings import Settings
 from .store import Store, redis_clients
 
@@ -53,11 +53,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     r, rb, blocking = redis_clients(url)
     app.state.store = store = Store(r, rb, blocking, settings)
     # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.
-    app.state.scorer = scorer = Scorer(store, app.state.metrics)
+    app.state.scorer = scorer = Scorer(store)
     await scorer.ensure_group()
-    background = None
-    if settings.scoring_enabled:
-        background = ScoringThread(url, settings, app.state.metrics).start()
+    background: ScoringThread | ScoringProcesses | None = None
+    if settings.scoring_enabled and settings.scorer_processes:
+        background = ScoringProcesses(url, settings, settings.scorer_processes).start()
+    elif settings.scoring_enabled:
+        background = ScoringThread(url, settings).start()
     try:
         yield
     finally:

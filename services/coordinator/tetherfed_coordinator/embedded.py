@@ -37,7 +37,7 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the coordinator dies, even by SIGKILL, so an
     embedded redis-server never outlives the process that started it (Linux only)."""
     if _prctl is not None:
@@ -85,7 +85,7 @@ class EmbeddedRedis:
             self._args(workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, nothing that locks
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl call, nothing that locks
         )
         self._wait_ready(timeout_s)
         return self

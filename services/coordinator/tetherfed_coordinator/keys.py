@@ -31,6 +31,11 @@ class Keys:
         """Set of federation names."""
         return f"{self.prefix}federations"
 
+    def stats(self) -> str:
+        """Hash of coordinator-wide counters (scoring rounds and time, decisions by action),
+        shared by every replica and scoring process."""
+        return f"{self.prefix}stats"
+
     def scoring(self) -> str:
         """The scoring queue (a stream read by the `scorers` consumer group)."""
         return f"{self.prefix}scoring"

@@ -13,12 +13,11 @@ class Metrics:
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     publishes: int = 0
     bytes_in: int = 0
-    scoring_seconds: float = 0.0
-    scoring_rounds: int = 0
-    decisions: Counter[str] = field(default_factory=Counter)
 
-    def render(self, backlog: int, pending: int) -> str:
-        """The exposition text; `backlog`/`pending` come from the scoring stream's group."""
+    def render(self, backlog: int, pending: int, stats: dict[str, str]) -> str:
+        """The exposition text. Requests, publishes and bytes are this replica's; scoring
+        rounds and time and decisions (`stats`) are coordinator-wide counters kept in Redis;
+        `backlog`/`pending` come from the scoring stream's group."""
         lines = ["# TYPE tetherfed_requests_total counter"]
         for (method, status), n in sorted(self.requests.items()):
             lines.append(f'tetherfed_requests_total{{method="{method}",status="{status}"}} {n}')
@@ -28,13 +27,14 @@ class Metrics:
             "# TYPE tetherfed_bytes_in_total counter",
             f"tetherfed_bytes_in_total {self.bytes_in}",
             "# TYPE tetherfed_scoring_seconds_total counter",
-            f"tetherfed_scoring_seconds_total {self.scoring_seconds:.6f}",
+            f"tetherfed_scoring_seconds_total {float(stats.get('scoring_seconds', 0)):.6f}",
             "# TYPE tetherfed_scoring_rounds_total counter",
-            f"tetherfed_scoring_rounds_total {self.scoring_rounds}",
+            f"tetherfed_scoring_rounds_total {int(stats.get('scoring_rounds', 0))}",
             "# TYPE tetherfed_decisions_total counter",
         ]
         for action in ("merge", "drift", "hold"):
-            lines.append(f'tetherfed_decisions_total{{action="{action}"}} {self.decisions[action]}')
+            n = int(stats.get(f"decisions:{action}", 0))
+            lines.append(f'tetherfed_decisions_total{{action="{action}"}} {n}')
         lines += [
             "# TYPE tetherfed_scoring_backlog gauge",
             f"tetherfed_scoring_backlog {backlog}",

@@ -15,6 +15,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -28,7 +31,7 @@ from tether_protocol.frame import tensor_view
 from tether_protocol.messages import Decision, Measure, Policy, SnapshotRef, utcnow
 from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Round, decide
 
-from .metrics import Metrics
+from .embedded import die_with_parent
 from .settings import Settings
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
 
@@ -74,9 +77,8 @@ def publisher_scores(
 class Scorer:
     """One consumer of the scoring group; `run()` loops until cancelled."""
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.metrics = metrics
         self.settings = store.settings
         self.consumer = store.settings.consumer_name
         self.cache = SnapshotCache(store)
@@ -181,13 +183,22 @@ class Scorer:
             result = decide_now()  # cheaper than the hop to a worker thread
         else:
             result = await anyio.to_thread.run_sync(decide_now)
-        self.metrics.scoring_seconds += time.perf_counter() - started
-        self.metrics.scoring_rounds += 1
+        seconds = time.perf_counter() - started
         ids = await self._commit(fed, policy, own, result)
-        if ids:
-            for draft in result.decisions:
-                self.metrics.decisions[draft.action] += 1
+        await self._count(seconds, result.decisions if ids else [])
         return ids
+
+    async def _count(self, seconds: float, decisions: list[DecisionDraft]) -> None:
+        # Counted in Redis, so /metrics of any replica sees every scoring process's work.
+        stats = self.store.keys.stats()
+        async with self.store.r.pipeline(transaction=False) as pipe:
+            pipe.hincrbyfloat(stats, "scoring_seconds", seconds)
+            pipe.hincrby(stats, "scoring_rounds", 1)
+            for action in {d.action for d in decisions}:
+                pipe.hincrby(
+                    stats, f"decisions:{action}", sum(d.action == action for d in decisions)
+                )
+            await pipe.execute()
 
     async def _state(
         self, fed: str, wid: str, own: Snapshot, snaps: Mapping[str, Snapshot]
@@ -276,8 +287,8 @@ class ScoringThread:
     loop only competes for the GIL, which the interpreter hands over every few milliseconds.
     """
 
-    def __init__(self, url: str, settings: Settings, metrics: Metrics) -> None:
-        self.url, self.settings, self.metrics = url, settings, metrics
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url, self.settings = url, settings
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scorer: Scorer | None = None
@@ -296,7 +307,7 @@ class ScoringThread:
     async def _run(self) -> None:
         clients = redis_clients(self.url)
         try:
-            self._scorer = Scorer(Store(*clients, self.settings), self.metrics)
+            self._scorer = Scorer(Store(*clients, self.settings))
             await self._scorer.ensure_group()
             self._loop = asyncio.get_running_loop()
             self._ready.set()
@@ -313,3 +324,49 @@ class ScoringThread:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("scoring thread did not stop within %s s", timeout_s)
+
+
+class ScoringProcesses:
+    """`n` scoring processes (`python -m tetherfed_coordinator.scorer`), each a consumer of the
+    scoring group, so scoring runs in parallel with the API instead of sharing its GIL.
+
+    They read the coordinator's settings from the environment it passes, die with it (Linux:
+    PR_SET_PDEATHSIG) and are stopped by PID with SIGTERM, then SIGKILL.
+    """
+
+    def __init__(self, url: str, settings: Settings, n: int) -> None:
+        self.url, self.settings, self.n = url, settings, n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> ScoringProcesses:
+        """Start the processes (they join the consumer group on their own)."""
+        for i in range(self.n):
+            env = os.environ | settings_env(self.settings) | {
+                "TETHER_REDIS_URL": self.url,
+                "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
+            }  # fmt: skip
+            cmd = [sys.executable, "-m", "tetherfed_coordinator.scorer"]
+            self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))  # noqa: PLW1509
+        return self
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM every process, wait, then SIGKILL what is left."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as TETHER_* environment variables (None values left out)."""
+    out = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            out[f"TETHER_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return out

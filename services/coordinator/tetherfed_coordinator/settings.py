@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(default=100_000, ge=10, description="Approximate MAXLEN of streams.")
     consumer_name: str = Field(default_factory=_default_consumer)
     scoring_enabled: bool = True
+    scorer_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Scoring processes to start; 0 scores on a thread of the API process.",
+    )
     scoring_block_ms: int = Field(default=1000, ge=1)
     reclaim_idle_ms: int = Field(
         default=30_000, ge=1, description="A pending scoring entry idle this long is reclaimed."

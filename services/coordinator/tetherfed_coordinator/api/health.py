@@ -29,8 +29,10 @@ async def readyz(store: StoreDep) -> dict[str, str] | JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(store: StoreDep, metrics: MetricsDep) -> PlainTextResponse:
-    """Prometheus text exposition (counters of this replica; backlog from Redis)."""
+    """Prometheus text exposition (request counters of this replica; scoring counters and
+    backlog from Redis)."""
     backlog, pending = await store.scoring_backlog()
+    stats = await store.r.hgetall(store.keys.stats())
     return PlainTextResponse(
-        metrics.render(backlog, pending), media_type="text/plain; version=0.0.4"
+        metrics.render(backlog, pending, stats), media_type="text/plain; version=0.0.4"
     )

@@ -1,0 +1,41 @@
+"""`python -m tetherfed_coordinator.scorer`: one scoring process (started by the coordinator).
+
+Reads its settings from TETHER_* (the coordinator passes its own, with the Redis URL and a
+consumer name of its own), joins the scoring consumer group and scores until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from .scoring import Scorer
+from .settings import Settings
+from .store import Store, redis_clients
+
+
+async def run(settings: Settings) -> None:
+    """Score until SIGTERM or SIGINT, then stop between steps."""
+    if settings.redis_url is None:
+        raise SystemExit("the scoring process needs TETHER_REDIS_URL")
+    clients = redis_clients(settings.redis_url)
+    scorer = Scorer(Store(*clients, settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scorer.stopping.set)
+    try:
+        await scorer.run()
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def main() -> int:
+    """Entry point."""
+    asyncio.run(run(Settings()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
