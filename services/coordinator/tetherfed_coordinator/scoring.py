@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 import anyio.to_thread
 import redis.asyncio as aioredis
@@ -72,6 +74,29 @@ def publisher_scores(
         if others:
             out[layer] = row_scores(tensor_view(own.buf, entry), others, measure)
     return out
+
+
+BATCH_GRAM_MIN = 3  # publishers in a batch from which one full matrix beats their rows
+
+
+def batch_scores(
+    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Publisher → layer → partner → score. Few publishers: their rows; many: the full
+    matrix of each layer once (one Gram), read row by row."""
+    if len(snaps) < 2:
+        return {wid: {} for wid in publishers}
+    if len(publishers) < BATCH_GRAM_MIN:
+        return {wid: publisher_scores(snaps, wid, measure) for wid in publishers}
+    found = matrices(snaps, measure)
+    return {
+        wid: {
+            layer: m.row(wid)
+            for layer, m in found.items()
+            if wid in m.workers and len(m.workers) > 1
+        }
+        for wid in publishers
+    }
 
 
 class Scorer:
@@ -154,7 +179,8 @@ class Scorer:
         return (await self.score_many(fed, [wid])).get(wid)
 
     async def score_many(self, fed: str, wids: list[str]) -> dict[str, list[int] | None]:
-        """Score several publishers of one federation against one load of its snapshots."""
+        """Score several publishers of one federation against one load of its snapshots: one
+        scoring computation for the batch, one pipeline of commits (each commit atomic)."""
         store, keys = self.store, self.store.keys
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
         if raw_policy is None:
@@ -165,47 +191,59 @@ class Scorer:
             for wid in wids:
                 pipe.hget(keys.worker(fed, wid), "scored_version")
             scored = await pipe.execute()
-        return {
-            wid: await self._score_one(fed, policy, snaps, wid, int(done or 0))
-            for wid, done in zip(wids, scored, strict=True)
-        }
-
-    async def _score_one(
-        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot], wid: str, scored: int
-    ) -> list[int] | None:
-        own = snaps.get(wid)
-        if own is None or own.version <= scored:
-            return None
+        out: dict[str, list[int] | None] = dict.fromkeys(wids)
+        todo = [
+            wid for wid, done in zip(wids, scored, strict=True)
+            if wid in snaps and snaps[wid].version > int(done or 0)
+        ]  # fmt: skip
+        if not todo:
+            return out
         started = time.perf_counter()
-        state = await self._state(fed, wid, own, snaps)
-        decide_now = functools.partial(self._decide, policy, state, snaps, own)
+        states = await self._states(fed, todo, snaps)
+        work = functools.partial(self._decide_batch, policy, states, snaps)
         if sum(len(snap.buf) for snap in snaps.values()) < INLINE_BYTES:
-            result = decide_now()  # cheaper than the hop to a worker thread
+            rounds = work()  # cheaper than the hop to a worker thread
         else:
-            result = await anyio.to_thread.run_sync(decide_now)
+            rounds = await anyio.to_thread.run_sync(work)
         seconds = time.perf_counter() - started
-        ids = await self._commit(fed, policy, own, result)
-        await self._count(seconds, result.decisions if ids else [])
-        return ids
+        committed = await self._commit_batch(fed, policy, snaps, rounds)
+        await self._count(seconds, len(rounds), [
+            d for wid, r in rounds.items() if committed[wid] for d in r.decisions
+        ])  # fmt: skip
+        out.update(committed)
+        return out
 
-    async def _count(self, seconds: float, decisions: list[DecisionDraft]) -> None:
+    async def _count(self, seconds: float, rounds: int, decisions: list[DecisionDraft]) -> None:
         # Counted in Redis, so /metrics of any replica sees every scoring process's work.
         stats = self.store.keys.stats()
         async with self.store.r.pipeline(transaction=False) as pipe:
             pipe.hincrbyfloat(stats, "scoring_seconds", seconds)
-            pipe.hincrby(stats, "scoring_rounds", 1)
+            pipe.hincrby(stats, "scoring_rounds", rounds)
             for action in {d.action for d in decisions}:
                 pipe.hincrby(
                     stats, f"decisions:{action}", sum(d.action == action for d in decisions)
                 )
             await pipe.execute()
 
-    async def _state(
-        self, fed: str, wid: str, own: Snapshot, snaps: Mapping[str, Snapshot]
-    ) -> FederationState:
+    async def _states(
+        self, fed: str, wids: list[str], snaps: Mapping[str, Snapshot]
+    ) -> dict[str, FederationState]:
         keys = self.store.keys
-        merges_raw = await self.store.r.hgetall(keys.merges(fed, wid))
-        cool_raw = await self.store.r.hgetall(keys.cooldowns(fed, wid))
+        async with self.store.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hgetall(keys.merges(fed, wid))
+                pipe.hgetall(keys.cooldowns(fed, wid))
+            raw = await pipe.execute()
+        return {
+            wid: self._state(wid, snaps, raw[2 * i], raw[2 * i + 1]) for i, wid in enumerate(wids)
+        }
+
+    @staticmethod
+    def _state(
+        wid: str, snaps: Mapping[str, Snapshot], merges_raw: dict[str, str],
+        cool_raw: dict[str, str],
+    ) -> FederationState:  # fmt: skip
+        own = snaps[wid]
         same_epoch = merges_raw.pop("__epoch", None) == str(own.epoch)
         cooldowns = {}
         for field, step in cool_raw.items():
@@ -221,17 +259,35 @@ class Scorer:
         )
 
     @staticmethod
-    def _decide(
-        policy: Policy, state: FederationState, snaps: Mapping[str, Snapshot], own: Snapshot
-    ) -> Round:
-        scores = publisher_scores(snaps, own.worker_id, policy.measure) if len(snaps) > 1 else {}
-        full = FederationState(
-            state.layer_order, state.peers, scores, state.previous_loss, state.merges,
-            state.cooldowns,
-        )  # fmt: skip
-        return decide(policy, full, own.meta.model_copy(update={"step": own.step}))
+    def _decide_batch(
+        policy: Policy, states: Mapping[str, FederationState], snaps: Mapping[str, Snapshot]
+    ) -> dict[str, Round]:
+        scores = batch_scores(snaps, list(states), policy.measure)
+        return {
+            wid: decide(
+                policy,
+                dataclasses.replace(state, scores=scores[wid]),
+                snaps[wid].meta.model_copy(update={"step": snaps[wid].step}),
+            )
+            for wid, state in states.items()
+        }
 
-    async def _commit(self, fed: str, policy: Policy, own: Snapshot, result: Round) -> list[int]:
+    async def _commit_batch(
+        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot], rounds: Mapping[str, Round]
+    ) -> dict[str, list[int] | None]:
+        async with self.store.r.pipeline(transaction=False) as pipe:
+            for wid, result in rounds.items():
+                await self._commit(fed, policy, snaps[wid], result, pipe)
+            replies = await pipe.execute()
+        return {
+            wid: [int(i) for i in reply] if isinstance(reply, list) else None
+            for wid, reply in zip(rounds, replies, strict=True)
+        }
+
+    async def _commit(
+        self, fed: str, policy: Policy, own: Snapshot, result: Round, pipe: Any
+    ) -> None:
+        """Queue the round's commit script (atomic on its own) on `pipe`."""
         keys, wid = self.store.keys, own.worker_id
         now = utcnow()
         args: list[object] = [own.version, self.settings.stream_maxlen, own.epoch]
@@ -244,15 +300,15 @@ class Scorer:
         args.append(len(result.cooldowns))
         for (layer, partner), step in result.cooldowns.items():
             args += [f"{layer}{FIELD_SEP}{partner}", step]
-        ids = await self.store.commit_script(
+        await self.store.commit_script(
             keys=[
                 keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
                 keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
                 keys.federation(fed),
             ],
             args=args,
+            client=pipe,
         )  # fmt: skip
-        return [int(i) for i in ids] if isinstance(ids, list) else []
 
     @staticmethod
     def _body(fed: str, policy: Policy, own: Snapshot, draft: DecisionDraft, now: datetime) -> str:
