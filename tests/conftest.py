@@ -122,14 +122,15 @@ def _wait_ready(coordinator: CoordinatorProcess, timeout_s: float = 30.0) -> Non
 def coordinator_process(
     redis_url: str, key_prefix: str
 ) -> Iterator[Callable[..., CoordinatorProcess]]:
-    """Factory: `start(**env)` runs `python -m tetherfed_coordinator` on a free 127.0.0.1 port
+    """Factory: `start(port=None, **env)` runs `python -m tetherfed_coordinator` on 127.0.0.1 (a free
+    port unless one is given, e.g. to restart on the same one)
     against `redis_url` with `key_prefix` (extra `TETHER_*` settings as keyword env, e.g.
     `TETHER_TOKEN="s"`), waits for /readyz and returns a `CoordinatorProcess` (url, pid, stop());
     every process started is killed by PID at teardown."""
     started: list[CoordinatorProcess] = []
 
-    def start(**env: str) -> CoordinatorProcess:
-        port = free_port()
+    def start(port: int | None = None, **env: str) -> CoordinatorProcess:
+        port = port or free_port()
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
         environ |= {"TETHER_KEY_PREFIX": key_prefix, "TETHER_RECLAIM_IDLE_MS": "300",
                     "TETHER_SCORING_BLOCK_MS": "50", "TETHER_SSE_KEEPALIVE_S": "0.3"}  # fmt: skip

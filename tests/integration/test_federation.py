@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -177,36 +172,8 @@ def test_a_decision_delivered_twice_is_applied_once(api: Client, coordinator: An
             f.close()
 
 
-def restart_on(url: str, redis_url: str, key_prefix: str) -> subprocess.Popen[bytes]:
-    """A coordinator process on the same port, Redis and key prefix as the one that died."""
-    port = url.rsplit(":", 1)[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")} | {
-        "TETHER_KEY_PREFIX": key_prefix
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "tetherfed_coordinator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        port,
-        "--redis-url",
-        redis_url,
-    ]
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("restarted coordinator never became ready")
-
-
 def test_training_survives_a_coordinator_outage_and_resumes(
-    api: Client, coordinator: Any, redis_url: str, key_prefix: str
+    api: Client, coordinator: Any, coordinator_process: Callable[..., Any]
 ) -> None:
     api.create_federation("outage", policy=EVERY)  # type: ignore[arg-type]
     model = tether(mlp(0), "static", seed=0)
@@ -222,7 +189,7 @@ def test_training_survives_a_coordinator_outage_and_resumes(
         assert done == 300, f"training stalled: {done} steps while the coordinator was down"
         assert time.monotonic() - started < 20, "steps slowed to a crawl during the outage"
         # A new coordinator process on the same Redis and port: the worker publishes again.
-        back = restart_on(coordinator.url, redis_url, key_prefix)
+        back = coordinator_process(port=int(coordinator.url.rsplit(":", 1)[1]))
         try:
             with Client(coordinator.url) as client:
                 version = client.get_worker("outage", fed.worker_id).snapshot_version  # type: ignore[arg-type]
@@ -235,8 +202,7 @@ def test_training_survives_a_coordinator_outage_and_resumes(
                 train(fed, model, steps=10, until=newer, timeout=30)
                 assert newer(), "the worker did not publish again after the coordinator came back"
         finally:
-            back.terminate()
-            back.wait(timeout=10)
+            back.stop()
     finally:
         fed.close(leave=False)
 
