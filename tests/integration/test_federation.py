@@ -248,3 +248,27 @@ def test_publish_frames_match_the_model_tethers(api: Client, coordinator: Any) -
         np.testing.assert_array_equal(remote, local)
     finally:
         fed.close()
+
+
+def test_resuming_a_worker_that_left_registers_anew_and_publishes(
+    api: Client, coordinator: Any
+) -> None:
+    api.create_federation("rejoin", policy="default")
+    model = tether(mlp(0), "static", seed=2)
+    (first,) = federations(coordinator.url, "rejoin", [model])
+    first.step(loss=1.0, epoch=0)
+    state = first.state_dict()
+    first.close()  # leaves: the coordinator now refuses this id
+    assert api.get_worker("rejoin", state["worker_id"]).status == "left"
+    again = Federation(coordinator.url, "rejoin", model, resume=state, heartbeat_s=0.5)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+            again.worker_id not in (None, state["worker_id"]) and again.stats.published
+        ):
+            again.step(loss=1.0, epoch=0)
+            time.sleep(0.05)
+        assert again.worker_id not in (None, state["worker_id"]), "did not register anew"
+        assert again.stats.published >= 1, "publishing stopped after the refusal"
+    finally:
+        again.close()

@@ -41,7 +41,14 @@ from tether_protocol.messages import (
 )
 from tether_protocol.policy import plateau
 
-from ._errors import APIError, NotFoundError, TetherError
+from ._errors import (
+    APIError,
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    TetherError,
+)
 from ._ops import apply_operator_
 from ._retry import RetryPolicy
 from ._sdk import Client
@@ -143,6 +150,7 @@ class Federation:
         self.io_budget = io_budget
         self._next_publish = 0.0
         self._due = False  # a snapshot is scheduled but not yet taken
+        self._failing = False  # the last publish failed: a newer snapshot may replace it
         self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
@@ -199,7 +207,8 @@ class Federation:
         # A snapshot is copied only when the I/O thread could send it: while it is busy or
         # within its budget pause, a due snapshot waits for the next step boundary instead of
         # being copied and then replaced (latest wins, without the copies).
-        return self._pending is None and time.monotonic() >= self._next_publish
+        fresh = self._pending is None or (self._failing and self._sending is None)
+        return fresh and time.monotonic() >= self._next_publish
 
     def wait_registered(self, timeout: float) -> bool:
         """Block until the worker is registered (for scripts and tests); True if it is."""
@@ -213,7 +222,9 @@ class Federation:
             "token": self._token,
             "generations": dict(self.generations),
             "applied_ids": sorted(self.applied_ids),
-            "cursor": self._cursor,
+            # Decisions are resolved in id order: everything above the last resolved one is
+            # polled again after a resume (duplicates are skipped by applied_ids).
+            "cursor": max(self.applied_ids, default=0),
             "step": self._step,
         }
 
@@ -325,6 +336,11 @@ class Federation:
             self._client.authorize(self._token)
             worker = self._client.get_worker(self.federation, self.worker_id)
             self.policy = self._client.get_federation(self.federation).policy
+            if worker.status == "left":
+                log.warning("worker %s had left the federation; registering anew", self.worker_id)
+                self.worker_id = self._token = None
+                self._register()
+                return
             log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
         else:
             layers = [
@@ -348,19 +364,17 @@ class Federation:
             return
         started = time.monotonic()
         try:
-            if snap.event is not None:
-                snap.event.synchronize()
-            assert self.worker_id is not None
-            tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
-            parts = encode_parts(
-                tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype
-            )
-            self._client.publish(self.federation, self.worker_id, parts)
-            self.stats.published += 1
+            # Acks queued before this snapshot go first, so the coordinator links the new
+            # generation to the decision that made it.
+            self._send_acks()
+            self._publish(snap)
+        except (BadRequestError, ConflictError, NotFoundError, AuthError) as error:
+            self._refused(error)
         except TetherError:
             with self._lock:  # keep it unless training already produced a newer one
                 if self._pending is None:
                     self._pending = snap
+            self._failing = True  # meanwhile training may replace it with a newer one
             raise
         finally:
             with self._lock:
@@ -370,6 +384,25 @@ class Federation:
         now = time.monotonic()
         self._next_publish = now + (now - started) * (1.0 / self.io_budget - 1.0)
 
+    def _publish(self, snap: _Snapshot) -> None:
+        if snap.event is not None:
+            snap.event.synchronize()
+        assert self.worker_id is not None
+        tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
+        parts = encode_parts(tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype)
+        self._client.publish(self.federation, self.worker_id, parts)
+        self.stats.published += 1
+        self._failing = False
+
+    def _refused(self, error: APIError) -> None:
+        """The coordinator refused the publish for good: drop it; if the worker is gone from
+        the federation (left, unknown, token refused), register again under a new id."""
+        log.warning("publish refused, snapshot dropped: %s", error)
+        self._failing = False
+        if isinstance(error, ConflictError | NotFoundError | AuthError):
+            self.worker_id = self._token = None
+            self._registered.clear()
+
     def _send_acks(self) -> None:
         while True:
             try:
@@ -378,9 +411,9 @@ class Federation:
                 return
             try:
                 self._client.ack(self.federation, decision_id, ack)
-            except APIError as error:
+            except (BadRequestError, NotFoundError, ConflictError) as error:
                 log.warning("ack of decision %d refused: %s", decision_id, error)
-            except TetherError:
+            except TetherError:  # transport, 5xx, auth: keep it for the next try
                 self._acks.put((decision_id, ack))
                 raise
 
@@ -405,9 +438,10 @@ class Federation:
             self.federation, self.worker_id, after=self._cursor, wait=round(wait, 3)
         )
         for decision in page.data:
-            self._cursor = max(self._cursor, decision.id)
             if decision.id not in self.applied_ids and decision.action != "hold":
                 self._ready.put(self._prepare(decision))
+            # Only once it is queued: a failed partner fetch re-polls the decision.
+            self._cursor = max(self._cursor, decision.id)
 
     def _prepare(self, decision: Decision) -> _Ready:
         if decision.operator == "decouple" or decision.partner_id is None:

@@ -12,6 +12,7 @@ bad frame leaves no trace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -136,21 +137,26 @@ class Upload:
 
     async def complete(self) -> None:
         """Read every pending reply; raise unless the key holds exactly the bytes sent."""
-        stored = 0
-        for i in range(self.pending):
-            reply = await self.conn.read_response()
+        stored, i = 0, 0
+        while self.pending:
+            self.pending -= 1
+            try:
+                reply = await self.conn.read_response()
+            except aioredis.ResponseError as exc:  # e.g. maxmemory; abort() reads the rest
+                raise HTTPException(503, f"redis refused the frame upload: {exc}") from None
             if i % 2 == 0:
                 stored = int(reply)
-        self.pending = 0
+            i += 1
         if stored != self.length:
             raise HTTPException(503, "frame upload was interrupted (temporary key expired)")
 
     async def abort(self) -> None:
         """Delete the temporary key after the in-flight APPENDs (or drop the connection)."""
         try:
-            for _ in range(self.pending):
-                await self.conn.read_response()
-            self.pending = 0
+            while self.pending:
+                self.pending -= 1
+                with contextlib.suppress(aioredis.ResponseError):
+                    await self.conn.read_response()
             await self.conn.send_command("DEL", self.key)
             await self.conn.read_response()
         except Exception:

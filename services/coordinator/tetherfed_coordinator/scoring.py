@@ -183,7 +183,8 @@ class Scorer:
         scoring computation for the batch, one pipeline of commits (each commit atomic)."""
         store, keys = self.store, self.store.keys
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
-        if raw_policy is None:
+        if raw_policy is None:  # deleted: forget its frames too
+            self.cache.forget(fed)
             return {}
         policy = Policy.model_validate_json(raw_policy)
         snaps = await self.cache.active(fed, include=wids)

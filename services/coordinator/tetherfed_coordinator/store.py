@@ -460,3 +460,7 @@ class SnapshotCache:
         cached.update(await self.store._snapshots(fed, stale))
         self._snaps[fed] = cached
         return dict(cached)
+
+    def forget(self, fed: str) -> None:
+        """Drop a (deleted) federation's frames."""
+        self._snaps.pop(fed, None)
