@@ -4,11 +4,14 @@
 -- KEYS: 1 worker hash, 2 decision counter, 3 federation stream, 4 worker stream,
 --       5 merges hash, 6 cooldowns hash, 7 federation hash
 -- ARGV: 1 version, 2 maxlen, 3 epoch, 4 n decisions, then n × (action, JSON body without id),
---       then m, m × (layer, merges added), then c, c × (cooldown field, step)
+--       then m, m × (layer, merges added), then c, c × (cooldown field, step), then the
+--       scored_version the round's state was read at (compare-and-set: -3 when another
+--       scorer committed a round for this worker since, so the caller rescores with fresh state)
 -- A federation being deleted loses its hash first: write nothing that would outlive it.
 if redis.call('EXISTS', KEYS[7]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 local scored = tonumber(redis.call('HGET', KEYS[1], 'scored_version') or '0')
 if scored >= tonumber(ARGV[1]) then return -1 end
+if scored ~= tonumber(ARGV[#ARGV]) then return -3 end
 redis.call('HSET', KEYS[1], 'scored_version', ARGV[1])
 local i = 5
 local ids = {}

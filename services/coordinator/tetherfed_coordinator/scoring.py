@@ -39,6 +39,7 @@ from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
 
 GROUP = "scorers"
 BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
+RACED = -3  # commit.lua: another scorer changed this worker's state since it was read
 INLINE_BYTES = 1 << 20  # rounds over less than this run on the event loop, not in a thread
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,12 @@ class Scorer:
         """Score the worker's latest snapshot; the new decision ids, or None if nothing to do."""
         return (await self.score_many(fed, [wid])).get(wid)
 
-    async def score_many(self, fed: str, wids: list[str]) -> dict[str, list[int] | None]:
+    async def score_many(
+        self, fed: str, wids: list[str], attempts: int = 3
+    ) -> dict[str, list[int] | None]:
         """Score several publishers of one federation against one load of its snapshots: one
-        scoring computation for the batch, one pipeline of commits (each commit atomic)."""
+        scoring computation for the batch, one pipeline of commits (each commit atomic).
+        Workers whose state another scorer changed meanwhile are rescored (`attempts`)."""
         store, keys = self.store, self.store.keys
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
         if raw_policy is None:  # deleted: forget its frames too
@@ -191,12 +195,9 @@ class Scorer:
         async with store.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hget(keys.worker(fed, wid), "scored_version")
-            scored = await pipe.execute()
+            scored = {w: int(done or 0) for w, done in zip(wids, await pipe.execute(), strict=True)}
         out: dict[str, list[int] | None] = dict.fromkeys(wids)
-        todo = [
-            wid for wid, done in zip(wids, scored, strict=True)
-            if wid in snaps and snaps[wid].version > int(done or 0)
-        ]  # fmt: skip
+        todo = [wid for wid in wids if wid in snaps and snaps[wid].version > scored[wid]]
         if not todo:
             return out
         started = time.perf_counter()
@@ -207,11 +208,15 @@ class Scorer:
         else:
             rounds = await anyio.to_thread.run_sync(work)
         seconds = time.perf_counter() - started
-        committed = await self._commit_batch(fed, policy, snaps, rounds)
-        await self._count(seconds, len(rounds), [
-            d for wid, r in rounds.items() if committed[wid] for d in r.decisions
+        replies = await self._commit_batch(fed, policy, snaps, rounds, scored)
+        committed = {w: [int(i) for i in r] for w, r in replies.items() if isinstance(r, list)}
+        await self._count(seconds, len(committed), [
+            d for wid in committed for d in rounds[wid].decisions
         ])  # fmt: skip
         out.update(committed)
+        raced = [w for w, r in replies.items() if r == RACED]
+        if raced and attempts > 1:
+            out.update(await self.score_many(fed, raced, attempts - 1))
         return out
 
     async def _count(self, seconds: float, rounds: int, decisions: list[DecisionDraft]) -> None:
@@ -274,19 +279,19 @@ class Scorer:
         }
 
     async def _commit_batch(
-        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot], rounds: Mapping[str, Round]
-    ) -> dict[str, list[int] | None]:
+        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot],
+        rounds: Mapping[str, Round], scored: Mapping[str, int],
+    ) -> dict[str, Any]:  # fmt: skip
+        """Each worker's commit reply: its decision ids, or -1 (scored already), -2 (gone),
+        RACED (state changed since it was read)."""
         async with self.store.r.pipeline(transaction=False) as pipe:
             for wid, result in rounds.items():
-                await self._commit(fed, policy, snaps[wid], result, pipe)
+                await self._commit(fed, policy, snaps[wid], result, scored[wid], pipe)
             replies = await pipe.execute()
-        return {
-            wid: [int(i) for i in reply] if isinstance(reply, list) else None
-            for wid, reply in zip(rounds, replies, strict=True)
-        }
+        return dict(zip(rounds, replies, strict=True))
 
     async def _commit(
-        self, fed: str, policy: Policy, own: Snapshot, result: Round, pipe: Any
+        self, fed: str, policy: Policy, own: Snapshot, result: Round, read_at: int, pipe: Any
     ) -> None:
         """Queue the round's commit script (atomic on its own) on `pipe`."""
         keys, wid = self.store.keys, own.worker_id
@@ -301,6 +306,7 @@ class Scorer:
         args.append(len(result.cooldowns))
         for (layer, partner), step in result.cooldowns.items():
             args += [f"{layer}{FIELD_SEP}{partner}", step]
+        args.append(read_at)
         await self.store.commit_script(
             keys=[
                 keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
