@@ -292,14 +292,20 @@ async def _queue_generations(
         if prev
         else None
     )
+    old = json.loads(prev["meta"])["generations"] if prev else {}
     for layer, generation in changed.items():
+        # Several decisions may land between two publishes: every generation gets its record,
+        # only the published one has a tensor to retain.
+        for skipped in range(old.get(layer, 0) + 1, generation):
+            await _queue_record(store, pipe, fed, wid, own, layer, skipped, retained=False)
         await _queue_generation(store, pipe, fed, wid, policy, own, frame, layer, generation)
 
 
-async def _queue_generation(
-    store: Store, pipe: object, fed: str, wid: str, policy: Policy, own: SnapshotRef | None,
-    frame: Frame, layer: str, generation: int,
+async def _queue_record(
+    store: Store, pipe: object, fed: str, wid: str, own: SnapshotRef | None, layer: str,
+    generation: int, retained: bool,
 ) -> None:  # fmt: skip
+    """Queue one generation's lineage record (its decision and partner, when acked)."""
     keys = store.keys
     applied = await store.r.hget(keys.applied(fed, wid), f"{layer}{FIELD_SEP}{generation}")
     decision = json.loads(applied) if applied else None
@@ -311,11 +317,20 @@ async def _queue_generation(
         decision_id=decision["id"] if decision else None,
         action=decision["action"] if decision else None,
         created_at=utcnow(),
-        retained=policy.retain_generations > 0,
+        retained=retained,
     )
+    pipe.rpush(keys.generations(fed, wid, layer), record.model_dump_json())  # type: ignore[attr-defined]
+
+
+async def _queue_generation(
+    store: Store, pipe: object, fed: str, wid: str, policy: Policy, own: SnapshotRef | None,
+    frame: Frame, layer: str, generation: int,
+) -> None:  # fmt: skip
+    keys = store.keys
+    retained = policy.retain_generations > 0
+    await _queue_record(store, pipe, fed, wid, own, layer, generation, retained)
     p = pipe  # a redis pipeline (typed loosely to keep redis-py generics out)
-    p.rpush(keys.generations(fed, wid, layer), record.model_dump_json())  # type: ignore[attr-defined]
-    if policy.retain_generations == 0:
+    if not retained:
         return
     kept = [int(g) for g in await store.r.lrange(keys.retained(fed, wid, layer), 0, -1)]
     kept.append(generation)
