@@ -250,7 +250,7 @@ def test_publish_frames_match_the_model_tethers(api: Client, coordinator: Any) -
         fed.close()
 
 
-def test_resuming_a_worker_that_left_registers_anew_and_publishes(
+def test_resuming_a_worker_that_left_rejoins_under_its_id_and_publishes(
     api: Client, coordinator: Any
 ) -> None:
     api.create_federation("rejoin", policy="default")
@@ -263,12 +263,11 @@ def test_resuming_a_worker_that_left_registers_anew_and_publishes(
     again = Federation(coordinator.url, "rejoin", model, resume=state, heartbeat_s=0.5)
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (
-            again.worker_id not in (None, state["worker_id"]) and again.stats.published
-        ):
+        while time.monotonic() < deadline and not again.stats.published:
             again.step(loss=1.0, epoch=0)
             time.sleep(0.05)
-        assert again.worker_id not in (None, state["worker_id"]), "did not register anew"
+        assert again.worker_id == state["worker_id"], "resume took a new id"
         assert again.stats.published >= 1, "publishing stopped after the refusal"
+        assert api.get_worker("rejoin", state["worker_id"]).status == "active"
     finally:
         again.close()

@@ -337,10 +337,7 @@ class Federation:
             worker = self._client.get_worker(self.federation, self.worker_id)
             self.policy = self._client.get_federation(self.federation).policy
             if worker.status == "left":
-                log.warning("worker %s had left the federation; registering anew", self.worker_id)
-                self.worker_id = self._token = None
-                self._register()
-                return
+                worker = self._client.rejoin(self.federation, worker.worker_id)
             log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
         else:
             layers = [
@@ -399,7 +396,9 @@ class Federation:
         the federation (left, unknown, token refused), register again under a new id."""
         log.warning("publish refused, snapshot dropped: %s", error)
         self._failing = False
-        if isinstance(error, ConflictError | NotFoundError | AuthError):
+        if isinstance(error, ConflictError):  # left: come back under the same id
+            self._registered.clear()
+        elif isinstance(error, NotFoundError | AuthError):  # unknown here: a new id
             self.worker_id = self._token = None
             self._registered.clear()
 

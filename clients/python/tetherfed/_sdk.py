@@ -134,6 +134,10 @@ class _Calls:
         return Call("DELETE", f"/v1/federations/{_p(fed, 'workers', wid)}")
 
     @staticmethod
+    def rejoin(fed: str, wid: str) -> Call[WorkerPublic]:
+        return Call("POST", f"/v1/federations/{_p(fed, 'workers', wid)}/rejoin", WorkerPublic)
+
+    @staticmethod
     def list_workers(fed: str) -> Call[WorkersPublic]:
         return Call("GET", f"/v1/federations/{_p(fed)}/workers", WorkersPublic)
 
@@ -343,6 +347,10 @@ class Client:
     def leave(self, fed: str, wid: str) -> None:
         self.call(CALLS.leave(fed, wid))
 
+    def rejoin(self, fed: str, wid: str) -> WorkerPublic:
+        """Come back under the same id after leaving (needs the worker's own token)."""
+        return self.call(CALLS.rejoin(fed, wid))
+
     def list_workers(self, fed: str) -> WorkersPublic:
         return self.call(CALLS.list_workers(fed))
 
@@ -499,6 +507,9 @@ class AsyncClient:
 
     async def leave(self, fed: str, wid: str) -> None:
         await self.call(CALLS.leave(fed, wid))
+
+    async def rejoin(self, fed: str, wid: str) -> WorkerPublic:
+        return await self.call(CALLS.rejoin(fed, wid))
 
     async def list_workers(self, fed: str) -> WorkersPublic:
         return await self.call(CALLS.list_workers(fed))

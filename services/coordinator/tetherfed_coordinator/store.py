@@ -293,6 +293,18 @@ class Store:
             pipe.delete(self.keys.alive(fed, wid))
             await pipe.execute()
 
+    async def rejoin(self, fed: str, wid: str) -> WorkerPublic:
+        """A worker that left comes back under its id (a resumed run): active and alive again."""
+        await self.worker_record(fed, wid)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.keys.worker(fed, wid),
+                mapping={"status": "active", "last_seen": utcnow().isoformat()},
+            )
+            pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
+            await pipe.execute()
+        return await self.worker_public(fed, wid)
+
     async def token_owner(self, fed: str, token: str) -> str | None:
         """The worker id a bearer token belongs to in this federation, if any."""
         owner: str | None = await self.r.hget(self.keys.tokens(fed), hash_token(token))

@@ -50,6 +50,13 @@ async def leave(fed: str, wid: str, store: StoreDep) -> Response:
     return Response(status_code=204)
 
 
+@router.post("/{wid}/rejoin", dependencies=[WorkerAuth])
+async def rejoin(fed: str, wid: str, store: StoreDep) -> WorkerPublic:
+    """A worker that left (or was lost) comes back under the same id, e.g. resumed from a
+    checkpoint: it publishes and is scored again. Needs the worker's own token."""
+    return await store.rejoin(fed, wid)
+
+
 def ensure_member(record: dict[str, str], fed: str, wid: str) -> None:
     """409 when the worker has left (it may no longer publish)."""
     if record.get("status") == "left":
