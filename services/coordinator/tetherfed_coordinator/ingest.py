@@ -270,8 +270,8 @@ async def _commit(
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
         results = await pipe.execute()
     version = int(results[1 if isinstance(source, bytes) else 2])
-    if version == -2:  # the federation was deleted while this frame streamed in
-        await store.r.unlink(keys.snapshot(fed, wid))
+    if version == -2:  # deleted while this frame streamed in: remove what the MULTI wrote
+        await store.unlink_worker(fed, wid)
         raise HTTPException(404, f"federation {fed!r} not found")
     return version
 

@@ -30,7 +30,7 @@ from tether_protocol.messages import (
 )
 
 from .errors import federation_not_found, no_snapshot, worker_not_found
-from .keys import Keys
+from .keys import Keys, glob_escape
 from .settings import Settings
 
 FIELD_SEP = "\x00"
@@ -167,8 +167,17 @@ class Store:
         await self.policy(fed)
         await self.r.srem(self.keys.federations(), fed)
         await self.r.unlink(self.keys.federation(fed))
+        await self.unlink_matching(self.keys.federation_match(fed))
+
+    async def unlink_worker(self, fed: str, wid: str) -> None:
+        """Remove a worker's hash and every key below it."""
+        await self.r.unlink(self.keys.worker(fed, wid))
+        await self.unlink_matching(glob_escape(self.keys.worker(fed, wid) + ":") + "*")
+
+    async def unlink_matching(self, pattern: str) -> None:
+        """Remove every key matching a SCAN pattern (UNLINK in batches)."""
         batch: list[str] = []
-        async for key in self.r.scan_iter(match=self.keys.federation_match(fed), count=1000):
+        async for key in self.r.scan_iter(match=pattern, count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 await self.r.unlink(*batch)
