@@ -29,7 +29,8 @@ from tether_protocol.frame import encode_parts, frame_size
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import Client, RetryPolicy
 from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
-from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.keys import Keys, glob_escape
+from tetherfed_coordinator.store import stored_frame
 
 MB = 1e6
 
@@ -95,8 +96,8 @@ def _measure(url: str, size_mb: int, reps: int) -> dict[str, float]:
                 lambda: r.set(f"{prefix}reference", reference),
                 repeats=reps,
             )
-            stored = r.get(f"{prefix}fed:bench:w:{wid_id}:snap")
-            if stored != reference:
+            stored = stored_frame(r, Keys(prefix), "bench", wid_id)
+            if stored is None or stored[0] != reference:
                 raise RuntimeError("the stored snapshot differs from the published frame")
             tcp = statistics.median(loopback_mbps(memoryview(reference)) for _ in range(3))
         return {"ours": size / MB / ours_t.median, "reference": size / MB / ref_t.median,

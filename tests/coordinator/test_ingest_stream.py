@@ -13,7 +13,9 @@ import redis
 from tether_protocol.frame import decode_frame, encode_frame, encode_parts
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import AsyncClient, Client, RetryPolicy
-from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.keys import Keys, glob_escape
+from tetherfed_coordinator.rawbody import SEGMENT
+from tetherfed_coordinator.store import stored_frame
 
 F = "/v1/federations"
 BIG = [LayerSpec(name="head", shape=[4, 4]), LayerSpec(name="body", shape=[512, 1024])]
@@ -77,17 +79,17 @@ def test_good_frame_is_stored_byte_for_byte_with_generations(
     assert accepted.version == 2 and accepted.bytes == len(body)
     client = redis.Redis.from_url(redis_url)
     try:
-        stored = client.get(f"{key_prefix}fed:f:w:{wid}:snap")
-        assert stored == body, "the stored snapshot differs from the published frame"
-        assert client.ttl(f"{key_prefix}fed:f:w:{wid}:snap") == -1, (
-            "the snapshot kept the upload TTL"
-        )
+        stored = stored_frame(client, Keys(key_prefix), "f", wid)
+        assert stored is not None and stored[0] == body, "the stored frame differs from the body"
+        assert len(stored[1]) == -(-len(body) // SEGMENT), "not stored in segments"
+        assert all(client.ttl(k) == -1 for k in stored[1]), "a segment kept the upload TTL"
+        segments = {k for k in keys_of(redis_url, key_prefix) if b":seg:" in k}
+        assert segments == set(stored[1]), "the first publish's segments were not unlinked"
         kept = client.get(f"{key_prefix}fed:f:w:{wid}:gent:1:body")
     finally:
         client.close()
     assert kept is not None, "generation 1 of 'body' was not retained"
     np.testing.assert_array_equal(decode_frame(kept).tensors["body"], data["body"])
-    assert not [k for k in keys_of(redis_url, key_prefix) if b":upload:" in k]
 
 
 def test_chunked_body_over_the_cap_is_413_with_no_key(

@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from .app import create_app
+from .ingest import PublishProtocol
 from .settings import Settings
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        http="httptools",
+        http=PublishProtocol,
         loop="auto",
         log_level=args.log_level,
         timeout_graceful_shutdown=3,

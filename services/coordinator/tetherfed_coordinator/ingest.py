@@ -1,21 +1,29 @@
-"""Tether publish: stream the body into Redis while validating it, then commit with one MULTI.
+"""Tether publish: validate the body as it streams in, store it as segments, commit in one MULTI.
 
-Receiving a large body over HTTP is slower than Redis can store it, so the two overlap: each
-chunk is validated incrementally (`tether_protocol.framestream`: header as soon as it is
-complete, finiteness chunk by chunk) and appended to a temporary key over one dedicated
-connection, pipelined without waiting for replies. The temporary key carries a TTL (renewed
-with every chunk), so a crashed coordinator leaks nothing. On success one transaction renames it
-to the snapshot key and writes the bookkeeping (version, metadata, liveness, scoring entry,
-generation records); on any failure the temporary key is deleted before the 4xx goes out, so a
-bad frame leaves no trace.
+A frame is stored as consecutive string keys of `SEGMENT` bytes (see `Keys.segment`), not one
+value: Redis (its allocator) stores 1 MiB values at about twice the rate of one 64 MB value, and
+one string could not hold a frame over Redis's 512 MB `proto-max-bulk-len`. Under the
+coordinator's own server the body arrives as those segments straight from the socket
+(`rawbody`); under any other ASGI server it is regrouped from `receive()`.
+
+Each segment is validated (`tether_protocol.framestream`: header as soon as it is complete,
+finiteness segment by segment) and sent as `SET … PX` over one dedicated connection, pipelined
+without waiting for replies, so receiving, checking and storing overlap. The TTL means a crashed
+coordinator leaks nothing. On success one transaction runs `publish.lua`, which makes the
+segments permanent, unlinks the previous snapshot's and writes the bookkeeping (version,
+metadata, liveness, scoring entry, generation records); on any failure the segments are
+unlinked before the 4xx goes out, so a bad frame leaves no trace. Frames of one segment are SET
+inside that transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +52,17 @@ from tether_protocol.messages import (
     utcnow,
 )
 
+from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
 from .store import FIELD_SEP, Store
 
 # Frame errors about the registered table or the values are 422; malformed frames are 400.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError)
-# Frames up to this size are read whole and SET: fewer round trips than streaming them.
-SMALL_FRAME = 1 << 20
-# An upload idle this long loses its temporary key (renewed with every chunk).
+# An upload's segments expire this long after their last renewal (renewed every RENEW_S).
 UPLOAD_TTL_MS = 120_000
+RENEW_S = 30.0
+UNLINK_BATCH = 512
+
+Buffer = bytes | bytearray | memoryview
 
 
 def too_large(limit: int) -> HTTPException:
@@ -85,6 +96,52 @@ def declared_size(request: Request, limit: int) -> int | None:
     return int(declared)
 
 
+def streams_raw(method: str, path: str) -> bool:
+    """The requests whose bodies `rawbody.SegmentProtocol` hands over as segments: publishes."""
+    parts = path.split("/")
+    return (
+        method == "PUT" and len(parts) == 7 and parts[1:3] == ["v1", "federations"]
+        and parts[4] == "workers" and parts[6] == "tethers" and all(parts[3:6])
+    )  # fmt: skip
+
+
+class PublishProtocol(SegmentProtocol):
+    """The coordinator's HTTP protocol: uvicorn's, with publish bodies received as segments."""
+
+    streams_raw = staticmethod(streams_raw)
+
+
+async def body_segments(request: Request, size: int) -> AsyncIterator[Buffer]:
+    """The body as `SEGMENT`-sized pieces (the last shorter); 400 when it ends early."""
+    raw: BodySegments | None = request.scope.get("extensions", {}).get(BODY_EXTENSION)
+    if raw is None:  # another ASGI server: regroup its messages
+        async for segment in _regrouped(_sized_body(request, size)):
+            yield segment
+        return
+    try:
+        async for segment in raw:
+            yield segment
+    finally:
+        raw.close()
+
+
+async def _regrouped(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    pending = bytearray()
+    async for chunk in chunks:
+        pending += chunk
+        while len(pending) >= SEGMENT:
+            yield bytes(pending[:SEGMENT])
+            del pending[:SEGMENT]
+    if pending:
+        yield bytes(pending)
+
+
+async def _slices(whole: bytes) -> AsyncIterator[Buffer]:
+    view = memoryview(whole)
+    for at in range(0, len(whole), SEGMENT):
+        yield view[at : at + SEGMENT]
+
+
 async def _sized_body(request: Request, size: int) -> AsyncIterator[bytes]:
     pos = 0
     async for chunk in request.stream():
@@ -108,60 +165,67 @@ async def _read_chunked(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _read_sized(request: Request, size: int) -> bytes:
-    return b"".join([chunk async for chunk in _sized_body(request, size)])
-
-
 class Upload:
-    """A temporary key filled by pipelined APPENDs over one connection taken from the pool."""
+    """Segments SET with a TTL over one connection taken from the pool, pipelined: replies are
+    read only in `complete()`, which also renews every TTL so the commit finds them all."""
 
-    def __init__(self, client: aioredis.Redis, conn: Connection, key: str) -> None:
+    def __init__(self, client: aioredis.Redis, conn: Connection, key: Callable[[int], str]) -> None:
         self.client, self.conn, self.key = client, conn, key
+        self.count = 0  # segments sent
         self.pending = 0  # replies sent for but not read yet
-        self.length = 0
+        self.renewed = time.monotonic()
 
     @classmethod
-    async def open(cls, client: aioredis.Redis, key: str) -> Upload:
+    async def open(cls, client: aioredis.Redis, key: Callable[[int], str]) -> Upload:
         """Take a connection from `client`'s pool for one upload."""
         conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         return cls(client, conn, key)
 
-    async def append(self, chunk: bytes) -> None:
-        """Send the chunk (and a TTL renewal) without waiting for the replies."""
-        packed = self.conn.pack_commands(
-            [("APPEND", self.key, chunk), ("PEXPIRE", self.key, UPLOAD_TTL_MS)]
-        )
-        await self.conn.send_packed_command(packed, check_health=False)
-        self.pending += 2
-        self.length += len(chunk)
+    async def put(self, segment: Buffer) -> None:
+        """Send the next segment (and, every RENEW_S, the earlier ones' TTL renewals)."""
+        commands: list[tuple[Any, ...]] = [
+            ("SET", self.key(self.count), memoryview(segment), "PX", UPLOAD_TTL_MS)
+        ]
+        if time.monotonic() - self.renewed > RENEW_S:
+            commands += self._renewals()
+        await self.conn.send_packed_command(self.conn.pack_commands(commands), check_health=False)
+        self.pending += len(commands)
+        self.count += 1
+
+    def _renewals(self) -> list[tuple[Any, ...]]:
+        self.renewed = time.monotonic()
+        return [("PEXPIRE", self.key(i), UPLOAD_TTL_MS) for i in range(self.count)]
 
     async def complete(self) -> None:
-        """Read every pending reply; raise unless the key holds exactly the bytes sent."""
-        stored, i = 0, 0
+        """Read every pending reply and renew every TTL; 503 if Redis refused or lost one."""
+        await self.conn.send_packed_command(
+            self.conn.pack_commands(self._renewals()), check_health=False
+        )
+        self.pending += self.count
         while self.pending:
             self.pending -= 1
             try:
                 reply = await self.conn.read_response()
             except aioredis.ResponseError as exc:  # e.g. maxmemory; abort() reads the rest
                 raise HTTPException(503, f"redis refused the frame upload: {exc}") from None
-            if i % 2 == 0:
-                stored = int(reply)
-            i += 1
-        if stored != self.length:
-            raise HTTPException(503, "frame upload was interrupted (temporary key expired)")
+            if reply in (0, b"0"):
+                raise HTTPException(503, "frame upload was interrupted (a segment expired)")
 
     async def abort(self) -> None:
-        """Delete the temporary key after the in-flight APPENDs (or drop the connection)."""
+        """Unlink every segment sent, after the in-flight replies (or drop the connection)."""
+        keys = [self.key(i) for i in range(self.count)]
         try:
             while self.pending:
                 self.pending -= 1
                 with contextlib.suppress(aioredis.ResponseError):
                     await self.conn.read_response()
-            await self.conn.send_command("DEL", self.key)
-            await self.conn.read_response()
+            for at in range(0, len(keys), UNLINK_BATCH):
+                await self.conn.send_command("UNLINK", *keys[at : at + UNLINK_BATCH])
+                await self.conn.read_response()
         except Exception:
             await self.conn.disconnect()
-            await self.client.delete(self.key)  # may race with in-flight APPENDs; TTL covers it
+            if keys:  # may race with in-flight SETs; their TTL covers it
+                await self.client.unlink(*keys)
 
     async def release(self) -> None:
         """Give the connection back to the pool."""
@@ -187,24 +251,24 @@ async def receive_publish(
     """Stream, validate and store one publish; 400/413/422 with nothing written on failure."""
     size = declared_size(request, limit)
     prev: dict[str, str] = await store.r.hgetall(store.keys.snapshot_meta(fed, wid))  # type: ignore[assignment]
-    stream = FrameStream(
-        size or 0, layers, keep=lambda meta, entries: _changed(meta, entries, prev)
-    )
-    if size is None or size <= SMALL_FRAME:
-        whole = await (
-            _read_chunked(request, limit) if size is None else _read_sized(request, size)
-        )
-        if size is None:
-            stream = FrameStream(len(whole), layers, keep=lambda m, e: _changed(m, e, prev))
-        _feed(stream, whole)
+    if size is None:  # chunked: bounded by the limit, read whole to learn its length
+        whole = await _read_chunked(request, limit)
+        size, segments = len(whole), _slices(whole)
+    else:
+        segments = body_segments(request, size)
+    stream = FrameStream(size, layers, keep=lambda meta, entries: _changed(meta, entries, prev))
+    tag = uuid.uuid4().hex
+    if size <= SEGMENT:  # one segment: SET inside the commit's transaction
+        parts = [segment async for segment in segments]
+        for part in parts:
+            _feed(stream, part)
         frame = _finish(stream, wid)
-        version = await _commit(store, fed, wid, policy, prev, frame, whole)
-        return Published(version, frame, len(whole))
-    temp = store.keys.snapshot_upload(fed, wid, uuid.uuid4().hex)
-    upload = await Upload.open(store.rb, temp)
+        version = await _commit(store, fed, wid, policy, prev, frame, tag, parts)
+        return Published(version, frame, size)
+    upload = await Upload.open(store.rb, functools.partial(store.keys.segment, fed, wid, tag))
     try:
-        frame = await _pump(_sized_body(request, size), stream, upload, wid)
-        version = await _commit(store, fed, wid, policy, prev, frame, temp)
+        frame = await _pump(segments, stream, upload, wid)
+        version = await _commit(store, fed, wid, policy, prev, frame, tag, upload.count)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await upload.abort()
@@ -215,16 +279,18 @@ async def receive_publish(
     return Published(version, frame, size)
 
 
-async def _pump(body: AsyncIterator[bytes], stream: FrameStream, upload: Upload, wid: str) -> Frame:
-    async for chunk in body:
-        _feed(stream, chunk)
-        await upload.append(chunk)
+async def _pump(
+    segments: AsyncIterator[Buffer], stream: FrameStream, upload: Upload, wid: str
+) -> Frame:
+    async for segment in segments:
+        _feed(stream, segment)
+        await upload.put(segment)
     frame = _finish(stream, wid)
     await upload.complete()
     return frame
 
 
-def _feed(stream: FrameStream, chunk: bytes) -> None:
+def _feed(stream: FrameStream, chunk: Buffer) -> None:
     try:
         stream.feed(chunk)
     except FrameError as exc:
@@ -247,32 +313,36 @@ def _finish(stream: FrameStream, wid: str) -> Frame:
 
 async def _commit(
     store: Store, fed: str, wid: str, policy: Policy, prev: dict[str, str], frame: Frame,
-    source: str | bytes,
+    tag: str, segments: Sequence[Buffer] | int,
 ) -> int:  # fmt: skip
-    """Put the frame in place (rename the uploaded temporary key, or SET a small frame's bytes)
-    and write its bookkeeping, in one transaction."""
+    """Make the frame's segments the snapshot and write its bookkeeping, in one transaction.
+
+    `segments` are either the uploaded count or the bytes to SET here (a one-segment frame).
+    """
     keys, meta = store.keys, frame.meta
     assert meta is not None
+    inline = [] if isinstance(segments, int) else list(segments)
+    count = segments if isinstance(segments, int) else len(inline)
     async with store.rb.pipeline(transaction=True) as pipe:
-        if isinstance(source, bytes):
-            pipe.set(keys.snapshot(fed, wid), source)
-        else:
-            pipe.rename(source, keys.snapshot(fed, wid))
-            pipe.persist(keys.snapshot(fed, wid))
+        for i, part in enumerate(inline):
+            pipe.set(keys.segment(fed, wid, tag, i), memoryview(part), px=UPLOAD_TTL_MS)
         pipe.eval(
             store.publish_script, 5,
             keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.scoring(), keys.alive(fed, wid),
             keys.federation(fed),
             fed, wid, meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
             meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(),
-            store.settings.stream_maxlen,
+            store.settings.stream_maxlen, keys.segment_base(fed, wid), tag,
+            count,
         )  # fmt: skip
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
         results = await pipe.execute()
-    version = int(results[1 if isinstance(source, bytes) else 2])
+    version = int(results[len(inline)])
     if version == -2:  # deleted while this frame streamed in: remove what the MULTI wrote
         await store.unlink_worker(fed, wid)
         raise HTTPException(404, f"federation {fed!r} not found")
+    if version == -3:  # a segment vanished after complete() renewed it (Redis evicted it?)
+        raise HTTPException(503, "frame upload was interrupted (a segment expired); publish again")
     return version
 
 

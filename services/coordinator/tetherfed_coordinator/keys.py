@@ -78,16 +78,21 @@ class Keys:
         """String with the heartbeat TTL; its absence means lost."""
         return f"{self.prefix}fed:{fed}:w:{wid}:alive"
 
-    def snapshot(self, fed: str, wid: str) -> str:
-        """The latest frame, one value."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:snap"
+    def segment_base(self, fed: str, wid: str) -> str:
+        """Prefix of the worker's frame segments: `<base><upload tag>:<index>` (see `segment`)."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:seg:"
 
-    def snapshot_upload(self, fed: str, wid: str, upload: str) -> str:
-        """A frame being streamed in (TTL'd; renamed to `snapshot` when complete and valid)."""
-        return f"{self.snapshot(fed, wid)}:upload:{upload}"
+    def segment(self, fed: str, wid: str, tag: str, index: int) -> str:
+        """String: bytes `[index * segment size, ...)` of the frame uploaded under `tag`.
+
+        A frame is stored as segments of at most `ingest.SEGMENT` bytes. The snapshot meta hash
+        names the current tag and count; an upload writes its segments with a TTL, and the
+        publish script makes them permanent and unlinks the previous tag's in one step.
+        """
+        return f"{self.segment_base(fed, wid)}{tag}:{index}"
 
     def snapshot_meta(self, fed: str, wid: str) -> str:
-        """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, entries JSON."""
+        """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
         return f"{self.prefix}fed:{fed}:w:{wid}:snapmeta"
 
     def worker_decisions(self, fed: str, wid: str) -> str:

@@ -34,6 +34,8 @@ from .keys import Keys, glob_escape
 from .settings import Settings
 
 FIELD_SEP = "\x00"
+# A snapshot read retries workers whose segments a concurrent publish replaced this many times.
+SNAPSHOT_READ_TRIES = 5
 
 
 def lua(name: str) -> str:
@@ -68,10 +70,11 @@ class Snapshot:
     entries: dict[str, TensorEntry]
 
 
-def snapshot_from(wid: str, meta: dict[str, str], buf: bytes | None) -> Snapshot | None:
-    """A Snapshot from its metadata hash and frame bytes (None when either is missing)."""
-    if not meta or buf is None:
+def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snapshot | None:
+    """A Snapshot from its metadata hash and frame segments (None when it has none)."""
+    if not meta or not segments:
         return None
+    buf = segments[0] if len(segments) == 1 else b"".join(segments)
     header, start = read_header(buf)
     return Snapshot(
         worker_id=wid,
@@ -83,6 +86,21 @@ def snapshot_from(wid: str, meta: dict[str, str], buf: bytes | None) -> Snapshot
         buf=buf,
         entries=parse_entries(header, start, len(buf)),
     )
+
+
+def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, list[bytes]] | None:
+    """(frame, segment keys) of the worker's latest snapshot as stored, read with a synchronous
+    redis-py client (tools and tests); None when it has none."""
+    meta = client.hgetall(keys.snapshot_meta(fed, wid))
+    if not meta:
+        return None
+    names = [
+        keys.segment(fed, wid, meta[b"tag"].decode(), i) for i in range(int(meta[b"segments"]))
+    ]
+    parts = client.mget(names)
+    if any(part is None for part in parts):
+        return None
+    return b"".join(parts), [name.encode() for name in names]
 
 
 def redis_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
@@ -329,18 +347,32 @@ class Store:
         return found[wid]
 
     async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
-        async with self.rb.pipeline(transaction=True) as pipe:
-            for wid in wids:
-                pipe.hgetall(self.keys.snapshot_meta(fed, wid))
-                pipe.get(self.keys.snapshot(fed, wid))
-            raw = await pipe.execute()
-        out = {}
-        for i, wid in enumerate(wids):
-            meta = {k.decode(): v.decode() for k, v in raw[2 * i].items()}
-            snap = snapshot_from(wid, meta, raw[2 * i + 1])
-            if snap is not None:
-                out[wid] = snap
-        return out
+        """Read metadata, then the segments it names; a worker whose segments were replaced
+        between the two reads (a publish committed) is read again."""
+        out: dict[str, Snapshot] = {}
+        todo = list(wids)
+        for _ in range(SNAPSHOT_READ_TRIES):
+            async with self.r.pipeline(transaction=False) as pipe:
+                for wid in todo:
+                    pipe.hgetall(self.keys.snapshot_meta(fed, wid))
+                metas: list[dict[str, str]] = await pipe.execute()
+            async with self.rb.pipeline(transaction=False) as pipe:
+                for wid, meta in zip(todo, metas, strict=True):
+                    for i in range(int(meta.get("segments", 0))):
+                        pipe.get(self.keys.segment(fed, wid, meta["tag"], i))
+                segments: list[bytes | None] = await pipe.execute()
+            raced, at = [], 0
+            for wid, meta in zip(todo, metas, strict=True):
+                parts = segments[at : at + int(meta.get("segments", 0))]
+                at += len(parts)
+                if any(part is None for part in parts):
+                    raced.append(wid)
+                elif (snap := snapshot_from(wid, meta, parts)) is not None:  # type: ignore[arg-type]
+                    out[wid] = snap
+            if not raced:
+                return out
+            todo = raced
+        raise HTTPException(503, f"snapshots of {todo} kept changing while being read; retry")
 
     async def active_snapshots(self, fed: str, include: str | None = None) -> dict[str, Snapshot]:
         """Latest snapshots of active workers (plus `include` unless it has left)."""

@@ -1,0 +1,184 @@
+"""The publish fast path (`rawbody.SegmentProtocol`) over raw sockets against a coordinator
+process: it must keep HTTP/1.1 semantics — 100-continue, pipelining, keep-alive after an error
+answered before or during the body — and a client that vanishes mid-body leaves no key."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from tether_protocol.frame import encode_frame
+from tether_protocol.messages import LayerSpec, SnapshotMeta
+from tetherfed import Client, RetryPolicy
+from tetherfed_coordinator.keys import Keys, glob_escape
+from tetherfed_coordinator.rawbody import SEGMENT
+from tetherfed_coordinator.store import stored_frame
+
+LAYERS = [LayerSpec(name="w", shape=[768, 1024])]  # 3 MiB: three segments
+
+
+class Conn:
+    """One HTTP/1.1 connection spoken by hand."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=20)
+        self.pending = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.pending:
+            got = self.sock.recv(1 << 16)
+            if not got:
+                raise ConnectionError(f"closed before {marker!r}; have {self.pending!r}")
+            self.pending += got
+        head, self.pending = self.pending.split(marker, 1)
+        return head
+
+    def response(self) -> tuple[int, bytes]:
+        """Status and body of the next response (interim 1xx responses included)."""
+        head = self._read_until(b"\r\n\r\n").decode()
+        status = int(head.split()[1])
+        length = next(
+            (int(line.split(":")[1]) for line in head.split("\r\n")
+             if line.lower().startswith("content-length:")), 0,
+        )  # fmt: skip
+        while len(self.pending) < length:
+            self.pending += self.sock.recv(1 << 16)
+        body, self.pending = self.pending[:length], self.pending[length:]
+        return status, body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def put_head(fed: str, wid: str, length: int, *extra: str) -> bytes:
+    lines = [f"PUT /v1/federations/{fed}/workers/{wid}/tethers HTTP/1.1", "Host: t",
+             "Content-Type: application/octet-stream", f"Content-Length: {length}", *extra]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.fixture
+def coordinator(coordinator_process: Callable[..., object]) -> Iterator[tuple[str, str]]:
+    """(url, worker id) of a coordinator process with federation `f` and one worker."""
+    proc = coordinator_process()
+    url: str = proc.url  # type: ignore[attr-defined]
+    with Client(url, retry=RetryPolicy(tries=1)) as api:
+        api.create_federation("f")
+        yield url, api.register_worker("f", "w", LAYERS).worker_id
+
+
+def body(wid: str, step: int, value: float = 1.0) -> bytes:
+    data = {"w": np.full(LAYERS[0].shape, value, dtype=np.float32)}
+    return encode_frame(data, SnapshotMeta(worker_id=wid, step=step, epoch=0))
+
+
+def stored(redis_url: str, prefix: str, wid: str) -> bytes | None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        found = stored_frame(client, Keys(prefix), "f", wid)
+        return found[0] if found else None
+    finally:
+        client.close()
+
+
+def test_expect_100_continue_is_answered_before_the_body(
+    coordinator: tuple[str, str], redis_url: str, key_prefix: str
+) -> None:
+    url, wid = coordinator
+    frame = body(wid, 1)
+    conn = Conn(url)
+    try:
+        conn.send(put_head("f", wid, len(frame), "Expect: 100-continue"))
+        assert conn.response()[0] == 100, "no 100 Continue before the body was sent"
+        conn.send(frame)
+        status, reply = conn.response()
+    finally:
+        conn.close()
+    assert status == 202, reply
+    assert stored(redis_url, key_prefix, wid) == frame
+
+
+def test_a_request_pipelined_behind_a_body_is_answered(coordinator: tuple[str, str]) -> None:
+    url, wid = coordinator
+    frame = body(wid, 1)
+    conn = Conn(url)
+    try:
+        conn.send(
+            put_head("f", wid, len(frame)) + frame + HEALTH
+        )  # one write: body and next request
+        first, second = conn.response(), conn.response()
+    finally:
+        conn.close()
+    assert first[0] == 202, first
+    assert second[0] == 200, second
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [("unknown worker", 404), ("NaN in the last segment", 422), ("wrong worker in meta", 400)],
+)
+def test_an_error_leaves_the_connection_usable_and_nothing_stored(
+    coordinator: tuple[str, str], redis_url: str, key_prefix: str, case: str, status: int
+) -> None:
+    url, wid = coordinator
+    target, frame = wid, body(wid, 1)
+    if case == "unknown worker":  # answered before the body is read: the rest is discarded
+        target = "nobody"
+    elif case == "NaN in the last segment":
+        data = np.ones(LAYERS[0].shape, dtype=np.float32)
+        data[-1, -1] = np.nan
+        frame = encode_frame({"w": data}, SnapshotMeta(worker_id=wid, step=1, epoch=0))
+    else:
+        frame = body("someone-else", 1)
+    good = body(wid, 2)
+    conn = Conn(url)
+    try:
+        conn.send(put_head("f", target, len(frame)) + frame)
+        failed = conn.response()
+        conn.send(put_head("f", wid, len(good)) + good)
+        after = conn.response()
+    finally:
+        conn.close()
+    assert failed[0] == status, failed
+    assert after[0] == 202, f"the connection was unusable after the {status}: {after}"
+    assert stored(redis_url, key_prefix, wid) == good
+
+
+def test_a_client_gone_mid_body_leaves_no_key(
+    coordinator: tuple[str, str], redis_url: str, key_prefix: str
+) -> None:
+    url, wid = coordinator
+    frame = body(wid, 1)
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match=glob_escape(key_prefix) + "*"))
+    conn = Conn(url)
+    conn.send(put_head("f", wid, len(frame)) + frame[: 2 * SEGMENT + 100])  # two segments sent
+    time.sleep(0.3)  # let the coordinator store them
+    conn.close()
+
+    deadline = time.monotonic() + 10
+    left = None
+    while time.monotonic() < deadline:
+        left = set(client.scan_iter(match=glob_escape(key_prefix) + "*")) - before
+        if not left:
+            break
+        time.sleep(0.05)
+    client.close()
+    assert not left, f"an abandoned upload left keys: {left}"
+    health = Conn(url)
+    try:
+        health.send(HEALTH)
+        assert health.response()[0] == 200
+    finally:
+        health.close()

@@ -1,0 +1,109 @@
+"""Segmented snapshot storage against real Redis: readers racing publishers always get one whole
+frame, a commit whose segments vanished changes nothing, and the previous snapshot's segments go."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+
+from tether_protocol.frame import encode_frame
+from tether_protocol.messages import LayerSpec, SnapshotMeta
+from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.rawbody import SEGMENT
+from tetherfed_coordinator.store import Store
+
+F = "/v1/federations"
+LAYERS = [LayerSpec(name="w", shape=[640, 1024])]  # 2.5 MiB: three segments
+
+
+def frame(wid: str, step: int, value: float) -> bytes:
+    data = {"w": np.full(LAYERS[0].shape, value, dtype=np.float32)}
+    return encode_frame(data, SnapshotMeta(worker_id=wid, step=step, epoch=0))
+
+
+async def setup(client: httpx.AsyncClient) -> str:
+    await client.post(f"{F}", json={"name": "f"})
+    r = await client.post(
+        f"{F}/f/workers", json={"name": "w", "layers": [s.model_dump() for s in LAYERS]}
+    )
+    assert r.status_code == 201, r.text
+    wid: str = r.json()["worker_id"]
+    return wid
+
+
+async def publish(client: httpx.AsyncClient, wid: str, content: bytes) -> None:
+    r = await client.put(f"{F}/f/workers/{wid}/tethers", content=content)
+    assert r.status_code == 202, r.text
+
+
+@pytest.mark.anyio
+async def test_readers_racing_publishes_always_get_one_whole_frame(
+    app_client: httpx.AsyncClient,
+) -> None:
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    publishes = 40
+    await publish(app_client, wid, frame(wid, 0, 0.0))
+    seen: list[float] = []
+
+    async def publisher() -> None:
+        for step in range(1, publishes + 1):
+            await publish(app_client, wid, frame(wid, step, float(step)))
+
+    async def reader(done: anyio.Event) -> None:
+        while not done.is_set():
+            snap = await store.snapshot("f", wid)
+            values = np.frombuffer(snap.buf, np.float32, offset=snap.entries["w"].start)
+            assert values.min() == values.max() == snap.step, "a read mixed two publishes"
+            seen.append(float(values[0]))
+            await anyio.sleep(0)
+
+    done = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader, done)
+        await publisher()
+        done.set()
+    assert len(set(seen)) > 1, "the reader never overlapped a publish"
+
+
+@pytest.mark.anyio
+async def test_a_commit_whose_segments_expired_changes_nothing(
+    app_client: httpx.AsyncClient,
+) -> None:
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    good = frame(wid, 1, 1.0)
+    await publish(app_client, wid, good)
+    keys = store.keys
+    meta_before = await store.r.hgetall(keys.snapshot_meta("f", wid))
+    await store.r.set(keys.segment("f", wid, "partial", 0), b"x", px=60_000)  # segment 1 missing
+
+    version = await store.r.eval(
+        store.publish_script, 5,
+        keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.scoring(), keys.alive("f", wid),
+        keys.federation("f"),
+        "f", wid, 2, 0, "", "", SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
+        "2026-01-01T00:00:00+00:00", 5000, 1000, keys.segment_base("f", wid), "partial", 2,
+    )  # fmt: skip
+
+    assert version == -3
+    assert await store.r.hgetall(keys.snapshot_meta("f", wid)) == meta_before
+    assert await store.r.ttl(keys.segment("f", wid, "partial", 0)) > 0, "a segment was persisted"
+    assert (await store.snapshot("f", wid)).buf == good
+
+
+@pytest.mark.anyio
+async def test_a_publish_replaces_the_previous_segments(app_client: httpx.AsyncClient) -> None:
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    for step in (1, 2):
+        content = frame(wid, step, float(step))
+        await publish(app_client, wid, content)
+    tag = await store.r.hget(store.keys.snapshot_meta("f", wid), "tag")
+    pattern = glob_escape(store.keys.segment_base("f", wid)) + "*"
+    segments = {k async for k in store.r.scan_iter(match=pattern)}
+    count = -(-len(content) // SEGMENT)
+    assert segments == {store.keys.segment("f", wid, tag, i) for i in range(count)}, segments
+    assert (await store.snapshot("f", wid)).buf == content
