@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -59,6 +60,35 @@ def loopback_mbps(payload: memoryview) -> float:
     return payload.nbytes / MB / elapsed
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_frame(
+    publish: Callable[[], object], r: redis.Redis, coordinator_pid: int | None, reps: int = 3
+) -> dict[str, float | None]:
+    """CPU ms per frame of each process on the path: this client, the coordinator, Redis."""
+
+    def redis_s() -> float:
+        info = r.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    pid_s = (lambda: _process_cpu_s(coordinator_pid)) if coordinator_pid else (lambda: None)
+    start = (time.process_time(), pid_s(), redis_s())
+    for _ in range(reps):
+        publish()
+    end = (time.process_time(), pid_s(), redis_s())
+    ms = [None if a is None or b is None else round((b - a) / reps * 1e3, 1)
+          for a, b in zip(start, end, strict=True)]  # fmt: skip
+    return {"client_ms": ms[0], "coordinator_ms": ms[1], "redis_ms": ms[2]}
+
+
 def _start(url: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
@@ -91,11 +121,11 @@ def _measure(url: str, size_mb: int, reps: int) -> dict[str, float]:
             parts = encode_parts({"w": tether}, SnapshotMeta(worker_id=wid_id, step=0, epoch=0))
             size = frame_size(parts)
             reference = b"".join(parts)  # redis-py gets the frame as one bytes (its fastest input)
-            ours_t, ref_t = interleaved(
-                lambda: api.publish("bench", wid_id, parts),
-                lambda: r.set(f"{prefix}reference", reference),
-                repeats=reps,
-            )
+            ours_fn = lambda: api.publish("bench", wid_id, parts)  # noqa: E731
+            ref_fn = lambda: r.set(f"{prefix}reference", reference)  # noqa: E731
+            ours_t, ref_t = interleaved(ours_fn, ref_fn, repeats=reps)
+            cpu = {"ours": _cpu_per_frame(ours_fn, r, proc.pid),
+                   "reference": _cpu_per_frame(ref_fn, r, None)}  # fmt: skip
             stored = stored_frame(r, Keys(prefix), "bench", wid_id)
             if stored is None or stored[0] != reference:
                 raise RuntimeError("the stored snapshot differs from the published frame")
@@ -103,7 +133,7 @@ def _measure(url: str, size_mb: int, reps: int) -> dict[str, float]:
         return {"ours": size / MB / ours_t.median, "reference": size / MB / ref_t.median,
                 "ours_range": [size / MB / ours_t.high, size / MB / ours_t.low],
                 "reference_range": [size / MB / ref_t.high, size / MB / ref_t.low],
-                "tcp": tcp, "bytes": size}  # fmt: skip
+                "tcp": tcp, "bytes": size, "cpu": cpu}  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -128,7 +158,8 @@ def run(quick: bool = False) -> dict[str, object]:
         "params": {"frame_bytes": m["bytes"], "reps": reps, "loopback_tcp_mbps": round(m["tcp"], 1),
                    "ours_min_max": [round(x, 1) for x in m["ours_range"]],
                    "reference_min_max": [round(x, 1) for x in m["reference_range"]],
-                   "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded"},
+                   "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded",
+                   "cpu_ms_per_frame": m["cpu"], "cores": os.cpu_count()},
     }  # fmt: skip
 
 
