@@ -15,6 +15,8 @@ import redis
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import Client, RetryPolicy
+from tetherfed_coordinator.api.tethers import router as tethers_router
+from tetherfed_coordinator.ingest import streams_raw
 from tetherfed_coordinator.keys import Keys, glob_escape
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
@@ -65,6 +67,7 @@ def put_head(fed: str, wid: str, length: int, *extra: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+PUBLISH_ROUTE = tethers_router.prefix  # the route the fast path must match
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
@@ -182,3 +185,17 @@ def test_a_client_gone_mid_body_leaves_no_key(
         assert health.response()[0] == 200
     finally:
         health.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw"),
+    [
+        ("PUT", PUBLISH_ROUTE.format(fed="f", wid="w-1"), True),
+        ("GET", PUBLISH_ROUTE.format(fed="f", wid="w-1"), False),
+        ("PUT", PUBLISH_ROUTE.format(fed="f", wid="w-1") + "/w", False),
+        ("PUT", PUBLISH_ROUTE.format(fed="", wid="w-1"), False),
+        ("POST", "/v1/federations/f/workers", False),
+    ],
+)
+def test_only_the_publish_route_streams_raw(method: str, path: str, raw: bool) -> None:
+    assert streams_raw(method, path) is raw

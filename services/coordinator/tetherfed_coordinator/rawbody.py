@@ -21,6 +21,7 @@ the rest of it, as uvicorn does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 BODY_EXTENSION = "tetherfed.body_segments"
 SEGMENT = 1 << 20  # bytes per segment: also the unit a frame is stored in (see ingest)
 READ_SIZE = 256 << 10  # the scratch buffer ordinary requests are read into
-HIGH_WATER = 16  # full segments waiting for the app before reading pauses
+HIGH_WATER = 16  # full segments waiting for the app before reading pauses (17 MiB at most)
 LOW_WATER = 4  # ... and at or below which it resumes
 
 
@@ -197,14 +198,18 @@ class _HttpProtocol(HttpToolsProtocol):
         """The body is in: a fresh parser for the next request, and the message is complete."""
         self._raw, self._body = False, None
         self.parser = httptools.HttpRequestParser(self)
-        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        with contextlib.suppress(
+            AttributeError
+        ):  # as uvicorn sets up its parser (httptools ≥ 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.on_message_complete()
 
     # parser callbacks
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        length = self._content_length()
-        if length and self.streams_raw(self.scope["method"], self.scope["path"]):
+        if not self.streams_raw(self.scope["method"], self.scope["path"]):
+            return
+        if length := self._content_length():
             cycle = self.cycle
 
             def send_continue() -> None:  # what uvicorn's receive() does on the first call
