@@ -127,6 +127,22 @@ def test_a_request_pipelined_behind_a_body_is_answered(coordinator: tuple[str, s
     assert second[0] == 200, second
 
 
+def test_a_body_pipelined_behind_another_request_is_read(
+    coordinator: tuple[str, str], redis_url: str, key_prefix: str
+) -> None:
+    url, wid = coordinator
+    frame = body(wid, 1)
+    conn = Conn(url)
+    try:  # the publish's headers are parsed before the GET is answered
+        conn.send(HEALTH + put_head("f", wid, len(frame)) + frame)
+        first, second = conn.response(), conn.response()
+    finally:
+        conn.close()
+    assert first[0] == 200, first
+    assert second[0] == 202, f"the pipelined publish lost its body: {second}"
+    assert stored(redis_url, key_prefix, wid) == frame
+
+
 @pytest.mark.parametrize(
     ("case", "status"),
     [("unknown worker", 404), ("NaN in the last segment", 422), ("wrong worker in meta", 400)],

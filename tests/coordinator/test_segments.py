@@ -10,6 +10,7 @@ import pytest
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, SnapshotMeta
+from tetherfed_coordinator.ingest import Upload
 from tetherfed_coordinator.keys import glob_escape
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import Store
@@ -106,4 +107,30 @@ async def test_a_publish_replaces_the_previous_segments(app_client: httpx.AsyncC
     segments = {k async for k in store.r.scan_iter(match=pattern)}
     count = -(-len(content) // SEGMENT)
     assert segments == {store.keys.segment("f", wid, tag, i) for i in range(count)}, segments
+    assert (await store.snapshot("f", wid)).buf == content
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("committed", [True, False])
+async def test_an_aborted_upload_keeps_segments_only_if_its_commit_ran(
+    app_client: httpx.AsyncClient, committed: bool
+) -> None:
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    content = frame(wid, 1, 1.0)
+    await publish(app_client, wid, content)
+    tag = await store.r.hget(store.keys.snapshot_meta("f", wid), "tag")
+    count = -(-len(content) // SEGMENT)
+    if not committed:  # an upload that never became the snapshot
+        tag = "orphan"
+        for i in range(count):
+            await store.rb.set(store.keys.segment("f", wid, tag, i), b"x", px=60_000)
+    upload = await Upload.open(store, "f", wid, tag)
+    upload.count = count
+    try:
+        await upload.abort()
+    finally:
+        await upload.release()
+    left = [await store.r.exists(store.keys.segment("f", wid, tag, i)) for i in range(count)]
+    assert left == [int(committed)] * count
     assert (await store.snapshot("f", wid)).buf == content

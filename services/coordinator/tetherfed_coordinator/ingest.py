@@ -23,7 +23,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,17 +169,21 @@ class Upload:
     """Segments SET with a TTL over one connection taken from the pool, pipelined: replies are
     read only in `complete()`, which also renews every TTL so the commit finds them all."""
 
-    def __init__(self, client: aioredis.Redis, conn: Connection, key: Callable[[int], str]) -> None:
-        self.client, self.conn, self.key = client, conn, key
+    def __init__(
+        self, store: Store, conn: Connection, fed: str, wid: str, tag: str
+    ) -> None:  # fmt: skip
+        self.client, self.conn, self.tag = store.rb, conn, tag
+        self.key = functools.partial(store.keys.segment, fed, wid, tag)
+        self.meta_key, self.abort_script = store.keys.snapshot_meta(fed, wid), store.abort_script
         self.count = 0  # segments sent
         self.pending = 0  # replies sent for but not read yet
         self.renewed = time.monotonic()
 
     @classmethod
-    async def open(cls, client: aioredis.Redis, key: Callable[[int], str]) -> Upload:
-        """Take a connection from `client`'s pool for one upload."""
-        conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        return cls(client, conn, key)
+    async def open(cls, store: Store, fed: str, wid: str, tag: str) -> Upload:
+        """Take a connection from the store's pool for one upload of `wid`'s frame."""
+        conn = await store.rb.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        return cls(store, conn, fed, wid, tag)
 
     async def put(self, segment: Buffer) -> None:
         """Send the next segment (and, every RENEW_S, the earlier ones' TTL renewals)."""
@@ -212,20 +216,27 @@ class Upload:
                 raise HTTPException(503, "frame upload was interrupted (a segment expired)")
 
     async def abort(self) -> None:
-        """Unlink every segment sent, after the in-flight replies (or drop the connection)."""
+        """Unlink every segment sent, unless the commit ran after all (its reply lost): after
+        the in-flight replies, or on a fresh connection if this one is broken."""
         keys = [self.key(i) for i in range(self.count)]
         try:
             while self.pending:
                 self.pending -= 1
                 with contextlib.suppress(aioredis.ResponseError):
                     await self.conn.read_response()
-            for at in range(0, len(keys), UNLINK_BATCH):
-                await self.conn.send_command("UNLINK", *keys[at : at + UNLINK_BATCH])
+            for batch in self._batches(keys):
+                await self.conn.send_command(
+                    "EVAL", self.abort_script, len(batch), *batch, self.tag
+                )
                 await self.conn.read_response()
         except Exception:
             await self.conn.disconnect()
-            if keys:  # may race with in-flight SETs; their TTL covers it
-                await self.client.unlink(*keys)
+            for batch in self._batches(keys):  # may race with in-flight SETs; their TTL covers it
+                await self.client.eval(self.abort_script, len(batch), *batch, self.tag)  # type: ignore[misc]
+
+    def _batches(self, keys: list[str]) -> Iterator[list[str]]:
+        for at in range(0, len(keys), UNLINK_BATCH):
+            yield [self.meta_key, *keys[at : at + UNLINK_BATCH]]
 
     async def release(self) -> None:
         """Give the connection back to the pool."""
@@ -265,7 +276,7 @@ async def receive_publish(
         frame = _finish(stream, wid)
         version = await _commit(store, fed, wid, policy, prev, frame, tag, parts)
         return Published(version, frame, size)
-    upload = await Upload.open(store.rb, functools.partial(store.keys.segment, fed, wid, tag))
+    upload = await Upload.open(store, fed, wid, tag)
     try:
         frame = await _pump(segments, stream, upload, wid)
         version = await _commit(store, fed, wid, policy, prev, frame, tag, upload.count)

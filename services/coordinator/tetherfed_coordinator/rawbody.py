@@ -62,6 +62,7 @@ class BodySegments:
         self._wakeup = asyncio.Event()
         self._error: BaseException | None = None
         self._discard: memoryview | None = None  # set once the app stops reading
+        self._paused = False  # reading paused by us (uvicorn pauses too, for pipelining)
 
     # ------------------------------------------------------------------ producer (protocol)
     def buffer(self) -> memoryview:
@@ -84,7 +85,8 @@ class BodySegments:
             self._ready.append(self._current)
             self._current = None
             self._wakeup.set()
-            if len(self._ready) >= HIGH_WATER:
+            if len(self._ready) >= HIGH_WATER and not self._paused:
+                self._paused = True
                 self._flow.pause_reading()
 
     def feed(self, data: bytes) -> None:
@@ -113,10 +115,12 @@ class BodySegments:
             if self._ready:
                 segment = self._ready.popleft()
                 if len(self._ready) <= LOW_WATER:
-                    self._flow.resume_reading()
+                    self._resume()
                 yield segment
             elif self._error is not None:
                 raise self._error
+            elif self._discard is not None:
+                raise ClientDisconnect("the request was answered; its body was discarded")
             elif self.remaining == 0 and self._current is None:
                 return
             else:
@@ -124,11 +128,18 @@ class BodySegments:
                 await self._wakeup.wait()
 
     def close(self) -> None:
-        """The app reads no more: drop what is queued and discard the rest as it arrives."""
+        """The app reads no more (or its response is out): drop what is queued and discard the
+        rest of the body as it arrives, so the connection can serve the next request."""
         if self._discard is None:
             self._discard = memoryview(bytearray(READ_SIZE))
             self._ready.clear()
             self._current = None
+            self._resume()
+            self._wakeup.set()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
             self._flow.resume_reading()
 
 
@@ -190,6 +201,7 @@ class _HttpProtocol(HttpToolsProtocol):
             if body is not None and body.remaining and not self.transport.is_closing():
                 self._raw = True  # headers parsed, body pending: read it ourselves
             return
+        self._unset_keepalive_if_required()  # as uvicorn's data_received does on every read
         body.received(nbytes)
         if not body.remaining:
             self._end_raw()
@@ -217,8 +229,15 @@ class _HttpProtocol(HttpToolsProtocol):
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     cycle.waiting_for_100_continue = False
 
-            self._body = BodySegments(length, self.flow, send_continue)
-            cycle.scope.setdefault("extensions", {})[BODY_EXTENSION] = self._body  # type: ignore[typeddict-item]
+            body = self._body = BodySegments(length, self.flow, send_continue)
+            cycle.scope.setdefault("extensions", {})[BODY_EXTENSION] = body  # type: ignore[typeddict-item]
+            responded = cycle.on_response
+
+            def on_response() -> None:  # this request answered: discard what is left of its body
+                body.close()
+                responded()
+
+            cycle.on_response = on_response
 
     def _content_length(self) -> int | None:
         """The declared length of a plain (not chunked, not upgraded) body, if valid."""
@@ -244,11 +263,6 @@ class _HttpProtocol(HttpToolsProtocol):
         if not self._raw:  # the parser saw the whole body (it came with the headers)
             self._body = None
         super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        if self._body is not None:  # answered without reading the body: discard the rest
-            self._body.close()
-        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._body is not None:
