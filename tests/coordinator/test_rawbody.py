@@ -215,3 +215,28 @@ def test_a_client_gone_mid_body_leaves_no_key(
 )
 def test_only_the_publish_route_streams_raw(method: str, path: str, raw: bool) -> None:
     assert streams_raw(method, path) is raw
+
+
+def test_a_large_body_answered_early_closes_the_connection(coordinator: tuple[str, str]) -> None:
+    url, _ = coordinator
+    conn = Conn(url)
+    try:  # 64 MiB declared, 1 MiB sent: the 404 comes back and the rest is not waited for
+        conn.send(put_head("f", "nobody", 64 << 20) + b"\0" * SEGMENT)
+        status, _ = conn.response()
+        closed = conn.sock.recv(1) == b""
+    finally:
+        conn.close()
+    assert status == 404
+    assert closed, "the connection stayed open for a 63 MiB body nobody will read"
+
+
+def test_the_sdk_gets_the_413_of_an_oversized_publish(
+    coordinator_process: Callable[..., object],
+) -> None:
+    proc = coordinator_process(TETHER_MAX_FRAME_BYTES=str(1 << 20))
+    with Client(proc.url, retry=RetryPolicy(tries=1)) as api:  # type: ignore[attr-defined]
+        api.create_federation("f")
+        wid = api.register_worker("f", "w", LAYERS).worker_id
+        with pytest.raises(Exception) as caught:  # 3 MiB frame, 1 MiB cap
+            api.publish("f", wid, body(wid, 1))
+    assert getattr(caught.value, "status", None) == 413, repr(caught.value)

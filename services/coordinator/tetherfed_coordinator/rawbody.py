@@ -14,8 +14,10 @@ scope extension `BODY_EXTENSION`. Each segment is a fresh buffer handed over onc
 app may keep it (a Redis write still in flight, say) without copying. Everything else — other
 routes, chunked bodies, parser errors, keep-alive, pipelining, `Expect: 100-continue` — is
 uvicorn's. A raw route's `receive()` sees an empty body, so only routes that read the extension
-may be declared raw; a response sent before the body was read (an auth or size error) discards
-the rest of it, as uvicorn does.
+may be declared raw. A response sent before the body was read (an auth or size error) discards
+the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is left or the client still waits
+for `100 Continue`: then the connection closes after the response (httpx and curl read a response
+even when the server stops their upload).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ SEGMENT = 1 << 20  # bytes per segment: also the unit a frame is stored in (see 
 READ_SIZE = 256 << 10  # the scratch buffer ordinary requests are read into
 HIGH_WATER = 16  # full segments waiting for the app before reading pauses (17 MiB at most)
 LOW_WATER = 4  # ... and at or below which it resumes
+DISCARD_MAX = 16 * SEGMENT  # an answered request's unread body beyond this closes the connection
 
 
 class BodySegments:
@@ -233,8 +236,12 @@ class _HttpProtocol(HttpToolsProtocol):
             cycle.scope.setdefault("extensions", {})[BODY_EXTENSION] = body  # type: ignore[typeddict-item]
             responded = cycle.on_response
 
-            def on_response() -> None:  # this request answered: discard what is left of its body
-                body.close()
+            def on_response() -> None:  # this request is answered: what is left of its body
+                body.close()  # ... is discarded as it arrives, unless that is not worth it:
+                if body.remaining and (
+                    body.remaining > DISCARD_MAX or cycle.waiting_for_100_continue
+                ):  # a large rest, or one the client will not send (it got no 100 Continue)
+                    self.transport.close()  # the response is flushed first
                 responded()
 
             cycle.on_response = on_response
