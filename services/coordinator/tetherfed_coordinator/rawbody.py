@@ -11,9 +11,9 @@ request that `streams_raw(method, path)` accepts are complete and it declares a 
 the rest of its body is read with `recv_into` (asyncio's buffered protocol) directly into
 segments of `SEGMENT` bytes, bypassing the parser, and the app receives them whole through the
 scope extension `BODY_EXTENSION`. Each segment is a fresh buffer handed over once full, so the
-app may keep it (a Redis write still in flight, say) without copying. Everything else — other
-routes, chunked bodies, parser errors, keep-alive, pipelining, `Expect: 100-continue` — is
-uvicorn's. A raw route's `receive()` sees an empty body, so only routes that read the extension
+app may keep it (a Redis write still in flight, say) without copying. Other routes, chunked
+bodies and parser errors are uvicorn's; keep-alive, pipelining and `Expect: 100-continue` behave
+as they do there (tests over raw sockets). A raw route's `receive()` sees an empty body, so only routes that read the extension
 may be declared raw. A response sent before the body was read (an auth or size error) discards
 the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is left or the client still waits
 for `100 Continue`: then the connection closes after the response (httpx and curl read a response
