@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -240,3 +241,25 @@ def test_the_sdk_gets_the_413_of_an_oversized_publish(
         with pytest.raises(Exception) as caught:  # 3 MiB frame, 1 MiB cap
             api.publish("f", wid, body(wid, 1))
     assert getattr(caught.value, "status", None) == 413, repr(caught.value)
+
+
+def test_concurrent_publishes_each_store_their_own_frame(
+    coordinator_process: Callable[..., object], redis_url: str, key_prefix: str
+) -> None:
+    proc = coordinator_process()
+    url: str = proc.url  # type: ignore[attr-defined]
+    with Client(url, retry=RetryPolicy(tries=1)) as api:
+        api.create_federation("f")
+        wids = [api.register_worker("f", f"w{i}", LAYERS).worker_id for i in range(6)]
+
+    def publish_all(wid: str) -> bytes:
+        with Client(url, retry=RetryPolicy(tries=1)) as own:
+            for step in range(1, 4):
+                last = body(wid, step, value=float(step))
+                assert own.publish("f", wid, last).version == step
+        return last
+
+    with ThreadPoolExecutor(len(wids)) as pool:
+        last = dict(zip(wids, pool.map(publish_all, wids), strict=True))
+    for wid, frame in last.items():
+        assert stored(redis_url, key_prefix, wid) == frame, f"{wid} holds another frame"
