@@ -82,9 +82,9 @@ async def test_a_commit_whose_segments_expired_changes_nothing(
     await store.r.set(keys.segment("f", wid, "partial", 0), b"x", px=60_000)  # segment 1 missing
 
     version = await store.r.eval(
-        store.publish_script, 5,
+        store.publish_script, 6,
         keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.scoring(), keys.alive("f", wid),
-        keys.federation("f"),
+        keys.federation("f"), keys.legacy_snapshot("f", wid),
         "f", wid, 2, 0, "", "", SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
         "2026-01-01T00:00:00+00:00", 5000, 1000, keys.segment_base("f", wid), "partial", 2,
     )  # fmt: skip
@@ -134,3 +134,24 @@ async def test_an_aborted_upload_keeps_segments_only_if_its_commit_ran(
     left = [await store.r.exists(store.keys.segment("f", wid, tag, i)) for i in range(count)]
     assert left == [int(committed)] * count
     assert (await store.snapshot("f", wid)).buf == content
+
+
+@pytest.mark.anyio
+async def test_a_frame_stored_whole_by_an_older_version_is_read_then_replaced(
+    app_client: httpx.AsyncClient,
+) -> None:
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    await publish(app_client, wid, frame(wid, 1, 1.0))
+    keys, old = store.keys, frame(wid, 1, 7.0)
+    meta = await store.r.hgetall(keys.snapshot_meta("f", wid))
+    for field in ("tag", "segments"):  # what a snapshot stored whole looked like
+        meta.pop(field)
+    await store.r.delete(keys.snapshot_meta("f", wid))
+    await store.r.hset(keys.snapshot_meta("f", wid), mapping=meta)
+    await store.rb.set(keys.legacy_snapshot("f", wid), old)
+
+    assert (await store.snapshot("f", wid)).buf == old
+    await publish(app_client, wid, frame(wid, 2, 2.0))
+    assert not await store.r.exists(keys.legacy_snapshot("f", wid)), "the whole frame was kept"
+    assert (await store.snapshot("f", wid)).buf == frame(wid, 2, 2.0)

@@ -338,9 +338,9 @@ async def _commit(
         for i, part in enumerate(inline):
             pipe.set(keys.segment(fed, wid, tag, i), memoryview(part), px=UPLOAD_TTL_MS)
         pipe.eval(
-            store.publish_script, 5,
+            store.publish_script, 6,
             keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.scoring(), keys.alive(fed, wid),
-            keys.federation(fed),
+            keys.federation(fed), keys.legacy_snapshot(fed, wid),
             fed, wid, meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
             meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(),
             store.settings.stream_maxlen, keys.segment_base(fed, wid), tag,

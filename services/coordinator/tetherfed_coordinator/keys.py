@@ -91,6 +91,11 @@ class Keys:
         """
         return f"{self.segment_base(fed, wid)}{tag}:{index}"
 
+    def legacy_snapshot(self, fed: str, wid: str) -> str:
+        """A frame stored whole (before segments): read while its meta names no segments, and
+        unlinked by the worker's next publish."""
+        return f"{self.prefix}fed:{fed}:w:{wid}:snap"
+
     def snapshot_meta(self, fed: str, wid: str) -> str:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
         return f"{self.prefix}fed:{fed}:w:{wid}:snapmeta"

@@ -1,5 +1,6 @@
 -- Accept a publish atomically: make its uploaded segments the worker's snapshot.
--- KEYS: 1 worker hash, 2 snapshot meta hash, 3 scoring stream, 4 alive key, 5 federation hash
+-- KEYS: 1 worker hash, 2 snapshot meta hash, 3 scoring stream, 4 alive key, 5 federation hash,
+--       6 the frame stored whole by versions before segments (unlinked if present)
 -- ARGV: 1 fed, 2 worker, 3 step, 4 epoch, 5 loss|'', 6 grad_norm|'', 7 SnapshotMeta JSON,
 --       8 now (ISO), 9 heartbeat ttl ms, 10 stream maxlen,
 --       11 segment key base, 12 upload tag, 13 segment count
@@ -17,6 +18,7 @@ local old = redis.call('HMGET', KEYS[2], 'tag', 'segments', 'loss')
 if old[1] and old[1] ~= tag then
   for i = 0, tonumber(old[2]) - 1 do redis.call('UNLINK', base .. old[1] .. ':' .. i) end
 end
+redis.call('UNLINK', KEYS[6])
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'version', version, 'step', ARGV[3], 'epoch', ARGV[4],

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -90,15 +91,20 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
     )
 
 
+def frame_keys(keys: Keys, fed: str, wid: str, meta: Mapping[str, str]) -> list[str]:
+    """The keys holding the frame a snapshot meta hash describes, in order (none without one)."""
+    if "tag" in meta:
+        return [keys.segment(fed, wid, meta["tag"], i) for i in range(int(meta["segments"]))]
+    return [keys.legacy_snapshot(fed, wid)] if meta else []
+
+
 def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, list[bytes]] | None:
-    """(frame, segment keys) of the worker's latest snapshot as stored, read with a synchronous
+    """(frame, its keys) of the worker's latest snapshot as stored, read with a synchronous
     redis-py client (tools and tests); None when it has none."""
-    meta = client.hgetall(keys.snapshot_meta(fed, wid))
-    if not meta:
+    meta = {k.decode(): v.decode() for k, v in client.hgetall(keys.snapshot_meta(fed, wid)).items()}
+    names = frame_keys(keys, fed, wid, meta)
+    if not names:
         return None
-    names = [
-        keys.segment(fed, wid, meta[b"tag"].decode(), i) for i in range(int(meta[b"segments"]))
-    ]
     parts = client.mget(names)
     if any(part is None for part in parts):
         return None
@@ -359,15 +365,17 @@ class Store:
                 for wid in todo:
                     pipe.hgetall(self.keys.snapshot_meta(fed, wid))
                 metas: list[dict[str, str]] = await pipe.execute()
+            names = [
+                frame_keys(self.keys, fed, w, meta) for w, meta in zip(todo, metas, strict=True)
+            ]
             async with self.rb.pipeline(transaction=False) as pipe:
-                for wid, meta in zip(todo, metas, strict=True):
-                    for i in range(int(meta.get("segments", 0))):
-                        pipe.get(self.keys.segment(fed, wid, meta["tag"], i))
+                for name in itertools.chain.from_iterable(names):
+                    pipe.get(name)
                 segments: list[bytes | None] = await pipe.execute()
             raced, at = [], 0
-            for wid, meta in zip(todo, metas, strict=True):
-                parts = segments[at : at + int(meta.get("segments", 0))]
-                at += len(parts)
+            for wid, meta, keys in zip(todo, metas, names, strict=True):
+                parts = segments[at : at + len(keys)]
+                at += len(keys)
                 if any(part is None for part in parts):
                     raced.append(wid)
                 elif (snap := snapshot_from(wid, meta, parts)) is not None:  # type: ignore[arg-type]
