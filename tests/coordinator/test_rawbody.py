@@ -15,7 +15,7 @@ import redis
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, SnapshotMeta
-from tetherfed import Client, RetryPolicy
+from tetherfed import AsyncClient, Client, RetryPolicy
 from tetherfed_coordinator.api.tethers import router as tethers_router
 from tetherfed_coordinator.ingest import streams_raw
 from tetherfed_coordinator.keys import Keys, glob_escape
@@ -263,3 +263,17 @@ def test_concurrent_publishes_each_store_their_own_frame(
         last = dict(zip(wids, pool.map(publish_all, wids), strict=True))
     for wid, frame in last.items():
         assert stored(redis_url, key_prefix, wid) == frame, f"{wid} holds another frame"
+
+
+@pytest.mark.anyio
+async def test_the_async_sdk_publishes_through_the_fast_path(
+    coordinator: tuple[str, str], redis_url: str, key_prefix: str
+) -> None:
+    url, wid = coordinator
+    frame = body(wid, 1, value=3.0)
+    async with AsyncClient(url, retry=RetryPolicy(tries=1)) as api:
+        accepted = await api.publish("f", wid, frame)
+        layer = await api.tether("f", wid, "w")
+    assert (accepted.version, accepted.bytes) == (1, len(frame))
+    assert stored(redis_url, key_prefix, wid) == frame
+    np.testing.assert_array_equal(layer, np.full(LAYERS[0].shape, 3.0, np.float32))
