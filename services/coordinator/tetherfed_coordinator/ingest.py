@@ -167,7 +167,8 @@ async def _read_chunked(request: Request, limit: int) -> bytes:
 
 class Upload:
     """Segments SET with a TTL over one connection taken from the pool, pipelined: replies are
-    read only in `complete()`, which also renews every TTL so the commit finds them all."""
+    read only in `complete()`. Renewing every TTL at least every RENEW_S while segments go out
+    leaves each more than a minute when the upload completes, and the commit checks them all."""
 
     def __init__(
         self, store: Store, conn: Connection, fed: str, wid: str, tag: str
@@ -201,11 +202,7 @@ class Upload:
         return [("PEXPIRE", self.key(i), UPLOAD_TTL_MS) for i in range(self.count)]
 
     async def complete(self) -> None:
-        """Read every pending reply and renew every TTL; 503 if Redis refused or lost one."""
-        await self.conn.send_packed_command(
-            self.conn.pack_commands(self._renewals()), check_health=False
-        )
-        self.pending += self.count
+        """Read every pending reply; 503 if Redis refused a segment or one had expired."""
         while self.pending:
             self.pending -= 1
             try:
@@ -352,7 +349,7 @@ async def _commit(
     if version == -2:  # deleted while this frame streamed in: remove what the MULTI wrote
         await store.unlink_worker(fed, wid)
         raise HTTPException(404, f"federation {fed!r} not found")
-    if version == -3:  # a segment vanished after complete() renewed it (Redis evicted it?)
+    if version == -3:  # a segment vanished before the commit (Redis evicted it?)
         raise HTTPException(503, "frame upload was interrupted (a segment expired); publish again")
     return version
 

@@ -51,12 +51,8 @@ class BodySegments:
     reads so the connection stays usable.
     """
 
-    def __init__(
-        self, length: int, flow: FlowControl, on_start: Callable[[], None], segment: int = SEGMENT
-    ) -> None:
-        self.length = length
+    def __init__(self, length: int, flow: FlowControl, on_start: Callable[[], None]) -> None:
         self.remaining = length  # body bytes not received yet
-        self._segment = segment
         self._flow = flow
         self._on_start = on_start
         self._current: memoryview | None = None
@@ -74,7 +70,7 @@ class BodySegments:
         if self._discard is not None:
             return self._discard[: self.remaining]
         if self._current is None:  # uninitialised: every byte is read into before it is used
-            self._current = memoryview(np.empty(min(self._segment, self.remaining), np.uint8))
+            self._current = memoryview(np.empty(min(SEGMENT, self.remaining), np.uint8))
             self._fill = 0
         return self._current[self._fill :]
 
