@@ -1,13 +1,15 @@
-"""Helpers for coordinator tests: layer tables and frames."""
+"""Helpers for coordinator tests: layer tables, frames and the keys a test wrote."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import redis
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import SnapshotMeta
+from tetherfed_coordinator.keys import glob_escape
 
 LAYERS = [
     {"name": "fc1", "shape": [8, 4], "dtype": "float32"},
@@ -38,3 +40,12 @@ def worker_body(name: str = "w") -> dict[str, Any]:
 
 EVERY_PUBLISH = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
                  "merge_threshold": 0.5, "drift_threshold": -0.5}  # fmt: skip
+
+
+def keys_of(url: str, prefix: str) -> set[bytes]:
+    """Every key under `prefix` on the Redis at `url`."""
+    client = redis.Redis.from_url(url)
+    try:
+        return set(client.scan_iter(match=glob_escape(prefix) + "*"))
+    finally:
+        client.close()

@@ -10,14 +10,12 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-import redis
-from coord_helpers import EVERY_PUBLISH, LAYERS, frame, tensors, worker_body
+from coord_helpers import EVERY_PUBLISH, LAYERS, frame, keys_of, tensors, worker_body
 from safetensors.numpy import load as st_load
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import SnapshotMeta
 from tetherfed_coordinator.app import create_app
-from tetherfed_coordinator.keys import glob_escape
 from tetherfed_coordinator.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -39,14 +37,6 @@ async def wait_decisions(c: httpx.AsyncClient, n: int, query: str = "") -> list[
             if len(data) >= n:
                 return data
             await anyio.sleep(0.05)
-
-
-def keys_of(url: str, prefix: str) -> set[bytes]:
-    client = redis.Redis.from_url(url)
-    try:
-        return set(client.scan_iter(match=glob_escape(prefix) + "*"))
-    finally:
-        client.close()
 
 
 async def test_health_readiness_metrics_openapi(app_client: httpx.AsyncClient) -> None:

@@ -9,24 +9,17 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from coord_helpers import keys_of
 
 from tether_protocol.frame import decode_frame, encode_frame, encode_parts
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import AsyncClient, Client, RetryPolicy
-from tetherfed_coordinator.keys import Keys, glob_escape
+from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
 
 F = "/v1/federations"
 BIG = [LayerSpec(name="head", shape=[4, 4]), LayerSpec(name="body", shape=[512, 1024])]
-
-
-def keys_of(url: str, prefix: str) -> set[bytes]:
-    client = redis.Redis.from_url(url)
-    try:
-        return set(client.scan_iter(match=glob_escape(prefix) + "*"))
-    finally:
-        client.close()
 
 
 def big_tensors(seed: int = 0) -> dict[str, np.ndarray]:

@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import redis
+from coord_helpers import keys_of
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import AsyncClient, Client, RetryPolicy
 from tetherfed_coordinator.api.tethers import router as tethers_router
 from tetherfed_coordinator.ingest import streams_raw
-from tetherfed_coordinator.keys import Keys, glob_escape
+from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
 
@@ -180,8 +181,7 @@ def test_a_client_gone_mid_body_leaves_no_key(
 ) -> None:
     url, wid = coordinator
     frame = body(wid, 1)
-    client = redis.Redis.from_url(redis_url)
-    before = set(client.scan_iter(match=glob_escape(key_prefix) + "*"))
+    before = keys_of(redis_url, key_prefix)
     conn = Conn(url)
     conn.send(put_head("f", wid, len(frame)) + frame[: 2 * SEGMENT + 100])  # two segments sent
     time.sleep(0.3)  # let the coordinator store them
@@ -190,11 +190,10 @@ def test_a_client_gone_mid_body_leaves_no_key(
     deadline = time.monotonic() + 10
     left = None
     while time.monotonic() < deadline:
-        left = set(client.scan_iter(match=glob_escape(key_prefix) + "*")) - before
+        left = keys_of(redis_url, key_prefix) - before
         if not left:
             break
         time.sleep(0.05)
-    client.close()
     assert not left, f"an abandoned upload left keys: {left}"
     health = Conn(url)
     try:
