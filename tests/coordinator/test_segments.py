@@ -111,6 +111,22 @@ async def test_a_publish_replaces_the_previous_segments(app_client: httpx.AsyncC
 
 
 @pytest.mark.anyio
+async def test_a_full_segment_costs_redis_about_its_size(app_client: httpx.AsyncClient) -> None:
+    # Exactly 1 MiB values land in jemalloc's 1.25 MiB size class (on a REDIS_URL server built
+    # with it); a segment a page shorter fits the 1 MiB class with its header.
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    wid = await setup(app_client)
+    content = frame(wid, 1, 1.0)
+    await publish(app_client, wid, content)
+    tag = await store.r.hget(store.keys.snapshot_meta("f", wid), "tag")
+    full = len(content) // SEGMENT
+    assert full >= 2
+    for i in range(full):
+        used = await store.r.memory_usage(store.keys.segment("f", wid, tag, i), samples=0)
+        assert used <= 1.01 * SEGMENT, f"segment {i} takes {used} bytes of Redis memory"
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("committed", [True, False])
 async def test_an_aborted_upload_keeps_segments_only_if_its_commit_ran(
     app_client: httpx.AsyncClient, committed: bool

@@ -1,8 +1,8 @@
 """Tether publish: validate the body as it streams in, store it as segments, commit in one MULTI.
 
 A frame is stored as consecutive string keys of `SEGMENT` bytes (see `Keys.segment`), not one
-value: Redis (its allocator) stores 1 MiB values at about twice the rate of one 64 MB value, and
-one string could not hold a frame over Redis's 512 MB `proto-max-bulk-len`. Under the
+value: Redis (its allocator) stores values of about 1 MiB at about twice the rate of one 64 MB
+value, and one string could not hold a frame over Redis's 512 MB `proto-max-bulk-len`. Under the
 coordinator's own server the body arrives as those segments straight from the socket
 (`rawbody`); under any other ASGI server it is regrouped from `receive()`.
 

@@ -1,8 +1,9 @@
 """Every Redis key the coordinator uses, built here under one prefix.
 
 Memory (DESIGN §4, issue 3 §4), per worker: one hash, one liveness key, the latest frame (as
-1 MiB segments, see `segment`; an upload in flight adds its own, with a TTL), its metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers),
-its decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
+segments of just under 1 MiB, see `segment`; an upload in flight adds its own, with a TTL), its
+metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers), its
+decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
 generation, small) and at most `policy.retain_generations` generation tensors. Per federation: a
 hash, the worker set, the token index, the decision counter, the decision stream (approximate
 MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
