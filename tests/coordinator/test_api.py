@@ -282,12 +282,21 @@ async def test_compatibility(app_client: httpx.AsyncClient) -> None:
     assert (await c.get(f"{F}/nope/compatibility")).status_code == 404
 
 
+async def scored(c: httpx.AsyncClient) -> None:
+    """Until every publish so far has been scored (the scoring stream's backlog is empty)."""
+    store = c.app.state.store  # type: ignore[attr-defined]
+    with anyio.fail_after(15):
+        while await store.scoring_backlog() != (0, 0):
+            await anyio.sleep(0.02)
+
+
 async def test_decisions_long_poll_acks_generations(app_client: httpx.AsyncClient) -> None:
     c = app_client
     a, b = await setup_pair(c)
     aw, bw = a["worker_id"], b["worker_id"]
     base = tensors(1)
     await c.put(f"{F}/f/workers/{aw}/tethers", content=frame(aw, 1, base))
+    await scored(c)  # else a's round may see b's frame too, and decide for a as well
     await c.put(f"{F}/f/workers/{bw}/tethers", content=frame(bw, 1, tensors(2, base)))
     polled = (await c.get(f"{F}/f/workers/{bw}/decisions?after=0&wait=10")).json()
     assert polled["count"] >= 1 and polled["data"][0]["action"] == "merge"
@@ -333,7 +342,7 @@ async def test_scoring_is_idempotent_and_reclaims(app_client: httpx.AsyncClient)
     aw, bw = a["worker_id"], b["worker_id"]
     base = tensors(1)
     await c.put(f"{F}/f/workers/{aw}/tethers", content=frame(aw, 1, base))
-    await wait_decisions(c, 0)
+    await scored(c)  # a's entry is done: the dead scorer below takes b's
     # A "dead" scorer takes the next entry and never acks it.
     dead = store.keys.scoring()
     await c.put(f"{F}/f/workers/{bw}/tethers", content=frame(bw, 1, tensors(2, base)))
