@@ -254,11 +254,12 @@ def _changed(meta: SnapshotMeta | None, entries: Mapping[str, Any], prev: dict[s
 
 async def receive_publish(
     store: Store, request: Request, limit: int, fed: str, wid: str, policy: Policy,
-    layers: list[LayerSpec],
+    layers: list[LayerSpec], prev: dict[str, str],
 ) -> Published:  # fmt: skip
-    """Stream, validate and store one publish; 400/413/422 with nothing written on failure."""
+    """Stream, validate and store one publish; 400/413/422 with nothing written on failure.
+
+    `prev` is the worker's snapshot metadata hash as read before the body (empty if none)."""
     size = declared_size(request, limit)
-    prev: dict[str, str] = await store.r.hgetall(store.keys.snapshot_meta(fed, wid))  # type: ignore[assignment]
     if size is None:  # chunked: bounded by the limit, read whole to learn its length
         whole = await _read_chunked(request, limit)
         size, segments = len(whole), _slices(whole)

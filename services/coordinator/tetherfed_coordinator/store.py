@@ -248,6 +248,23 @@ class Store:
             raise worker_not_found(fed, wid)
         return record
 
+    async def publish_context(
+        self, fed: str, wid: str
+    ) -> tuple[Policy, dict[str, str], dict[str, str]]:
+        """What a publish needs before its body, in one round trip: the federation's policy, the
+        worker's record and its current snapshot metadata (empty before its first publish);
+        404 for an unknown federation or worker."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.federation(fed), "policy")
+            pipe.hgetall(self.keys.worker(fed, wid))
+            pipe.hgetall(self.keys.snapshot_meta(fed, wid))
+            policy, record, prev = await pipe.execute()
+        if policy is None:
+            raise federation_not_found(fed)
+        if not record:
+            raise worker_not_found(fed, wid)
+        return Policy.model_validate_json(policy), record, prev
+
     @staticmethod
     def layers_of(record: dict[str, str]) -> list[LayerSpec]:
         """The registered layer table of a worker record."""

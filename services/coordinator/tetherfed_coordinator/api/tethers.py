@@ -40,11 +40,11 @@ async def publish(
     metrics: MetricsDep,
 ) -> PublishAccepted:  # fmt: skip
     """Publish a snapshot (413 over the size cap; 400/422 naming what is wrong; nothing written)."""
-    policy = await store.policy(fed)
-    record = await store.worker_record(fed, wid)
+    policy, record, prev = await store.publish_context(fed, wid)
     ensure_member(record, fed, wid)
     layers = store.layers_of(record)
-    done = await receive_publish(store, request, settings.max_frame_bytes, fed, wid, policy, layers)
+    limit = settings.max_frame_bytes
+    done = await receive_publish(store, request, limit, fed, wid, policy, layers, prev)
     metrics.publishes += 1
     metrics.bytes_in += done.nbytes
     assert done.frame.meta is not None
