@@ -23,7 +23,7 @@ from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
 
-LAYERS = [LayerSpec(name="w", shape=[768, 1024])]  # 3 MiB: three segments
+LAYERS = [LayerSpec(name="w", shape=[768, 1024])]  # 3 MiB: four segments
 
 
 class Conn:
@@ -220,7 +220,7 @@ def test_only_the_publish_route_streams_raw(method: str, path: str, raw: bool) -
 def test_a_large_body_answered_early_closes_the_connection(coordinator: tuple[str, str]) -> None:
     url, _ = coordinator
     conn = Conn(url)
-    try:  # 64 MiB declared, 1 MiB sent: the 404 comes back and the rest is not waited for
+    try:  # 64 MiB declared, one segment sent: the 404 comes back and the rest is not waited for
         conn.send(put_head("f", "nobody", 64 << 20) + b"\0" * SEGMENT)
         status, _ = conn.response()
         closed = conn.sock.recv(1) == b""
