@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio.to_thread
 import redis.asyncio as aioredis
+from threadpoolctl import ThreadpoolController
 
 from tether_protocol.compat import CompatibilityMatrix, all_pairs, row_scores
 from tether_protocol.frame import tensor_view
@@ -41,11 +42,18 @@ GROUP = "scorers"
 BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
 RACED = -3  # commit.lua: another scorer changed this worker's state since it was read
 INLINE_BYTES = 1 << 20  # rounds over less than this run on the event loop, not in a thread
+# Rounds over less than this run BLAS on one thread. A Gram of a few MB is over before helper
+# threads pay off, and on a machine whose cores the API, Redis and the workers also use, those
+# threads spin waiting and take CPU from them: in the load benchmark (64 workers × 4 layers of
+# 64×64, 2 cores) one thread took p99 publish→decision from 650-700 ms to 220 ms, and publishes
+# coalesced before scoring from 8,500-11,600 to 132. Larger rounds keep BLAS's own thread count.
+SMALL_ROUND_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 
 def matrices(snaps: Mapping[str, Snapshot], measure: Measure) -> dict[str, CompatibilityMatrix]:
     """All-pairs compatibility per layer over the given snapshots (workers lacking a layer skip it)."""
+    size_blas_threads(snaps)
     layers: dict[str, dict[str, object]] = {}
     for wid, snap in snaps.items():
         for name, entry in snap.entries.items():
@@ -80,6 +88,22 @@ def publisher_scores(
 BATCH_GRAM_MIN = 3  # publishers in a batch from which one full matrix beats their rows
 
 
+@functools.cache
+def _blas() -> tuple[ThreadpoolController, int]:
+    """The process's BLAS libraries and the thread count they started with."""
+    blas = ThreadpoolController().select(user_api="blas")
+    return blas, max((lib["num_threads"] for lib in blas.info()), default=1)
+
+
+def size_blas_threads(snaps: Mapping[str, Snapshot]) -> None:
+    """Give BLAS one thread for a round over less than SMALL_ROUND_BYTES, else its own count.
+    Set, not scoped: rounds overlapping in one process (thread-mode scoring beside the
+    compatibility endpoint) may run with each other's count, which changes only their speed."""
+    blas, threads = _blas()
+    small = sum(len(s.buf) for s in snaps.values()) < SMALL_ROUND_BYTES
+    blas.limit(limits=1 if small else threads)
+
+
 def batch_scores(
     snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -87,6 +111,13 @@ def batch_scores(
     matrix of each layer once (one Gram), read row by row."""
     if len(snaps) < 2:
         return {wid: {} for wid in publishers}
+    size_blas_threads(snaps)
+    return _batch_scores(snaps, publishers, measure)
+
+
+def _batch_scores(
+    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure
+) -> dict[str, dict[str, dict[str, float]]]:
     if len(publishers) < BATCH_GRAM_MIN:
         return {wid: publisher_scores(snaps, wid, measure) for wid in publishers}
     found = matrices(snaps, measure)
