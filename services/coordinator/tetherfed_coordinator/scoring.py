@@ -111,14 +111,8 @@ def batch_scores(
     matrix of each layer once (one Gram), read row by row."""
     if len(snaps) < 2:
         return {wid: {} for wid in publishers}
-    size_blas_threads(snaps)
-    return _batch_scores(snaps, publishers, measure)
-
-
-def _batch_scores(
-    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure
-) -> dict[str, dict[str, dict[str, float]]]:
     if len(publishers) < BATCH_GRAM_MIN:
+        size_blas_threads(snaps)  # (matrices sizes them itself)
         return {wid: publisher_scores(snaps, wid, measure) for wid in publishers}
     found = matrices(snaps, measure)
     return {
