@@ -1,4 +1,4 @@
-"""Compatibility of tethers: `dot`, `cosine` and `pearson`, all pairs at once from one Gram matrix.
+"""Compatibility of tethers: `dot`, `cosine`, `pearson` and `cka`, all pairs from one Gram matrix.
 
 For M workers on one layer we stack the flattened tethers into X (M × N) and compute G = X Xᵀ in a
 single pass over X: columns are taken in cache-sized blocks, each block's Gram comes from BLAS in
@@ -15,6 +15,20 @@ unshifted G subtracts s sᵀ/N, which multiplies that error by κ = E[x²]/Var[x
 tethers); when any row has κ > 16 the pass is repeated with each row shifted by its first block's
 mean, so κ ≈ 1 and pearson stays within ~1e-4. Normalized scores are clipped to [-1, 1] with an
 exact 1 on the diagonal.
+
+`cka` compares what layers compute rather than their tethers: linear centred kernel alignment
+(Kornblith, Norouzi, Lee & Hinton, "Similarity of Neural Network Representations Revisited",
+ICML 2019) of a layer's activations on a probe batch of n inputs that every worker shares. With
+X (n × p) and Y (n × q) the activations, K = XXᵀ and L = YYᵀ their n × n probe Gram matrices and
+H = I − 11ᵀ/n,
+
+    CKA(X, Y) = ⟨HKH, HLH⟩_F / (‖HKH‖_F ‖HLH‖_F),
+
+the cosine of the flattened double-centred Grams. It is invariant to permutations (indeed any
+orthogonal transform) of the units and to isotropic scaling, so workers initialised independently
+are comparable, and it needs no alignment of p with q. Workers publish `probe_gram` (the centred
+Gram, scaled to unit Frobenius norm) per layer; scoring `cka` is then the `cosine` path below on
+those n² values (a double-centred matrix sums to zero, so cosine and pearson coincide there).
 
 Pairs that are not comparable (different shapes, or a zero-variance tensor under a normalized
 measure) score NaN; callers treat NaN as "not comparable", never as an error.
@@ -115,16 +129,66 @@ def _ill_conditioned(stats: GramStats, cov: FloatArray) -> bool:
     return bool(np.any(second_moment[live] > KAPPA_MAX * variance[live]))
 
 
+MEASURES: tuple[str, ...] = ("dot", "cosine", "pearson", "cka")
+
+
+def _check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; use {', '.join(MEASURES)}")
+
+
 def scores_from_stats(stats: GramStats, measure: Measure) -> FloatArray:
     """The M × M score matrix of a measure from Gram statistics (pearson: of unshifted rows
-    or rows shifted by any per-row constant; the covariance is the same)."""
+    or rows shifted by any per-row constant; the covariance is the same; cka: rows are
+    double-centred probe Grams, see `probe_gram`)."""
+    _check_measure(measure)
     if measure == "dot":
         return stats.gram.copy()
-    if measure == "cosine":
+    if measure in ("cosine", "cka"):
         return _normalize(stats.gram)
-    if measure == "pearson":
-        return _normalize(_covariance(stats))
-    raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+    return _normalize(_covariance(stats))
+
+
+def probe_gram(activations: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """The double-centred probe Gram HKH of a layer's activations, scaled to unit Frobenius norm.
+
+    `activations` is n × … (one row per probe input; trailing dimensions are flattened). Returns
+    the n × n float32 matrix a worker publishes for `cka`; all zeros when the activations are
+    constant over the probe batch (then the layer is not comparable). Kornblith et al. 2019.
+    """
+    x = np.asarray(activations, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    x = x - x.mean(axis=0, keepdims=True)  # HX: then (HX)(HX)ᵀ = HKH
+    gram: FloatArray = x @ x.T
+    norm = float(np.linalg.norm(gram))
+    out: npt.NDArray[np.float32] = (gram / norm if norm > 0 else gram).astype(np.float32)
+    return out
+
+
+def centre_gram(gram: npt.ArrayLike) -> FloatArray:
+    """HKH for an n × n Gram matrix K (idempotent: a centred Gram comes back unchanged)."""
+    k = np.asarray(gram, dtype=np.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"a probe Gram must be square, got shape {k.shape}")
+    k = k - k.mean(axis=0, keepdims=True)
+    out: FloatArray = k - k.mean(axis=1, keepdims=True)
+    return out
+
+
+def linear_cka(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
+    """Linear CKA of two activation matrices on the same n probe inputs (n × p and n × q),
+    computed directly from the features: ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F) of the centred X, Y
+    (Kornblith et al. 2019, eq. 5). NaN when either is constant over the inputs."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    a = a.reshape(a.shape[0], -1) - a.reshape(a.shape[0], -1).mean(axis=0)
+    b = b.reshape(b.shape[0], -1) - b.reshape(b.shape[0], -1).mean(axis=0)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"activations cover {a.shape[0]} and {b.shape[0]} inputs; need the same")
+    denominator = np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)
+    if denominator <= 0:
+        return float("nan")
+    return float(np.linalg.norm(b.T @ a) ** 2 / denominator)
 
 
 def _normalize(gram: FloatArray) -> FloatArray:
@@ -143,8 +207,7 @@ def _normalize(gram: FloatArray) -> FloatArray:
 
 def gram_scores(rows: Rows, measure: Measure, *, block: int = BLOCK_COLUMNS) -> FloatArray:
     """All-pairs scores of M rows (a stacked M × N matrix, or M flat arrays of length N)."""
-    if measure not in ("dot", "cosine", "pearson"):
-        raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+    _check_measure(measure)
     stats = gram_stats(rows, block=block)
     if measure == "pearson" and _ill_conditioned(stats, _covariance(stats)):
         head = [row.reshape(-1)[:block] for row in rows]
@@ -222,8 +285,7 @@ def row_scores(
     the M tethers (dot products with `own`, plus each row's sum and sum of squares, block by block),
     where the full Gram matrix costs M times the arithmetic. Others with a different shape are NaN.
     """
-    if measure not in ("dot", "cosine", "pearson"):
-        raise ValueError(f"unknown measure {measure!r}; use dot, cosine or pearson")
+    _check_measure(measure)
     names = [w for w, a in others.items() if np.shape(a) == np.shape(own)]
     out = {w: float("nan") for w in others}
     if not names:

@@ -6,6 +6,11 @@ alignment), then the raw little-endian tensor bytes back to back. The header map
 to {dtype, shape, data_offsets} and holds `__metadata__` (str → str); the snapshot metadata sits
 under the key `tetherfed.snapshot` as JSON.
 
+Besides one tensor per registered layer, a frame may carry each layer's probe Gram matrix (for
+the `cka` measure, see `compat.probe_gram`) under the name `<layer>@probe_gram`: an n × n tensor,
+with one n for the whole frame (the federation's probe batch size). They are optional, are not
+part of the registered layer table, and are never tethers.
+
 Decoding validates everything a hostile or broken client could get wrong and raises a subclass of
 `FrameError` naming the problem. Decoded float32/float16 tensors are zero-copy views of the input
 buffer; bfloat16 (which numpy lacks) is widened to float32, the one copy the format forces.
@@ -26,6 +31,7 @@ from pydantic import ValidationError
 from .messages import LayerSpec, SnapshotMeta, WireDType
 
 META_KEY = "tetherfed.snapshot"
+PROBE_GRAM_SUFFIX = "@probe_gram"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 _LEN = struct.Struct("<Q")
 
@@ -274,9 +280,45 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
+def probe_gram_name(layer: str) -> str:
+    """The frame entry name of a layer's probe Gram matrix."""
+    return layer + PROBE_GRAM_SUFFIX
+
+
+def split_probe_grams(
+    entries: Mapping[str, TensorEntry],
+) -> tuple[dict[str, TensorEntry], dict[str, TensorEntry]]:
+    """(tether entries by layer, probe Gram entries by the layer they describe)."""
+    tethers, grams = {}, {}
+    for name, entry in entries.items():
+        if name.endswith(PROBE_GRAM_SUFFIX):
+            grams[name.removesuffix(PROBE_GRAM_SUFFIX)] = entry
+        else:
+            tethers[name] = entry
+    return tethers, grams
+
+
+def _check_probe_grams(grams: Mapping[str, TensorEntry], registered: Mapping[str, Any]) -> None:
+    unknown = [name for name in grams if name not in registered]
+    if unknown:
+        raise LayerMismatchError(f"probe Grams of layers that are not registered: {unknown}")
+    sizes = set()
+    for name, entry in grams.items():
+        if len(entry.shape) != 2 or entry.shape[0] != entry.shape[1] or entry.shape[0] < 2:
+            raise ShapeError(
+                f"probe Gram of layer {name!r} has shape {list(entry.shape)}; expected [n, n], n ≥ 2"
+            )
+        sizes.add(entry.shape[0])
+    if len(sizes) > 1:
+        raise ShapeError(f"probe Grams of one frame must share one size n, got {sorted(sizes)}")
+
+
 def check_layers(entries: Mapping[str, TensorEntry], layers: Sequence[LayerSpec]) -> None:
-    """Raise unless the frame holds exactly the registered layers, with their shapes and dtypes."""
+    """Raise unless the frame holds exactly the registered layers, with their shapes and dtypes
+    (plus, optionally, probe Grams of registered layers)."""
     registered = {layer.name: layer for layer in layers}
+    entries, grams = split_probe_grams(entries)
+    _check_probe_grams(grams, registered)
     missing = [name for name in registered if name not in entries]
     unknown = [name for name in entries if name not in registered]
     if missing or unknown:

@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PROTOCOL_VERSION = 1
 
-Measure = Literal["dot", "cosine", "pearson"]
+Measure = Literal["dot", "cosine", "pearson", "cka"]
 Action = Literal["merge", "drift", "hold"]
 MergeOperator = Literal["average", "weighted"]
 DriftOperator = Literal["repel", "decouple"]
 Trigger = Literal["plateau", "every_publish"]
 Pairing = Literal["best", "all"]
+Relative = Literal["none", "zscore", "rank"]
 WireDType = Literal["float32", "float16", "bfloat16"]
 WorkerStatus = Literal["active", "lost", "left"]
 Outcome = Literal["applied", "rejected"]
@@ -68,6 +69,17 @@ class Versioned(WireModel):
 # --------------------------------------------------------------------------------------------
 
 LayerScope = list[str] | Literal["all", "middle"]
+
+
+class MergeGate(WireModel):
+    """Keep a merge only if it does not hurt: the worker evaluates its loss on its own probe
+    batch before and after applying the merge, and rolls the merge back (acking `rejected` with
+    both losses) when the loss rose by more than `probe_loss_rise` (a fraction of the loss
+    before: 0.01 allows a 1 % rise)."""
+
+    probe_loss_rise: float = Field(
+        default=0.01, ge=0, description="Largest relative rise of probe loss a merge may cause."
+    )
 
 
 class Policy(WireModel):
@@ -136,6 +148,33 @@ class Policy(WireModel):
     retain_generations: int = Field(
         default=8, ge=0, le=1024, description="Generation tensors kept per worker-layer."
     )
+    relative: Relative = Field(
+        default="none",
+        description="Thresholds on raw scores (none), or relative to the publisher's row: zscore "
+        "(the score's z-score among the publisher's comparable, fresh partners; thresholds in "
+        "standard deviations) or rank (1 for the best of those partners, 0 for the worst, "
+        "evenly spaced; thresholds in [0, 1]).",
+    )
+    min_merge_score: float | None = Field(
+        default=None,
+        description="Under a relative rule, a merge also needs the raw score above this "
+        "(None: no floor), so a row with no good partner merges with none.",
+    )
+    probe_seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of the probe batch every worker draws its inputs from (cka).",
+    )
+    probe_size: int = Field(
+        default=64,
+        ge=4,
+        le=1024,
+        description="Inputs in the probe batch: cka compares n × n probe Gram matrices.",
+    )
+    gate: MergeGate | None = Field(
+        default=None,
+        description="Merge gate (None: every merge is kept), e.g. {probe_loss_rise = 0.01}.",
+    )
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> Policy:
@@ -144,15 +183,25 @@ class Policy(WireModel):
                 f"drift_threshold ({self.drift_threshold}) must be ≤ merge_threshold "
                 f"({self.merge_threshold})"
             )
-        if self.measure != "dot":
-            for label, value in (("merge", self.merge_threshold), ("drift", self.drift_threshold)):
-                if value is not None and not -1.0 <= value <= 1.0:
-                    raise ValueError(
-                        f"{label}_threshold {value} is outside [-1, 1], the range of {self.measure}"
-                    )
+        self._thresholds_in_range()
         if isinstance(self.layers, list) and not self.layers:
             raise ValueError("layers must name at least one layer (or be 'all' / 'middle')")
         return self
+
+    def _thresholds_in_range(self) -> None:
+        if self.min_merge_score is not None and self.relative == "none":
+            raise ValueError("min_merge_score applies only with a relative rule (zscore, rank)")
+        if self.relative == "zscore":
+            return  # any number of standard deviations
+        low, high, scale = (0.0, 1.0, "rank") if self.relative == "rank" else (-1.0, 1.0, "")
+        if self.measure == "dot" and self.relative == "none":
+            return
+        for label, value in (("merge", self.merge_threshold), ("drift", self.drift_threshold)):
+            if value is not None and not low <= value <= high:
+                raise ValueError(
+                    f"{label}_threshold {value} is outside [{low:g}, {high:g}], the range of "
+                    f"{scale or self.measure}"
+                )
 
     def merge_params(self) -> dict[str, float]:
         """Parameters of the merge operator, as carried by a decision."""
@@ -214,6 +263,11 @@ class PolicyPatch(WireModel):
     drift_operator: DriftOperator | None = None
     drift_beta: float | None = None
     retain_generations: int | None = None
+    relative: Relative | None = None
+    min_merge_score: float | None = None
+    probe_seed: int | None = None
+    probe_size: int | None = None
+    gate: MergeGate | None = None
 
     def apply(self, policy: Policy) -> Policy:
         """The patched policy; raises pydantic.ValidationError if the result is invalid."""
@@ -486,6 +540,12 @@ class AckCreate(Versioned):
     outcome: Outcome
     generation: int | None = Field(default=None, ge=0)
     reason: str | None = Field(default=None, max_length=1024)
+    probe_loss_before: float | None = Field(
+        default=None, description="Merge gate: probe loss before the merge was applied."
+    )
+    probe_loss_after: float | None = Field(
+        default=None, description="Merge gate: probe loss with the merge applied."
+    )
 
     @model_validator(mode="after")
     def _reason_for_rejection(self) -> AckCreate:
@@ -502,6 +562,8 @@ class AckPublic(WireModel):
     outcome: Outcome
     generation: int | None
     reason: str | None
+    probe_loss_before: float | None = None
+    probe_loss_after: float | None = None
     acked_at: datetime
 
 

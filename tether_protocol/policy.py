@@ -15,6 +15,14 @@ only change w's tether: the partner's changes come from its own rounds.
 
 The merge budget (`max_merges_per_epoch`) is counted per worker and layer: with one layer in scope
 (the prototype) that is exactly the prototype's per-epoch cap.
+
+Relative rules (`policy.relative`) compare thresholds not with raw scores but with where a partner
+stands in the publisher's row — the comparable partners whose snapshots are fresh (cooling pairs
+included: a pair in cooldown still says what "close" means for this worker, it just cannot be
+chosen). `zscore`: (s − mean) / std over that row (population std; all 0 when the row has one
+partner or no spread). `rank`: (partners scoring below + half those tied) / (row size − 1), so the
+best scores 1 and the worst 0 (a lone partner scores 1). A federation whose raw scores all sit
+high then still separates its closest pairs from the rest; `min_merge_score` keeps a raw floor.
 """
 
 from __future__ import annotations
@@ -126,9 +134,10 @@ def decide(policy: Policy, state: FederationState, snapshot: SnapshotMeta) -> Ro
     return result
 
 
-def _eligible(
+def _row(
     policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str
 ) -> dict[str, float]:
+    """The publisher's comparable partners with fresh snapshots, and their raw scores."""
     out: dict[str, float] = {}
     for partner, score in state.scores.get(layer, {}).items():
         peer = state.peers.get(partner)
@@ -138,31 +147,74 @@ def _eligible(
             policy.max_staleness_steps is not None
             and abs(peer.step - snapshot.step) > policy.max_staleness_steps
         )
-        last = state.cooldowns.get((layer, partner))
-        cooling = last is not None and snapshot.step - last < policy.cooldown_steps
-        if not stale and not cooling:
+        if not stale:
             out[partner] = score
     return out
+
+
+def relative_scores(row: Mapping[str, float], rule: str) -> dict[str, float]:
+    """Each partner's standing in a publisher's row of raw scores: `none` (the raw score),
+    `zscore` or `rank` (see the module docstring for both definitions)."""
+    if rule == "none":
+        return dict(row)
+    values = list(row.values())
+    n = len(values)
+    if rule == "zscore":
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+        return {p: (s - mean) / std if std > 0 else 0.0 for p, s in row.items()}
+    if rule == "rank":
+        if n == 1:
+            return dict.fromkeys(row, 1.0)
+        return {
+            p: (sum(v < s for v in values) + 0.5 * (sum(v == s for v in values) - 1)) / (n - 1)
+            for p, s in row.items()
+        }
+    raise ValueError(f"unknown relative rule {rule!r}; use none, zscore or rank")
+
+
+def _eligible(
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(raw scores, scores the thresholds apply to) of the partners that may be chosen now."""
+    raw = _row(policy, state, snapshot, layer)
+    standing = relative_scores(raw, policy.relative) if raw else {}
+    out: dict[str, float] = {}
+    for partner in raw:
+        last = state.cooldowns.get((layer, partner))
+        if last is None or snapshot.step - last >= policy.cooldown_steps:
+            out[partner] = standing[partner]
+    return {p: raw[p] for p in out}, out
 
 
 def _decide_layer(
     policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, result: Round
 ) -> None:
-    scores = _eligible(policy, state, snapshot, layer)
+    raw, scores = _eligible(policy, state, snapshot, layer)
     if not scores:
         return
-    ranked = sorted(scores, key=lambda p: (-scores[p], p))
-    merges = _merges(policy, state, layer, ranked, scores)
+    ranked = sorted(scores, key=lambda p: (-scores[p], -raw[p], p))
+    merges = _merges(policy, state, layer, ranked, scores, raw)
     drifts = _drifts(policy, layer, ranked, scores)
     for partner, action in [*merges, *drifts]:
         result.decisions.append(
-            _draft(policy, state, snapshot, layer, partner, action, scores[partner])
+            _draft(policy, state, snapshot, layer, partner, action, raw[partner], scores[partner])
         )
         result.cooldowns[(layer, partner)] = snapshot.step
     if merges:
         result.merges[layer] = len(merges)
     if not merges and not drifts:
-        result.decisions.append(_hold(policy, state, snapshot, layer, ranked[0], scores[ranked[0]]))
+        best = ranked[0]
+        result.decisions.append(
+            _hold(policy, state, snapshot, layer, best, raw[best], scores[best])
+        )
+
+
+def _compared(policy: Policy, score: float, standing: float) -> str:
+    """How a reason names the number a threshold was applied to."""
+    if policy.relative == "none":
+        return f"{policy.measure} {score:.4g}"
+    return f"{policy.measure} {score:.4g}, {policy.relative} {standing:.3g}"
 
 
 def _merges(
@@ -171,8 +223,14 @@ def _merges(
     layer: str,
     ranked: list[str],
     scores: Mapping[str, float],
+    raw: Mapping[str, float],
 ) -> list[tuple[str, Action]]:
-    above = [p for p in ranked if scores[p] > policy.merge_threshold]
+    floor = policy.min_merge_score
+    above = [
+        p
+        for p in ranked
+        if scores[p] > policy.merge_threshold and (floor is None or raw[p] > floor)
+    ]
     budget = max(policy.max_merges_per_epoch - state.merges.get(layer, 0), 0)
     if policy.pairing == "best":
         above = above[:1]
@@ -198,6 +256,7 @@ def _draft(
     partner: str,
     action: Action,
     score: float,
+    standing: float,
 ) -> DecisionDraft:
     peer = state.peers[partner]
     merge = action == "merge"
@@ -212,7 +271,7 @@ def _draft(
         operator=policy.merge_operator if merge else policy.drift_operator,
         params=policy.merge_params() if merge else policy.drift_params(),
         partner_snapshot=SnapshotRef(worker_id=partner, version=peer.version, step=peer.step),
-        reason=f"{policy.measure} {score:.4g} {comparison} {threshold:g}",
+        reason=f"{_compared(policy, score, standing)} {comparison} {threshold:g}",
     )
 
 
@@ -223,13 +282,15 @@ def _hold(
     layer: str,
     best: str,
     score: float,
+    standing: float,
 ) -> DecisionDraft:
-    over_budget = score > policy.merge_threshold
-    reason = (
-        f"merge limit reached ({policy.max_merges_per_epoch} per epoch)"
-        if over_budget
-        else f"best {policy.measure} {score:.4g} within thresholds"
-    )
+    floor = policy.min_merge_score
+    if standing > policy.merge_threshold and floor is not None and score <= floor:
+        reason = f"best {_compared(policy, score, standing)} is not above min_merge_score {floor:g}"
+    elif standing > policy.merge_threshold:
+        reason = f"merge limit reached ({policy.max_merges_per_epoch} per epoch)"
+    else:
+        reason = f"best {_compared(policy, score, standing)} within thresholds"
     peer = state.peers[best]
     return DecisionDraft(
         layer=layer,

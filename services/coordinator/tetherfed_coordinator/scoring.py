@@ -29,8 +29,8 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 from threadpoolctl import ThreadpoolController
 
-from tether_protocol.compat import CompatibilityMatrix, all_pairs, row_scores
-from tether_protocol.frame import tensor_view
+from tether_protocol.compat import CompatibilityMatrix, all_pairs, centre_gram, row_scores
+from tether_protocol.frame import TensorEntry, tensor_view
 from tether_protocol.messages import Decision, Measure, Policy, SnapshotRef, utcnow
 from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Round, decide
 
@@ -51,13 +51,25 @@ SMALL_ROUND_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 
+def scored_entries(snap: Snapshot, measure: Measure) -> dict[str, TensorEntry]:
+    """What a measure compares, by layer: the tethers, or for `cka` the probe Grams (a worker
+    that publishes none has nothing comparable under `cka`)."""
+    return snap.grams if measure == "cka" else snap.entries
+
+
+def scored_tensor(snap: Snapshot, entry: TensorEntry, measure: Measure) -> Any:
+    """The tensor a measure scores (a probe Gram is double-centred here, whatever was sent)."""
+    view = tensor_view(snap.buf, entry)
+    return centre_gram(view) if measure == "cka" else view
+
+
 def matrices(snaps: Mapping[str, Snapshot], measure: Measure) -> dict[str, CompatibilityMatrix]:
     """All-pairs compatibility per layer over the given snapshots (workers lacking a layer skip it)."""
     size_blas_threads(snaps)
     layers: dict[str, dict[str, object]] = {}
     for wid, snap in snaps.items():
-        for name, entry in snap.entries.items():
-            layers.setdefault(name, {})[wid] = tensor_view(snap.buf, entry)
+        for name, entry in scored_entries(snap, measure).items():
+            layers.setdefault(name, {})[wid] = scored_tensor(snap, entry, measure)
     return {
         layer: all_pairs(tensors, measure, order=sorted(tensors))  # type: ignore[arg-type]
         for layer, tensors in sorted(layers.items())
@@ -74,14 +86,14 @@ def publisher_scores(
     """
     own = snaps[wid]
     out: dict[str, dict[str, float]] = {}
-    for layer, entry in own.entries.items():
+    for layer, entry in scored_entries(own, measure).items():
         others = {
-            w: tensor_view(s.buf, s.entries[layer])
+            w: scored_tensor(s, scored_entries(s, measure)[layer], measure)
             for w, s in snaps.items()
-            if w != wid and layer in s.entries
+            if w != wid and layer in scored_entries(s, measure)
         }
         if others:
-            out[layer] = row_scores(tensor_view(own.buf, entry), others, measure)
+            out[layer] = row_scores(scored_tensor(own, entry, measure), others, measure)
     return out
 
 

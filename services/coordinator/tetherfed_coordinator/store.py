@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import HTTPException
 
-from tether_protocol.frame import TensorEntry, parse_entries, read_header
+from tether_protocol.frame import TensorEntry, parse_entries, read_header, split_probe_grams
 from tether_protocol.messages import (
     AckCreate,
     AckPublic,
@@ -61,7 +61,8 @@ def _opt_int(text: str | None) -> int | None:
 
 @dataclass
 class Snapshot:
-    """A worker's latest frame as stored: bytes, entries (absolute offsets) and metadata."""
+    """A worker's latest frame as stored: bytes, tether entries (absolute offsets) by layer,
+    metadata, and the probe Gram entries by layer (`cka`; empty when the worker sends none)."""
 
     worker_id: str
     version: int
@@ -71,6 +72,7 @@ class Snapshot:
     meta: SnapshotMeta
     buf: bytes
     entries: dict[str, TensorEntry]
+    grams: dict[str, TensorEntry] = field(default_factory=dict)
 
 
 def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snapshot | None:
@@ -79,6 +81,7 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
         return None
     buf = segments[0] if len(segments) == 1 else b"".join(segments)
     header, start = read_header(buf)
+    entries, grams = split_probe_grams(parse_entries(header, start, len(buf)))
     return Snapshot(
         worker_id=wid,
         version=int(meta["version"]),
@@ -87,7 +90,8 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
         prev_loss=_opt_float(meta.get("prev_loss")),
         meta=SnapshotMeta.model_validate_json(meta["meta"]),
         buf=buf,
-        entries=parse_entries(header, start, len(buf)),
+        entries=entries,
+        grams=grams,
     )
 
 
@@ -480,6 +484,8 @@ class Store:
             outcome=body.outcome,
             generation=body.generation,
             reason=body.reason,
+            probe_loss_before=body.probe_loss_before,
+            probe_loss_after=body.probe_loss_after,
             acked_at=utcnow(),
         )
         created = await self.r.hsetnx(self.keys.acks(fed), str(decision.id), ack.model_dump_json())

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from tether_protocol.frame import encode_frame, tensor_view
+from tether_protocol.frame import encode_frame, split_probe_grams, tensor_view
 from tether_protocol.messages import (
     GenerationRecord,
     GenerationsPublic,
@@ -50,7 +50,7 @@ async def publish(
     assert done.frame.meta is not None
     return PublishAccepted(
         worker_id=wid, version=done.version, step=done.frame.meta.step,
-        layers=len(done.frame.entries), bytes=done.nbytes,
+        layers=len(split_probe_grams(done.frame.entries)[0]), bytes=done.nbytes,
     )  # fmt: skip
 
 
