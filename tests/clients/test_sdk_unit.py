@@ -26,7 +26,7 @@ from tetherfed._errors import (
 
 EXPECTED_EXPORTS = {
     "APIError", "AsyncClient", "AuthError", "BadRequestError", "Client", "ConflictError",
-    "Federation", "NotFoundError", "OperatorError", "RetryPolicy", "ServerError", "StepReport",
+    "Diagnostics", "Federation", "NotFoundError", "OperatorError", "RetryPolicy", "ServerError", "StepReport",
     "Task", "TetherError", "TetherMode", "TetherParametrization", "TransportError",
     "WorkerConfig", "__version__", "apply_operator_", "build_model", "default_model",
     "get_tether", "layer_table", "load_task", "run_worker", "set_tether_", "tether",
@@ -39,7 +39,7 @@ def test_public_surface_is_curated() -> None:
     for name in tetherfed.__all__:
         assert getattr(tetherfed, name) is not None
     private = {n for n in dir(tetherfed) if not n.startswith("_") and n not in tetherfed.__all__}
-    assert not private - {"cli"}, f"public names missing from __all__: {private}"
+    assert not private - {"cli", "diagnostics"}, f"public names missing from __all__: {private}"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@
 The SDK (`Client`, `AsyncClient`) covers every REST call of the coordinator.
 """
 
+from ._diagnostics import Diagnostics
 from ._errors import (
     APIError,
     AuthError,
@@ -46,6 +47,7 @@ __all__ = [
     "BadRequestError",
     "Client",
     "ConflictError",
+    "Diagnostics",
     "Federation",
     "NotFoundError",
     "OperatorError",

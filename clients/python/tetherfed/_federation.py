@@ -15,6 +15,7 @@ per outage, keeps the latest unsent snapshot, and retries with exponential backo
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
@@ -40,6 +41,7 @@ from tether_protocol.messages import (
     WireDType,
 )
 from tether_protocol.policy import plateau
+from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
 
 from ._errors import (
     APIError,
@@ -55,6 +57,7 @@ from ._sdk import Client
 from ._tethering import TetherParametrization, tethered_layers
 
 log = logging.getLogger("tetherfed.federation")
+TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
 
 
 @dataclass
@@ -75,6 +78,8 @@ class FederationStats:
     snapshots: int = 0
     published: int = 0
     failures: int = 0
+    telemetry_sent: int = 0
+    telemetry_dropped: int = 0
 
 
 @dataclass
@@ -177,6 +182,10 @@ class Federation:
         self._buffers = [self._host_buffers(), self._host_buffers()]
         self._ready: queue.SimpleQueue[_Ready] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[tuple[int, AckCreate]] = queue.SimpleQueue()
+        # Telemetry waits here for the I/O thread (oldest dropped past the bound, counted).
+        self._telemetry: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=TELEMETRY_BUFFER
+        )
         self._registered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tetherfed-io", daemon=True)
         self._thread.start()
@@ -213,6 +222,15 @@ class Federation:
     def wait_registered(self, timeout: float) -> bool:
         """Block until the worker is registered (for scripts and tests); True if it is."""
         return self._registered.wait(timeout)
+
+    def telemetry(self, points: list[dict[str, Any]]) -> None:
+        """Queue telemetry points (`tether_protocol.telemetry.TelemetryPoint` fields) for the
+        I/O thread; returns at once. They are sent when no snapshot is waiting, so they never
+        hold up a publish; while the coordinator is unreachable at most 8,192 wait (the oldest
+        are dropped and counted in `stats.telemetry_dropped`)."""
+        room = TELEMETRY_BUFFER - len(self._telemetry)
+        self.stats.telemetry_dropped += max(0, len(points) - room)
+        self._telemetry.extend(points)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume under the same id (store it in your checkpoint)."""
@@ -317,7 +335,9 @@ class Federation:
                     self._register()
                 self._send_pending()
                 self._send_acks()
-                if self._closing.is_set() and self._pending is None:
+                if self._pending is None:
+                    self._send_telemetry()
+                if self._closing.is_set() and self._pending is None and not self._telemetry:
                     return  # flushed: close() takes it from here
                 if time.monotonic() - last_beat >= self.heartbeat_s:
                     self._heartbeat()
@@ -415,6 +435,23 @@ class Federation:
             except TetherError:  # transport, 5xx, auth: keep it for the next try
                 self._acks.put((decision_id, ack))
                 raise
+
+    def _send_telemetry(self) -> None:
+        while self._telemetry and self.worker_id is not None:
+            batch = [
+                self._telemetry.popleft() for _ in range(min(MAX_POINTS, len(self._telemetry)))
+            ]
+            try:
+                body = TelemetryCreate(data=[TelemetryPoint.model_validate(p) for p in batch])
+                self._client.post_telemetry(self.federation, self.worker_id, body)
+            except (ValueError, BadRequestError, NotFoundError, ConflictError) as error:
+                log.warning("telemetry refused, %d points dropped: %s", len(batch), error)
+                self.stats.telemetry_dropped += len(batch)
+                continue
+            except TetherError:  # transport, 5xx, auth: they wait for the next try
+                self._telemetry.extendleft(reversed(batch))
+                raise
+            self.stats.telemetry_sent += len(batch)
 
     def _heartbeat(self) -> None:
         assert self.worker_id is not None

@@ -45,6 +45,7 @@ from tether_protocol.messages import (
     WorkerRegistered,
     WorkersPublic,
 )
+from tether_protocol.telemetry import TelemetryCreate, TelemetryMetrics, TelemetrySeries
 
 from ._errors import TetherError, TransportError, error_for
 from ._retry import RetryPolicy
@@ -128,6 +129,21 @@ class _Calls:
     def heartbeat(fed: str, wid: str, beat: Heartbeat) -> Call[dict[str, Any]]:
         path = f"/v1/federations/{_p(fed, 'workers', wid)}/heartbeat"
         return Call("POST", path, json=_dump(beat))
+
+    @staticmethod
+    def post_telemetry(fed: str, wid: str, body: TelemetryCreate) -> Call[None]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/telemetry"
+        return Call("POST", path, json=_dump(body))
+
+    @staticmethod
+    def telemetry(
+        fed: str, wid: str, metric: str | None, layer: str | None, after: int | None
+    ) -> Call[Any]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/telemetry"
+        query = {"metric": metric, "layer": layer, "after": after}
+        model = TelemetryMetrics if metric is None else TelemetrySeries
+        params = {k: v for k, v in query.items() if v is not None}
+        return Call("GET", path, params=params, model=model)
 
     @staticmethod
     def leave(fed: str, wid: str) -> Call[None]:
@@ -344,6 +360,24 @@ class Client:
     def heartbeat(self, fed: str, wid: str, beat: Heartbeat) -> dict[str, Any]:
         return self.call(CALLS.heartbeat(fed, wid, beat))
 
+    def post_telemetry(self, fed: str, wid: str, body: TelemetryCreate) -> None:
+        """Send diagnostics points (the worker's own token)."""
+        self.call(CALLS.post_telemetry(fed, wid, body))
+
+    def telemetry(
+        self,
+        fed: str,
+        wid: str,
+        metric: str | None = None,
+        layer: str | None = None,
+        after: int | None = None,
+    ) -> TelemetryMetrics | TelemetrySeries:
+        """The series a worker has (no `metric`), or one series' points with step > `after`."""
+        return cast(
+            TelemetryMetrics | TelemetrySeries,
+            self.call(CALLS.telemetry(fed, wid, metric, layer, after)),
+        )
+
     def leave(self, fed: str, wid: str) -> None:
         self.call(CALLS.leave(fed, wid))
 
@@ -504,6 +538,24 @@ class AsyncClient:
 
     async def heartbeat(self, fed: str, wid: str, beat: Heartbeat) -> dict[str, Any]:
         return await self.call(CALLS.heartbeat(fed, wid, beat))
+
+    async def post_telemetry(self, fed: str, wid: str, body: TelemetryCreate) -> None:
+        """Send diagnostics points (the worker's own token)."""
+        await self.call(CALLS.post_telemetry(fed, wid, body))
+
+    async def telemetry(
+        self,
+        fed: str,
+        wid: str,
+        metric: str | None = None,
+        layer: str | None = None,
+        after: int | None = None,
+    ) -> TelemetryMetrics | TelemetrySeries:
+        """The series a worker has (no `metric`), or one series' points with step > `after`."""
+        return cast(
+            TelemetryMetrics | TelemetrySeries,
+            await self.call(CALLS.telemetry(fed, wid, metric, layer, after)),
+        )
 
     async def leave(self, fed: str, wid: str) -> None:
         await self.call(CALLS.leave(fed, wid))

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from tether_protocol.messages import WireDType
 
+from ._diagnostics import Diagnostics, parse_spec
 from ._federation import Federation
 from ._tasks import Task, build_model, default_model, load_task
 from ._tethering import tether, update_importance
@@ -62,6 +63,18 @@ class WorkerConfig(BaseModel):
     resume: bool = False
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=100, ge=1)
+    diagnostics: str | None = Field(
+        default=None,
+        description="Weight diagnostics schedule, `every=epoch|N[,budget=F]`; None: off.",
+    )
+    probe_size: int = Field(default=64, ge=1, description="Validation samples for the Jacobian.")
+
+    @field_validator("diagnostics")
+    @classmethod
+    def _diagnostics_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_spec(value)
+        return value
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Steps to run: `steps`, else `epochs` × steps per epoch (default one epoch)."""
@@ -174,6 +187,8 @@ class _Run:
     start: int
     fed: Federation | None
     metrics: Metrics
+    diag: Diagnostics | None = None
+    epoch: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {"merge": 0, "drift": 0, "rejected": 0})
     best: float = math.inf
     val_loss: float = math.nan
@@ -214,7 +229,26 @@ def _setup(cfg: WorkerConfig) -> _Run:
             resume=resume_state,
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
-    return _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
+    run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
+    run.diag = _diagnostics(run)
+    return run
+
+
+def _diagnostics(run: _Run) -> Diagnostics | None:
+    """The weight diagnostics of `--diagnostics`, writing into the checkpoint folder and sending
+    telemetry through the federation; the probe is the first validation samples."""
+    cfg = run.cfg
+    if cfg.diagnostics is None:
+        return None
+    return Diagnostics(
+        run.model,
+        **parse_spec(cfg.diagnostics),
+        out_dir=cfg.checkpoint_dir,
+        probe=run.task.val.tensors[0][: cfg.probe_size].to(run.device),
+        seed=cfg.seed,
+        steps_per_epoch=math.ceil(len(run.task.train) / cfg.batch_size),
+        sink=run.fed.telemetry if run.fed is not None else None,
+    )
 
 
 def _train_step(run: _Run) -> tuple[int, float, float]:
@@ -275,10 +309,15 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     try:
         for step in range(run.start + 1, run.total + 1):
             epoch, loss, grad_norm = _train_step(run)
+            run.epoch = epoch
+            if run.diag is not None:
+                run.diag.step(step, epoch, loss)
             if step % cfg.eval_every == 0 or step == run.total:
                 _evaluate(run, step)
             if step % cfg.log_every == 0 or step == run.total:
                 _log(run, step, epoch, loss, grad_norm)
+        if run.diag is not None:
+            run.diag.close(run.total, run.epoch)  # final values, before telemetry is flushed
     finally:
         if run.fed is not None:
             run.fed.close()

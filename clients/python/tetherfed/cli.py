@@ -41,6 +41,16 @@ def _layer_lr(values: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def _diagnostics_spec(value: str) -> str:
+    from ._diagnostics import parse_spec
+
+    try:
+        parse_spec(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """Options of `tetherfed worker` (shared with `tetherfed up`, which passes them on)."""
     p.add_argument(
@@ -70,6 +80,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument(
+        "--diagnostics",
+        type=_diagnostics_spec,
+        default=None,
+        metavar="every=epoch|N[,budget=F]",
+        help="weight diagnostics into the worker folder and to the coordinator (DESIGN §8)",
+    )
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -99,6 +116,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         resume=args.resume,
         log_every=args.log_every,
         eval_every=args.eval_every,
+        diagnostics=args.diagnostics,
     )
     return main_worker(cfg)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,6 @@ from scipy.signal import find_peaks
 from torch import Tensor
 
 from tether_protocol.telemetry import METRICS
-
-# torch.func.jvp imports its decompositions on first use, which scripts them with the deprecated
-# torch.jit.script: import them once here, without the DeprecationWarning that is torch's own.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._decomp.decompositions_for_jvp
 
 __all__ = [
     "METRICS",
@@ -104,7 +97,8 @@ def gzip_ratio(weight: ArrayLike, level: int = 6) -> float:
     """Compressed / raw size of the weight serialised as little-endian float64 bytes (seed
     002's "gzip complexity": lower = more compressible = more structure). Standard library
     `gzip` at `level` (6, zlib's default); the header's timestamp is fixed, so equal weights give
-    equal ratios. Dimensionless; random normal weights give ≈ 0.95, zeros ≈ 0.001.
+    equal ratios. Dimensionless; random normal weights give ≈ 0.95, zeros ≈ 0.001; a few dozen
+    values give more than 1 (gzip's 18 bytes of header and trailer).
 
     Raises ValueError for an empty weight.
     """
@@ -216,7 +210,9 @@ def update_spectrum(updates: ArrayLike, wavelet: str = "db4", level: int = 5) ->
     u = u.reshape(1, -1) if u.ndim == 1 else u.reshape(u.shape[0], -1)
     if u.shape[1] < 2:
         raise ValueError(f"an update vector needs at least 2 values, got shape {u.shape}")
-    levels = max(1, min(level, pywt.dwt_max_level(u.shape[1], pywt.Wavelet(wavelet).dec_len)))
+    levels = min(level, pywt.dwt_max_level(u.shape[1], pywt.Wavelet(wavelet).dec_len))
+    if levels < 1:
+        raise ValueError(f"{u.shape[1]} values are too few for one {wavelet} wavelet level")
     details = [pywt.wavedec(row, wavelet, level=levels)[1:] for row in u]
     return UpdateSpectrum(
         freqs=np.fft.rfftfreq(u.shape[1]),
@@ -309,29 +305,30 @@ def jacobian_spectral_radius(
     seed: int = 0,
 ) -> JacobianRadius:
     """Largest |eigenvalue| of the input→output Jacobian J(x) of `model` at each probe sample,
-    by power iteration with `torch.func` (seed 004: "the Jacobian of the network mapping and its
+    by power iteration with `torch.func` vjps (seed 004: "the Jacobian of the network mapping and its
     spectral radius"; "flag the first epoch where that value exceeds 1").
 
-    `probe`: (B, *input_shape); every sample gets its own iteration, batched: one `jvp` of the
-    model on the whole probe per step (samples must not interact, e.g. no BatchNorm in training
-    mode). When input and output sizes differ J has no eigenvalues: the iteration runs on JᵀJ
-    (`jvp` then `vjp`) and the largest singular value is reported, `kind` says which. The
+    `probe`: (B, *input_shape); every sample gets its own iteration, batched: one Jacobian-vector
+    product of the model on the whole probe per step (samples must not interact, e.g. no
+    BatchNorm in training mode). When input and output sizes differ J has no eigenvalues: the
+    iteration runs on JᵀJ (Jv, then a vjp) and the largest singular value is reported, `kind`
+    says which. The
     estimate is the geometric mean of ‖Jv‖/‖v‖ over the second half of the iterations, which
     also converges when the dominant eigenvalues are a complex pair. Unitless (output units per
     input unit). Seeded start vectors: the same model and probe give the same value.
     """
     x = probe.detach()
-    with torch.no_grad():
-        n_out = model(x[:1]).numel()
-    n_in = x[0].numel()
-    square = n_in == n_out
+    out, vjp_fn = torch.func.vjp(model, x)  # u ↦ Jᵀu
+    # J v as the vjp of that linear map (the "double-vjp" trick): reverse-mode kernels only.
+    # torch.func.jvp gives the same values but decomposes Linear layers in Python (4× slower).
+    _, jvp_fn = torch.func.vjp(vjp_fn, torch.zeros_like(out))
+    square = x[0].numel() == out[0].numel()
     gen = torch.Generator().manual_seed(seed)
     v = _unit(torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x))
-    vjp_fn = None if square else torch.func.vjp(model, x)[1]
     logs = []
     for _ in range(iterations):
-        _, jv = torch.func.jvp(model, (x,), (v,))
-        u = jv.reshape(x.shape) if vjp_fn is None else vjp_fn(jv)[0]
+        jv = jvp_fn((v.reshape(x.shape),))[0]
+        u = jv.reshape(x.shape) if square else vjp_fn(jv)[0]
         norms = _norms(u)
         logs.append(torch.log(norms.clamp_min(1e-30)))
         v = u.detach() / norms.clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))

@@ -7,6 +7,8 @@ decision stream (approximate MAXLEN), per layer a generation record list (metada
 generation, small) and at most `policy.retain_generations` generation tensors. Per federation: a
 hash, the worker set, the token index, the decision counter, the decision stream (approximate
 MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
+Telemetry (diagnostics): per worker an index hash and one sorted set per metric and layer, each
+trimmed to `telemetry_maxlen` points.
 """
 
 from __future__ import annotations
@@ -128,3 +130,12 @@ class Keys:
     def generation_tensor(self, fed: str, wid: str, layer: str, generation: int) -> str:
         """One retained generation's tensor (a one-layer frame)."""
         return f"{self.prefix}fed:{fed}:w:{wid}:gent:{generation}:{layer}"
+
+    def telemetry(self, fed: str, wid: str, metric: str, layer: str) -> str:
+        """Sorted set: the worker's telemetry points of one metric and layer (JSON), scored by
+        step, trimmed to the newest `telemetry_maxlen`."""
+        return f"{self.worker(fed, wid)}:tm:{metric}:{layer}"
+
+    def telemetry_index(self, fed: str, wid: str) -> str:
+        """Hash: `metric\x00layer` → step of the last point, one field per series the worker has."""
+        return f"{self.worker(fed, wid)}:tmindex"

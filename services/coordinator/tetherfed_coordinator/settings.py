@@ -48,3 +48,6 @@ class Settings(BaseSettings):
     )
     long_poll_max_s: float = Field(default=30.0, ge=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    telemetry_maxlen: int = Field(
+        default=2000, ge=1, description="Telemetry points kept per worker, metric and layer."
+    )

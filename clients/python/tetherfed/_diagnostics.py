@@ -1,0 +1,442 @@
+"""`Diagnostics`: the weight diagnostics of `tetherfed.diagnostics`, computed while a model trains.
+
+Call `diag.step(step, epoch, loss)` after every optimizer step. Per step it only copies a fixed,
+seeded subset of each layer's raw weights (`coords_per_layer` coordinates, the layer's first
+element always among them) into a small ring on the model's device: one `index_select` per layer,
+no host sync. On schedule (`every="epoch"`: when the epoch changes; `every=N`: every N steps) it
+computes every metric of `METRICS`, appends them to `diagnostics.jsonl` (scalars) and
+`diagnostics.safetensors` (arrays, stacked over runs) in `out_dir`, and hands small telemetry
+points to `sink` (the `Federation` sends them on its I/O thread).
+
+Cost budget: runs may take at most `budget` (default 5 %) of the wall clock since the helper was
+made. A scheduled run that would go over is skipped (later ones run: less often), and the first
+skip is said once, in the log and as a ``diagnostics_budget`` line in `diagnostics.jsonl`. The
+final run at `close()` always happens, so every run ends with final values.
+
+Update vectors: the update of step t is the change of the sampled coordinates from step t − 1.
+`updates_per_epoch` (32) consecutive updates of `coords_per_layer` (128) coordinates give each
+layer a 4,096-sample vector per run — a power of two for the FFT, long enough for 5 db4 levels —
+while the ring holds 64 rows × 128 coordinates × layers (32 KiB per layer in float32), whatever
+the model's size. Layers smaller than 128 elements are sampled whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import Tensor, nn
+
+from . import diagnostics as dx
+from ._tethering import TETHERABLE
+
+log = logging.getLogger("tetherfed.diagnostics")
+
+Sink = Callable[[list[dict[str, Any]]], None]
+RING_ROWS = 64  # steps the ring holds; tracked weights are moved to the host every 64 steps
+MAX_TRACKED = 65_536  # tracked-weight rows kept; past it every other row is dropped
+TELEMETRY_FFT_BINS = 128  # update_fft telemetry is max-pooled to this many bins
+TELEMETRY_TRACKED_ROWS = 256
+
+
+def parse_every(spec: str | int) -> int | Literal["epoch"]:
+    """`"every=epoch"`, `"epoch"`, `"every=N"`, `"N"` or an int → "epoch" or N (≥ 1)."""
+    text = str(spec).strip().removeprefix("every=")
+    if text == "epoch":
+        return "epoch"
+    try:
+        every = int(text)
+    except ValueError:
+        raise ValueError(
+            f"diagnostics schedule must be every=epoch or every=N, got {spec!r}"
+        ) from None
+    if every < 1:
+        raise ValueError(f"diagnostics every=N needs N ≥ 1, got {every}")
+    return every
+
+
+def parse_spec(spec: str) -> dict[str, Any]:
+    """The `--diagnostics` option: `every=epoch|N[,budget=F]` → Diagnostics keyword arguments.
+
+    Raises ValueError naming what is wrong."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if key == "every" or not sep:
+            out["every"] = parse_every(value if sep else key)
+        elif key == "budget":
+            try:
+                out["budget"] = float(value)
+            except ValueError:
+                raise ValueError(f"diagnostics budget must be a number, got {value!r}") from None
+        else:
+            raise ValueError(f"unknown diagnostics option {key!r} (known: every, budget)")
+    return out
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Linear / Conv layers by module name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TETHERABLE) and n}
+
+
+def raw_weight(module: nn.Module) -> Tensor:
+    """The trainable weight (under a tether parametrization, the original W, not W ⊙ T)."""
+    params = getattr(module, "parametrizations", None)
+    if params is not None and "weight" in params:
+        return params["weight"].original  # type: ignore[no-any-return]
+    return module.weight  # type: ignore[return-value]
+
+
+class Diagnostics:
+    """Weight diagnostics on a schedule, within a share of the wall clock (see the module doc).
+
+    `probe`: inputs (B, *input_shape) for the Jacobian radius (none: that metric is skipped).
+    `tracked`: two layer names whose first weight element is tracked every step with the loss
+    (default: the first two layers — `fc1.weight[0,0]`, `fc2.weight[0,0]` for the MLPs).
+    `normalize_histograms`: histogram weights divided by the total weight norm (seed 002's note).
+    `steps_per_epoch`: with `every="epoch"`, run after each epoch's last step; without it, at the
+    first step of the next epoch (labelled with the epoch that ended).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int | str = "epoch",
+        out_dir: Path | str | None = None,
+        probe: Tensor | None = None,
+        seed: int = 0,
+        budget: float = 0.05,
+        coords_per_layer: int = 128,
+        updates_per_epoch: int = 32,
+        bins: int = 64,
+        window: int = 16,
+        tracked: tuple[str, str] | None = None,
+        normalize_histograms: bool = False,
+        sink: Sink | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        self.model, self.every, self.budget, self.sink = model, parse_every(every), budget, sink
+        self.layers = weight_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no Linear or Conv layers to diagnose")
+        if updates_per_epoch + 1 > RING_ROWS:
+            raise ValueError(f"updates_per_epoch must be < {RING_ROWS}")
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.probe, self.seed, self.bins, self.updates = probe, seed, bins, updates_per_epoch
+        self.normalize, self.steps_per_epoch = normalize_histograms, steps_per_epoch
+        self.tracked = tracked or tuple(list(self.layers)[:2])  # type: ignore[assignment]
+        self._init = self._effective()
+        self._range = self._histogram_range()
+        self._setup_ring(coords_per_layer, seed)
+        self._spectra: dict[str, deque[np.ndarray]] = {n: deque(maxlen=window) for n in self.layers}
+        self._arrays: dict[str, list[np.ndarray]] = self._earlier_runs()
+        self._tracked_rows: list[tuple[float, float, float, float]] = []
+        self._tracked_stride, self._tracked_seen = 1, 0
+        earlier = self._arrays.get("tracked_weights/model", [np.zeros((0, 4))])[0]
+        self._tracked_rows.extend(tuple(row) for row in earlier.tolist())
+        self._tracked_sent = len(self._tracked_rows)
+        self._losses: list[float] = []
+        self._steps = 0  # steps recorded into the ring
+        self._epoch: int | None = None
+        self._last_run_step: int | None = None
+        self.started, self.spent, self.last_cost = time.monotonic(), 0.0, 0.0
+        self.runs, self.skipped, self._said = 0, 0, False
+
+    # -- per step --------------------------------------------------------------------------------
+    def step(self, step: int, epoch: int, loss: float | None = None) -> dict[str, Any] | None:
+        """Record this step's sampled weights; run the diagnostics when due. Returns the record
+        written when they ran."""
+        started = time.perf_counter()
+        due = self._due(step, epoch)
+        self._capture(step, loss)
+        self.spent += time.perf_counter() - started
+        if not due:
+            return None
+        if not self._affordable():
+            self._skip(step)
+            return None
+        ended = self.every == "epoch" and self.steps_per_epoch is None  # seen in the next epoch
+        return self.run(step, max(epoch - 1, 0) if ended else epoch)
+
+    def _due(self, step: int, epoch: int) -> bool:
+        if self.every != "epoch":
+            return step % self.every == 0
+        if self.steps_per_epoch is not None:
+            return step % self.steps_per_epoch == 0
+        changed = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return changed
+
+    def _affordable(self) -> bool:
+        elapsed = time.monotonic() - self.started
+        return self.runs == 0 or self.spent + self.last_cost <= self.budget * elapsed
+
+    def _skip(self, step: int) -> None:
+        self.skipped += 1
+        if self._said:
+            return
+        self._said = True
+        message = (
+            f"diagnostics: a run takes {self.last_cost * 1e3:.1f} ms, more than "
+            f"{self.budget:.0%} of wall time at every={self.every}; running less often"
+        )
+        log.warning(message)
+        self._write_line({"event": "diagnostics_budget", "step": step, "message": message})
+
+    def _setup_ring(self, coords: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self._index: dict[str, Tensor] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, module in self.layers.items():
+            w = raw_weight(module)
+            k = min(coords, w.numel())
+            rest = torch.randperm(w.numel() - 1, generator=gen)[: k - 1] + 1
+            self._index[name] = torch.cat([torch.zeros(1, dtype=torch.long), rest.sort().values])
+            self._index[name] = self._index[name].to(w.device)
+            self._offsets[name] = (offset, offset + k)
+            offset += k
+        w0 = raw_weight(next(iter(self.layers.values())))
+        self._ring = torch.zeros((RING_ROWS, offset), dtype=torch.float32, device=w0.device)
+
+    @torch.no_grad()
+    def _capture(self, step: int, loss: float | None) -> None:
+        row = self._ring[self._steps % RING_ROWS]
+        for name, module in self.layers.items():
+            lo, hi = self._offsets[name]
+            torch.index_select(raw_weight(module).view(-1), 0, self._index[name], out=row[lo:hi])
+        self._losses.append(math.nan if loss is None else float(loss))
+        self._steps += 1
+        if self._steps % RING_ROWS == 0:
+            self._flush_tracked(step)
+
+    def _flush_tracked(self, step: int) -> None:
+        n = len(self._losses)
+        if n == 0:
+            return
+        cols = [self._offsets[name][0] for name in self.tracked]
+        rows = [(self._steps - n + i) % RING_ROWS for i in range(n)]
+        values = self._ring[rows][:, cols].double().cpu().numpy()
+        first = step - n + 1
+        for i, loss in enumerate(self._losses):
+            self._tracked_seen += 1
+            if self._tracked_seen % self._tracked_stride == 0:
+                self._tracked_rows.append((first + i, loss, *values[i].tolist()))
+        self._losses = []
+        if len(self._tracked_rows) > MAX_TRACKED:  # bounded: keep every other row from now on
+            self._tracked_rows = self._tracked_rows[::2]
+            self._tracked_sent //= 2
+            self._tracked_stride *= 2
+
+    # -- a run -----------------------------------------------------------------------------------
+    def run(self, step: int, epoch: int) -> dict[str, Any]:
+        """Compute every metric now; write and send the record; return it."""
+        started = time.perf_counter()
+        self._flush_tracked(step)
+        points: list[dict[str, Any]] = []
+        scalars: dict[str, dict[str, Any]] = {}
+        for metric, layer, value, array in self._compute():
+            if value is not None:
+                points.append({"metric": metric, "layer": layer, "value": value})
+            if array is not None:
+                self._keep(f"{metric}/{layer}", step, array)
+            summary = _summary(metric, value, array)
+            if summary is not _NONE:
+                scalars.setdefault(metric, {})[layer] = summary
+        cost = time.perf_counter() - started
+        record = {"event": "diagnostics", "step": step, "epoch": epoch, "time": time.time(),
+                  "cost_s": round(cost, 6), "metrics": scalars,
+                  "jacobian_kind": getattr(self, "_jacobian_kind", None)}  # fmt: skip
+        self._write(record)
+        if self.sink is not None:
+            self.sink([{**p, "step": step, "epoch": epoch} for p in points])
+        self.last_cost = time.perf_counter() - started
+        self.spent += self.last_cost
+        self.runs += 1
+        self._last_run_step = step
+        return record
+
+    def close(self, step: int, epoch: int) -> dict[str, Any] | None:
+        """The final run (unless the last run was at this step): final values, always."""
+        if self._last_run_step == step:
+            return None
+        return self.run(step, epoch)
+
+    def _compute(self) -> Iterator[tuple[str, str, Any, Any]]:
+        current = self._effective()
+        for name, w in current.items():
+            if w.ndim < 2:
+                continue
+            s = dx.singular_values(w)
+            yield "singular_values", name, _clean(s[:64]), s.astype(np.float32)
+            erank = dx.effective_rank(w)
+            yield "effective_rank", name, _num(erank), np.float64(erank)
+        for name, w in {
+            **current,
+            "all": np.concatenate([w.ravel() for w in current.values()]),
+        }.items():
+            ratio = dx.gzip_ratio(w)
+            yield "gzip_ratio", name, _num(ratio), np.float64(ratio)
+        hists = dx.weight_histograms(current, self.bins, self._range, self.normalize)
+        for name, counts in hists.items():
+            yield "weight_histogram", name, counts.tolist(), counts
+        if len(current) >= 2:
+            deltas = [current[n] - self._init[n] for n in current]
+            corr = dx.delta_correlation_by_distance(deltas)
+            yield "delta_corr_by_distance", "model", _clean(corr), corr
+        yield from self._spectra_metrics()
+        yield from self._jacobian()
+        yield from self._tracked_metric()
+
+    def _spectra_metrics(self) -> Iterator[tuple[str, str, Any, Any]]:
+        if self._steps < self.updates + 1:
+            return
+        rows = [(self._steps - self.updates - 1 + i) % RING_ROWS for i in range(self.updates + 1)]
+        window = self._ring[rows].double().cpu().numpy()
+        updates = np.diff(window, axis=0)
+        for name, (lo, hi) in self._offsets.items():
+            spectrum = dx.update_spectrum(updates[None, :, lo:hi])
+            magnitude = spectrum.magnitude[0]
+            yield (
+                "update_fft",
+                name,
+                _clean(_max_pool(magnitude, TELEMETRY_FFT_BINS)),
+                magnitude.astype(np.float32),
+            )
+            levels = np.split(spectrum.wavelet[0], np.cumsum(spectrum.level_sizes)[:-1])
+            rms = [float(np.sqrt(np.mean(c * c))) for c in levels]
+            yield "update_wavelet", name, _clean(rms), spectrum.wavelet[0].astype(np.float32)
+            self._spectra[name].append(spectrum.fft[0])
+            yield from self._peaks(name, spectrum.freqs)
+
+    def _peaks(self, name: str, freqs: np.ndarray) -> Iterator[tuple[str, str, Any, Any]]:
+        found = dx.persistent_peaks(np.stack(self._spectra[name]), freqs=freqs)
+        table = np.array([[p.frequency, p.magnitude, p.phase_agreement] for p in found]).reshape(
+            -1, 3
+        )
+        self._latest(f"persistent_peaks/{name}", table)
+        yield "persistent_peaks", name, [_clean(row) for row in table.tolist()], None
+
+    def _jacobian(self) -> Iterator[tuple[str, str, Any, Any]]:
+        if self.probe is None:
+            return
+        training = self.model.training
+        self.model.eval()
+        try:
+            result = dx.jacobian_spectral_radius(self.model, self.probe, seed=self.seed)
+        finally:
+            self.model.train(training)
+        self._jacobian_kind = result.kind
+        yield "jacobian_radius", "model", _num(result.radius), np.float64(result.radius)
+
+    def _tracked_metric(self) -> Iterator[tuple[str, str, Any, Any]]:
+        rows = np.array(self._tracked_rows, dtype=np.float64).reshape(-1, 4)
+        self._latest("tracked_weights/model", rows)
+        fresh = rows[self._tracked_sent :]
+        self._tracked_sent = len(rows)
+        step = max(1, math.ceil(len(fresh) / TELEMETRY_TRACKED_ROWS))
+        yield "tracked_weights", "model", [_clean(r) for r in fresh[::step].tolist()], None
+
+    # -- state and files -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _effective(self) -> dict[str, np.ndarray]:
+        return {
+            n: m.weight.detach().to("cpu", torch.float64).numpy().copy()
+            for n, m in self.layers.items()
+        }
+
+    def _histogram_range(self) -> tuple[float, float]:
+        values = np.concatenate([w.ravel() for w in self._init.values()])
+        if self.normalize:
+            values = values / max(float(np.linalg.norm(values)), 1e-30)
+        half = 3.0 * max(float(np.max(np.abs(values))), 1e-12)
+        return (-half, half)
+
+    def _earlier_runs(self) -> dict[str, list[np.ndarray]]:
+        """The arrays an earlier run of this folder wrote (a resumed worker appends to them)."""
+        path = self.out_dir / "diagnostics.safetensors" if self.out_dir else None
+        if path is None or not path.exists():
+            return {}
+        return {k: [v] if _single(k) else list(v) for k, v in load_file(path).items()}
+
+    def _keep(self, key: str, step: int, array: Any) -> None:
+        self._arrays.setdefault(key, []).append(np.asarray(array))
+        self._arrays.setdefault(f"{key}/step", []).append(np.int64(step))
+
+    def _latest(self, key: str, array: np.ndarray) -> None:
+        self._arrays[key] = [array]
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.out_dir is None:
+            return
+        self._write_line(record)
+        tensors = {}
+        for key, items in self._arrays.items():
+            tensors[key] = np.ascontiguousarray(items[0] if _single(key) else np.stack(items))
+        meta = {"format": "tetherfed-diagnostics/1", "tracked": json.dumps(self._tracked_names()),
+                "histogram_range": json.dumps(list(self._range)),
+                "histogram_normalized": str(self.normalize).lower(),
+                "tracked_weights_columns": "step,loss,w1,w2"}  # fmt: skip
+        path = self.out_dir / "diagnostics.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def _write_line(self, record: Mapping[str, Any]) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / "diagnostics.jsonl").open("a") as out:
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def _tracked_names(self) -> list[str]:
+        names = []
+        for name in self.tracked:
+            shape = raw_weight(self.layers[name]).shape
+            names.append(f"{name}.weight[{','.join('0' * len(shape))}]")
+        return names
+
+
+_NONE = object()
+
+
+def _single(key: str) -> bool:
+    """Arrays stored whole (the latest), not stacked over runs."""
+    return key.startswith(("persistent_peaks/", "tracked_weights/"))
+
+
+def _summary(metric: str, value: Any, array: Any) -> Any:
+    """What `diagnostics.jsonl` holds of a metric: scalars, the correlation by distance (a few
+    numbers) and the persistent peak count; arrays only go to the safetensors file."""
+    if isinstance(array, np.floating) or metric == "delta_corr_by_distance":
+        return value
+    if metric == "persistent_peaks":
+        return len(value)
+    return _NONE
+
+
+def _num(value: float) -> float | None:
+    return None if not math.isfinite(value) else float(value)
+
+
+def _clean(values: Any) -> list[float | None]:
+    return [_num(float(v)) for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def _max_pool(values: np.ndarray, bins: int) -> np.ndarray:
+    if len(values) <= bins:
+        return values
+    edges = np.linspace(0, len(values), bins + 1).astype(int)
+    return np.maximum.reduceat(values, edges[:-1])
