@@ -76,6 +76,10 @@ class NonFiniteError(FrameError):
     """A tensor holds NaN or ±Inf."""
 
 
+class RangeError(FrameError):
+    """A tether value lies outside [0, 1] (tethers are in [0, 1] by definition, DESIGN §3)."""
+
+
 class LayerMismatchError(FrameError):
     """The frame's layers are not exactly the registered layer table."""
 
@@ -356,11 +360,13 @@ def decode_frame(
     layers: Sequence[LayerSpec] | None = None,
     require_meta: bool = True,
     check_finite: bool = True,
+    unit_range: bool = True,
 ) -> Frame:
     """Decode and validate a frame.
 
     `layers`, when given, must match the frame exactly (names, shapes, dtypes). With
-    `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer.
+    `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer; with `unit_range`
+    (and `check_finite`), a value outside [0, 1] raises `RangeError` naming the layer.
     """
     header, data_start = read_header(buf)
     meta, extra = parse_meta(header)
@@ -376,7 +382,15 @@ def decode_frame(
         for name, array in tensors.items():
             if not np.isfinite(array).all():
                 raise NonFiniteError(f"layer {name!r} contains NaN or Inf")
+            outside = array[(array < 0.0) | (array > 1.0)] if unit_range else array[:0]
+            if outside.size:
+                raise RangeError(out_of_range(name, float(outside.flat[0])))
     return Frame(meta=meta, entries=entries, tensors=tensors, extra_metadata=extra)
+
+
+def out_of_range(layer: str, value: float) -> str:
+    """The message of a `RangeError`: the layer and its first value outside [0, 1]."""
+    return f"layer {layer!r} has a value outside [0, 1]: {value:g}"
 
 
 def check_wire_dtype(entries: Mapping[str, TensorEntry], wire: WireDType) -> None:

@@ -27,9 +27,11 @@ from .frame import (
     FrameError,
     MetadataError,
     NonFiniteError,
+    RangeError,
     TensorEntry,
     check_layers,
     check_wire_dtype,
+    out_of_range,
     parse_entries,
     parse_meta,
     read_header,
@@ -39,11 +41,13 @@ from .messages import LayerSpec, SnapshotMeta
 
 KeepFn = Callable[[SnapshotMeta | None, Mapping[str, TensorEntry]], Collection[str]]
 
-# wire dtype -> (item size, raw numpy dtype, mask of the exponent bits: all ones is NaN or Inf)
-_RAW: dict[str, tuple[int, np.dtype[Any], int]] = {
-    "float32": (4, np.dtype("<u4"), 0x7F800000),
-    "float16": (2, np.dtype("<u2"), 0x7C00),
-    "bfloat16": (2, np.dtype("<u2"), 0x7F80),
+# wire dtype -> (item size, raw numpy dtype, mask of the exponent bits: all ones is NaN or Inf,
+# the bits of 1.0). As unsigned integers, the values in [0, 1] are exactly the bits ≤ those of 1.0
+# (and -0.0, the sign bit alone), so one integer comparison checks both finiteness and range.
+_RAW: dict[str, tuple[int, np.dtype[Any], int, int]] = {
+    "float32": (4, np.dtype("<u4"), 0x7F800000, 0x3F800000),
+    "float16": (2, np.dtype("<u2"), 0x7C00, 0x3C00),
+    "bfloat16": (2, np.dtype("<u2"), 0x7F80, 0x3F80),
 }
 
 
@@ -59,7 +63,8 @@ class _Run:
 class FrameStream:
     """Validate a frame of `total` bytes fed in chunks; `finish()` returns its `Frame`.
 
-    `layers`, `require_meta` and `check_finite` mean what they mean for `decode_frame`. `keep`,
+    `layers`, `require_meta`, `check_finite` and `unit_range` mean what they mean for
+    `decode_frame`. `keep`,
     called once with the metadata and entries when the header is complete, names the layers
     whose bytes to keep; the returned frame's `tensors` holds exactly those.
     """
@@ -71,10 +76,12 @@ class FrameStream:
         *,
         require_meta: bool = True,
         check_finite: bool = True,
+        unit_range: bool = True,
         keep: KeepFn | None = None,
     ) -> None:
         self.total = total
         self.layers, self.require_meta, self.check_finite = layers, require_meta, check_finite
+        self.unit_range = unit_range
         self._keep_fn = keep
         self.pos = 0
         self._head = bytearray()
@@ -168,31 +175,46 @@ class FrameStream:
         self.pos = end
 
     def _check_run(self, run: _Run, part: memoryview, at: int) -> None:
-        size, raw, mask = _RAW[run.dtype]
+        size, raw = _RAW[run.dtype][:2]
         if self._carry:
             fill = min(size - len(self._carry), part.nbytes)
             self._carry += part[:fill]
             part, at = part[fill:], at + fill
             if len(self._carry) == size:
-                self._check_values(np.frombuffer(self._carry, raw), mask, at - size, size)
+                self._check_values(np.frombuffer(self._carry, raw), run.dtype, at - size)
                 self._carry.clear()
         whole = part.nbytes - part.nbytes % size
-        self._check_values(np.frombuffer(part, raw, whole // size), mask, at, size)
+        self._check_values(np.frombuffer(part, raw, whole // size), run.dtype, at)
         self._carry += part[whole:]
 
-    def _check_values(self, bits: npt.NDArray[Any], mask: int, at: int, size: int) -> None:
-        # float32: numpy's vectorised isfinite is the fast path; the bit test finds the culprit
-        if size == 4 and np.isfinite(bits.view("<f4")).all():
+    def _check_values(self, bits: npt.NDArray[Any], dtype: str, at: int) -> None:
+        size, _, mask, one = _RAW[dtype]
+        kind = bits.dtype.type
+        if self.unit_range and (bits <= kind(one)).all():
+            return  # the fast path: every value in [0, 1] (so finite)
+        if not self.unit_range and size == 4 and np.isfinite(bits.view("<f4")).all():
             return
-        bad = (bits & bits.dtype.type(mask)) == mask
+        nonfinite = (bits & kind(mask)) == kind(mask)
+        bad = nonfinite
+        if self.unit_range:
+            bad = bad | ((bits > kind(one)) & (bits != kind(1 << (8 * size - 1))))  # -0.0 is in
         if bad.any():
-            offset = at + int(np.argmax(bad)) * size
-            raise NonFiniteError(f"layer {self._layer_at(offset)!r} contains NaN or Inf")
+            index = int(np.argmax(bad))
+            layer = self._layer_at(at + index * size)
+            if nonfinite[index]:
+                raise NonFiniteError(f"layer {layer!r} contains NaN or Inf")
+            raise RangeError(out_of_range(layer, _float_of(bits[index : index + 1], dtype)))
 
     def _layer_at(self, offset: int) -> str:
         assert self._frame is not None
         names = list(self._frame.entries)
         return names[bisect.bisect_right(self._starts, offset) - 1]
+
+
+def _float_of(bits: npt.NDArray[Any], dtype: str) -> float:
+    if dtype == "bfloat16":
+        return float((bits.astype("<u4") << np.uint32(16)).view("<f4")[0])
+    return float(bits.view("<f4" if dtype == "float32" else "<f2")[0])
 
 
 def _runs(entries: Collection[TensorEntry]) -> list[_Run]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tetherfed._tethering import (
+    ROOT_LAYER,
     TetherMode,
     TetherParametrization,
     get_tether,
@@ -111,7 +112,7 @@ def test_learned_gradient_matches_chain_rule() -> None:
     torch.autograd.backward(reference)
     assert t.grad is not None
 
-    tp = tethered_layers(lin)[""]
+    tp = tethered_layers(lin)[ROOT_LAYER]
 
     expected = t.grad * t.detach() * (1 - t.detach())  # d sigmoid / d logits
     torch.testing.assert_close(tp.logits.grad, expected)
@@ -241,7 +242,7 @@ def test_importance_refreshes_tether_every_k_steps() -> None:
 def test_importance_tether_is_scaled_ema_of_weight_times_grad() -> None:
     lin = nn.Linear(3, 2)
     tether(lin, "importance", importance_every=2, importance_decay=0.5)
-    tp = tethered_layers(lin)[""]
+    tp = tethered_layers(lin)[ROOT_LAYER]
     w = torch.randn(2, 3)
     g1, g2 = torch.randn(2, 3), torch.randn(2, 3)
 
@@ -255,7 +256,7 @@ def test_importance_tether_is_scaled_ema_of_weight_times_grad() -> None:
 def test_observe_outside_importance_mode_raises() -> None:
     lin = tether(nn.Linear(2, 2), "static")
     with pytest.raises(ValueError, match="importance mode"):
-        tethered_layers(lin)[""].observe(torch.ones(2, 2), torch.ones(2, 2))
+        tethered_layers(lin)[ROOT_LAYER].observe(torch.ones(2, 2), torch.ones(2, 2))
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ def tensors(seed: int = 0, base: dict[str, np.ndarray] | None = None) -> dict[st
     out = {}
     for spec in LAYERS:
         noise = rng.random(spec["shape"], dtype=np.float32)
-        out[spec["name"]] = noise if base is None else base[spec["name"]] + 0.01 * noise
+        near = None if base is None else np.clip(base[spec["name"]] + 0.01 * noise, 0.0, 1.0)
+        out[spec["name"]] = noise if near is None else near  # tethers lie in [0, 1]
     return out
 
 

@@ -320,7 +320,7 @@ async def test_decisions_long_poll_acks_generations(app_client: httpx.AsyncClien
     assert (await c.post(f"{F}/f/decisions/999/ack", json=ack)).status_code == 404
     assert (await c.post(f"{F}/f/decisions/1/ack", json={"outcome": "applied"})).status_code == 422
     assert (await c.get(f"{F}/f/decisions/{first['id']}/ack")).json()["outcome"] == "applied"
-    merged = {k: v + 0.5 for k, v in tensors(2, base).items()}
+    merged = {k: (v + 0.5) / 2 for k, v in tensors(2, base).items()}  # tethers lie in [0, 1]
     gens = {first["layer"]: 1}
     await c.put(f"{F}/f/workers/{bw}/tethers", content=frame(bw, 2, merged, generations=gens))
     lineage = (await c.get(f"{F}/f/workers/{bw}/tethers/{first['layer']}/generations")).json()

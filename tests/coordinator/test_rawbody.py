@@ -84,7 +84,8 @@ def coordinator(coordinator_process: Callable[..., object]) -> Iterator[tuple[st
 
 
 def body(wid: str, step: int, value: float = 1.0) -> bytes:
-    data = {"w": np.full(LAYERS[0].shape, value, dtype=np.float32)}
+    # Tethers lie in [0, 1]: `value` is scaled into it (exactly, by a power of two).
+    data = {"w": np.full(LAYERS[0].shape, value / 1024, dtype=np.float32)}
     return encode_frame(data, SnapshotMeta(worker_id=wid, step=step, epoch=0))
 
 
@@ -275,4 +276,4 @@ async def test_the_async_sdk_publishes_through_the_fast_path(
         layer = await api.tether("f", wid, "w")
     assert (accepted.version, accepted.bytes) == (1, len(frame))
     assert stored(redis_url, key_prefix, wid) == frame
-    np.testing.assert_array_equal(layer, np.full(LAYERS[0].shape, 3.0, np.float32))
+    np.testing.assert_array_equal(layer, np.full(LAYERS[0].shape, 3.0 / 1024, np.float32))

@@ -20,7 +20,8 @@ LAYERS = [LayerSpec(name="w", shape=[640, 1024])]  # 2.5 MiB: three segments
 
 
 def frame(wid: str, step: int, value: float) -> bytes:
-    data = {"w": np.full(LAYERS[0].shape, value, dtype=np.float32)}
+    # Tethers lie in [0, 1]: `value` is scaled into it (exactly, by a power of two).
+    data = {"w": np.full(LAYERS[0].shape, value / 1024, dtype=np.float32)}
     return encode_frame(data, SnapshotMeta(worker_id=wid, step=step, epoch=0))
 
 
@@ -57,7 +58,7 @@ async def test_readers_racing_publishes_always_get_one_whole_frame(
         while not done.is_set():
             snap = await store.snapshot("f", wid)
             values = np.frombuffer(snap.buf, np.float32, offset=snap.entries["w"].start)
-            assert values.min() == values.max() == snap.step, "a read mixed two publishes"
+            assert values.min() == values.max() == snap.step / 1024, "a read mixed two publishes"
             seen.append(float(values[0]))
             await anyio.sleep(0)
 

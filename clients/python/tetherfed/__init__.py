@@ -27,6 +27,7 @@ from ._retry import RetryPolicy
 from ._sdk import AsyncClient, Client
 from ._tasks import Task, build_model, default_model, load_task
 from ._tethering import (
+    ROOT_LAYER,
     TetherMode,
     TetherParametrization,
     get_tether,
@@ -41,6 +42,7 @@ from ._worker import WorkerConfig, run_worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "ROOT_LAYER",
     "APIError",
     "AsyncClient",
     "AuthError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import random
 import threading
@@ -28,9 +29,10 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from tether_protocol.frame import encode_parts
+from tether_protocol.frame import FrameError, encode_parts
 from tether_protocol.messages import (
     AckCreate,
     Decision,
@@ -145,6 +147,7 @@ class Federation:
         self._layers = tethered_layers(model)
         if not self._layers:
             raise ValueError("the model has no tethered layers: call tetherfed.tether(model) first")
+        self._specs = layer_specs(self._layers, wire_dtype)  # refused here, not in the I/O thread
         if publish_every < 1:
             raise ValueError(f"publish_every must be ≥ 1, got {publish_every}")
         self.federation, self.name = federation, name
@@ -194,8 +197,12 @@ class Federation:
     def step(
         self, loss: float | None = None, epoch: int = 0, grad_norm: float | None = None
     ) -> StepReport:
-        """Call once per optimizer step: applies ready decisions, publishes on schedule."""
+        """Call once per optimizer step: applies ready decisions, publishes on schedule.
+
+        A non-finite `loss` or `grad_norm` (NaN, ±Inf) is recorded as unknown (null on the wire).
+        """
         self._step += 1
+        loss, grad_norm = _finite_or_none(loss), _finite_or_none(grad_norm)
         self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
         report = StepReport(step=self._step)
         self._apply_ready(report)
@@ -268,7 +275,8 @@ class Federation:
                 continue  # delivered twice: applied once
             problem = ready.problem or self._stale(decision)
             if problem is None and ready.partner is not None:
-                self._apply(decision, ready.partner)
+                problem = self._apply(decision, ready.partner)
+            if problem is None:
                 report.applied.append(decision)
                 self._acks.put(
                     (
@@ -291,13 +299,18 @@ class Federation:
             return f"layer {decision.layer!r} is not tethered here"
         return None
 
-    def _apply(self, decision: Decision, partner: Tensor) -> None:
+    def _apply(self, decision: Decision, partner: Tensor) -> str | None:
+        """Apply a decision to its layer; the reason it cannot be applied (tether unchanged)."""
         tp: TetherParametrization = self._layers[decision.layer]
         if decision.operator is not None and decision.operator != "decouple":
             value = tp.current().detach().clone()
-            apply_operator_(decision.operator, decision.params, value, partner)
-            tp.set_(value)
+            try:
+                apply_operator_(decision.operator, decision.params, value, partner)
+                tp.set_(value)  # validates (finite, in [0, 1]) before it writes
+            except ValueError as error:  # a partner's tensor never stops training
+                return f"cannot apply {decision.operator}: {error}"
         self.generations[decision.layer] += 1
+        return None
 
     def _host_buffers(self) -> dict[str, Tensor]:
         pin = self._device.type == "cuda"
@@ -360,11 +373,7 @@ class Federation:
                 worker = self._client.rejoin(self.federation, worker.worker_id)
             log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
         else:
-            layers = [
-                LayerSpec(name=n, shape=list(tp.storage().shape)) for n, tp in self._layers.items()
-            ]
-            layers = [spec.model_copy(update={"dtype": self.wire_dtype}) for spec in layers]
-            reg = self._client.register_worker(self.federation, self.name, layers, self._meta)
+            reg = self._client.register_worker(self.federation, self.name, self._specs, self._meta)
             self.worker_id, self._token, self.policy = reg.worker_id, reg.token, reg.policy
             self._client.authorize(reg.token)
             log.info("registered as worker %s in federation %s", reg.worker_id, self.federation)
@@ -486,6 +495,8 @@ class Federation:
             partner = self._client.tether(self.federation, decision.partner_id, decision.layer)
         except NotFoundError as error:
             return _Ready(decision, None, f"partner tether unavailable: {error.detail}")
+        except FrameError as error:  # the partner's bytes are not a usable tether
+            return _Ready(decision, None, f"partner tether refused: {error}")
         # Copy off the response buffer here, on the I/O thread; pinned so the training thread's
         # host-to-device copy can be non-blocking.
         tensor = torch.from_numpy(np.array(partner, dtype=np.float32))
@@ -496,6 +507,8 @@ class Federation:
         """Publish the last snapshot and send pending acks (waiting at most `flush_timeout_s`),
         stop the I/O thread and, by default, leave the federation."""
         self._closing.set()
+        if not self._registered.is_set():
+            self._stop.set()  # nothing was or could be published: no flush to wait for
         self._thread.join(timeout=flush_timeout_s + self.poll_wait_s)
         self._stop.set()
         self._thread.join(timeout=self.poll_wait_s + 10.0)
@@ -512,6 +525,33 @@ class Federation:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def layer_specs(
+    layers: Mapping[str, TetherParametrization], wire_dtype: WireDType
+) -> list[LayerSpec]:
+    """The layer table a worker registers; ValueError naming a layer the protocol cannot carry
+    (a zero-size weight, a name over 256 characters)."""
+    specs = []
+    for name, tp in layers.items():
+        shape = list(tp.storage().shape)
+        try:
+            specs.append(LayerSpec(name=name, shape=shape, dtype=wire_dtype))
+        except ValidationError as error:
+            problem = "it has a zero-size weight" if 0 in shape else _first_problem(error)
+            raise ValueError(
+                f"layer {name!r} (shape {shape}) cannot be federated: {problem}"
+            ) from None
+    return specs
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 class _Outage:

@@ -26,12 +26,16 @@ from typing import Any, Literal, TypedDict, cast, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 TetherMode = Literal["static", "learned", "importance"]
 TETHER_MODES: tuple[str, ...] = get_args(TetherMode)
 TETHERABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+ROOT_LAYER = "<root>"  # the name of a tethered root module (its qualified name is empty)
+# Attributes under which wrappers hold the wrapped model: torch.compile, FSDP, checkpointing.
+WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 _EPS = 1e-4  # learned-mode logits are initialised from T clamped to (eps, 1 - eps)
 _RANGE_TOL = 1e-5  # values this far outside [0, 1] (float rounding) are clamped, not rejected
 
@@ -81,7 +85,8 @@ class TetherParametrization(nn.Module):
     def current(self) -> Tensor:
         """The tether ``T`` in [0, 1]; differentiable in learned mode."""
         if self.mode == "learned":
-            return torch.sigmoid(self.logits)
+            # A NaN logit (a NaN gradient reached the optimizer) reads as 0.5, never as NaN.
+            return torch.sigmoid(torch.nan_to_num(self.logits, nan=0.0))
         return cast(Tensor, self.tether)
 
     def storage(self) -> Tensor:
@@ -109,6 +114,8 @@ class TetherParametrization(nn.Module):
             raise ValueError(f"observe() needs importance mode, this tether is {self.mode!r}")
         ema, steps = cast(Tensor, self.ema), cast(Tensor, self.steps)
         score = (weight.detach() * grad.detach()).abs().to(ema.dtype)
+        # A non-finite gradient (NaN loss, overflow) adds nothing: the EMA stays finite.
+        score = torch.nan_to_num(score, nan=0.0, posinf=0.0)
         ema.mul_(self.importance_decay).add_(score, alpha=1.0 - self.importance_decay)
         if self._seen is None:
             self._seen = int(steps.item())
@@ -141,7 +148,7 @@ def tether(
     """Add a tether to every selected Linear/Conv layer of ``model`` (in place) and return it.
 
     ``layers=None`` tethers every ``nn.Linear`` and ``nn.Conv1d/2d/3d``; otherwise give qualified
-    module names (as in ``model.named_modules()``). Unknown or untetherable names, and layers that
+    module names (as in ``model.named_modules()``, or as :func:`tethered_layers` names them). Unknown or untetherable names, and layers that
     already carry a tether, raise ``ValueError``. Initial tethers are U[0,1) draws from a CPU
     generator seeded by ``seed``, one per selected layer in module order.
     """
@@ -160,7 +167,14 @@ def tether(
 
 
 def tethered_layers(model: nn.Module) -> dict[str, TetherParametrization]:
-    """Tethers of ``model`` by qualified module name (e.g. ``"fc2"``), in module order."""
+    """Tethers of ``model`` by layer name, in module order.
+
+    A layer's name is its qualified module name (e.g. ``"fc2"``) as the unwrapped model names it:
+    the attributes wrappers add are skipped (``_orig_mod`` of ``torch.compile``, ``module`` of
+    ``DataParallel`` / ``DistributedDataParallel``, FSDP's ``_fsdp_wrapped_module`` and
+    activation checkpointing's ``_checkpoint_wrapped_module``), so a compiled, a DDP and a plain
+    copy of one model publish the same names. A tethered root module is named ``ROOT_LAYER``.
+    """
     return {name: tp for name, _, tp in _iter_tethered(model)}
 
 
@@ -201,10 +215,38 @@ def update_importance(model: nn.Module) -> list[str]:
 
 
 def _iter_tethered(model: nn.Module) -> Iterator[tuple[str, nn.Module, TetherParametrization]]:
-    for name, module in model.named_modules():
+    for name, module in _unwrapped_modules(model):
         tp = _find(module)
         if tp is not None:
-            yield name, module, tp
+            yield name or ROOT_LAYER, module, tp
+
+
+def _unwrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Like ``named_modules()`` (each module once, pre-order), with wrapper attributes skipped."""
+    seen: set[int] = set()
+    stack = [(prefix, module)]
+    while stack:
+        name, current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield name, current
+        children = [
+            (name if _is_wrapper(current, child_name) else _join(name, child_name), child)
+            for child_name, child in current.named_children()
+        ]
+        stack.extend(reversed(children))
+
+
+def _is_wrapper(parent: nn.Module, attribute: str) -> bool:
+    if attribute in WRAPPER_ATTRIBUTES:
+        return True
+    # DataParallel and DistributedDataParallel hold the model as `module`.
+    return attribute == "module" and isinstance(parent, nn.DataParallel | DistributedDataParallel)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _original(module: nn.Module) -> Tensor:
@@ -236,11 +278,14 @@ def _resolve(layer: nn.Module) -> TetherParametrization:
 
 
 def _select(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
+    modules = {name or ROOT_LAYER: module for name, module in _unwrapped_modules(model)}
     if layers is None:
         wanted = [name for name, m in modules.items() if isinstance(m, TETHERABLE)]
     else:
-        wanted = list(dict.fromkeys(layers))
+        # Names as the wrapped model spells them (``_orig_mod.fc``) mean the unwrapped layer.
+        canonical = {id(module): name for name, module in modules.items()}
+        spelled = {name: canonical[id(m)] for name, m in model.named_modules() if name}
+        wanted = list(dict.fromkeys(spelled.get(name, name) for name in layers))
         unknown = [name for name in wanted if name not in modules]
         if unknown:
             raise ValueError(f"unknown layers: {', '.join(unknown)}")

@@ -38,6 +38,7 @@ from tether_protocol.frame import (
     FrameError,
     LayerMismatchError,
     NonFiniteError,
+    RangeError,
     ShapeError,
     TensorEntry,
     encode_frame,
@@ -56,7 +57,7 @@ from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
 from .store import FIELD_SEP, Store
 
 # Frame errors about the registered table or the values are 422; malformed frames are 400.
-_UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError)
+_UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError, RangeError)
 # An upload's segments expire this long after their last renewal (renewed every RENEW_S).
 UPLOAD_TTL_MS = 120_000
 RENEW_S = 30.0

@@ -100,13 +100,24 @@ async def _layer_frame(
     )
 
 
-@router.get("/{layer}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
+GENERATIONS = "/generations"
+
+
+@router.get("/{layer:path}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
 async def layer(
     fed: str, wid: str, layer: str, store: StoreDep,
     format: Literal["safetensors", "stats"] = "safetensors", generation: int | None = None,
-) -> Response | TetherStats:  # fmt: skip
+) -> Response | TetherStats | GenerationsPublic:  # fmt: skip
     """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
-    `?generation=g`: a retained generation's tensor)."""
+    `?generation=g`: a retained generation's tensor); `{layer}/generations`: its lineage.
+
+    Any layer name works URL-encoded, `/` included (a name that is itself registered wins over
+    the `/generations` suffix)."""
+    record = await store.worker_record(fed, wid)
+    registered = {spec.name for spec in store.layers_of(record)}
+    base = layer.removesuffix(GENERATIONS)
+    if layer not in registered and layer.endswith(GENERATIONS) and base in registered:
+        return await generations(fed, wid, base, store)
     snap = await store.snapshot(fed, wid)
     if layer not in snap.entries:
         raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
@@ -117,12 +128,8 @@ async def layer(
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/{layer}/generations", dependencies=[ReaderAuth])
-async def generations(fed: str, wid: str, layer: str, store: StoreDep) -> GenerationsPublic:
+async def generations(fed: str, wid: str, layer: str, store: Store) -> GenerationsPublic:
     """The layer's lineage: every generation with its parents and the decision that made it."""
-    record = await store.worker_record(fed, wid)
-    if layer not in {spec.name for spec in store.layers_of(record)}:
-        raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
     keys = store.keys
     rows = await store.r.lrange(keys.generations(fed, wid, layer), 0, -1)
     kept = set(await store.r.lrange(keys.retained(fed, wid, layer), 0, -1))
