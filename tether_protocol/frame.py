@@ -366,7 +366,8 @@ def decode_frame(
 
     `layers`, when given, must match the frame exactly (names, shapes, dtypes). With
     `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer; with `unit_range`
-    (and `check_finite`), a value outside [0, 1] raises `RangeError` naming the layer.
+    (and `check_finite`), a tether value outside [0, 1] raises `RangeError` naming the layer
+    (probe Grams are only checked for finiteness).
     """
     header, data_start = read_header(buf)
     meta, extra = parse_meta(header)
@@ -382,7 +383,8 @@ def decode_frame(
         for name, array in tensors.items():
             if not np.isfinite(array).all():
                 raise NonFiniteError(f"layer {name!r} contains NaN or Inf")
-            outside = array[(array < 0.0) | (array > 1.0)] if unit_range else array[:0]
+            tether = unit_range and not name.endswith(PROBE_GRAM_SUFFIX)  # Grams are unbounded
+            outside = array[(array < 0.0) | (array > 1.0)] if tether else array[:0]
             if outside.size:
                 raise RangeError(out_of_range(name, float(outside.flat[0])))
     return Frame(meta=meta, entries=entries, tensors=tensors, extra_metadata=extra)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from .frame import (
     MAX_HEADER_BYTES,
     META_KEY,
+    PROBE_GRAM_SUFFIX,
     ByteLengthError,
     Frame,
     FrameError,
@@ -58,6 +59,7 @@ class _Run:
     start: int
     end: int
     dtype: str
+    unit: bool  # tethers, whose values lie in [0, 1] (probe Grams are only finite)
 
 
 class FrameStream:
@@ -181,22 +183,23 @@ class FrameStream:
             self._carry += part[:fill]
             part, at = part[fill:], at + fill
             if len(self._carry) == size:
-                self._check_values(np.frombuffer(self._carry, raw), run.dtype, at - size)
+                self._check_values(np.frombuffer(self._carry, raw), run, at - size)
                 self._carry.clear()
         whole = part.nbytes - part.nbytes % size
-        self._check_values(np.frombuffer(part, raw, whole // size), run.dtype, at)
+        self._check_values(np.frombuffer(part, raw, whole // size), run, at)
         self._carry += part[whole:]
 
-    def _check_values(self, bits: npt.NDArray[Any], dtype: str, at: int) -> None:
+    def _check_values(self, bits: npt.NDArray[Any], run: _Run, at: int) -> None:
+        dtype, unit = run.dtype, self.unit_range and run.unit
         size, _, mask, one = _RAW[dtype]
         kind = bits.dtype.type
-        if self.unit_range and (bits <= kind(one)).all():
+        if unit and (bits <= kind(one)).all():
             return  # the fast path: every value in [0, 1] (so finite)
-        if not self.unit_range and size == 4 and np.isfinite(bits.view("<f4")).all():
+        if not unit and size == 4 and np.isfinite(bits.view("<f4")).all():
             return
         nonfinite = (bits & kind(mask)) == kind(mask)
         bad = nonfinite
-        if self.unit_range:
+        if unit:
             bad = bad | ((bits > kind(one)) & (bits != kind(1 << (8 * size - 1))))  # -0.0 is in
         if bad.any():
             index = int(np.argmax(bad))
@@ -222,10 +225,12 @@ def _runs(entries: Collection[TensorEntry]) -> list[_Run]:
     for entry in entries:
         if entry.start == entry.end:
             continue
-        if runs and runs[-1].dtype == entry.dtype and runs[-1].end == entry.start:
-            runs[-1] = _Run(runs[-1].start, entry.end, entry.dtype)
+        unit = not entry.name.endswith(PROBE_GRAM_SUFFIX)
+        last = runs[-1] if runs else None
+        if last and (last.dtype, last.unit, last.end) == (entry.dtype, unit, entry.start):
+            runs[-1] = _Run(last.start, entry.end, entry.dtype, unit)
         else:
-            runs.append(_Run(entry.start, entry.end, entry.dtype))
+            runs.append(_Run(entry.start, entry.end, entry.dtype, unit))
     return runs
 
 

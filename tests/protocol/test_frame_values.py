@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tether_protocol.frame import NonFiniteError, RangeError, decode_frame, encode_frame
+from tether_protocol.frame import (
+    NonFiniteError,
+    RangeError,
+    decode_frame,
+    encode_frame,
+    probe_gram_name,
+)
 from tether_protocol.framestream import FrameStream
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 
@@ -60,3 +66,15 @@ def test_the_range_check_can_be_turned_off_for_other_tensors() -> None:
     assert decode_frame(frame(3.0, "float32"), unit_range=False).tensors["fc.2"][5] == 3.0
     body = frame(3.0, "float32")
     FrameStream(len(body), unit_range=False).feed(body)
+
+
+def test_probe_grams_beside_the_tethers_are_not_bound_to_the_unit_interval() -> None:
+    gram = np.array([[4.0, -2.5], [-2.5, 9.0]], np.float32)
+    body = encode_frame(
+        {"fc": np.full(8, 0.5, np.float32), probe_gram_name("fc"): gram},
+        SnapshotMeta(worker_id="w", step=1, epoch=0),
+    )
+    assert decode_frame(body).tensors[probe_gram_name("fc")][1, 1] == 9.0
+    stream = FrameStream(len(body), [LayerSpec(name="fc", shape=[8])])
+    stream.feed(body)
+    stream.finish()
