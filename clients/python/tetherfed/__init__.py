@@ -21,8 +21,9 @@ from ._errors import (
     TetherError,
     TransportError,
 )
-from ._federation import Federation, StepReport
+from ._federation import Federation, GateCheck, StepReport
 from ._ops import OperatorError, apply_operator_
+from ._probe import Probe
 from ._retry import RetryPolicy
 from ._sdk import AsyncClient, Client
 from ._tasks import Task, build_model, default_model, load_task
@@ -51,8 +52,10 @@ __all__ = [
     "ConflictError",
     "Diagnostics",
     "Federation",
+    "GateCheck",
     "NotFoundError",
     "OperatorError",
+    "Probe",
     "RetryPolicy",
     "ServerError",
     "StepReport",

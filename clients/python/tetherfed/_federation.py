@@ -32,7 +32,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from tether_protocol.frame import FrameError, encode_parts
+from tether_protocol.frame import FrameError, encode_parts, probe_gram_name
 from tether_protocol.messages import (
     AckCreate,
     Decision,
@@ -54,6 +54,7 @@ from ._errors import (
     TetherError,
 )
 from ._ops import apply_operator_
+from ._probe import Probe
 from ._retry import RetryPolicy
 from ._sdk import Client
 from ._tethering import TetherParametrization, tethered_layers
@@ -70,6 +71,25 @@ class StepReport:
     published: bool = False
     applied: list[Decision] = field(default_factory=list)
     rejected: list[tuple[Decision, str]] = field(default_factory=list)
+    gate: list[GateCheck] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One merge the merge gate judged: probe loss before and after applying it, and whether
+    the merge was kept (rise ≤ the policy's `gate.probe_loss_rise`) or rolled back."""
+
+    decision: Decision
+    loss_before: float
+    loss_after: float
+    kept: bool
+
+    @property
+    def rise(self) -> float:
+        """Relative rise of the probe loss, (after − before) / before (inf from a zero loss)."""
+        if self.loss_before > 0:
+            return (self.loss_after - self.loss_before) / self.loss_before
+        return 0.0 if self.loss_after <= self.loss_before else math.inf
 
 
 @dataclass
@@ -100,6 +120,7 @@ class _Snapshot:
     generations: dict[str, int]
     index: int  # which of the two host buffer sets holds it
     event: Any = None  # a torch.cuda.Event when the copies were non-blocking
+    grams: dict[str, Any] = field(default_factory=dict)  # layer → probe Gram (cka)
 
     def meta(self, worker_id: str, wire_dtype: WireDType) -> SnapshotMeta:
         step, epoch, loss, grad_norm, fired = self.progress
@@ -125,6 +146,10 @@ class Federation:
 
     `resume` takes a previous `state_dict()` (from a checkpoint) to continue under the same worker
     id with the same generations and applied decision ids.
+
+    `probe` (a `Probe` of the model and its task) enables what needs the probe batches: the
+    probe Grams published with each snapshot when the policy's measure is `cka`, and the merge
+    gate when the policy sets `gate` (without a probe, merges are applied ungated).
     """
 
     def __init__(
@@ -143,8 +168,10 @@ class Federation:
         io_budget: float = 0.05,
         resume: Mapping[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self._layers = tethered_layers(model)
+        self._probe = probe
         if not self._layers:
             raise ValueError("the model has no tethered layers: call tetherfed.tether(model) first")
         self._specs = layer_specs(self._layers, wire_dtype)  # refused here, not in the I/O thread
@@ -274,21 +301,63 @@ class Federation:
             if decision.id in self.applied_ids:
                 continue  # delivered twice: applied once
             problem = ready.problem or self._stale(decision)
+            if problem is None and ready.partner is None:
+                problem = "no partner tether"
             if problem is None and ready.partner is not None:
-                problem = self._apply(decision, ready.partner)
+                problem = self._apply_gated(decision, ready.partner, report)
+            if problem is not None:
+                report.rejected.append((decision, problem))
+                self._acks.put((decision.id, AckCreate(outcome="rejected", reason=problem)))
+            self.applied_ids.add(decision.id)
+
+    def _gated(self, decision: Decision) -> bool:
+        gate = self.policy.gate if self.policy is not None else None
+        return gate is not None and self._probe is not None and decision.action == "merge"
+
+    def _apply_gated(self, decision: Decision, partner: Tensor, report: StepReport) -> str | None:
+        """Apply (under the merge gate: evaluate, then keep or roll back) and queue the ack of
+        what was applied or rolled back; the reason when the decision cannot be applied."""
+        if not self._gated(decision):
+            problem = self._apply(decision, partner)
             if problem is None:
                 report.applied.append(decision)
-                self._acks.put(
-                    (
-                        decision.id,
-                        AckCreate(outcome="applied", generation=self.generations[decision.layer]),
-                    )
-                )
-            else:
-                reason = problem or "no partner tether"
-                report.rejected.append((decision, reason))
-                self._acks.put((decision.id, AckCreate(outcome="rejected", reason=reason)))
-            self.applied_ids.add(decision.id)
+                ack = AckCreate(outcome="applied", generation=self.generations[decision.layer])
+                self._acks.put((decision.id, ack))
+            return problem
+        assert self._probe is not None and self.policy is not None and self.policy.gate
+        storage = self._layers[decision.layer].storage()
+        previous = storage.detach().clone()
+        before = self._probe.loss()
+        problem = self._apply(decision, partner)
+        if problem is not None:
+            return problem  # nothing changed
+        after = self._probe.loss()
+        allowed = self.policy.gate.probe_loss_rise
+        check = GateCheck(decision, before, after, kept=after <= before * (1.0 + allowed))
+        report.gate.append(check)
+        if check.kept:
+            report.applied.append(decision)
+            ack = AckCreate(
+                outcome="applied", generation=self.generations[decision.layer],
+                probe_loss_before=_finite_or_none(before),
+                probe_loss_after=_finite_or_none(after),
+            )  # fmt: skip
+        else:
+            with torch.no_grad():
+                storage.copy_(previous)  # the exact previous tether (also learned logits)
+            self.generations[decision.layer] -= 1
+            reason = (
+                f"merge gate: probe loss rose from {before:.6g} to {after:.6g} "
+                f"({check.rise:+.2%} > {allowed:.2%} allowed); merge rolled back"
+            )
+            report.rejected.append((decision, reason))
+            ack = AckCreate(
+                outcome="rejected", reason=reason,
+                probe_loss_before=_finite_or_none(before),
+                probe_loss_after=_finite_or_none(after),
+            )  # fmt: skip
+        self._acks.put((decision.id, ack))
+        return None
 
     def _stale(self, decision: Decision) -> str | None:
         bound = self.policy.max_staleness_steps if self.policy else None
@@ -328,6 +397,9 @@ class Federation:
         with torch.no_grad():
             for name, tp in self._layers.items():
                 buffers[name].copy_(tp.current(), non_blocking=True)
+        grams = {}
+        if self._probe is not None and self.policy is not None and self.policy.measure == "cka":
+            grams = self._probe.grams(self.policy.probe_seed, self.policy.probe_size)
         event = None
         if self._device.type == "cuda":
             event = torch.cuda.Event()
@@ -335,7 +407,9 @@ class Federation:
         # The metadata model is built on the I/O thread: the training thread only records numbers.
         progress = (self._step, self._epoch, self._loss, self._grad_norm, plateau_fired)
         with self._lock:
-            self._pending = _Snapshot(buffers, progress, dict(self.generations), index, event)
+            self._pending = _Snapshot(
+                buffers, progress, dict(self.generations), index, event, grams
+            )
         return True
 
     # -- I/O thread -----------------------------------------------------------------------------
@@ -415,6 +489,7 @@ class Federation:
             snap.event.synchronize()
         assert self.worker_id is not None
         tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
+        tensors |= {probe_gram_name(name): gram for name, gram in snap.grams.items()}
         parts = encode_parts(tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype)
         self._client.publish(self.federation, self.worker_id, parts)
         self.stats.published += 1

@@ -48,6 +48,9 @@ class Task:
 
     ``input_shape`` excludes the batch dimension; ``n_outputs`` is the number of classes
     (classification, integer targets) or of regression targets (float targets of shape (N, n)).
+    ``sample_inputs(n, generator)``, when given, draws n fresh inputs from the task's input
+    distribution (the federation's shared probe batch for ``cka``); without it the probe batch is
+    a seeded sample of the task's own inputs (see :func:`probe_inputs`).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Task:
     kind: TaskKind
     input_shape: tuple[int, ...]
     n_outputs: int
+    sample_inputs: Callable[[int, torch.Generator], Tensor] | None = None
 
 
 class MLP(nn.Module):
@@ -113,7 +117,10 @@ def _random_classification(seed: int) -> Task:
 
     train, val = draw(_CLASSIFICATION_TRAIN), draw(_CLASSIFICATION_VAL)
     loss = nn.CrossEntropyLoss()
-    return Task("random-classification", train, val, loss, "classification", (128,), 10)
+    return Task(
+        "random-classification", train, val, loss, "classification", (128,), 10,
+        sample_inputs=lambda n, gen: torch.rand((n, 128), generator=gen),
+    )  # fmt: skip
 
 
 def _piecewise(x: Tensor) -> Tensor:
@@ -131,8 +138,11 @@ def _regression(name: str, fn: Callable[[Tensor], Tensor], half_width: float, se
         x = (torch.rand((n, 1), generator=g) * 2 - 1) * half_width
         return TensorDataset(x, fn(x))
 
+    def inputs(n: int, gen: torch.Generator) -> Tensor:
+        return (torch.rand((n, 1), generator=gen) * 2 - 1) * half_width
+
     train, val = draw(_REGRESSION_TRAIN), draw(_REGRESSION_VAL)
-    return Task(name, train, val, nn.MSELoss(), "regression", (1,), 1)
+    return Task(name, train, val, nn.MSELoss(), "regression", (1,), 1, sample_inputs=inputs)
 
 
 def _digits(seed: int) -> Task:
@@ -145,7 +155,12 @@ def _digits(seed: int) -> Task:
     n_val = int(len(y) * _DIGITS_VAL_FRACTION)
     val_idx, train_idx = order[:n_val], order[n_val:]
     train, val = TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
-    return Task("digits", train, val, nn.CrossEntropyLoss(), "classification", (1, 8, 8), 10)
+
+    def inputs(n: int, gen: torch.Generator) -> Tensor:  # the whole bundled set, whatever the split
+        return x[torch.randint(0, len(x), (n,), generator=gen)]
+
+    loss = nn.CrossEntropyLoss()
+    return Task("digits", train, val, loss, "classification", (1, 8, 8), 10, inputs)
 
 
 _TASKS: Mapping[str, Callable[[int], Task]] = MappingProxyType(
@@ -216,6 +231,16 @@ def load_task(name: str, seed: int = 0) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task function {name!r} returned {type(task).__name__}, not a Task")
     return task
+
+
+def probe_inputs(task: Task, size: int, seed: int) -> Tensor:
+    """The probe batch of a federation with probe seed ``seed``: ``size`` inputs from the task's
+    ``sample_inputs``, else drawn (with replacement) from its training and validation inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    if task.sample_inputs is not None:
+        return task.sample_inputs(size, generator)
+    pool = torch.cat([task.train.tensors[0], task.val.tensors[0]])
+    return pool[torch.randint(0, len(pool), (size,), generator=generator)]
 
 
 def build_model(name: str, task: Task, seed: int = 0) -> nn.Module:

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from tether_protocol.messages import WireDType
 
 from ._diagnostics import Diagnostics, parse_spec
-from ._federation import Federation
+from ._federation import Federation, StepReport
+from ._probe import Probe
 from ._tasks import Task, build_model, default_model, load_task
-from ._tethering import tether, update_importance
+from ._tethering import tether, tethered_layers, update_importance
 
 log = logging.getLogger("tetherfed.worker")
 
@@ -58,6 +59,12 @@ class WorkerConfig(BaseModel):
     )
     publish_every: int = Field(default=10, ge=1)
     tether_mode: Literal["static", "learned", "importance"] = "static"
+    train: Literal["tethers", "weights", "both"] = Field(
+        default="both",
+        description="What the optimizer trains: tethers only over frozen weights and biases "
+        "(supermask-style; needs learned tethers), the weights only (learned tethers frozen), "
+        "or both.",
+    )
     wire_dtype: WireDType = "float32"
     checkpoint_dir: Path | None = None
     resume: bool = False
@@ -76,6 +83,15 @@ class WorkerConfig(BaseModel):
             parse_spec(value)
         return value
 
+    @model_validator(mode="after")
+    def _trainable(self) -> WorkerConfig:
+        if self.train == "tethers" and self.tether_mode != "learned":
+            raise ValueError(
+                f"train='tethers' needs tether_mode='learned' (a {self.tether_mode} tether "
+                "has no parameters): nothing would train"
+            )
+        return self
+
     def total_steps(self, steps_per_epoch: int) -> int:
         """Steps to run: `steps`, else `epochs` × steps per epoch (default one epoch)."""
         return self.steps if self.steps is not None else (self.epochs or 1) * steps_per_epoch
@@ -88,11 +104,24 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def freeze_for(model: nn.Module, train: str) -> None:
+    """Freeze what `train` leaves out: `tethers` freezes every parameter but the tether logits,
+    `weights` freezes the tether logits, `both` freezes nothing."""
+    tethers = {id(tp.storage()) for tp in tethered_layers(model).values()}
+    for param in model.parameters():
+        is_tether = id(param) in tethers
+        param.requires_grad_(train == "both" or (train == "tethers") == is_tether)
+
+
 def build_optimizer(model: nn.Module, cfg: WorkerConfig) -> torch.optim.Optimizer:
-    """Optimizer with one parameter group per `layer_lr` prefix (first match wins) plus the rest."""
+    """Optimizer with one parameter group per `layer_lr` prefix (first match wins) plus the rest,
+    over the parameters `cfg.train` leaves trainable (see `freeze_for`)."""
+    freeze_for(model, cfg.train)
     groups: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in cfg.layer_lr}
     rest: list[nn.Parameter] = []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         prefix = next((p for p in cfg.layer_lr if name.startswith(p)), None)
         (groups[prefix] if prefix is not None else rest).append(param)
     param_groups = [{"params": rest}] + [
@@ -189,7 +218,9 @@ class _Run:
     metrics: Metrics
     diag: Diagnostics | None = None
     epoch: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"merge": 0, "drift": 0, "rejected": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"merge": 0, "drift": 0, "rejected": 0, "gate_rejected": 0}
+    )
     best: float = math.inf
     val_loss: float = math.nan
     started: float = field(default_factory=time.monotonic)
@@ -227,6 +258,7 @@ def _setup(cfg: WorkerConfig) -> _Run:
             token=cfg.token,
             meta={"task": cfg.task, "seed": cfg.seed, "device": str(device)},
             resume=resume_state,
+            probe=Probe(model, task, device, seed=cfg.seed),
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
     run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
@@ -265,10 +297,23 @@ def _train_step(run: _Run) -> tuple[int, float, float]:
     loss_value = loss.item()
     if run.fed is not None:
         report = run.fed.step(loss=loss_value, epoch=epoch, grad_norm=grad_norm)
-        for decision in report.applied:
-            run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
-        run.counts["rejected"] += len(report.rejected)
+        _count(run, report)
     return epoch, loss_value, grad_norm
+
+
+def _count(run: _Run, report: StepReport) -> None:
+    """Tally applied and rejected decisions; every merge-gate check is a metrics event."""
+    for decision in report.applied:
+        run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
+    run.counts["rejected"] += len(report.rejected)
+    for check in report.gate:
+        run.counts["gate_rejected"] += not check.kept
+        run.metrics.emit(
+            event="gate", step=report.step, decision_id=check.decision.id,
+            layer=check.decision.layer, partner_id=check.decision.partner_id,
+            loss_before=_round(check.loss_before), loss_after=_round(check.loss_after),
+            rise=_round(check.rise), kept=check.kept,
+        )  # fmt: skip
 
 
 def _evaluate(run: _Run, step: int) -> None:
@@ -282,7 +327,7 @@ def _evaluate(run: _Run, step: int) -> None:
 
 
 def _round(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 6)
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> None:
@@ -299,6 +344,7 @@ def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> Non
         merges=run.counts["merge"],
         drifts=run.counts["drift"],
         rejected=run.counts["rejected"],
+        gate_rejected=run.counts["gate_rejected"],
         steps_per_s=round((step - run.start) / max(time.monotonic() - run.started, 1e-9), 2),
     )
 

@@ -77,6 +77,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--publish-every", type=int, default=10, help="publish tethers every K steps")
     p.add_argument("--tether-mode", choices=["static", "learned", "importance"], default="static")
+    p.add_argument(
+        "--train", choices=["tethers", "weights", "both"], default="both",
+        help="tethers: only tethers learn, over frozen weights (needs --tether-mode learned)",
+    )  # fmt: skip
     p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)
@@ -111,6 +115,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         layer_lr=_layer_lr(args.layer_lr),
         publish_every=args.publish_every,
         tether_mode=args.tether_mode,
+        train=args.train,
         wire_dtype=args.wire_dtype,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,

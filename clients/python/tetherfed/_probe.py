@@ -1,0 +1,98 @@
+"""Probe batches: the federation's shared inputs (for `cka`) and a worker's own labelled batch
+(for the merge gate).
+
+`cka` compares what two workers' layers compute on the *same* inputs (Kornblith et al. 2019), so
+every worker draws its probe inputs from the federation's `probe_seed` with its task's input
+sampler: workers on tasks with one input distribution (e.g. `sin` and `piecewise`, both
+x ~ U[-3, 3]) see identical probe batches whatever their own seeds. For each tethered layer the
+worker publishes the double-centred Gram of the layer's outputs on those inputs
+(`tether_protocol.compat.probe_gram`), n × n for n = `probe_size`, never the activations.
+
+The merge gate evaluates the worker's task loss on its own probe batch: a fixed sample of its
+training set drawn from its seed (not the validation set, which stays for reporting).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from tether_protocol.compat import probe_gram
+
+from ._tasks import Task, probe_inputs
+from ._tethering import tethered_layers
+
+GATE_BATCH = 256  # training examples in a worker's own probe batch
+
+
+class Probe:
+    """Probe computations for one tethered model on one task (call on the training thread)."""
+
+    def __init__(
+        self, model: nn.Module, task: Task, device: torch.device, seed: int,
+        gate_batch: int = GATE_BATCH,
+    ) -> None:  # fmt: skip
+        self.model, self.task, self.device = model, task, device
+        modules = dict(model.named_modules())
+        self.modules = {name: modules[name] for name in tethered_layers(model)}
+        x, y = task.train.tensors[:2]
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:gate_batch]
+        self.own = (x[pick].to(device), y[pick].to(device))
+        self._inputs: dict[tuple[int, int], Tensor] = {}
+
+    def inputs(self, seed: int, size: int) -> Tensor:
+        """The federation's probe inputs (size × input shape) for `seed`, cached."""
+        key = (seed, size)
+        if key not in self._inputs:
+            self._inputs[key] = probe_inputs(self.task, size, seed).to(self.device)
+        return self._inputs[key]
+
+    @torch.no_grad()
+    def grams(self, seed: int, size: int) -> dict[str, npt.NDArray[np.float32]]:
+        """Layer → centred, unit-norm n × n probe Gram of the layer's outputs."""
+        with _evaluating(self.model), _outputs(self.modules) as seen:
+            self.model(self.inputs(seed, size))
+        return {name: probe_gram(out.float().cpu().numpy()) for name, out in seen.items()}
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """The task loss on the worker's own probe batch (NaN-safe: inf when not finite)."""
+        with _evaluating(self.model):
+            value = float(self.task.loss_fn(self.model(self.own[0]), self.own[1]))
+        return value if math.isfinite(value) else math.inf
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Record each module's output during a forward pass (hooks removed afterwards)."""
+    seen: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        def record(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            seen[name] = output.detach()
+
+        return record
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
