@@ -33,6 +33,7 @@ from rich.table import Table
 from tether_protocol.messages import Policy, policy_preset
 
 from ._errors import ConflictError, NotFoundError, TetherError, TransportError
+from ._pictures import report_line
 from ._retry import RetryPolicy
 from ._sdk import Client
 
@@ -494,6 +495,7 @@ def _finish(ens: Ensemble, client: Client, outcome: str, code: int) -> int:
     summary = build_summary(ens, outcome, code)
     (ens.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(summary_lines(summary)), flush=True)
+    print(report_line(ens.out), flush=True)
     return code
 
 

@@ -166,6 +166,21 @@ def _cmd_federation(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from .report import ReportError, write_report
+    except ImportError as error:  # plotly missing: the `report` extra
+        print(f"tetherfed report needs the report extra (pip install 'tetherfed[report]'): {error}", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    try:
+        path = write_report(args.folder, out=args.out, png_dir=args.png)
+    except ReportError as error:
+        print(f"tetherfed report: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tetherfed", description="Multi-agent tether federation.")
@@ -205,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes; checks they run")
     bench.add_argument("--json", type=Path, default=None, help="append JSON lines here")
 
+    report = sub.add_parser("report", help="write DIR/report.html for a run or experiment folder")
+    report.add_argument(
+        "folder", type=Path, help="a run folder (tetherfed up --out) or an experiment folder"
+    )
+    report.add_argument(
+        "--out", type=Path, default=None, help="where to write (default DIR/report.html)"
+    )
+    report.add_argument(
+        "--png", type=Path, default=None, metavar="DIR", help="also a PNG per figure (matplotlib)"
+    )
+
     try:
         from ._up import add_up_parsers
     except ImportError:  # pragma: no cover - the launcher is optional in minimal installs
@@ -221,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "coordinator":
         return _cmd_coordinator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    handlers = {"worker": _cmd_worker, "bench": _cmd_bench, "federation": _cmd_federation}
+    handlers = {"worker": _cmd_worker, "bench": _cmd_bench, "federation": _cmd_federation,
+                "report": _cmd_report}  # fmt: skip
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args))

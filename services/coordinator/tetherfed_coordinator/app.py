@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import compatibility, decisions, federations, health, telemetry, tethers, workers
+from .api import compatibility, decisions, federations, health, telemetry, tethers, ui, workers
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
 from .scoring import Scorer, ScoringProcesses, ScoringThread
@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    for module in (health, federations, workers, tethers, compatibility, decisions, telemetry):
+    routers = (health, federations, workers, tethers, compatibility, decisions, telemetry, ui)
+    for module in routers:
         app.include_router(module.router)
     handlers: dict[Any, Any] = {aioredis.ConnectionError: _redis_down}
     for exc_type, handler in handlers.items():

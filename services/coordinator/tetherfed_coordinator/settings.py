@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     )
     key_prefix: str = Field(default="tetherfed:", min_length=1)
     token: str | None = Field(default=None, description="Bearer token; None turns auth off.")
+    read_token: str | None = Field(
+        default=None,
+        description="With `token` set: a bearer token that may read every federation (list, "
+        "workers, decisions, compatibility, streams) and change nothing; the dashboard's.",
+    )
     max_frame_bytes: int = Field(default=1 << 30, ge=64)
     heartbeat_ttl_s: float = Field(default=15.0, gt=0)
     stream_maxlen: int = Field(default=100_000, ge=10, description="Approximate MAXLEN of streams.")

@@ -1,7 +1,8 @@
 """Dependencies as named Annotated types, and bearer-token auth (DESIGN §7).
 
-With `TETHER_TOKEN` set: admin calls need that token; reads inside a federation accept it or any
-of the federation's worker tokens; publishing, heartbeats and acks need the worker's own token;
+With `TETHER_TOKEN` set: admin calls need that token; reads inside a federation accept it, the
+read-only `TETHER_READ_TOKEN` (which may also list federations) or any of the federation's worker
+tokens; publishing, heartbeats and acks need the worker's own token;
 leaving and long-polling accept the worker's own token or the admin token. 401: missing or unknown
 token; 403: a valid token of the wrong principal.
 """
@@ -58,6 +59,14 @@ def _is_admin(token: str | None, settings: Settings) -> bool:
     )
 
 
+def _is_read_only(token: str | None, settings: Settings) -> bool:
+    return (
+        token is not None
+        and settings.read_token is not None
+        and hmac.compare_digest(token.encode(), settings.read_token.encode())
+    )
+
+
 def _auth_error() -> HTTPException:
     return HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
@@ -75,9 +84,18 @@ async def require_reader(
     if settings.token is None:
         return
     token = bearer(request)
-    if _is_admin(token, settings):
+    if _is_admin(token, settings) or _is_read_only(token, settings):
         return
     if token is None or await store.token_owner(fed, token) is None:
+        raise _auth_error()
+
+
+async def require_read_all(request: Request, settings: SettingsDep) -> None:
+    """Reads across federations (listing them): the admin or the read-only token."""
+    token = bearer(request)
+    if settings.token is not None and not (
+        _is_admin(token, settings) or _is_read_only(token, settings)
+    ):
         raise _auth_error()
 
 
@@ -116,6 +134,7 @@ async def require_worker_or_admin(
 
 AdminAuth = Depends(require_admin)
 ReaderAuth = Depends(require_reader)
+ReadAllAuth = Depends(require_read_all)
 WorkerAuth = Depends(require_worker)
 WorkerOrAdminAuth = Depends(require_worker_or_admin)
 ActingWorker = Annotated[str | None, Depends(acting_worker)]

@@ -13,7 +13,7 @@ from tether_protocol.messages import (
     PolicyPatch,
 )
 
-from .deps import AdminAuth, ReaderAuth, StoreDep
+from .deps import AdminAuth, ReadAllAuth, ReaderAuth, StoreDep
 
 router = APIRouter(prefix="/v1/federations", tags=["federations"])
 
@@ -24,9 +24,9 @@ async def create_federation(body: FederationCreate, store: StoreDep) -> Federati
     return await store.create_federation(body.name, body.resolved_policy())
 
 
-@router.get("", dependencies=[AdminAuth])
+@router.get("", dependencies=[ReadAllAuth])
 async def list_federations(store: StoreDep) -> FederationsPublic:
-    """Every federation."""
+    """Every federation (admin or read-only token)."""
     data = await store.federations()
     return FederationsPublic(data=data, count=len(data))
 

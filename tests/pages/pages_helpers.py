@@ -1,0 +1,77 @@
+"""The shared ensemble of the page tests (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+UP_ARGS = ["--workers", "2", "--device", "cpu", "--steps", "120", "--publish-every", "5",
+           "--log-every", "5", "--eval-every", "25"]  # fmt: skip
+UP_TIMEOUT_S = 150.0
+
+
+@dataclass
+class Ensemble:
+    """A coordinator (admin and read-only tokens) and, once started, `tetherfed up` against it."""
+
+    url: str
+    token: str
+    read_token: str
+    federation: str
+    out: Path
+    coordinator: subprocess.Popen[bytes]
+    up: subprocess.Popen[str] | None = None
+    stdout: str = ""
+
+    def start_up(self) -> None:
+        """Start `tetherfed up` (once)."""
+        if self.up is None:
+            cmd = [sys.executable, "-m", "tetherfed.cli", "up", "--coordinator", self.url, "--token", self.token,
+                   "--federation", self.federation, "--out", str(self.out), *UP_ARGS]  # fmt: skip
+            self.up = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+
+    def finished(self) -> Path:
+        """The run folder once `up` has exited 0 (started if needed)."""
+        self.start_up()
+        assert self.up is not None
+        if self.up.returncode is None:
+            self.stdout, _ = self.up.communicate(timeout=UP_TIMEOUT_S)
+        assert self.up.returncode == 0, f"tetherfed up failed:\n{self.stdout}"
+        if not (self.out / "decisions.jsonl").exists():  # until the launcher writes it (#11)
+            self._write_decisions()
+        return self.out
+
+    def _write_decisions(self) -> None:
+        from tetherfed.report import write_report
+
+        auth = {"Authorization": f"Bearer {self.token}"}
+        base = f"/v1/federations/{self.federation}/decisions"
+        with httpx.Client(base_url=self.url, headers=auth, timeout=10) as client:
+            rows = []
+            for d in client.get(base, params={"limit": 10_000}).json()["data"]:
+                got = client.get(f"{base}/{d['id']}/ack") if d["action"] != "hold" else None
+                rows.append(
+                    {**d, "ack": got.json() if got is not None and got.status_code == 200 else None}
+                )
+        (self.out / "decisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_report(self.out)
+
+    def stop(self) -> None:
+        """Stop what is still running, by PID."""
+        for proc in (self.up, self.coordinator):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        if self.up is not None and self.up.stdout is not None:
+            self.up.stdout.close()

@@ -1,0 +1,69 @@
+"""The coordinator's live dashboard (/ui/) in headless Chromium while `tetherfed up` runs: the
+token is entered in the page (never in a URL), the loss plot and heat map are drawn, and merge
+marks appear as merge decisions arrive — without reloading the page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from pages_helpers import Ensemble
+
+pytestmark = [pytest.mark.integration, pytest.mark.torch]
+
+LIVE_TIMEOUT_MS = 120_000
+
+DRAWN = """() => {
+    const loss = document.getElementById('loss'), compat = document.getElementById('compat');
+    const traces = (loss && loss.data) || [];
+    const merges = traces.find(t => t.meta && t.meta.kind === 'mark' && t.meta.action === 'merge');
+    return {
+        points: Math.min(...traces.filter(t => t.meta && t.meta.kind === 'loss').map(t => t.x.length), 1e9),
+        lossTraces: traces.filter(t => t.meta && t.meta.kind === 'loss').length,
+        merges: merges ? merges.x.length : 0,
+        heat: compat && compat.data && compat.data[0] && compat.data[0].z ? compat.data[0].z.length : 0,
+        heatImage: compat ? compat.querySelectorAll('.hm image').length : 0,
+        rows: document.querySelectorAll('#workers tbody tr').length,
+    };
+}"""
+
+
+def test_ui_files_need_no_token_and_data_needs_one(ensemble: Ensemble) -> None:
+    with httpx.Client(base_url=ensemble.url, timeout=10) as client:
+        assert client.get("/ui/config.json").json() == {"auth": True, "plotly": True}
+        assert client.get("/ui/plotly.min.js").text.startswith("/**\n* plotly.js v")
+        assert client.get("/ui/nope.js").status_code == 404
+        assert client.get("/v1/federations").status_code == 401
+        read = {"Authorization": f"Bearer {ensemble.read_token}"}
+        assert client.get("/v1/federations", headers=read).status_code == 200
+        created = client.post("/v1/federations", json={"name": "not-allowed"}, headers=read)
+        assert created.status_code == 401, "the read-only token must not create federations"
+
+
+def test_live_dashboard_draws_merges_during_up(
+    page: Any, ensemble: Ensemble, artifacts: Any
+) -> None:
+    page.goto(f"{ensemble.url}/ui/")
+    page.wait_for_selector("#token-form:not([hidden])")
+    page.fill("#token", ensemble.read_token)
+    page.click("#token-form button")
+    ensemble.start_up()
+    page.wait_for_function(
+        f"() => ({DRAWN})().points >= 3 && ({DRAWN})().merges >= 1", timeout=LIVE_TIMEOUT_MS
+    )
+    page.wait_for_function(f"() => ({DRAWN})().heatImage >= 1", timeout=LIVE_TIMEOUT_MS)
+    first = page.evaluate(DRAWN)
+    page.wait_for_function(
+        f"() => ({DRAWN})().points > {first['points']}", timeout=LIVE_TIMEOUT_MS
+    )  # still updating, no reload
+    drawn = page.evaluate(DRAWN)
+    page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+    assert drawn["lossTraces"] == 2 and drawn["rows"] == 2 and drawn["heat"] == 2, drawn
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1, (
+        "the page reloaded"
+    )
+    assert page.log.errors == [], page.log.errors
+    assert not [u for u in page.log.requests if ensemble.read_token in u], (
+        "the token went into a URL"
+    )

@@ -1,0 +1,113 @@
+"""`tetherfed report`: the report `tetherfed up` writes at its end, checked from its figure specs
+(not pixels), and the same report in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pages_helpers import Ensemble
+
+from tetherfed.cli import main
+from tetherfed.report._page import decode
+
+pytestmark = [pytest.mark.integration, pytest.mark.torch]
+
+FIGURE = re.compile(
+    r'<script type="application/json" class="tf-figure" data-target="fig-([^"]+)">(.*?)</script>',
+    re.S,
+)
+NODATA = re.compile(r'<p class="nodata" id="fig-([^"]+)">(.*?)</p>', re.S)
+EXTERNAL = re.compile(
+    r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", re.I
+)
+
+
+def figures(html: str) -> dict[str, dict[str, Any]]:
+    """Figure name → plotly spec, for every drawn figure of a report."""
+    return {name: json.loads(text.replace("<\\/", "</")) for name, text in FIGURE.findall(html)}
+
+
+def notes(html: str) -> dict[str, str]:
+    """Figure name → its 'no data' note."""
+    return dict(NODATA.findall(html))
+
+
+def _traces(spec: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [t for t in spec["data"] if (t.get("meta") or {}).get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def run_dir(ensemble: Ensemble) -> Path:
+    """The finished run folder of the shared ensemble."""
+    return ensemble.finished()
+
+
+def test_up_prints_the_report_path_and_it_is_self_contained(
+    ensemble: Ensemble, run_dir: Path
+) -> None:
+    report = run_dir / "report.html"
+    assert f"report:          {report}" in ensemble.stdout, ensemble.stdout[-2000:]
+    html = report.read_text()
+    assert html.count("* plotly.js v") == 1, "plotly.js must be inlined exactly once"
+    assert "<script src" not in html and not EXTERNAL.search(html.replace(_plotly_js(html), "")), (
+        "no external resource"
+    )
+
+
+def _plotly_js(html: str) -> str:
+    start = html.index('<script type="text/javascript">')
+    return html[start : html.index("</script>", start)]
+
+
+def test_run_report_has_every_figure(run_dir: Path) -> None:
+    html = (run_dir / "report.html").read_text()
+    specs, missing = figures(html), notes(html)
+    loss = specs["loss"]
+    lines = [t for t in loss["data"] if t.get("mode") == "lines"]
+    assert {t["name"] for t in lines} >= {"worker-0 loss", "worker-1 loss", "worker-0 val loss"}
+    merges = [t for t in _traces(loss, "mark") if t["meta"]["action"] == "merge"]
+    assert merges and sum(len(decode(t["x"])) for t in merges) >= 1, (
+        "the demo policy merges: marks expected"
+    )
+    compat = [name for name in specs if name.startswith("compat-")]
+    assert compat, f"a compatibility heat map per scored layer; notes: {missing}"
+    heat = specs[compat[0]]
+    assert heat["data"][0]["type"] == "heatmap" and heat["layout"]["sliders"][0]["steps"]
+    assert {t["name"] for t in specs["timeline"]["data"]} >= {"merge"}
+    assert specs["merge-graph"]["data"] and specs["generations"]["data"]
+    for metric in ("trajectory", "effective_rank", "gzip_ratio", "jacobian_radius"):
+        assert metric in specs or "enable --diagnostics" in missing[metric]
+
+
+def test_report_command_writes_pngs_and_refuses_a_non_run_folder(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, pngs = tmp_path / "r.html", tmp_path / "png"
+    assert main(["report", str(run_dir), "--out", str(out), "--png", str(pngs)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.stat().st_size > 1_000_000
+    assert {"loss.png", "generations.png", "merge-graph.png"} <= {p.name for p in pngs.iterdir()}
+    assert main(["report", str(pngs)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_report_opens_offline_in_chromium(page: Any, run_dir: Path, artifacts: Path) -> None:
+    page.goto((run_dir / "report.html").as_uri())
+    page.wait_for_function("document.querySelectorAll('.fig').length > 0 && "
+                           "[...document.querySelectorAll('.fig')].every(d => d.classList.contains('js-plotly-plot'))")  # fmt: skip
+    drawn = page.evaluate("""() => {
+        const loss = document.getElementById('fig-loss');
+        const heat = document.querySelector('[id^=fig-compat-]');
+        return {lines: loss.querySelectorAll('.scatterlayer path.js-line').length,
+                marks: loss.querySelectorAll('.scatterlayer path.point').length,
+                heat: heat ? heat.querySelectorAll('.hm image').length : 0};
+    }""")
+    assert drawn["lines"] >= 2 and drawn["marks"] >= 1 and drawn["heat"] == 1, drawn
+    page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+    assert page.log.errors == []
+    assert [u for u in page.log.requests if not u.startswith("file:")] == [], (
+        "the report fetched something"
+    )
