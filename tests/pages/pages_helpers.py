@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 UP_ARGS = ["--workers", "2", "--device", "cpu", "--steps", "120", "--publish-every", "5",
-           "--log-every", "5", "--eval-every", "25"]  # fmt: skip
+           "--log-every", "5", "--eval-every", "25", "--diagnostics", "every=40"]  # fmt: skip
 UP_TIMEOUT_S = 150.0
 
 

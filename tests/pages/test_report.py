@@ -80,7 +80,11 @@ def test_run_report_has_every_figure(run_dir: Path) -> None:
     assert {t["name"] for t in specs["timeline"]["data"]} >= {"merge"}
     assert specs["merge-graph"]["data"] and specs["generations"]["data"]
     for metric in ("trajectory", "effective_rank", "gzip_ratio", "jacobian_radius"):
-        assert metric in specs or "enable --diagnostics" in missing[metric]
+        assert metric in specs, f"{metric}: {missing.get(metric)}"
+    assert specs["trajectory"]["data"][0]["type"] == "scatter3d"
+    for metric in ("weight_histogram", "singular_values", "update_fft", "update_wavelet"):
+        assert any(name.startswith(f"{metric}-") for name in specs), f"no {metric} figure"
+    assert specs["weight_histogram-all"]["data"][0]["type"] == "surface"
 
 
 def test_report_command_writes_pngs_and_refuses_a_non_run_folder(

@@ -95,14 +95,21 @@ def _figure_html(fig: Figure) -> str:
 
 RENDER = """
 (function () {
+  // One figure per animation frame, so the page shows (and "load" fires) before the last is drawn.
   var template = JSON.parse(document.getElementById("tf-template").textContent);
   var config = JSON.parse(document.getElementById("tf-config").textContent);
-  document.querySelectorAll("script.tf-figure").forEach(function (node) {
+  var nodes = Array.prototype.slice.call(document.querySelectorAll("script.tf-figure"));
+  function next() {
+    var node = nodes.shift();
+    if (!node) { document.body.dataset.rendered = "true"; return; }
     var spec = JSON.parse(node.textContent);
     spec.layout = spec.layout || {};
     spec.layout.template = template;
-    Plotly.newPlot(node.dataset.target, spec.data || [], spec.layout, config);
-  });
+    Plotly.newPlot(node.dataset.target, spec.data || [], spec.layout, config).then(function () {
+      requestAnimationFrame(next);
+    });
+  }
+  next();
 })();
 """
 
