@@ -14,13 +14,16 @@ from typing import Any
 ALL = ["scoring", "ingest", "latency", "overhead", "load"]
 
 
-def run_one(name: str, quick: bool) -> dict[str, Any]:
-    """Run benchmark `name` (module bench.<name>, function run(quick))."""
+def run_one(name: str, quick: bool) -> list[dict[str, Any]]:
+    """Run benchmark `name` (module bench.<name>, function run(quick) returning one row or a
+    list of rows)."""
     module = importlib.import_module(f"bench.{name}")
     started = time.monotonic()
-    result: dict[str, Any] = module.run(quick=quick)
-    result.setdefault("params", {})["wall_s"] = round(time.monotonic() - started, 2)
-    return result
+    result = module.run(quick=quick)
+    rows: list[dict[str, Any]] = result if isinstance(result, list) else [result]
+    for row in rows:
+        row.setdefault("params", {})["wall_s"] = round(time.monotonic() - started, 2)
+    return rows
 
 
 def main(names: Sequence[str], quick: bool = False, json_path: Path | None = None) -> int:
@@ -36,16 +39,17 @@ def main(names: Sequence[str], quick: bool = False, json_path: Path | None = Non
     for name in names or ALL:
         print(f"# {name} ...", file=sys.stderr, flush=True)
         try:
-            result = run_one(name, quick)
+            results = run_one(name, quick)
         except Exception as error:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
-            result = {"name": name, "error": f"{type(error).__name__}: {error}", "passed": False}
+            results = [{"name": name, "error": f"{type(error).__name__}: {error}", "passed": False}]
             failed = True
-        text = json.dumps(result)
-        print(text, flush=True)
-        if json_path is not None:
-            with json_path.open("a") as out:
-                out.write(text + "\n")
+        for result in results:
+            text = json.dumps(result)
+            print(text, flush=True)
+            if json_path is not None:
+                with json_path.open("a") as out:
+                    out.write(text + "\n")
     return 1 if failed else 0
 
 
