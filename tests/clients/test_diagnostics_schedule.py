@@ -37,7 +37,13 @@ def test_every_n_steps_writes_all_metrics_and_sends_valid_points(tmp_path: Path)
     model, points = sin_model(), []
     probe = load_task("sin").val.tensors[0][:8]
     diag = Diagnostics(
-        model, every=40, out_dir=tmp_path, probe=probe, budget=1.0, sink=points.extend
+        model,
+        every=40,
+        out_dir=tmp_path,
+        probe=probe,
+        budget=1.0,
+        sink=points.extend,
+        last_step=100,
     )
 
     train(diag, model, 100)
@@ -50,6 +56,9 @@ def test_every_n_steps_writes_all_metrics_and_sends_valid_points(tmp_path: Path)
         TelemetryPoint.model_validate(p)  # what the coordinator accepts
     with safe_open(tmp_path / "diagnostics.safetensors", "numpy") as f:
         assert f.get_tensor("effective_rank/fc2").shape == (3,)
+        # 32 updates of all 25 weights of fc2 before each run, the final one included
+        assert f.get_tensor("update_fft/fc2/step").tolist() == [40, 80, 100]
+        assert f.get_tensor("update_fft/fc2").shape == (3, 32 * 25 // 2 + 1)
         assert f.get_tensor("tracked_weights/model")[:, 0].tolist() == list(range(1, 101))
         assert json.loads(f.metadata()["tracked"]) == ["fc1.weight[0,0]", "fc2.weight[0,0]"]
         w = model.fc1.parametrizations.weight.original.detach()

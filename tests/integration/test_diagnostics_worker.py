@@ -28,9 +28,9 @@ def test_worker_writes_every_metric_and_the_coordinator_serves_them(
     with Client(coordinator.url) as api:
         api.create_federation("diag")
     out = tmp_path / "w0"
-    # sin: 157 steps an epoch; runs after epochs 0 and 1 and the final one at step 320.
-    proc = worker(coordinator.url, "diag", 0, out, "--task", "sin", "--steps", "320",
-                  "--diagnostics", "every=epoch,budget=1")  # fmt: skip
+    # sin: 157 steps an epoch; runs every 80 steps and the final one at step 200.
+    proc = worker(coordinator.url, "diag", 0, out, "--task", "sin", "--steps", "200",
+                  "--diagnostics", "every=80,budget=1")  # fmt: skip
     summary = finish(proc)
 
     records = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
@@ -39,10 +39,10 @@ def test_worker_writes_every_metric_and_the_coordinator_serves_them(
         keys = set(arrays.keys())
         tracked = arrays.get_tensor("tracked_weights/model")
         histograms = arrays.get_tensor("weight_histogram/all")
-    assert [(r["step"], r["epoch"]) for r in runs] == [(157, 0), (314, 1), (320, 2)]
+    assert [(r["step"], r["epoch"]) for r in runs] == [(80, 0), (160, 1), (200, 1)]
     assert set(runs[-1]["metrics"]) >= SCALARS, runs[-1]["metrics"].keys()
     assert {k.split("/")[0] for k in keys} == set(METRICS)
-    assert tracked.shape == (320, 4) and list(tracked[:3, 0]) == [1, 2, 3]
+    assert tracked.shape == (200, 4) and list(tracked[:3, 0]) == [1, 2, 3]
     assert (histograms.sum(axis=1) == histograms[0].sum()).all(), "every run counts every weight"
     assert runs[-1]["jacobian_kind"] == "spectral_radius"  # sin: 1 input, 1 output
     assert summarize(out)["jacobian_radius"] == runs[-1]["metrics"]["jacobian_radius"]["model"]
@@ -50,10 +50,10 @@ def test_worker_writes_every_metric_and_the_coordinator_serves_them(
     with Client(coordinator.url) as api:
         listing = api.telemetry("diag", summary["worker_id"])
         radius = api.telemetry("diag", summary["worker_id"], "jacobian_radius")
-        fft = api.telemetry("diag", summary["worker_id"], "update_fft", "fc2", after=157)
+        fft = api.telemetry("diag", summary["worker_id"], "update_fft", "fc2", after=80)
     assert {m.metric for m in listing.data} == set(METRICS)  # type: ignore[union-attr]
-    assert [p.step for p in radius.data] == [157, 314, 320]  # type: ignore[union-attr]
+    assert [p.step for p in radius.data] == [80, 160, 200]  # type: ignore[union-attr]
     assert [p.value for p in radius.data][-1] == pytest.approx(  # type: ignore[union-attr]
         runs[-1]["metrics"]["jacobian_radius"]["model"]
     )
-    assert [p.step for p in fft.data] == [314, 320]  # type: ignore[union-attr]
+    assert [p.step for p in fft.data] == [160, 200]  # type: ignore[union-attr]

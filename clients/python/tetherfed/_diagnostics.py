@@ -1,9 +1,10 @@
 """`Diagnostics`: the weight diagnostics of `tetherfed.diagnostics`, computed while a model trains.
 
-Call `diag.step(step, epoch, loss)` after every optimizer step. Per step it only copies a fixed,
-seeded subset of each layer's raw weights (`coords_per_layer` coordinates, the layer's first
-element always among them) into a small ring on the model's device: one `index_select` per layer,
-no host sync. On schedule (`every="epoch"`: when the epoch changes; `every=N`: every N steps) it
+Call `diag.step(step, epoch, loss)` after every optimizer step. Per step it copies the two tracked
+weights into a ring on the model's device (one `torch.cat`, no host sync) and, only in the
+`updates_per_epoch` + 1 steps before a scheduled run, a fixed, seeded subset of each layer's raw
+weights (`coords_per_layer` coordinates, the layer's first element among them): one
+`index_select` per layer. On schedule (`every="epoch"`: when the epoch changes; `every=N`: every N steps) it
 computes every metric of `METRICS`, appends them to `diagnostics.jsonl` (scalars) and
 `diagnostics.safetensors` (arrays, stacked over runs) in `out_dir`, and hands small telemetry
 points to `sink` (the `Federation` sends them on its I/O thread).
@@ -16,7 +17,7 @@ final run at `close()` always happens, so every run ends with final values.
 Update vectors: the update of step t is the change of the sampled coordinates from step t − 1.
 `updates_per_epoch` (32) consecutive updates of `coords_per_layer` (128) coordinates give each
 layer a 4,096-sample vector per run — a power of two for the FFT, long enough for 5 db4 levels —
-while the ring holds 64 rows × 128 coordinates × layers (32 KiB per layer in float32), whatever
+while the ring holds 33 rows × 128 coordinates × layers (17 KiB per layer in float32), whatever
 the model's size. Layers smaller than 128 elements are sampled whole.
 """
 
@@ -105,6 +106,8 @@ class Diagnostics:
     `normalize_histograms`: histogram weights divided by the total weight norm (seed 002's note).
     `steps_per_epoch`: with `every="epoch"`, run after each epoch's last step; without it, at the
     first step of the next epoch (labelled with the epoch that ended).
+    `last_step`: the run's last step, so the final run (`close`) has update spectra too.
+    Make the helper after moving the model to its device: it keeps views of the weights.
     `clock`: the wall clock the budget is a share of (a benchmark passes one that only runs while
     its diagnostics arm trains).
     """
@@ -127,6 +130,7 @@ class Diagnostics:
         sink: Sink | None = None,
         steps_per_epoch: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        last_step: int | None = None,
     ) -> None:
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -139,11 +143,15 @@ class Diagnostics:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.probe, self.seed, self.bins, self.updates = probe, seed, bins, updates_per_epoch
         self.normalize, self.steps_per_epoch = normalize_histograms, steps_per_epoch
+        self.last_step = last_step
         self.tracked = tracked or tuple(list(self.layers)[:2])  # type: ignore[assignment]
         self._init = self._effective()
         self._range = self._histogram_range()
         self._setup_ring(coords_per_layer, seed)
-        self._spectra: dict[str, deque[np.ndarray]] = {n: deque(maxlen=window) for n in self.layers}
+        # per layer, the last `window` runs' update FFTs with their peaks
+        self._spectra: dict[str, deque[tuple[np.ndarray, np.ndarray]]] = {
+            n: deque(maxlen=window) for n in self.layers
+        }
         self._arrays: dict[str, list[np.ndarray]] = self._earlier_runs()
         self._tracked_rows: list[tuple[float, float, float, float]] = []
         self._tracked_stride, self._tracked_seen = 1, 0
@@ -160,15 +168,16 @@ class Diagnostics:
 
     # -- per step --------------------------------------------------------------------------------
     def step(self, step: int, epoch: int, loss: float | None = None) -> dict[str, Any] | None:
-        """Record this step's sampled weights; run the diagnostics when due. Returns the record
-        written when they ran."""
+        """Record this step's tracked weights (and, in the steps before a run, its sampled
+        coordinates); run the diagnostics when due. Returns the record written when they ran."""
         started = time.perf_counter()
         due = self._due(step, epoch)
-        self._capture(step, loss)
+        self._track(step, loss)
+        self._capture(step)
         self.spent += time.perf_counter() - started
         if not due:
             return None
-        if not self._affordable():
+        if not (self._window_ok if self._until_due(step) is not None else self._affordable()):
             self._skip(step)
             return None
         ended = self.every == "epoch" and self.steps_per_epoch is None  # seen in the next epoch
@@ -182,6 +191,15 @@ class Diagnostics:
         changed = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
         return changed
+
+    def _until_due(self, step: int) -> int | None:
+        """Steps from `step` to the next scheduled run (0: this one); None when unknown (every
+        epoch without `steps_per_epoch`)."""
+        period = self.every if self.every != "epoch" else self.steps_per_epoch
+        until = (-step) % period if period is not None else None
+        if self.last_step is not None and 0 <= self.last_step - step <= self.updates:
+            until = min(until, self.last_step - step) if until is not None else None
+        return until
 
     def _affordable(self) -> bool:
         elapsed = self.clock() - self.started
@@ -203,36 +221,61 @@ class Diagnostics:
         gen = torch.Generator().manual_seed(seed)
         self._index: dict[str, Tensor] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._flat = {
+            name: raw_weight(module).detach().view(-1) for name, module in self.layers.items()
+        }
         offset = 0
-        for name, module in self.layers.items():
-            w = raw_weight(module)
-            k = min(coords, w.numel())
-            rest = torch.randperm(w.numel() - 1, generator=gen)[: k - 1] + 1
-            self._index[name] = torch.cat([torch.zeros(1, dtype=torch.long), rest.sort().values])
-            self._index[name] = self._index[name].to(w.device)
+        for name, flat in self._flat.items():
+            k = min(coords, flat.numel())
+            rest = torch.randperm(flat.numel() - 1, generator=gen)[: k - 1] + 1
+            index = torch.cat([torch.zeros(1, dtype=torch.long), rest.sort().values])
+            self._index[name] = index.to(flat.device)
             self._offsets[name] = (offset, offset + k)
             offset += k
-        w0 = raw_weight(next(iter(self.layers.values())))
-        self._ring = torch.zeros((RING_ROWS, offset), dtype=torch.float32, device=w0.device)
+        device = next(iter(self._flat.values())).device
+        self._ring = torch.zeros((self.updates + 1, offset), dtype=torch.float32, device=device)
+        self._tracked_views = [self._flat[name][:1] for name in self.tracked]
+        self._tracked_ring = torch.zeros((RING_ROWS, len(self.tracked)), device=device)
+        self._captured = 0  # rows written into the ring, ever
+        self._consecutive = 0  # of them, how many in a row up to the last step
+        self._window_ok = True  # the run that ends the current window is within budget
+        self._window_for = -1  # the step of that run
 
     @torch.no_grad()
-    def _capture(self, step: int, loss: float | None) -> None:
-        row = self._ring[self._steps % RING_ROWS]
-        for name, module in self.layers.items():
-            lo, hi = self._offsets[name]
-            torch.index_select(raw_weight(module).view(-1), 0, self._index[name], out=row[lo:hi])
+    def _track(self, step: int, loss: float | None) -> None:
+        torch.cat(self._tracked_views, out=self._tracked_ring[self._steps % RING_ROWS])
         self._losses.append(math.nan if loss is None else float(loss))
         self._steps += 1
         if self._steps % RING_ROWS == 0:
             self._flush_tracked(step)
 
+    @torch.no_grad()
+    def _capture(self, step: int) -> None:
+        """The sampled coordinates, only in the `updates` + 1 steps that end at a run (always
+        when the schedule is not known in steps); a window whose run is over budget is not
+        captured at all (decided when it opens)."""
+        until = self._until_due(step)
+        if until is not None and until > self.updates:
+            self._consecutive = 0
+            return
+        if until is not None and self._window_for != step + until:  # a window opens
+            self._window_for, self._window_ok = step + until, self._affordable()
+        if not self._window_ok:
+            self._consecutive = 0
+            return
+        row = self._ring[self._captured % (self.updates + 1)]
+        for name, flat in self._flat.items():
+            lo, hi = self._offsets[name]
+            torch.index_select(flat, 0, self._index[name], out=row[lo:hi])
+        self._captured += 1
+        self._consecutive += 1
+
     def _flush_tracked(self, step: int) -> None:
         n = len(self._losses)
         if n == 0:
             return
-        cols = [self._offsets[name][0] for name in self.tracked]
         rows = [(self._steps - n + i) % RING_ROWS for i in range(n)]
-        values = self._ring[rows][:, cols].double().cpu().numpy()
+        values = self._tracked_ring[rows].double().cpu().numpy()
         first = step - n + 1
         for i, loss in enumerate(self._losses):
             self._tracked_seen += 1
@@ -285,14 +328,16 @@ class Diagnostics:
                 continue
             s = dx.singular_values(w)
             yield "singular_values", name, _clean(s[:64]), s.astype(np.float32)
-            erank = dx.effective_rank(w)
+            erank = dx.spectral_entropy_rank(s)
             yield "effective_rank", name, _num(erank), np.float64(erank)
-        for name, w in {
-            **current,
-            "all": np.concatenate([w.ravel() for w in current.values()]),
-        }.items():
+        # `all`: the layers' compressed sizes over their raw sizes (each layer compressed once;
+        # the seed's whole-network ratio up to gzip's per-stream header and dictionary).
+        compressed = raw = 0.0
+        for name, w in current.items():
             ratio = dx.gzip_ratio(w)
+            compressed, raw = compressed + ratio * w.size, raw + w.size
             yield "gzip_ratio", name, _num(ratio), np.float64(ratio)
+        yield "gzip_ratio", "all", _num(compressed / raw), np.float64(compressed / raw)
         hists = dx.weight_histograms(current, self.bins, self._range, self.normalize)
         for name, counts in hists.items():
             yield "weight_histogram", name, counts.tolist(), counts
@@ -305,9 +350,10 @@ class Diagnostics:
         yield from self._tracked_metric()
 
     def _spectra_metrics(self) -> Iterator[tuple[str, str, Any, Any]]:
-        if self._steps < self.updates + 1:
+        if self._consecutive < self.updates + 1:
             return
-        rows = [(self._steps - self.updates - 1 + i) % RING_ROWS for i in range(self.updates + 1)]
+        n = self.updates + 1
+        rows = [(self._captured - n + i) % n for i in range(n)]
         window = self._ring[rows].double().cpu().numpy()
         updates = np.diff(window, axis=0)
         for name, (lo, hi) in self._offsets.items():
@@ -322,11 +368,14 @@ class Diagnostics:
             levels = np.split(spectrum.wavelet[0], np.cumsum(spectrum.level_sizes)[:-1])
             rms = [float(np.sqrt(np.mean(c * c))) for c in levels]
             yield "update_wavelet", name, _clean(rms), spectrum.wavelet[0].astype(np.float32)
-            self._spectra[name].append(spectrum.fft[0])
+            self._spectra[name].append((spectrum.fft[0], dx.spectrum_peaks(magnitude)))
             yield from self._peaks(name, spectrum.freqs)
 
     def _peaks(self, name: str, freqs: np.ndarray) -> Iterator[tuple[str, str, Any, Any]]:
-        found = dx.persistent_peaks(np.stack(self._spectra[name]), freqs=freqs)
+        ffts, peaks = zip(*self._spectra[name], strict=True)
+        found = (
+            dx.persistent_peaks(np.stack(ffts), freqs=freqs, found=peaks) if len(ffts) > 1 else []
+        )
         table = np.array([[p.frequency, p.magnitude, p.phase_agreement] for p in found]).reshape(
             -1, 3
         )

@@ -279,6 +279,7 @@ def _diagnostics(run: _Run) -> Diagnostics | None:
         probe=run.task.val.tensors[0][: cfg.probe_size].to(run.device),
         seed=cfg.seed,
         steps_per_epoch=math.ceil(len(run.task.train) / cfg.batch_size),
+        last_step=run.total,
         sink=run.fed.telemetry if run.fed is not None else None,
     )
 

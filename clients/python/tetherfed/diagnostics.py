@@ -44,6 +44,8 @@ __all__ = [
     "jacobian_spectral_radius",
     "persistent_peaks",
     "singular_values",
+    "spectral_entropy_rank",
+    "spectrum_peaks",
     "summarize",
     "update_spectrum",
     "weight_histogram",
@@ -85,7 +87,12 @@ def effective_rank(weight: ArrayLike) -> float:
     Conv kernels are reshaped to (out, in·k…) first (`as_matrix`). An all-zero weight has no
     energy to spread and gives 0.0. Dimensionless, in [1, min(out, in·k…)] otherwise.
     """
-    s = singular_values(weight)
+    return spectral_entropy_rank(singular_values(weight))
+
+
+def spectral_entropy_rank(s: ArrayLike) -> float:
+    """`effective_rank` from already computed singular values `s` (any order)."""
+    s = _host(s)
     total = float(s.sum())
     if total <= 0.0:
         return 0.0
@@ -238,11 +245,19 @@ class Peak:
     phase_agreement: float
 
 
+def spectrum_peaks(magnitude: ArrayLike, min_height: float = 6.0) -> NDArray[np.intp]:
+    """Bins of the peaks of one magnitude spectrum (F,) reaching `min_height` × its median
+    (`scipy.signal.find_peaks`; see `persistent_peaks`)."""
+    m = _host(magnitude)
+    return find_peaks(m, height=min_height * float(np.median(m)))[0]  # type: ignore[no-any-return]
+
+
 def persistent_peaks(
     spectra: ArrayLike | NDArray[np.complex128],
     tolerance: int = 1,
     min_height: float = 6.0,
     freqs: ArrayLike | None = None,
+    found: Sequence[NDArray[np.intp]] | None = None,
 ) -> list[Peak]:
     """Peaks present in every epoch's spectrum within ±`tolerance` bins (seed 000: "flag peaks
     that persist across all epochs and check their phase alignment").
@@ -252,13 +267,15 @@ def persistent_peaks(
     least `min_height` × that epoch's median magnitude: white noise's magnitudes are
     Rayleigh-distributed and exceed 6× their median with probability ≈ 1e-11 per bin, so noise
     gives no peak. `freqs` (F,) gives frequencies; by default the bin index. The DC bin is
-    never a peak (find_peaks skips edges).
+    never a peak (find_peaks skips edges). `found`: each epoch's `spectrum_peaks`, when already
+    known (a worker finds them once per spectrum).
     """
     s = spectra.detach().cpu().numpy() if isinstance(spectra, Tensor) else np.asarray(spectra)
     s = s.reshape(1, -1) if s.ndim == 1 else s
     mags = np.abs(s)
     f = np.arange(mags.shape[1], dtype=np.float64) if freqs is None else _host(freqs)
-    found = [find_peaks(m, height=min_height * float(np.median(m)))[0] for m in mags]
+    if found is None:
+        found = [spectrum_peaks(m, min_height) for m in mags]
     peaks = []
     for b in found[0]:
         matched = [_nearest(p, b, tolerance) for p in found]
