@@ -25,6 +25,7 @@ DRAWN = """() => {
         heat: compat && compat.data && compat.data[0] && compat.data[0].z ? compat.data[0].z.length : 0,
         heatImage: compat ? compat.querySelectorAll('.hm image').length : 0,
         rows: document.querySelectorAll('#workers tbody tr').length,
+        diag: ((document.getElementById('diag') || {}).data || []).length,
     };
 }"""
 
@@ -53,6 +54,7 @@ def test_live_dashboard_draws_merges_during_up(
         f"() => ({DRAWN})().points >= 3 && ({DRAWN})().merges >= 1", timeout=LIVE_TIMEOUT_MS
     )
     page.wait_for_function(f"() => ({DRAWN})().heatImage >= 1", timeout=LIVE_TIMEOUT_MS)
+    page.wait_for_selector("#diagnostics table tbody tr", timeout=LIVE_TIMEOUT_MS)  # telemetry
     first = page.evaluate(DRAWN)
     page.wait_for_function(
         f"() => ({DRAWN})().points > {first['points']}", timeout=LIVE_TIMEOUT_MS
@@ -60,6 +62,7 @@ def test_live_dashboard_draws_merges_during_up(
     drawn = page.evaluate(DRAWN)
     page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
     assert drawn["lossTraces"] == 2 and drawn["rows"] == 2 and drawn["heat"] == 2, drawn
+    assert drawn["diag"] >= 1, "the Jacobian radius series of at least one worker"
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1, (
         "the page reloaded"
     )

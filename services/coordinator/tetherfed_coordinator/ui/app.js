@@ -4,7 +4,8 @@
 //   GET /decisions          once: the history; then GET /decisions/stream (SSE, read with fetch so
 //                           the token travels in the Authorization header, resumed with Last-Event-ID)
 //   GET /compatibility      every 3 s: every layer's current matrix
-//   GET /workers/{wid}/telemetry[...]  every 5 s when the coordinator serves it: latest diagnostics
+//   GET /workers/{wid}/telemetry  every 5 s when the coordinator serves it (its OpenAPI lists it):
+//                           the series each worker has, then the new points of the scalar ones
 // The token is kept in sessionStorage and sent only as "Authorization: Bearer ..." (never in a URL).
 "use strict";
 (function () {
@@ -273,29 +274,54 @@
 
   // -- diagnostics (when the coordinator serves telemetry) -----------------------------------
 
+  const SCALARS = ["jacobian_radius", "effective_rank", "gzip_ratio"];
+
+  async function pollSeries(st, w, listed) {
+    const key = w.id + "\u0000" + listed.metric + "\u0000" + listed.layer;
+    if (!st.diag.has(key)) {
+      st.diag.set(key, { worker: w, metric: listed.metric, layer: listed.layer, steps: [], values: [], last: -1 });
+    }
+    const series = st.diag.get(key);
+    if (listed.last_step <= series.last) return;
+    const query = "?metric=" + enc(listed.metric) + "&layer=" + enc(listed.layer) + "&after=" + series.last;
+    const page = await api(fedPath("/workers/" + enc(w.id) + "/telemetry" + query));
+    page.data.forEach(function (p) {
+      if (typeof p.value === "number") { series.steps.push(p.step); series.values.push(p.value); }
+    });
+    if (page.last_step != null) series.last = page.last_step;
+  }
+
   async function pollDiagnostics(mine, st) {
     while (mine === session && st === state) {
-      for (const w of st.workers.values()) {
+      for (const w of Array.from(st.workers.values())) {
         try {
-          const list = await api(fedPath("/workers/" + enc(w.id) + "/telemetry"));
-          st.diag.set(w.name, list.data || []);
+          const listing = await api(fedPath("/workers/" + enc(w.id) + "/telemetry"));
+          for (const listed of listing.data.filter((s) => SCALARS.includes(s.metric))) {
+            await pollSeries(st, w, listed);
+          }
         } catch (error) {
           if (onAuthError(error)) return;
         }
       }
-      drawDiagnostics(st);
+      st.dirtyDiag = true;
       await sleep(DIAG_MS);
     }
   }
 
+  $("diag-metric").addEventListener("change", function () { if (state) state.dirtyDiag = true; });
+
   function drawDiagnostics(st) {
-    const rows = [];
-    st.diag.forEach(function (series, name) {
-      series.forEach((s) => rows.push("<tr><td>" + esc(name) + "</td><td>" + esc(s.metric) + "</td><td>" +
-        esc(s.layer) + "</td><td>" + esc(s.last_step) + "</td><td>" + esc(fmt(s.last_value)) + "</td></tr>"));
-    });
+    const all = Array.from(st.diag.values()).filter((s) => s.values.length);
+    const metric = $("diag-metric").value;
+    const traces = all.filter((s) => s.metric === metric).map((s) => ({ type: "scatter", mode: "lines+markers",
+      name: s.worker.name + " " + s.layer, x: s.steps, y: s.values, line: { color: s.worker.color } }));
+    Plotly.react("diag", traces, { margin: { t: 10 }, xaxis: { title: { text: "step" } },
+      yaxis: { title: { text: metric } }, uirevision: st.name + metric }, CONFIG);
+    const rows = all.map((s) => "<tr><td>" + esc(s.worker.name) + "</td><td>" + esc(s.metric) + "</td><td>" +
+      esc(s.layer) + "</td><td>" + esc(s.steps[s.steps.length - 1]) + "</td><td>" +
+      esc(fmt(s.values[s.values.length - 1])) + "</td></tr>");
     $("diagnostics").innerHTML = rows.length
-      ? "<table><thead><tr><th>worker</th><th>metric</th><th>layer</th><th>last step</th><th>last value</th></tr></thead><tbody>" +
+      ? "<table><thead><tr><th>worker</th><th>metric</th><th>layer</th><th>step</th><th>latest</th></tr></thead><tbody>" +
         rows.join("") + "</tbody></table>"
       : '<p class="nodata">no data: enable --diagnostics on the workers</p>';
   }
@@ -378,6 +404,10 @@
       drawCompat(st);
       drawTimeline(st);
       drawGraph(st);
+    }
+    if (st && st.dirtyDiag) {
+      st.dirtyDiag = false;
+      drawDiagnostics(st);
     }
     setTimeout(draw, DRAW_MS);
   }
