@@ -28,7 +28,7 @@ EXTERNAL = re.compile(
 
 def figures(html: str) -> dict[str, dict[str, Any]]:
     """Figure name → plotly spec, for every drawn figure of a report."""
-    return {name: json.loads(text.replace("<\\/", "</")) for name, text in FIGURE.findall(html)}
+    return {name: json.loads(text) for name, text in FIGURE.findall(html)}
 
 
 def notes(html: str) -> dict[str, str]:

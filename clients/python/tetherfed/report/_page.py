@@ -70,7 +70,8 @@ def nodata(name: str, title: str, why: str) -> Figure:
 
 
 def _json_script(payload: Any, attrs: str) -> str:
-    text = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # `<` escaped: no name in the data can end the script element or open a comment in it.
+    text = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     return f'<script type="application/json" {attrs}>{text}</script>'
 
 
