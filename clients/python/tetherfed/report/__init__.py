@@ -31,23 +31,23 @@ from ._run import (
 __all__ = ["Figure", "ReportError", "Section", "build_sections", "write_report"]
 
 REPORT_NAME = "report.html"
-MAX_RUN_SECTIONS = 6  # runs drawn in full inside an experiment report (the first ones)
+MAX_RUN_SECTIONS = 4  # runs whose training and federation an experiment report shows (the first)
 
 
-def run_sections(run: RunData, prefix: str = "") -> list[Section]:
-    """The sections of one run (figure names prefixed, so several runs can share a page)."""
+def run_sections(run: RunData, prefix: str = "", diagnostics: bool = True) -> list[Section]:
+    """The sections of one run; with a `prefix` (several runs on one page) section titles start
+    with it and figure names with `run-<folder name>-`."""
+    federation = [*compatibility_figures(run), timeline_figure(run), merge_graph_figure(run)]
     sections = [
         Section("Training", [loss_figure(run), generations_figure(run)]),
-        Section(
-            "Federation",
-            [*compatibility_figures(run), timeline_figure(run), merge_graph_figure(run)],
-        ),
-        Section("Weight diagnostics", diagnostics_figures(run)),
+        Section("Federation", federation),
     ]
+    if diagnostics:
+        sections.append(Section("Weight diagnostics", diagnostics_figures(run)))
     for section in sections:
         section.title = f"{prefix}{section.title}"
         for fig in section.figures:
-            fig.name = f"{prefix.strip(' :').replace(' ', '-')}-{fig.name}" if prefix else fig.name
+            fig.name = f"run-{run.folder.name}-{fig.name}" if prefix else fig.name
     return sections
 
 
@@ -70,8 +70,12 @@ def build_sections(folder: Path) -> tuple[str, dict[str, str], list[Section]]:
     if is_experiment(folder):
         exp: ExperimentData = load_experiment(folder)
         sections = [Section("Experiment", experiment_figures(exp))]
-        for r in exp.runs[:MAX_RUN_SECTIONS]:
-            sections += run_sections(r.run, prefix=f"run {r.run.folder.name}: ")
+        for r in exp.runs[:MAX_RUN_SECTIONS]:  # diagnostics: `tetherfed report runs/<id>`
+            sections += run_sections(
+                r.run,
+                prefix=f"run {r.run.folder.name} ({r.arm}, repeat {r.repeat}): ",
+                diagnostics=False,
+            )
         return f"Experiment {folder.name}", facts(exp), sections
     run = load_run(folder)
     return f"Run {run.title}", _run_facts(run), run_sections(run)

@@ -103,20 +103,58 @@ def load_experiment(folder: Path) -> ExperimentData:
     )
 
 
+SUMMARY_METRICS = ("val_loss", "train_loss", "merges", "drifts", "ari", "steps_per_s")
+
+
+def _num(text: str | None) -> str:
+    try:
+        return f"{float(text or ''):.4g}"
+    except ValueError:
+        return text or "-"
+
+
+def _summary_rows(exp: ExperimentData) -> tuple[list[str], list[list[str]]]:
+    """summary.csv as 'mean ± std' per metric, the paired difference with its 95 % CI, and the
+    cell's grid values (from results.csv) next to its number."""
+    params = {r.get("cell", ""): r for r in exp.results}
+    known = {
+        "run_id",
+        "cell",
+        "arm",
+        "repeat",
+        "state",
+        "communities",
+        *SUMMARY_METRICS,
+        "rejected",
+        "wall_s",
+    }
+    header = ["cell", "arm", "n", *SUMMARY_METRICS, "Δ val_loss vs independent (95 % CI)"]
+    rows = []
+    for s in exp.summary:
+        grid = ", ".join(
+            f"{k}={v}" for k, v in params.get(s.get("cell", ""), {}).items() if k not in known
+        )
+        cells = [f"{s.get('cell', '')} {grid}".strip(), s.get("arm", ""), s.get("n", "")]
+        cells += [
+            f"{_num(s.get(f'{m}_mean'))} ± {_num(s.get(f'{m}_std'))}" for m in SUMMARY_METRICS
+        ]
+        diff = s.get("val_loss_diff_mean")
+        cells.append(f"{_num(diff)} ± {_num(s.get('val_loss_diff_ci95'))}" if diff else "-")
+        rows.append(cells)
+    return header, rows
+
+
 def table_figure(exp: ExperimentData) -> Figure:
-    """summary.csv as a table (per cell and arm: n, mean, std, CI, paired difference)."""
-    rows = exp.summary or exp.results
-    if not rows:
-        return nodata("summary-table", "Summary", "the folder has no summary.csv or results.csv")
-    columns = list(rows[0])
-    fig = go.Figure(go.Table(header={"values": columns, "fill_color": "#e8eef7", "align": "left"},
-                             cells={"values": [[r.get(c, "") for r in rows] for c in columns], "align": "left"}))  # fmt: skip
+    """summary.csv as a table (per cell and arm: n, mean ± std, the paired difference ± CI)."""
+    if not exp.summary:
+        return nodata("summary-table", "Summary", "the folder has no summary.csv")
+    header, rows = _summary_rows(exp)
+    fig = go.Figure(go.Table(header={"values": header, "fill_color": "#e8eef7", "align": "left"},
+                             cells={"values": [list(col) for col in zip(*rows, strict=True)], "align": "left"}))  # fmt: skip
     fig.update_layout(
-        height=min(120 + 28 * len(rows), 900), margin={"l": 10, "r": 10, "t": 10, "b": 10}
+        height=min(130 + 44 * len(rows), 900), margin={"l": 10, "r": 10, "t": 10, "b": 10}
     )
-    return Figure(
-        "summary-table", "Summary per cell and arm" if exp.summary else "Results per run", fig
-    )
+    return Figure("summary-table", "Summary per cell and arm (mean ± std over repeats)", fig)
 
 
 def bands_figure(exp: ExperimentData) -> Figure:
