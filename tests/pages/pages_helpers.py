@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 UP_ARGS = ["--workers", "2", "--device", "cpu", "--steps", "120", "--publish-every", "5",
            "--log-every", "5", "--eval-every", "25", "--diagnostics", "every=40"]  # fmt: skip
 UP_TIMEOUT_S = 150.0
+
+FIGURE = re.compile(
+    r'<script type="application/json" class="tf-figure" data-target="fig-([^"]+)">(.*?)</script>',
+    re.S,
+)
+NODATA = re.compile(r'<p class="nodata" id="fig-([^"]+)">(.*?)</p>', re.S)
+EXTERNAL = re.compile(
+    r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", re.I
+)
+
+
+def figures(html: str) -> dict[str, dict[str, Any]]:
+    """Figure name → plotly spec, for every drawn figure of a report."""
+    return {name: json.loads(text) for name, text in FIGURE.findall(html)}
+
+
+def notes(html: str) -> dict[str, str]:
+    """Figure name → its 'no data' note."""
+    return dict(NODATA.findall(html))
 
 
 @dataclass

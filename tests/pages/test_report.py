@@ -3,37 +3,16 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pages_helpers import Ensemble
+from pages_helpers import EXTERNAL, Ensemble, figures, notes
 
 from tetherfed.cli import main
 from tetherfed.report._page import decode
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
-
-FIGURE = re.compile(
-    r'<script type="application/json" class="tf-figure" data-target="fig-([^"]+)">(.*?)</script>',
-    re.S,
-)
-NODATA = re.compile(r'<p class="nodata" id="fig-([^"]+)">(.*?)</p>', re.S)
-EXTERNAL = re.compile(
-    r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", re.I
-)
-
-
-def figures(html: str) -> dict[str, dict[str, Any]]:
-    """Figure name → plotly spec, for every drawn figure of a report."""
-    return {name: json.loads(text) for name, text in FIGURE.findall(html)}
-
-
-def notes(html: str) -> dict[str, str]:
-    """Figure name → its 'no data' note."""
-    return dict(NODATA.findall(html))
 
 
 def _traces(spec: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -100,8 +79,10 @@ def test_report_command_writes_pngs_and_refuses_a_non_run_folder(
 
 def test_report_opens_offline_in_chromium(page: Any, run_dir: Path, artifacts: Path) -> None:
     page.goto((run_dir / "report.html").as_uri())
-    page.wait_for_function("document.querySelectorAll('.fig').length > 0 && "
-                           "[...document.querySelectorAll('.fig')].every(d => d.classList.contains('js-plotly-plot'))")  # fmt: skip
+    page.wait_for_selector("body[data-rendered=true]", timeout=120_000)
+    assert page.evaluate(
+        "[...document.querySelectorAll('.fig')].every(d => d.classList.contains('js-plotly-plot'))"
+    )
     drawn = page.evaluate("""() => {
         const loss = document.getElementById('fig-loss');
         const heat = document.querySelector('[id^=fig-compat-]');
