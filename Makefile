@@ -27,6 +27,8 @@ lint: venv
 
 unit: venv browser
 	$(PY) -m pytest -q
+	# The coordinator's API tests again, on a three-primary Redis Cluster started on loopback.
+	TETHERFED_TEST_REDIS=cluster $(PY) -m pytest -q tests/coordinator/test_api.py
 
 # The page tests drive Debian's chromium headless through Playwright (never a browser Playwright
 # downloads); installed here when missing. Without it they fail under CI=true and skip elsewhere.

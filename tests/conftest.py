@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import redis
+from redis_servers import ClusterServers, SentinelServers
 
 from tetherfed_coordinator.app import create_app
 from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
 from tetherfed_coordinator.keys import glob_escape
 from tetherfed_coordinator.settings import Settings
+from tetherfed_coordinator.topology import sync_client
 
 
 @pytest.fixture
@@ -28,15 +29,41 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# TETHERFED_TEST_REDIS=cluster runs every test that uses `redis_url` against a Redis Cluster
+# started for the session (three primaries on loopback, see redis_servers.py).
+TOPOLOGY_ENV = "TETHERFED_TEST_REDIS"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """$REDIS_URL when set, else an embedded redis-server for the session (stopped at the end)."""
+    """$REDIS_URL when set; a three-primary Cluster with TETHERFED_TEST_REDIS=cluster; else an
+    embedded redis-server for the session (servers stopped at the end)."""
     url = os.environ.get("REDIS_URL")
+    topology = os.environ.get(TOPOLOGY_ENV, "")
+    if topology not in ("", "cluster"):
+        raise pytest.UsageError(f"{TOPOLOGY_ENV}={topology!r}: use 'cluster' or leave it unset")
     if url:
         yield url
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
+    elif topology == "cluster":
+        with ClusterServers() as cluster:
+            yield cluster.url
+    else:
+        with EmbeddedRedis() as server:
+            yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterServers]:
+    """A three-primary Redis Cluster on loopback for the session."""
+    with ClusterServers() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator[SentinelServers]:
+    """One primary, one replica and three sentinels on loopback, for one test."""
+    with SentinelServers() as servers:
+        yield servers
 
 
 @pytest.fixture
@@ -44,7 +71,7 @@ def key_prefix(redis_url: str) -> Iterator[str]:
     """A unique key prefix for one test; its keys are deleted (SCAN + UNLINK) afterwards."""
     prefix = f"tftest:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         batch = list(client.scan_iter(match=glob_escape(prefix) + "*", count=1000))
         for i in range(0, len(batch), 500):
@@ -75,7 +102,13 @@ async def app_client(coordinator_settings: Settings) -> AsyncIterator[httpx.Asyn
     (Redis clients and the scoring loop live for the test). Use it from `@pytest.mark.anyio`
     tests. ASGITransport buffers whole responses, so stream SSE against `coordinator_process`.
     The app is reachable as `client.app` (its `state.store`, `state.scorer`, `state.metrics`)."""
-    app = create_app(coordinator_settings)
+    async for client in app_client_for(coordinator_settings):
+        yield client
+
+
+async def app_client_for(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """What `app_client` yields, for any settings (an async generator yielding once)."""
+    app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://coordinator") as client:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import redis
 
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import SnapshotMeta
 from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.topology import sync_client
 
 LAYERS = [
     {"name": "fc1", "shape": [8, 4], "dtype": "float32"},
@@ -45,7 +45,7 @@ EVERY_PUBLISH = {"measure": "pearson", "trigger": "every_publish", "cooldown_ste
 
 def keys_of(url: str, prefix: str) -> set[bytes]:
     """Every key under `prefix` on the Redis at `url`."""
-    client = redis.Redis.from_url(url)
+    client = sync_client(url)
     try:
         return set(client.scan_iter(match=glob_escape(prefix) + "*"))
     finally:

@@ -108,9 +108,9 @@ async def test_delete_federation_removes_keys(
 ) -> None:
     a, _ = await setup_pair(app_client)
     await app_client.put(f"{F}/f/workers/{a['worker_id']}/tethers", content=frame(a["worker_id"]))
-    assert any(b":fed:f" in k for k in keys_of(redis_url, key_prefix))
+    assert any(b"{f}" in k for k in keys_of(redis_url, key_prefix))
     assert (await app_client.delete(f"{F}/f")).status_code == 204
-    left = {k for k in keys_of(redis_url, key_prefix) if b":fed:f" in k}
+    left = {k for k in keys_of(redis_url, key_prefix) if b"{f}" in k}
     assert not left, f"expected no federation keys after delete, found {left}"
 
 

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 import httpx
 import numpy as np
 import pytest
-import redis
 from coord_helpers import keys_of
 
 from tether_protocol.frame import decode_frame, encode_frame, encode_parts
@@ -17,6 +16,7 @@ from tetherfed import AsyncClient, Client, RetryPolicy
 from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
+from tetherfed_coordinator.topology import sync_client
 
 F = "/v1/federations"
 BIG = [LayerSpec(name="head", shape=[4, 4]), LayerSpec(name="body", shape=[512, 1024])]
@@ -70,7 +70,7 @@ def test_good_frame_is_stored_byte_for_byte_with_generations(
     accepted = api.publish("f", wid, body)  # bytes bodies stream in slices too
 
     assert accepted.version == 2 and accepted.bytes == len(body)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         stored = stored_frame(client, Keys(key_prefix), "f", wid)
         assert stored is not None and stored[0] == body, "the stored frame differs from the body"
@@ -78,7 +78,7 @@ def test_good_frame_is_stored_byte_for_byte_with_generations(
         assert all(client.ttl(k) == -1 for k in stored[1]), "a segment kept the upload TTL"
         segments = {k for k in keys_of(redis_url, key_prefix) if b":seg:" in k}
         assert segments == set(stored[1]), "the first publish's segments were not unlinked"
-        kept = client.get(f"{key_prefix}fed:f:w:{wid}:gent:1:body")
+        kept = client.get(Keys(key_prefix).generation_tensor("f", wid, "body", 1))
     finally:
         client.close()
     assert kept is not None, "generation 1 of 'body' was not retained"

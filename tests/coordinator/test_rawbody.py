@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import redis
 from coord_helpers import keys_of
 
 from tether_protocol.frame import encode_frame
@@ -22,6 +21,7 @@ from tetherfed_coordinator.ingest import streams_raw
 from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.rawbody import SEGMENT
 from tetherfed_coordinator.store import stored_frame
+from tetherfed_coordinator.topology import sync_client
 
 LAYERS = [LayerSpec(name="w", shape=[768, 1024])]  # 3 MiB: four segments
 
@@ -90,7 +90,7 @@ def body(wid: str, step: int, value: float = 1.0) -> bytes:
 
 
 def stored(redis_url: str, prefix: str, wid: str) -> bytes | None:
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         found = stored_frame(client, Keys(prefix), "f", wid)
         return found[0] if found else None

@@ -13,7 +13,7 @@ from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed_coordinator.ingest import Upload
 from tetherfed_coordinator.keys import glob_escape
 from tetherfed_coordinator.rawbody import SEGMENT
-from tetherfed_coordinator.store import Store
+from tetherfed_coordinator.store import Store, frame_keys
 
 F = "/v1/federations"
 LAYERS = [LayerSpec(name="w", shape=[640, 1024])]  # 2.5 MiB: three segments
@@ -82,12 +82,17 @@ async def test_a_commit_whose_segments_expired_changes_nothing(
     meta_before = await store.r.hgetall(keys.snapshot_meta("f", wid))
     await store.r.set(keys.segment("f", wid, "partial", 0), b"x", px=60_000)  # segment 1 missing
 
-    version = await store.r.eval(
-        store.publish_script, 6,
-        keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.scoring(), keys.alive("f", wid),
+    old_meta = await store.r.hgetall(keys.snapshot_meta("f", wid))
+    names = [
+        keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.alive("f", wid),
         keys.federation("f"), keys.legacy_snapshot("f", wid),
-        "f", wid, 2, 0, "", "", SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
-        "2026-01-01T00:00:00+00:00", 5000, 1000, keys.segment_base("f", wid), "partial", 2,
+        keys.segment("f", wid, "partial", 0), keys.segment("f", wid, "partial", 1),
+        *frame_keys(keys, "f", wid, old_meta),
+    ]  # fmt: skip
+    version = await store.r.eval(
+        store.publish_script, len(names), *names,
+        2, 0, "", "", SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
+        "2026-01-01T00:00:00+00:00", 5000, "partial", 2, old_meta["tag"],
     )  # fmt: skip
 
     assert version == -3

@@ -52,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = embedded.url
     r, rb, blocking = redis_clients(url)
     app.state.store = store = Store(r, rb, blocking, settings)
+    await store.migrate_legacy()
     # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.
     app.state.scorer = scorer = Scorer(store)
     await scorer.ensure_group()

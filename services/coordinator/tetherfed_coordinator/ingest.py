@@ -23,7 +23,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,8 @@ from tether_protocol.messages import (
 )
 
 from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
-from .store import FIELD_SEP, Store
+from .store import FIELD_SEP, Store, frame_keys
+from .topology import borrow_connection
 
 # Frame errors about the registered table or the values are 422; malformed frames are 400.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError, RangeError)
@@ -172,9 +173,10 @@ class Upload:
     leaves each more than a minute when the upload completes, and the commit checks them all."""
 
     def __init__(
-        self, store: Store, conn: Connection, fed: str, wid: str, tag: str
+        self, store: Store, conn: Connection, fed: str, wid: str, tag: str,
+        release: Callable[[], Awaitable[None]],
     ) -> None:  # fmt: skip
-        self.client, self.conn, self.tag = store.rb, conn, tag
+        self.client, self.conn, self.tag, self._release = store.rb, conn, tag, release
         self.key = functools.partial(store.keys.segment, fed, wid, tag)
         self.meta_key, self.abort_script = store.keys.snapshot_meta(fed, wid), store.abort_script
         self.count = 0  # segments sent
@@ -183,9 +185,9 @@ class Upload:
 
     @classmethod
     async def open(cls, store: Store, fed: str, wid: str, tag: str) -> Upload:
-        """Take a connection from the store's pool for one upload of `wid`'s frame."""
-        conn = await store.rb.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        return cls(store, conn, fed, wid, tag)
+        """Take a connection to the server holding `wid`'s keys for one upload of its frame."""
+        conn, release = await borrow_connection(store.rb, store.keys.snapshot_meta(fed, wid))
+        return cls(store, conn, fed, wid, tag, release)
 
     async def put(self, segment: Buffer) -> None:
         """Send the next segment (and, every RENEW_S, the earlier ones' TTL renewals)."""
@@ -238,7 +240,7 @@ class Upload:
 
     async def release(self) -> None:
         """Give the connection back to the pool."""
-        await self.client.connection_pool.release(self.conn)
+        await self._release()
 
 
 def _changed(meta: SnapshotMeta | None, entries: Mapping[str, Any], prev: dict[str, str]) -> dict[
@@ -325,7 +327,8 @@ async def _commit(
     store: Store, fed: str, wid: str, policy: Policy, prev: dict[str, str], frame: Frame,
     tag: str, segments: Sequence[Buffer] | int,
 ) -> int:  # fmt: skip
-    """Make the frame's segments the snapshot and write its bookkeeping, in one transaction.
+    """Make the frame's segments the snapshot and write its bookkeeping, in one transaction,
+    then queue it for scoring (the global scoring stream stays out of the federation's slot).
 
     `segments` are either the uploaded count or the bytes to SET here (a one-segment frame).
     """
@@ -334,26 +337,47 @@ async def _commit(
     inline = [] if isinstance(segments, int) else list(segments)
     count = segments if isinstance(segments, int) else len(inline)
     async with store.rb.pipeline(transaction=True) as pipe:
+        await _watch_previous(pipe, keys.snapshot_meta(fed, wid), prev)
+        pipe.multi()
         for i, part in enumerate(inline):
             pipe.set(keys.segment(fed, wid, tag, i), memoryview(part), px=UPLOAD_TTL_MS)
-        pipe.eval(
-            store.publish_script, 6,
-            keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.scoring(), keys.alive(fed, wid),
+        names = [
+            keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.alive(fed, wid),
             keys.federation(fed), keys.legacy_snapshot(fed, wid),
-            fed, wid, meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
-            meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(),
-            store.settings.stream_maxlen, keys.segment_base(fed, wid), tag,
-            count,
+            *(keys.segment(fed, wid, tag, i) for i in range(count)),
+            *(frame_keys(keys, fed, wid, prev) if "tag" in prev else []),
+        ]  # fmt: skip
+        pipe.eval(
+            store.publish_script, len(names), *names,
+            meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
+            meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(), tag, count,
+            prev.get("tag", ""),
         )  # fmt: skip
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
-        results = await pipe.execute()
+        try:
+            results = await pipe.execute()
+        except aioredis.WatchError:
+            raise HTTPException(503, CONCURRENT_PUBLISH) from None
     version = int(results[len(inline)])
     if version == -2:  # deleted while this frame streamed in: remove what the MULTI wrote
         await store.unlink_worker(fed, wid)
         raise HTTPException(404, f"federation {fed!r} not found")
     if version == -3:  # a segment vanished before the commit (Redis evicted it?)
         raise HTTPException(503, "frame upload was interrupted (a segment expired); publish again")
+    await store.queue_scoring(fed, wid, version)
     return version
+
+
+CONCURRENT_PUBLISH = "another publish of this worker committed meanwhile; publish again"
+
+
+async def _watch_previous(pipe: Any, meta_key: str, prev: Mapping[str, str]) -> None:
+    """WATCH the snapshot meta hash and check it still names the frame `prev` describes, so the
+    previous segments the commit declares (and unlinks) are the stored ones; 503 otherwise."""
+    await pipe.watch(meta_key)
+    tag = await pipe.hget(meta_key, "tag")
+    if (tag.decode() if tag else "") != prev.get("tag", ""):
+        raise HTTPException(503, CONCURRENT_PUBLISH)
 
 
 def _blank(value: float | None) -> str | float:

@@ -9,6 +9,11 @@ hash, the worker set, the token index, the decision counter, the decision stream
 MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
 Telemetry (diagnostics): per worker an index hash and one sorted set per metric and layer, each
 trimmed to `telemetry_maxlen` points.
+
+Redis Cluster (DESIGN §11): every key of a federation starts `<prefix>{<federation>}`, so its
+name is the key's hash tag and all of a federation's keys live in one slot: every script and
+transaction touches one slot. The global keys (`federations`, `stats`, `scoring`) are never
+used in a script or transaction with a federation's keys.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class Keys:
     """Key builder for one prefix (e.g. `tetherfed:`)."""
 
     def __init__(self, prefix: str) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"key prefix {prefix!r} must not hold braces (they make hash tags)")
         self.prefix = prefix
 
     # global
@@ -45,45 +52,54 @@ class Keys:
 
     # per federation
     def federation(self, fed: str) -> str:
-        """Hash: policy (JSON), created_at."""
-        return f"{self.prefix}fed:{fed}"
+        """Hash: policy (JSON), created_at. Its name is the prefix of the federation's keys."""
+        return f"{self.prefix}{{{fed}}}"
 
     def federation_match(self, fed: str) -> str:
         """SCAN pattern of every key below a federation."""
-        return glob_escape(f"{self.prefix}fed:{fed}:") + "*"
+        return glob_escape(f"{self.federation(fed)}:") + "*"
+
+    def legacy_federation(self, fed: str) -> str:
+        """Where versions before hash tags kept the federation hash (its keys were below
+        `<this>:`); `Store.migrate_legacy` renames them."""
+        return f"{self.prefix}fed:{fed}"
 
     def workers(self, fed: str) -> str:
         """Set of worker ids."""
-        return f"{self.prefix}fed:{fed}:workers"
+        return f"{self.federation(fed)}:workers"
 
     def tokens(self, fed: str) -> str:
         """Hash: sha256(token) → worker id."""
-        return f"{self.prefix}fed:{fed}:tokens"
+        return f"{self.federation(fed)}:tokens"
 
     def decision_seq(self, fed: str) -> str:
         """Counter: the last decision id."""
-        return f"{self.prefix}fed:{fed}:decision_seq"
+        return f"{self.federation(fed)}:decision_seq"
 
     def decisions(self, fed: str) -> str:
         """Stream of every decision; entry id `<decision id>-0`."""
-        return f"{self.prefix}fed:{fed}:decisions"
+        return f"{self.federation(fed)}:decisions"
+
+    def fence(self, fed: str) -> str:
+        """Counter written just before a WAIT that must cover every earlier write."""
+        return f"{self.federation(fed)}:fence"
 
     def acks(self, fed: str) -> str:
         """Hash: decision id → AckPublic JSON."""
-        return f"{self.prefix}fed:{fed}:acks"
+        return f"{self.federation(fed)}:acks"
 
     # per worker
     def worker(self, fed: str, wid: str) -> str:
         """Hash: the worker record (name, layers, meta, token hash, progress, version)."""
-        return f"{self.prefix}fed:{fed}:w:{wid}"
+        return f"{self.federation(fed)}:w:{wid}"
 
     def alive(self, fed: str, wid: str) -> str:
         """String with the heartbeat TTL; its absence means lost."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:alive"
+        return f"{self.federation(fed)}:w:{wid}:alive"
 
     def segment_base(self, fed: str, wid: str) -> str:
         """Prefix of the worker's frame segments: `<base><upload tag>:<index>` (see `segment`)."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:seg:"
+        return f"{self.federation(fed)}:w:{wid}:seg:"
 
     def segment(self, fed: str, wid: str, tag: str, index: int) -> str:
         """String: bytes `[index * segment size, ...)` of the frame uploaded under `tag`.
@@ -97,39 +113,39 @@ class Keys:
     def legacy_snapshot(self, fed: str, wid: str) -> str:
         """A frame stored whole (before segments): read while its meta names no segments, and
         unlinked by the worker's next publish."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:snap"
+        return f"{self.federation(fed)}:w:{wid}:snap"
 
     def snapshot_meta(self, fed: str, wid: str) -> str:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:snapmeta"
+        return f"{self.federation(fed)}:w:{wid}:snapmeta"
 
     def worker_decisions(self, fed: str, wid: str) -> str:
         """Stream of the merge/drift decisions addressed to this worker."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:decisions"
+        return f"{self.federation(fed)}:w:{wid}:decisions"
 
     def merges(self, fed: str, wid: str) -> str:
         """Hash: `__epoch` and layer → merges received this epoch."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:merges"
+        return f"{self.federation(fed)}:w:{wid}:merges"
 
     def cooldowns(self, fed: str, wid: str) -> str:
         """Hash: `layer\\x00partner` → step of the pair's last merge or drift."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:cooldowns"
+        return f"{self.federation(fed)}:w:{wid}:cooldowns"
 
     def applied(self, fed: str, wid: str) -> str:
         """Hash: `layer\\x00generation` → JSON of the acked decision that made it."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:applied"
+        return f"{self.federation(fed)}:w:{wid}:applied"
 
     def generations(self, fed: str, wid: str, layer: str) -> str:
         """List of GenerationRecord JSON (every generation's metadata)."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:gen:{layer}"
+        return f"{self.federation(fed)}:w:{wid}:gen:{layer}"
 
     def retained(self, fed: str, wid: str, layer: str) -> str:
         """List of generation numbers whose tensors are kept (capped by policy)."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:genkeep:{layer}"
+        return f"{self.federation(fed)}:w:{wid}:genkeep:{layer}"
 
     def generation_tensor(self, fed: str, wid: str, layer: str, generation: int) -> str:
         """One retained generation's tensor (a one-layer frame)."""
-        return f"{self.prefix}fed:{fed}:w:{wid}:gent:{generation}:{layer}"
+        return f"{self.federation(fed)}:w:{wid}:gent:{generation}:{layer}"
 
     def telemetry(self, fed: str, wid: str, metric: str, layer: str) -> str:
         """Sorted set: the worker's telemetry points of one metric and layer (JSON), scored by

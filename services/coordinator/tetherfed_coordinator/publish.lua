@@ -1,32 +1,35 @@
 -- Accept a publish atomically: make its uploaded segments the worker's snapshot.
--- KEYS: 1 worker hash, 2 snapshot meta hash, 3 scoring stream, 4 alive key, 5 federation hash,
---       6 the frame stored whole by versions before segments (unlinked if present)
--- ARGV: 1 fed, 2 worker, 3 step, 4 epoch, 5 loss|'', 6 grad_norm|'', 7 SnapshotMeta JSON,
---       8 now (ISO), 9 heartbeat ttl ms, 10 stream maxlen,
---       11 segment key base, 12 upload tag, 13 segment count
--- The segments `<base><tag>:<i>` were written with a TTL before this runs; here they lose it and
--- the previous snapshot's segments are unlinked, so readers see either the old frame or the new.
--- Returns the new version; -2 when the federation or worker was deleted meanwhile (the caller
--- removes what the upload wrote); -3 when a segment expired before the commit (nothing changed).
-if redis.call('EXISTS', KEYS[5]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
-local base, tag, count = ARGV[11], ARGV[12], tonumber(ARGV[13])
-for i = 0, count - 1 do
-  if redis.call('EXISTS', base .. tag .. ':' .. i) == 0 then return -3 end
+-- KEYS: 1 worker hash, 2 snapshot meta hash, 3 alive key, 4 federation hash,
+--       5 the frame stored whole by versions before segments (unlinked if present),
+--       then the upload's ARGV[9] segments, then the previous snapshot's segments
+-- ARGV: 1 step, 2 epoch, 3 loss|'', 4 grad_norm|'', 5 SnapshotMeta JSON, 6 now (ISO),
+--       7 heartbeat ttl ms, 8 upload tag, 9 upload segment count, 10 previous tag|''
+-- Every key is declared and shares the federation's hash tag (Redis Cluster: one slot). The
+-- caller WATCHes the meta hash, so the previous segments it names are the ones stored. The
+-- upload's segments were written with a TTL before this runs; here they lose it and the previous
+-- snapshot's are unlinked, so readers see either the old frame or the new.
+-- Returns the new version; the current one when this upload is the snapshot already (a retry of
+-- a call whose reply was lost: nothing is written twice); -2 when the federation or worker was
+-- deleted meanwhile (the caller removes what the upload wrote); -3 when a segment expired
+-- before the commit (nothing changed).
+if redis.call('EXISTS', KEYS[4]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+local tag, count = ARGV[8], tonumber(ARGV[9])
+local old = redis.call('HMGET', KEYS[2], 'tag', 'loss', 'version')
+if old[1] == tag then return tonumber(old[3]) end
+for i = 6, 5 + count do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return -3 end
 end
-for i = 0, count - 1 do redis.call('PERSIST', base .. tag .. ':' .. i) end
-local old = redis.call('HMGET', KEYS[2], 'tag', 'segments', 'loss')
-if old[1] and old[1] ~= tag then
-  for i = 0, tonumber(old[2]) - 1 do redis.call('UNLINK', base .. old[1] .. ':' .. i) end
+for i = 6, 5 + count do redis.call('PERSIST', KEYS[i]) end
+if ARGV[10] ~= '' and ARGV[10] ~= tag then
+  for i = 6 + count, #KEYS do redis.call('UNLINK', KEYS[i]) end
 end
-redis.call('UNLINK', KEYS[6])
+redis.call('UNLINK', KEYS[5])
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'version', version, 'step', ARGV[3], 'epoch', ARGV[4],
-  'loss', ARGV[5], 'prev_loss', old[3] or '', 'meta', ARGV[7], 'published_at', ARGV[8],
+redis.call('HSET', KEYS[2], 'version', version, 'step', ARGV[1], 'epoch', ARGV[2],
+  'loss', ARGV[3], 'prev_loss', old[2] or '', 'meta', ARGV[5], 'published_at', ARGV[6],
   'tag', tag, 'segments', count)
-redis.call('HSET', KEYS[1], 'step', ARGV[3], 'epoch', ARGV[4], 'loss', ARGV[5],
-  'grad_norm', ARGV[6], 'last_seen', ARGV[8])
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[9])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*',
-  'fed', ARGV[1], 'worker', ARGV[2], 'version', version)
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'epoch', ARGV[2], 'loss', ARGV[3],
+  'grad_norm', ARGV[4], 'last_seen', ARGV[6])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
 return version

@@ -323,11 +323,15 @@ class Scorer:
         RACED (state changed since it was read)."""
         async with self.store.r.pipeline(transaction=False) as pipe:
             for wid, result in rounds.items():
-                await self._commit(fed, policy, snaps[wid], result, scored[wid], pipe)
+                self._commit(fed, policy, snaps[wid], result, scored[wid], pipe)
+            self.store.wait_for_replicas(pipe)
             replies = await pipe.execute()
-        return dict(zip(rounds, replies, strict=True))
+        # Too few replicas: the step fails and its entries are redelivered; the rescore finds
+        # the round committed (scored_version), or commits it anew after a failover lost it.
+        self.store.check_replicated(replies[len(rounds) :], f"scoring round of {fed!r}")
+        return dict(zip(rounds, replies[: len(rounds)], strict=True))
 
-    async def _commit(
+    def _commit(
         self, fed: str, policy: Policy, own: Snapshot, result: Round, read_at: int, pipe: Any
     ) -> None:
         """Queue the round's commit script (atomic on its own) on `pipe`."""
@@ -344,15 +348,12 @@ class Scorer:
         for (layer, partner), step in result.cooldowns.items():
             args += [f"{layer}{FIELD_SEP}{partner}", step]
         args.append(read_at)
-        await self.store.commit_script(
-            keys=[
-                keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
-                keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
-                keys.federation(fed),
-            ],
-            args=args,
-            client=pipe,
-        )  # fmt: skip
+        names = [
+            keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
+            keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
+            keys.federation(fed),
+        ]  # fmt: skip
+        pipe.eval(self.store.commit_script, len(names), *names, *args)
 
     @staticmethod
     def _body(fed: str, policy: Policy, own: Snapshot, draft: DecisionDraft, now: datetime) -> str:

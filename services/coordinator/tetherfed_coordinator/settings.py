@@ -6,8 +6,10 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .topology import parse_redis_url
 
 
 def _default_consumer() -> str:
@@ -29,7 +31,16 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         default=None, description="Embedded Redis: directory for its AOF (None: in memory only)."
     )
-    key_prefix: str = Field(default="tetherfed:", min_length=1)
+    key_prefix: str = Field(
+        default="tetherfed:", min_length=1, pattern=r"^[^{}]+$",
+        description="Prefix of every key; no braces (federation names are the hash tags).",
+    )  # fmt: skip
+    wait_replicas: int = Field(
+        default=0, ge=0, le=16,
+        description="Replicas that must hold a decision or ack before it counts as written "
+        "(Redis WAIT; one server or Sentinel). 0: do not wait.",
+    )  # fmt: skip
+    wait_timeout_ms: int = Field(default=2000, ge=1, description="How long WAIT waits.")
     token: str | None = Field(default=None, description="Bearer token; None turns auth off.")
     read_token: str | None = Field(
         default=None,
@@ -56,3 +67,20 @@ class Settings(BaseSettings):
     telemetry_maxlen: int = Field(
         default=2000, ge=1, description="Telemetry points kept per worker, metric and layer."
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_deployment(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_redis_url(url)  # ValueError naming the problem
+        return url
+
+    @model_validator(mode="after")
+    def _wait_needs_replication(self) -> Settings:
+        if (
+            self.wait_replicas
+            and self.redis_url
+            and parse_redis_url(self.redis_url).kind == "cluster"
+        ):
+            raise ValueError("wait_replicas is for one server or Sentinel, not a Redis Cluster")
+        return self

@@ -34,6 +34,7 @@ from tether_protocol.messages import (
 from .errors import federation_not_found, no_snapshot, worker_not_found
 from .keys import Keys, glob_escape
 from .settings import Settings
+from .topology import async_client, is_cluster
 
 log = logging.getLogger(__name__)
 FIELD_SEP = "\x00"
@@ -117,10 +118,11 @@ def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, li
 
 def redis_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
     """The three clients a Store uses: str replies, bytes replies, and blocking reads (a pool
-    large enough for every worker's long-poll to hold a connection)."""
-    r = aioredis.Redis.from_url(url, decode_responses=True)
-    rb = aioredis.Redis.from_url(url, decode_responses=False)
-    blocking = aioredis.Redis.from_url(url, decode_responses=True, max_connections=1000)
+    large enough for every worker's long-poll to hold a connection). `url` names one server, a
+    Sentinel service or a Cluster (`topology`)."""
+    r = async_client(url, decode_responses=True)
+    rb = async_client(url, decode_responses=False)
+    blocking = async_client(url, decode_responses=True, max_connections=1000)
     return r, rb, blocking
 
 
@@ -138,9 +140,11 @@ class Store:
         self.r, self.rb, self.blocking = r, rb, blocking
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        # Sent whole with EVAL, not EVALSHA: a server that never saw a script (a promoted
+        # replica, another Cluster node) runs it all the same, inside pipelines too.
         self.publish_script = lua("publish.lua")
         self.abort_script = lua("abort.lua")
-        self.commit_script = self.r.register_script(lua("commit.lua"))
+        self.commit_script = lua("commit.lua")
 
     # ---------------------------------------------------------------- federations
     async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
@@ -470,11 +474,31 @@ class Store:
         key = self.keys.worker_decisions(fed, wid)
         rows = await self.r.xrange(key, min=f"{after + 1}-0", count=limit)
         if not rows and wait_s > 0:
-            got = await self.blocking.xread(
-                {key: f"{after}-0"}, count=limit, block=max(1, int(wait_s * 1000))
-            )
+            try:
+                got = await self.blocking.xread(
+                    {key: f"{after}-0"}, count=limit, block=max(1, int(wait_s * 1000))
+                )
+            except aioredis.ResponseError as exc:
+                if not str(exc).startswith("UNBLOCKED"):
+                    raise
+                got = []  # the server became a replica (failover): the caller polls again
             rows = got[0][1] if got else []
+        if rows:
+            await self.replicated_so_far(fed, "these decisions")
         return [Decision.model_validate_json(fields["d"]) for _, fields in rows]
+
+    async def replicated_so_far(self, fed: str, what: str) -> None:
+        """With `wait_replicas`: return once every write the primary has taken so far is on
+        that many replicas, else 503. A worker is handed decisions only then, so a failover
+        cannot take back one it has seen (and may ack). WAIT covers the writes of its own
+        connection, so one write (the federation's fence counter) goes first on it."""
+        if not self.settings.wait_replicas or is_cluster(self.r):
+            return
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.incr(self.keys.fence(fed))
+            self.wait_for_replicas(pipe)
+            _, *waited = await pipe.execute()
+        self.check_replicated(waited, what)
 
     async def ack(self, fed: str, decision: Decision, body: AckCreate) -> tuple[AckPublic, bool]:
         """Record an ack; returns (ack, created). 409 when a different outcome was recorded."""
@@ -488,7 +512,11 @@ class Store:
             probe_loss_after=body.probe_loss_after,
             acked_at=utcnow(),
         )
-        created = await self.r.hsetnx(self.keys.acks(fed), str(decision.id), ack.model_dump_json())
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(self.keys.acks(fed), str(decision.id), ack.model_dump_json())
+            self.wait_for_replicas(pipe)
+            created, *waited = await pipe.execute()
+        self.check_replicated(waited, f"the ack of decision {decision.id}")
         if not created:
             previous = await self.acked(fed, decision.id)
             assert previous is not None
@@ -503,6 +531,48 @@ class Store:
                 self.keys.applied(fed, decision.worker_id), field, decision.model_dump_json()
             )
         return ack, True
+
+    def wait_for_replicas(self, pipe: Any) -> None:
+        """Queue `WAIT` on `pipe` (after the writes it must cover, on their connection) when
+        `settings.wait_replicas` asks for it: Redis replicates asynchronously, and a write a
+        failover loses before a replica has it is gone (redis.io: "Redis replication")."""
+        if self.settings.wait_replicas and not is_cluster(self.r):
+            pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
+
+    def check_replicated(self, waited: list[Any], what: str) -> None:
+        """503 when the WAIT queued by `wait_for_replicas` saw too few replicas take the write
+        (the caller retries; the writes it retries are idempotent)."""
+        if waited and int(waited[-1]) < self.settings.wait_replicas:
+            raise HTTPException(
+                503, f"{what} reached {waited[-1]} of {self.settings.wait_replicas} replicas; retry"
+            )
+
+    async def queue_scoring(self, fed: str, wid: str, version: int) -> None:
+        """Add a committed publish to the scoring stream (global: never in a federation's
+        script or transaction; a retried XADD only makes a redundant entry, which the scorer's
+        `scored_version` guard turns into nothing)."""
+        await self.r.xadd(
+            self.keys.scoring(), {"fed": fed, "worker": wid, "version": version},
+            maxlen=self.settings.stream_maxlen, approximate=True,
+        )  # fmt: skip
+
+    async def migrate_legacy(self) -> int:
+        """Rename the keys of federations stored before hash tags (`<prefix>fed:<name>…`) to
+        the current names; returns how many federations moved. Such data only exists on one
+        server (never on a Cluster), where RENAME across names is allowed."""
+        moved = 0
+        for fed in await self.r.smembers(self.keys.federations()):
+            old = self.keys.legacy_federation(fed)
+            if is_cluster(self.r) or not await self.r.exists(old):
+                continue
+            new = self.keys.federation(fed)
+            async for key in self.r.scan_iter(match=glob_escape(old + ":") + "*", count=1000):
+                await self.r.rename(key, new + key[len(old) :])
+            await self.r.rename(old, new)
+            moved += 1
+        if moved:
+            log.warning("renamed the keys of %d federation(s) to hash-tagged names", moved)
+        return moved
 
     async def acked(self, fed: str, decision_id: int) -> AckPublic | None:
         """The ack of a decision, if any."""
