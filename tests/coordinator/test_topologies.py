@@ -21,7 +21,7 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import SnapshotMeta
 from tetherfed_coordinator.keys import Keys
 from tetherfed_coordinator.settings import Settings
-from tetherfed_coordinator.topology import parse_redis_url, sync_client
+from tetherfed_coordinator.topology import close, parse_redis_url, sync_client
 
 F = "/v1/federations"
 
@@ -237,7 +237,7 @@ def _assert_kept(url: str, prefix: str, acked: dict[int, dict]) -> None:
                   for sid, f in client.xrange(keys.decisions("f"))}  # fmt: skip
         acks = client.hgetall(keys.acks("f"))
     finally:
-        client.close()
+        close(client)
     assert len(acked) >= 4, f"too few decisions to judge: {sorted(acked)}"
     lost = sorted(set(acked) - set(stream))
     assert not lost, f"acked decisions missing after the failover: {lost}"
@@ -245,3 +245,25 @@ def _assert_kept(url: str, prefix: str, acked: dict[int, dict]) -> None:
     assert set(acked) <= {int(i) for i in acks}, "acks missing after the failover"
     rounds = [(d["worker_id"], d["layer"], d["own_snapshot"]["version"]) for d in stream.values()]
     assert len(rounds) == len(set(rounds)), "a snapshot version was decided twice"
+
+
+@pytest.mark.anyio
+async def test_federations_stored_before_hash_tags_are_renamed(
+    app_client: httpx.AsyncClient,
+) -> None:
+    store = app_client.app.state.store  # type: ignore[attr-defined]
+    keys = store.keys
+    created = (await app_client.post(F, json={"name": "old", "policy": EVERY_PUBLISH})).json()
+    wid = await _register(app_client, "old", "w")
+    for key in [k async for k in store.r.scan_iter(match=keys.federation("old") + "*")]:
+        await store.r.rename(
+            key, keys.legacy_federation("old") + key[len(keys.federation("old")) :]
+        )
+
+    assert (await app_client.get(f"{F}/old")).status_code == 404  # as an upgrade finds it
+    assert await store.migrate_legacy() == 1
+
+    assert (await app_client.get(f"{F}/old")).json()["created_at"] == created["created_at"]
+    assert (await app_client.get(f"{F}/old/workers/{wid}")).status_code == 200
+    assert not [k async for k in store.r.scan_iter(match=keys.legacy_federation("old") + "*")]
+    assert await store.migrate_legacy() == 0

@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .scoring import Scorer, ScoringProcesses, ScoringThread
 from .settings import Settings
 from .store import Store, redis_clients
+from .topology import aclose
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if background is not None:
             background.stop(timeout_s=10)
         for client in (r, rb, blocking):
-            await client.aclose()
+            await aclose(client)
         if embedded is not None:
             embedded.stop()
 

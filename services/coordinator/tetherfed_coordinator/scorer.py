@@ -13,6 +13,7 @@ import sys
 from .scoring import Scorer
 from .settings import Settings
 from .store import Store, redis_clients
+from .topology import aclose
 
 
 async def run(settings: Settings) -> None:
@@ -28,7 +29,7 @@ async def run(settings: Settings) -> None:
         await scorer.run()
     finally:
         for client in clients:
-            await client.aclose()
+            await aclose(client)
 
 
 def main() -> int:

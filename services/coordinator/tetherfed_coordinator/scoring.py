@@ -37,6 +37,7 @@ from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Ro
 from .embedded import die_with_parent
 from .settings import Settings
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
+from .topology import aclose
 
 GROUP = "scorers"
 BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
@@ -416,7 +417,7 @@ class ScoringThread:
         finally:
             self._ready.set()
             for client in clients:
-                await client.aclose()
+                await aclose(client)
 
     def stop(self, timeout_s: float) -> None:
         """Ask the loop to stop between steps (never mid-reply) and wait for the thread."""

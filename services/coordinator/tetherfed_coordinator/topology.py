@@ -168,3 +168,19 @@ async def borrow_connection(client: Any, key: str) -> tuple[Any, Callable[[], Aw
     pool = client.connection_pool
     conn = await pool.get_connection()
     return conn, functools.partial(pool.release, conn)
+
+
+async def aclose(client: Any) -> None:
+    """Close an `async_client`: its pool, and for Sentinel the connections to the sentinels."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
+def close(client: Any) -> None:
+    """Close a `sync_client`: its pool, and for Sentinel the connections to the sentinels."""
+    client.close()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    if manager is not None:
+        manager.close()
