@@ -175,6 +175,7 @@ class SentinelServers(Servers):
             self.replica = self.start("replica", [f"replicaof 127.0.0.1 {self.primary}"])
             self._wait_synced()
             self.sentinels = [self._sentinel(i) for i in range(3)]
+            self._wait_settled()
         except BaseException:
             self.stop()
             raise
@@ -203,6 +204,25 @@ class SentinelServers(Servers):
         ]
         return self.start(f"sentinel{i}", lines, "--sentinel")
 
+    def _states(self) -> list[dict[str, Any]]:
+        out = []
+        for port in self.sentinels:
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                out.append(client.sentinel_master(SERVICE))
+            finally:
+                client.close()
+        return out
+
+    def _wait_settled(self) -> None:
+        """Until every sentinel knows the other two and the replica, as long-running ones do
+        (sentinels that never heard of each other fight over a failover's outcome)."""
+        wait_until(
+            lambda: all(s["num-other-sentinels"] == 2 and s["num-slaves"] == 1
+                        for s in self._states()),
+            40, "the sentinels knowing each other and the replica",
+        )  # fmt: skip
+
     def master_port(self) -> int:
         """The primary's port as the first sentinel reports it."""
         client = redis.Redis(port=self.sentinels[0], socket_timeout=2)
@@ -221,12 +241,15 @@ class SentinelServers(Servers):
                        "the sentinels accepting a failover")  # fmt: skip
         finally:
             client.close()
-        wait_until(lambda: self.master_port() != old, timeout_s, "a new primary")
+        wait_until(
+            lambda: {int(s["port"]) for s in self._states()} == {self.replica}, timeout_s,
+            "every sentinel naming the new primary",
+        )  # fmt: skip
         demoted = redis.Redis(port=old, socket_timeout=2)
         try:
             wait_until(
-                lambda: demoted.info("replication")["role"] == "slave", timeout_s,
-                "the old primary demoted",
+                lambda: demoted.info("replication").get("master_link_status") == "up",
+                timeout_s, "the old primary replicating from the new one",
             )  # fmt: skip
         finally:
             demoted.close()

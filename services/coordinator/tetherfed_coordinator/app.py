@@ -51,7 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir).start()
         url = embedded.url
-    r, rb, blocking = redis_clients(url)
+    r, rb, blocking = redis_clients(url, settings.long_poll_max_s)
     app.state.store = store = Store(r, rb, blocking, settings)
     await store.migrate_legacy()
     # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.

@@ -20,7 +20,7 @@ async def run(settings: Settings) -> None:
     """Score until SIGTERM or SIGINT, then stop between steps."""
     if settings.redis_url is None:
         raise SystemExit("the scoring process needs TETHER_REDIS_URL")
-    clients = redis_clients(settings.redis_url)
+    clients = redis_clients(settings.redis_url, settings.long_poll_max_s)
     scorer = Scorer(Store(*clients, settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

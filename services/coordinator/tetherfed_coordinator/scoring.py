@@ -407,7 +407,7 @@ class ScoringThread:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        clients = redis_clients(self.url)
+        clients = redis_clients(self.url, self.settings.long_poll_max_s)
         try:
             self._scorer = Scorer(Store(*clients, self.settings))
             await self._scorer.ensure_group()

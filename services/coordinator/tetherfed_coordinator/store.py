@@ -116,13 +116,15 @@ def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, li
     return b"".join(parts), [name.encode() for name in names]
 
 
-def redis_clients(url: str) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
-    """The three clients a Store uses: str replies, bytes replies, and blocking reads (a pool
-    large enough for every worker's long-poll to hold a connection). `url` names one server, a
-    Sentinel service or a Cluster (`topology`)."""
+def redis_clients(
+    url: str, block_s: float = 60.0
+) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
+    """The three clients a Store uses: str replies, bytes replies, and blocking reads of up to
+    `block_s` (a pool large enough for every worker's long-poll to hold a connection). `url`
+    names one server, a Sentinel service or a Cluster (`topology`)."""
     r = async_client(url, decode_responses=True)
     rb = async_client(url, decode_responses=False)
-    blocking = async_client(url, decode_responses=True, max_connections=1000)
+    blocking = async_client(url, decode_responses=True, max_connections=1000, block_s=block_s)
     return r, rb, blocking
 
 

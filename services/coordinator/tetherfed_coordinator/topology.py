@@ -28,6 +28,7 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
@@ -36,9 +37,12 @@ from redis.sentinel import Sentinel
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
 SERVER_SCHEMES = ("redis", "rediss", "unix")
-RETRIES = 20  # with a 1 s cap, about 10 s of tries: longer than a Sentinel failover
+RETRIES = 30  # with a 1 s cap, about 15 s of tries: longer than a Sentinel failover
 BACKOFF = ExponentialWithJitterBackoff(cap=1.0, base=0.05)
 CONNECT_TIMEOUT_S = 5.0
+# A reply slower than this (beyond a blocking command's own wait) means the server is gone or
+# wedged: the connection is dropped and the command retried, never waited on forever.
+READ_TIMEOUT_S = 30.0
 # The errors worth a retry: the connection broke (a primary demoted by a failover surfaces as
 # one: redis-py's Sentinel connection turns READONLY into ConnectionError) or timed out.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
@@ -110,15 +114,40 @@ def parse_redis_url(url: str) -> RedisTarget:
     )  # fmt: skip
 
 
+class PrimaryConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection that asks the sentinels for the primary on every connect.
+
+    redis-py's asyncio connection reconnects a dropped connection (e.g. after a demoted
+    primary's READONLY) through `connect_check_health`, which skips
+    `SentinelManagedConnection.connect` and so dials the demoted primary again; every retry
+    then fails the same way (redis-py 8.1, `Connection.send_packed_command`)."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
 def async_client(
-    url: str, *, decode_responses: bool = False, max_connections: int | None = None
-) -> Any:
+    url: str, *, decode_responses: bool = False, max_connections: int | None = None,
+    block_s: float = 0.0,
+) -> Any:  # fmt: skip
     """An asyncio client for the deployment `url` names (`redis.asyncio.Redis`, or
-    `RedisCluster`), retrying transient errors (module docstring)."""
+    `RedisCluster`), retrying transient errors (module docstring). `block_s`: the longest
+    blocking command it will send (XREAD BLOCK), added to the read timeout."""
     retry = AsyncRetry(BACKOFF, RETRIES, supported_errors=TRANSIENT)
-    pool = {} if max_connections is None else {"max_connections": max_connections}
+    pool: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
+    if parse_redis_url(url).kind == "sentinel":
+        pool["connection_class"] = PrimaryConnection
     classes = (aioredis.Redis, AsyncRedisCluster, AsyncClusterNode, AsyncSentinel)
-    return _client(url, classes, decode_responses=decode_responses, retry=retry, **pool)
+    return _client(
+        url, classes, decode_responses=decode_responses, retry=retry,
+        socket_timeout=READ_TIMEOUT_S + block_s, **pool,
+    )  # fmt: skip
 
 
 def sync_client(url: str, *, decode_responses: bool = False) -> Any:
