@@ -106,6 +106,7 @@ RENDER = """
     var spec = JSON.parse(node.textContent);
     spec.layout = spec.layout || {};
     spec.layout.template = template;
+    spec.layout.margin = spec.layout.margin || {t: spec.layout.updatemenus ? 60 : 30};
     Plotly.newPlot(node.dataset.target, spec.data || [], spec.layout, config).then(function () {
       requestAnimationFrame(next);
     });

@@ -68,7 +68,12 @@ def loss_figure(run: RunData) -> Figure:
             by_kind[(m.action, m.outcome)].append(m)
         for (action, outcome), marks in sorted(by_kind.items()):
             fig.add_trace(_mark_trace(w, i, action, outcome, marks))
-    fig.update_layout(xaxis_title="step", yaxis_title="loss", hovermode="closest", height=480)
+    scales = [
+        {"label": scale, "method": "relayout", "args": [{"yaxis.type": scale}]}
+        for scale in ("linear", "log")
+    ]
+    fig.update_layout(xaxis_title="step", yaxis_title="loss", hovermode="closest", height=480,
+                      updatemenus=[{"buttons": scales, "type": "buttons", "direction": "right", "x": 0, "y": 1.12, "xanchor": "left"}])  # fmt: skip
     return Figure("loss", "Loss and validation loss, with merge (▲) and drift (▼) marks", fig)
 
 
