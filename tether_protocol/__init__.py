@@ -7,7 +7,8 @@ Pure functions on numpy arrays, no I/O and no torch:
 - `frame`: the safetensors tensor frame a publish travels in, with strict validation;
 - `compat`: dot / cosine / pearson compatibility of all pairs from one Gram matrix;
 - `policy`: the pure decision function (trigger, thresholds, budgets, cooldowns, pairing);
-- `operators`: merge (average, weighted) and drift (repel, decouple), the numpy reference.
+- `operators`: merge (average, weighted) and drift (repel, decouple), the numpy reference;
+- `sketch`: count sketches of large tethers, scores estimated on them, the sketch frame.
 """
 
 from .compat import CompatibilityMatrix, all_pairs, gram_scores, pair_score
@@ -36,6 +37,7 @@ from .messages import (
     LayerSpec,
     Policy,
     PolicyPatch,
+    SketchPolicy,
     SnapshotMeta,
     SnapshotRef,
     WorkerCreate,
@@ -44,6 +46,7 @@ from .messages import (
 )
 from .operators import OperatorError, apply_operator
 from .policy import DecisionDraft, FederationState, PeerState, Round, decide
+from .sketch import LayerSketch, decode_sketch_frame, encode_sketch_frame, sketch_layer
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -61,6 +64,7 @@ __all__ = [
     "HeaderLengthError",
     "Heartbeat",
     "LayerMismatchError",
+    "LayerSketch",
     "LayerSpec",
     "MetadataError",
     "NonFiniteError",
@@ -71,6 +75,7 @@ __all__ = [
     "PolicyPatch",
     "Round",
     "ShapeError",
+    "SketchPolicy",
     "SnapshotMeta",
     "SnapshotRef",
     "WorkerCreate",
@@ -78,10 +83,13 @@ __all__ = [
     "apply_operator",
     "decide",
     "decode_frame",
+    "decode_sketch_frame",
     "encode_frame",
     "encode_parts",
+    "encode_sketch_frame",
     "gram_scores",
     "pair_score",
     "policy_preset",
     "seed_policy",
+    "sketch_layer",
 ]

@@ -69,6 +69,35 @@ class Versioned(WireModel):
 # --------------------------------------------------------------------------------------------
 
 LayerScope = list[str] | Literal["all", "middle"]
+NOISE_SDS = 3.0  # thresholds must sit this many estimator standard deviations away from 0
+
+
+def noise_band(k: int) -> float:
+    """Half-width (3/√k) of the band around 0 where a sketched cosine or pearson is noise."""
+    return NOISE_SDS / math.sqrt(k)
+
+
+class SketchPolicy(WireModel):
+    """Score large layers on count sketches (`tether_protocol.sketch`; DESIGN §6).
+
+    Layers of at least `min_values` values are scored on k-value sketches hashed by `seed` (the
+    same for the whole federation, so sketches compare); workers publish a sketch frame every
+    time and the full tether every `full_every` publishes, which is what a partner fetches to
+    apply a decision. A cosine or pearson estimate has standard deviation ≤ 1/√k, so thresholds
+    inside ±3/√k are refused unless `force` is set.
+    """
+
+    min_values: int = Field(
+        default=65_536, ge=1, description="Layers with at least this many values use sketches."
+    )
+    k: int = Field(default=1024, ge=16, le=1 << 20, description="Sketch length (buckets).")
+    seed: int = Field(default=0, ge=0, lt=1 << 63, description="Hash seed shared by workers.")
+    full_every: int = Field(
+        default=10,
+        ge=1,
+        description="Workers publish their full tethers every this many publishes.",
+    )
+    force: bool = Field(default=False, description="Accept thresholds inside the noise band.")
 
 
 class MergeGate(WireModel):
@@ -175,6 +204,11 @@ class Policy(WireModel):
         default=None,
         description="Merge gate (None: every merge is kept), e.g. {probe_loss_rise = 0.01}.",
     )
+    sketch: SketchPolicy | None = Field(
+        default=None,
+        description="Score large layers on count sketches; None scores every "
+        "layer on its full tether.",
+    )
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> Policy:
@@ -186,6 +220,7 @@ class Policy(WireModel):
         self._thresholds_in_range()
         if isinstance(self.layers, list) and not self.layers:
             raise ValueError("layers must name at least one layer (or be 'all' / 'middle')")
+        self._thresholds_above_noise()
         return self
 
     def _thresholds_in_range(self) -> None:
@@ -201,6 +236,23 @@ class Policy(WireModel):
                 raise ValueError(
                     f"{label}_threshold {value} is outside [{low:g}, {high:g}], the range of "
                     f"{scale or self.measure}"
+                )
+
+    def _thresholds_above_noise(self) -> None:
+        # Only raw thresholds on tether scores: relative rules threshold z-scores or ranks, and
+        # cka compares probe Gram matrices, which are not sketched.
+        sketch = self.sketch
+        if sketch is None or sketch.force or self.measure in ("dot", "cka"):
+            return
+        if self.relative != "none":
+            return
+        band = noise_band(sketch.k)
+        for label, value in (("merge", self.merge_threshold), ("drift", self.drift_threshold)):
+            if value is not None and abs(value) < band:
+                raise ValueError(
+                    f"{label}_threshold {value} is inside the sketch noise band ±{band:.3g} "
+                    f"(3/√k, k={sketch.k}): unrelated tethers would cross it by chance; use a "
+                    "threshold further from 0, a larger sketch.k, or sketch.force"
                 )
 
     def merge_params(self) -> dict[str, float]:
@@ -268,6 +320,7 @@ class PolicyPatch(WireModel):
     probe_seed: int | None = None
     probe_size: int | None = None
     gate: MergeGate | None = None
+    sketch: SketchPolicy | None = None
 
     def apply(self, policy: Policy) -> Policy:
         """The patched policy; raises pydantic.ValidationError if the result is invalid."""
@@ -429,6 +482,13 @@ class PublishAccepted(WireModel):
     step: int
     layers: int
     bytes: int
+
+
+class SketchAccepted(PublishAccepted):
+    """202 answer to a sketch publish; `full_requested`: a decision needs this worker's
+    current tether, publish it in full next."""
+
+    full_requested: bool = False
 
 
 class TetherStats(WireModel):

@@ -43,6 +43,7 @@ from tether_protocol.messages import (
     WireDType,
 )
 from tether_protocol.policy import plateau
+from tether_protocol.sketch import encode_sketch_frame
 from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
 
 from ._errors import (
@@ -186,6 +187,7 @@ class Federation:
         self._next_publish = 0.0
         self._due = False  # a snapshot is scheduled but not yet taken
         self._failing = False  # the last publish failed: a newer snapshot may replace it
+        self._full_next = False  # under a sketch policy: the coordinator asked for a full publish
         self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
@@ -489,11 +491,32 @@ class Federation:
             snap.event.synchronize()
         assert self.worker_id is not None
         tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
-        tensors |= {probe_gram_name(name): gram for name, gram in snap.grams.items()}
-        parts = encode_parts(tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype)
-        self._client.publish(self.federation, self.worker_id, parts)
+        # A sketch frame carries the tethers' sketches only (cka's probe Grams go in full ones).
+        if not self._publish_sketch(snap, tensors):
+            tensors |= {probe_gram_name(name): gram for name, gram in snap.grams.items()}
+            parts = encode_parts(
+                tensors, snap.meta(self.worker_id, self.wire_dtype), self.wire_dtype
+            )
+            self._client.publish(self.federation, self.worker_id, parts)
+            self._full_next = False
         self.stats.published += 1
         self._failing = False
+
+    def _publish_sketch(self, snap: _Snapshot, tensors: Mapping[str, Any]) -> bool:
+        """Under a sketch policy, publish the sketch frame unless a full publish is due (every
+        `full_every`-th, or asked for); False when the full frame should go instead."""
+        sketch = self.policy.sketch if self.policy is not None else None
+        if sketch is None or self._full_next or self.stats.published % sketch.full_every == 0:
+            return False
+        assert self.worker_id is not None and self.policy is not None
+        frame = encode_sketch_frame(tensors, snap.meta(self.worker_id, "float32"), sketch)
+        try:
+            accepted = self._client.publish_sketch(self.federation, self.worker_id, frame)
+        except ConflictError:  # the federation's policy dropped its sketch since we registered
+            self.policy = self.policy.model_copy(update={"sketch": None})
+            return False
+        self._full_next = accepted.full_requested
+        return True
 
     def _refused(self, error: APIError) -> None:
         """The coordinator refused the publish for good: drop it; if the worker is gone from

@@ -38,6 +38,7 @@ from tether_protocol.messages import (
     Policy,
     PolicyPatch,
     PublishAccepted,
+    SketchAccepted,
     TethersPublic,
     TetherStats,
     WorkerCreate,
@@ -165,6 +166,11 @@ class _Calls:
     def publish(fed: str, wid: str, frame: Body) -> Call[PublishAccepted]:
         path = f"/v1/federations/{_p(fed, 'workers', wid)}/tethers"
         return Call("PUT", path, PublishAccepted, content=frame)
+
+    @staticmethod
+    def publish_sketch(fed: str, wid: str, frame: Body) -> Call[SketchAccepted]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/sketch"
+        return Call("PUT", path, SketchAccepted, content=frame)
 
     @staticmethod
     def tethers(fed: str, wid: str) -> Call[TethersPublic]:
@@ -394,6 +400,11 @@ class Client:
     def publish(self, fed: str, wid: str, frame: Body) -> PublishAccepted:
         return self.call(CALLS.publish(fed, wid, frame))
 
+    def publish_sketch(self, fed: str, wid: str, frame: Body) -> SketchAccepted:
+        """Publish a sketch frame (`tether_protocol.encode_sketch_frame`; the federation's
+        policy must have a `sketch`)."""
+        return self.call(CALLS.publish_sketch(fed, wid, frame))
+
     def tethers(self, fed: str, wid: str) -> TethersPublic:
         return self.call(CALLS.tethers(fed, wid))
 
@@ -571,6 +582,9 @@ class AsyncClient:
 
     async def publish(self, fed: str, wid: str, frame: Body) -> PublishAccepted:
         return await self.call(CALLS.publish(fed, wid, frame))
+
+    async def publish_sketch(self, fed: str, wid: str, frame: Body) -> SketchAccepted:
+        return await self.call(CALLS.publish_sketch(fed, wid, frame))
 
     async def tethers(self, fed: str, wid: str) -> TethersPublic:
         return await self.call(CALLS.tethers(fed, wid))

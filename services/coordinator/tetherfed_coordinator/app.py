@@ -12,7 +12,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import compatibility, decisions, federations, health, telemetry, tethers, ui, workers
+from .api import (
+    compatibility,
+    decisions,
+    federations,
+    health,
+    sketches,
+    telemetry,
+    tethers,
+    ui,
+    workers,
+)
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
 from .scoring import Scorer, ScoringProcesses, ScoringThread
@@ -36,7 +46,7 @@ class CountRequests:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests[(scope["method"], message["status"])] += 1
+                self.metrics.api.requests.labels(scope["method"], message["status"]).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -55,18 +65,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store = Store(r, rb, blocking, settings)
     await store.migrate_legacy()
     # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.
-    app.state.scorer = scorer = Scorer(store)
+    metrics: Metrics = app.state.metrics
+    app.state.scorer = scorer = Scorer(store, metrics.scoring)
     await scorer.ensure_group()
     background: ScoringThread | ScoringProcesses | None = None
     if settings.scoring_enabled and settings.scorer_processes:
-        background = ScoringProcesses(url, settings, settings.scorer_processes).start()
+        env = metrics.start_multiprocess()
+        background = ScoringProcesses(url, settings, settings.scorer_processes, env).start()
     elif settings.scoring_enabled:
-        background = ScoringThread(url, settings).start()
+        background = ScoringThread(url, settings, metrics.scoring).start()
     try:
         yield
     finally:
         if background is not None:
             background.stop(timeout_s=10)
+        metrics.stop_multiprocess()
         for client in (r, rb, blocking):
             await aclose(client)
         if embedded is not None:
@@ -89,7 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    routers = (health, federations, workers, tethers, compatibility, decisions, telemetry, ui)
+    routers = (
+        health, federations, workers, tethers, sketches, compatibility, decisions, telemetry, ui,
+    )  # fmt: skip
     for module in routers:
         app.include_router(module.router)
     handlers: dict[Any, Any] = {aioredis.ConnectionError: _redis_down}

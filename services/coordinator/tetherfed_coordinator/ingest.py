@@ -315,6 +315,11 @@ def _finish(stream: FrameStream, wid: str) -> Frame:
         frame = stream.finish()
     except FrameError as exc:
         raise frame_http_error(exc) from None
+    return publishers_frame(frame, wid)
+
+
+def publishers_frame(frame: Frame, wid: str) -> Frame:
+    """The frame, once its metadata names `wid` as the publisher (400 otherwise)."""
     assert frame.meta is not None
     if frame.meta.worker_id != wid:
         raise HTTPException(

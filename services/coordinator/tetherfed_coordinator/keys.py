@@ -119,6 +119,11 @@ class Keys:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
         return f"{self.federation(fed)}:w:{wid}:snapmeta"
 
+    def sketch(self, fed: str, wid: str) -> str:
+        """Hash: the worker's latest sketch publish (version, step, epoch, loss, previous loss,
+        SnapshotMeta JSON, the sketch frame)."""
+        return f"{self.worker(fed, wid)}:sketch"
+
     def worker_decisions(self, fed: str, wid: str) -> str:
         """Stream of the merge/drift decisions addressed to this worker."""
         return f"{self.federation(fed)}:w:{wid}:decisions"

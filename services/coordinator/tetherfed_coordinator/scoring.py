@@ -26,15 +26,25 @@ from datetime import datetime
 from typing import Any
 
 import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
 import redis.asyncio as aioredis
 from threadpoolctl import ThreadpoolController
 
 from tether_protocol.compat import CompatibilityMatrix, all_pairs, centre_gram, row_scores
-from tether_protocol.frame import TensorEntry, tensor_view
-from tether_protocol.messages import Decision, Measure, Policy, SnapshotRef, utcnow
+from tether_protocol.frame import tensor_view
+from tether_protocol.messages import Decision, Measure, Policy, SketchPolicy, SnapshotRef, utcnow
 from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Round, decide
+from tether_protocol.sketch import (
+    LayerSketch,
+    sketch_layer,
+    sketch_row_scores,
+    sketch_scores,
+    sketched,
+)
 
 from .embedded import die_with_parent
+from .metrics import ScoringMetrics
 from .settings import Settings
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
 from .topology import aclose
@@ -52,49 +62,106 @@ SMALL_ROUND_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 
-def scored_entries(snap: Snapshot, measure: Measure) -> dict[str, TensorEntry]:
-    """What a measure compares, by layer: the tethers, or for `cka` the probe Grams (a worker
-    that publishes none has nothing comparable under `cka`)."""
-    return snap.grams if measure == "cka" else snap.entries
+View = npt.NDArray[Any] | LayerSketch  # a layer as scored: the tether, or its count sketch
 
 
-def scored_tensor(snap: Snapshot, entry: TensorEntry, measure: Measure) -> Any:
-    """The tensor a measure scores (a probe Gram is double-centred here, whatever was sent)."""
-    view = tensor_view(snap.buf, entry)
-    return centre_gram(view) if measure == "cka" else view
+def layer_views(
+    snap: Snapshot, sketch: SketchPolicy | None, measure: Measure = "pearson"
+) -> dict[str, View]:
+    """Each layer of a snapshot as the scorer sees it: the tether, or (layers of at least
+    `sketch.min_values` values under a sketch policy) its count sketch, computed once per
+    snapshot and sketch spec. A sketch publish carries its sketches already. Under `cka`: the
+    probe Grams, double-centred here whatever was sent (none published: nothing comparable)."""
+    if measure == "cka":
+        return {name: centre_gram(tensor_view(snap.buf, e)) for name, e in snap.grams.items()}
+    if snap.sketched is not None:
+        spec = None if sketch is None else (sketch.k, sketch.seed)
+        if snap.memo.get("sketch_spec") == spec:
+            return snap.sketched
+        # Sketched under a policy since changed: its sketches compare with nothing now.
+        return {k: v for k, v in snap.sketched.items() if not isinstance(v, LayerSketch)}
+    out: dict[str, View] = {}
+    for name, entry in snap.entries.items():
+        tensor = tensor_view(snap.buf, entry)
+        if sketch is not None and sketched(sketch, tensor.size):
+            memo = (name, sketch.k, sketch.seed)
+            if memo not in snap.memo:
+                snap.memo[memo] = sketch_layer(tensor, sketch, name)
+            out[name] = snap.memo[memo]
+        else:
+            out[name] = tensor
+    return out
 
 
-def matrices(snaps: Mapping[str, Snapshot], measure: Measure) -> dict[str, CompatibilityMatrix]:
-    """All-pairs compatibility per layer over the given snapshots (workers lacking a layer skip it)."""
+def layer_table(
+    snaps: Mapping[str, Snapshot], sketch: SketchPolicy | None, measure: Measure = "pearson"
+) -> dict[str, dict[str, View]]:
+    """Layer → worker → view, layers sorted, workers sorted (workers lacking a layer skip it)."""
+    table: dict[str, dict[str, View]] = {}
+    for wid in sorted(snaps):
+        for name, view in layer_views(snaps[wid], sketch, measure).items():
+            table.setdefault(name, {})[wid] = view
+    return dict(sorted(table.items()))
+
+
+def _split(views: Mapping[str, View]) -> tuple[dict[str, LayerSketch], dict[str, npt.NDArray[Any]]]:
+    # A worker still on full frames and one on sketches compare through the sketch of the full
+    # tether, which layer_views made; left here: only a mix of full and sketch views.
+    sk = {w: v for w, v in views.items() if isinstance(v, LayerSketch)}
+    full = {w: v for w, v in views.items() if not isinstance(v, LayerSketch)}
+    return sk, full
+
+
+def layer_matrix(
+    layer: str, views: Mapping[str, View], measure: Measure, sketch: SketchPolicy | None
+) -> CompatibilityMatrix:
+    """All pairs of one layer, on tethers or on sketches (pairs mixing the two: NaN)."""
+    order = sorted(views)
+    sk, full = _split(views)
+    if not sk:
+        return all_pairs(full, measure, order=order)  # type: ignore[arg-type]
+    matrix = np.full((len(order), len(order)), np.nan)
+    idx = [order.index(w) for w in sorted(sk)]
+    assert sketch is not None, "sketch views without a sketch policy"
+    matrix[np.ix_(idx, idx)] = sketch_scores(sk, sketch, layer, measure, order=sorted(sk))
+    if full:
+        fidx = [order.index(w) for w in sorted(full)]
+        sub = all_pairs(full, measure, order=sorted(full))  # type: ignore[arg-type]
+        matrix[np.ix_(fidx, fidx)] = sub.matrix
+    return CompatibilityMatrix(measure=measure, workers=order, matrix=matrix)
+
+
+def matrices(
+    snaps: Mapping[str, Snapshot], measure: Measure, sketch: SketchPolicy | None = None
+) -> dict[str, CompatibilityMatrix]:
+    """All-pairs compatibility per layer over the given snapshots (workers lacking a layer skip
+    it); layers a sketch policy covers are scored on their sketches."""
     size_blas_threads(snaps)
-    layers: dict[str, dict[str, object]] = {}
-    for wid, snap in snaps.items():
-        for name, entry in scored_entries(snap, measure).items():
-            layers.setdefault(name, {})[wid] = scored_tensor(snap, entry, measure)
     return {
-        layer: all_pairs(tensors, measure, order=sorted(tensors))  # type: ignore[arg-type]
-        for layer, tensors in sorted(layers.items())
+        layer: layer_matrix(layer, views, measure, sketch)
+        for layer, views in layer_table(snaps, sketch, measure).items()
     }
 
 
-def publisher_scores(
-    snaps: Mapping[str, Snapshot], wid: str, measure: Measure
-) -> dict[str, dict[str, float]]:
-    """Layer → partner → score of worker `wid` against every other loaded worker.
-
-    Only the publisher's row is computed (`row_scores`): a round costs one pass over the M
-    tethers of each layer, not the M² pairs of the full matrix.
-    """
-    own = snaps[wid]
-    out: dict[str, dict[str, float]] = {}
-    for layer, entry in scored_entries(own, measure).items():
-        others = {
-            w: scored_tensor(s, scored_entries(s, measure)[layer], measure)
-            for w, s in snaps.items()
-            if w != wid and layer in scored_entries(s, measure)
-        }
-        if others:
-            out[layer] = row_scores(scored_tensor(own, entry, measure), others, measure)
+def layer_row(
+    layer: str, views: Mapping[str, View], wid: str, measure: Measure,
+    sketch: SketchPolicy | None,
+) -> dict[str, float]:  # fmt: skip
+    """Scores of `wid` against every other worker on one layer: one pass over the M tethers
+    (or sketches), not the M² pairs of the full matrix. Mixed tether/sketch pairs: NaN."""
+    own = views[wid]
+    others = {w: v for w, v in views.items() if w != wid}
+    same = {
+        w: v
+        for w, v in others.items()
+        if isinstance(v, LayerSketch) == isinstance(own, LayerSketch)
+    }
+    out = dict.fromkeys(others, float("nan"))
+    if isinstance(own, LayerSketch):
+        assert sketch is not None, "sketch views without a sketch policy"
+        out.update(sketch_row_scores(own, same, sketch, layer, measure))  # type: ignore[arg-type]
+    elif same:
+        out.update(row_scores(own, same, measure))  # type: ignore[arg-type]
     return out
 
 
@@ -118,31 +185,42 @@ def size_blas_threads(snaps: Mapping[str, Snapshot]) -> None:
 
 
 def batch_scores(
-    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure
-) -> dict[str, dict[str, dict[str, float]]]:
+    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure,
+    sketch: SketchPolicy | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """Publisher → layer → partner → score. Few publishers: their rows; many: the full
     matrix of each layer once (one Gram), read row by row."""
+    out: dict[str, dict[str, dict[str, float]]] = {wid: {} for wid in publishers}
     if len(snaps) < 2:
-        return {wid: {} for wid in publishers}
-    if len(publishers) < BATCH_GRAM_MIN:
-        size_blas_threads(snaps)  # (matrices sizes them itself)
-        return {wid: publisher_scores(snaps, wid, measure) for wid in publishers}
-    found = matrices(snaps, measure)
-    return {
-        wid: {
-            layer: m.row(wid)
-            for layer, m in found.items()
-            if wid in m.workers and len(m.workers) > 1
-        }
-        for wid in publishers
-    }
+        return out
+    size_blas_threads(snaps)
+    for layer, views in layer_table(snaps, sketch, measure).items():
+        here = [wid for wid in publishers if wid in views]
+        if len(views) < 2 or not here:
+            continue
+        if len(here) < BATCH_GRAM_MIN:
+            for wid in here:
+                out[wid][layer] = layer_row(layer, views, wid, measure, sketch)
+        else:
+            m = layer_matrix(layer, views, measure, sketch)
+            for wid in here:
+                out[wid][layer] = m.row(wid)
+    return out
+
+
+def peer_state(snap: Snapshot) -> PeerState | None:
+    """A partner as the policy sees it: the step it was scored at, and the version of its full
+    tether (what applying a decision fetches); None when it has published no full tether yet."""
+    full = snap.memo.get("full_version", 0) if snap.sketched is not None else snap.version
+    return PeerState(snap.worker_id, snap.step, full) if full else None
 
 
 class Scorer:
     """One consumer of the scoring group; `run()` loops until cancelled."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: ScoringMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else ScoringMetrics()
         self.settings = store.settings
         self.consumer = store.settings.consumer_name
         self.cache = SnapshotCache(store)
@@ -212,6 +290,16 @@ class Scorer:
                 pipe.xack(self.store.keys.scoring(), GROUP, *ids)
                 pipe.xdel(self.store.keys.scoring(), *ids)
                 await pipe.execute()
+            self._observe_latency(entries)
+
+    def _observe_latency(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        # An entry's id is the Redis clock (ms) when its publish committed; on another machine
+        # than Redis this includes the clocks' offset.
+        now_ms = time.time() * 1000
+        for entry_id, fields in entries:
+            if fields:
+                seconds = (now_ms - int(entry_id.split("-", 1)[0])) / 1000
+                self.metrics.publish_to_decision.observe(max(seconds, 0.0))
 
     async def score(self, fed: str, wid: str) -> list[int] | None:
         """Score the worker's latest snapshot; the new decision ids, or None if nothing to do."""
@@ -229,7 +317,7 @@ class Scorer:
             self.cache.forget(fed)
             return {}
         policy = Policy.model_validate_json(raw_policy)
-        snaps = await self.cache.active(fed, include=wids)
+        snaps = await self.cache.active(fed, include=wids, sketches=policy.sketch is not None)
         async with store.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hget(keys.worker(fed, wid), "scored_version")
@@ -238,6 +326,19 @@ class Scorer:
         todo = [wid for wid in wids if wid in snaps and snaps[wid].version > scored[wid]]
         if not todo:
             return out
+        with self.metrics.round_seconds.time():
+            replies = await self._score_todo(fed, policy, snaps, todo, scored)
+        out.update({w: [int(i) for i in r] for w, r in replies.items() if isinstance(r, list)})
+        raced = [w for w, r in replies.items() if r == RACED]
+        if raced and attempts > 1:
+            out.update(await self.score_many(fed, raced, attempts - 1))
+        return out
+
+    async def _score_todo(
+        self, fed: str, policy: Policy, snaps: dict[str, Snapshot], todo: list[str],
+        scored: dict[str, int],
+    ) -> dict[str, Any]:  # fmt: skip
+        """Score, decide and commit `todo`'s rounds; each worker's commit reply."""
         started = time.perf_counter()
         states = await self._states(fed, todo, snaps)
         work = functools.partial(self._decide_batch, policy, states, snaps)
@@ -247,27 +348,35 @@ class Scorer:
             rounds = await anyio.to_thread.run_sync(work)
         seconds = time.perf_counter() - started
         replies = await self._commit_batch(fed, policy, snaps, rounds, scored)
+        await self._want_full(
+            fed, snaps, [rounds[w] for w, r in replies.items() if isinstance(r, list)]
+        )
         committed = {w: [int(i) for i in r] for w, r in replies.items() if isinstance(r, list)}
-        await self._count(seconds, len(committed), [
+        self._count(seconds, len(committed), [
             d for wid in committed for d in rounds[wid].decisions
         ])  # fmt: skip
-        out.update(committed)
-        raced = [w for w, r in replies.items() if r == RACED]
-        if raced and attempts > 1:
-            out.update(await self.score_many(fed, raced, attempts - 1))
-        return out
+        return replies
 
-    async def _count(self, seconds: float, rounds: int, decisions: list[DecisionDraft]) -> None:
-        # Counted in Redis, so /metrics of any replica sees every scoring process's work.
-        stats = self.store.keys.stats()
-        async with self.store.r.pipeline(transaction=False) as pipe:
-            pipe.hincrbyfloat(stats, "scoring_seconds", seconds)
-            pipe.hincrby(stats, "scoring_rounds", rounds)
-            for action in {d.action for d in decisions}:
-                pipe.hincrby(
-                    stats, f"decisions:{action}", sum(d.action == action for d in decisions)
-                )
-            await pipe.execute()
+    async def _want_full(
+        self, fed: str, snaps: Mapping[str, Snapshot], rounds: list[Round]
+    ) -> None:
+        """Ask partners whose full tether is older than the sketch a merge or drift was decided
+        on to publish it in full next (their next sketch publish is answered `full_requested`)."""
+        partners = {
+            d.partner_id
+            for r in rounds
+            for d in r.decisions
+            if d.action != "hold" and d.partner_id in snaps and d.partner_snapshot is not None
+            and d.partner_snapshot.version < snaps[d.partner_id].version
+        }  # fmt: skip
+        for partner in sorted(p for p in partners if p is not None):
+            await self.store.want_full(fed, partner)
+
+    def _count(self, seconds: float, rounds: int, decisions: list[DecisionDraft]) -> None:
+        self.metrics.seconds.inc(seconds)
+        self.metrics.rounds.inc(rounds)
+        for action in {d.action for d in decisions}:
+            self.metrics.decisions.labels(action).inc(sum(d.action == action for d in decisions))
 
     async def _states(
         self, fed: str, wids: list[str], snaps: Mapping[str, Snapshot]
@@ -295,7 +404,7 @@ class Scorer:
             cooldowns[(layer, partner)] = int(step)
         return FederationState(
             layer_order=list(own.entries),
-            peers={w: PeerState(w, s.step, s.version) for w, s in snaps.items() if w != wid},
+            peers={w: p for w, s in snaps.items() if w != wid and (p := peer_state(s))},
             scores={},
             previous_loss=own.prev_loss,
             merges={k: int(v) for k, v in merges_raw.items()} if same_epoch else {},
@@ -306,7 +415,7 @@ class Scorer:
     def _decide_batch(
         policy: Policy, states: Mapping[str, FederationState], snaps: Mapping[str, Snapshot]
     ) -> dict[str, Round]:
-        scores = batch_scores(snaps, list(states), policy.measure)
+        scores = batch_scores(snaps, list(states), policy.measure, policy.sketch)
         return {
             wid: decide(
                 policy,
@@ -389,8 +498,8 @@ class ScoringThread:
     loop only competes for the GIL, which the interpreter hands over every few milliseconds.
     """
 
-    def __init__(self, url: str, settings: Settings) -> None:
-        self.url, self.settings = url, settings
+    def __init__(self, url: str, settings: Settings, metrics: ScoringMetrics) -> None:
+        self.url, self.settings, self.metrics = url, settings, metrics
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scorer: Scorer | None = None
@@ -409,7 +518,7 @@ class ScoringThread:
     async def _run(self) -> None:
         clients = redis_clients(self.url, self.settings.long_poll_max_s)
         try:
-            self._scorer = Scorer(Store(*clients, self.settings))
+            self._scorer = Scorer(Store(*clients, self.settings), self.metrics)
             await self._scorer.ensure_group()
             self._loop = asyncio.get_running_loop()
             self._ready.set()
@@ -436,14 +545,16 @@ class ScoringProcesses:
     PR_SET_PDEATHSIG) and are stopped by PID with SIGTERM, then SIGKILL.
     """
 
-    def __init__(self, url: str, settings: Settings, n: int) -> None:
-        self.url, self.settings, self.n = url, settings, n
+    def __init__(
+        self, url: str, settings: Settings, n: int, env: dict[str, str] | None = None
+    ) -> None:
+        self.url, self.settings, self.n, self.env = url, settings, n, env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> ScoringProcesses:
         """Start the processes (they join the consumer group on their own)."""
         for i in range(self.n):
-            env = os.environ | settings_env(self.settings) | {
+            env = os.environ | self.env | settings_env(self.settings) | {
                 "TETHER_REDIS_URL": self.url,
                 "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
             }  # fmt: skip

@@ -30,6 +30,7 @@ from tether_protocol.messages import (
     WorkerRegistered,
     utcnow,
 )
+from tether_protocol.sketch import SKETCH_KEY, decode_sketch_frame
 
 from .errors import federation_not_found, no_snapshot, worker_not_found
 from .keys import Keys, glob_escape
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 FIELD_SEP = "\x00"
 # A snapshot read retries workers whose segments a concurrent publish replaced this many times.
 SNAPSHOT_READ_TRIES = 5
+# Flag a worker (if it still exists) to publish its full tether next: see Scorer._want_full.
+WANT_FULL = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'full_wanted', 1) end"
+)
 
 
 def lua(name: str) -> str:
@@ -74,6 +79,10 @@ class Snapshot:
     buf: bytes
     entries: dict[str, TensorEntry]
     grams: dict[str, TensorEntry] = field(default_factory=dict)
+    # Layer → sketch or tether, for a sketch publish (its frame holds sketches); None for a
+    # full frame. `memo`: what the scorer derived from this snapshot (sketches of its layers).
+    sketched: dict[str, Any] | None = None
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
 
 def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snapshot | None:
@@ -93,6 +102,26 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
         buf=buf,
         entries=entries,
         grams=grams,
+    )
+
+
+def sketch_snapshot(wid: str, record: Mapping[bytes, bytes], full_version: int) -> Snapshot:
+    """A Snapshot of a stored sketch publish (its frame was validated on the way in)."""
+    text = {k.decode(): v.decode() for k, v in record.items() if k != b"frame"}
+    frame, views = decode_sketch_frame(record[b"frame"], None, None)
+    assert frame.meta is not None
+    layout = json.loads(frame.extra_metadata[SKETCH_KEY])
+    return Snapshot(
+        worker_id=wid,
+        version=int(text["version"]),
+        step=int(text["step"]),
+        epoch=int(text["epoch"]),
+        prev_loss=_opt_float(text.get("prev_loss")),
+        meta=frame.meta,
+        buf=record[b"frame"],
+        entries=frame.entries,
+        sketched=views,
+        memo={"sketch_spec": (int(layout["k"]), int(layout["seed"])), "full_version": full_version},
     )
 
 
@@ -147,6 +176,7 @@ class Store:
         self.publish_script = lua("publish.lua")
         self.abort_script = lua("abort.lua")
         self.commit_script = lua("commit.lua")
+        self.sketch_script = lua("sketch.lua")
 
     # ---------------------------------------------------------------- federations
     async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
@@ -413,6 +443,53 @@ class Store:
         log.warning("federation %r: segments of %s missing or replaced on every read", fed, todo)
         return out  # those workers read as having no snapshot (scoring skips them)
 
+    async def publish_sketch(
+        self, fed: str, wid: str, meta: SnapshotMeta, frame: bytes
+    ) -> tuple[int, bool]:
+        """Store a validated sketch publish as the worker's latest and queue it for scoring;
+        returns (its version, whether a full publish was asked for since the last sketch).
+        404 when the federation or worker was deleted meanwhile."""
+        k = self.keys
+        reply = await self.rb.eval(  # type: ignore[misc]
+            self.sketch_script, 4,
+            k.worker(fed, wid), k.sketch(fed, wid), k.alive(fed, wid), k.federation(fed),
+            meta.step, meta.epoch, "" if meta.loss is None else meta.loss,
+            "" if meta.grad_norm is None else meta.grad_norm, meta.model_dump_json(),
+            utcnow().isoformat(), self._ttl_ms(), frame,
+        )  # fmt: skip
+        if reply == -2:
+            raise federation_not_found(fed)
+        version = int(reply[0])
+        await self.queue_scoring(fed, wid, version)
+        return version, bool(int(reply[1]))
+
+    async def want_full(self, fed: str, wid: str) -> None:
+        """Flag a worker (if it still exists) to publish its full tether next."""
+        await self.r.eval(WANT_FULL, 1, self.keys.worker(fed, wid))  # type: ignore[misc]
+
+    async def sketch_snapshots(
+        self, fed: str, wids: list[str], full: Mapping[str, int]
+    ) -> dict[str, Snapshot]:
+        """Latest sketch publishes of the workers (those that have one), each as a Snapshot
+        whose `sketched` holds its views and whose memo records its sketch spec and the
+        version of the worker's latest full snapshot (`full`: worker → version)."""
+        async with self.rb.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hgetall(self.keys.sketch(fed, wid))
+            raw: list[dict[bytes, bytes]] = await pipe.execute()
+        out = {}
+        for wid, record in zip(wids, raw, strict=True):
+            if record:
+                out[wid] = sketch_snapshot(wid, record, full.get(wid, 0))
+        return out
+
+    async def sketch_versions(self, fed: str, wids: list[str]) -> list[int]:
+        """The latest sketch publish version of each worker (0 when it has none)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hget(self.keys.sketch(fed, wid), "version")
+            return [int(v or 0) for v in await pipe.execute()]
+
     async def active_snapshots(self, fed: str, include: str | None = None) -> dict[str, Snapshot]:
         """Latest snapshots of active workers (plus `include` unless it has left)."""
         return await self._snapshots(fed, await self.active_ids(fed, [include] if include else []))
@@ -607,17 +684,24 @@ class SnapshotCache:
         self.store = store
         self._snaps: dict[str, dict[str, Snapshot]] = {}
 
-    async def active(self, fed: str, include: Collection[str] = ()) -> dict[str, Snapshot]:
-        """Latest snapshots of the federation's active workers (and `include`)."""
+    async def active(
+        self, fed: str, include: Collection[str] = (), sketches: bool = False
+    ) -> dict[str, Snapshot]:
+        """Latest snapshots of the federation's active workers (and `include`); with
+        `sketches`, a worker whose latest publish is a sketch is loaded as that sketch."""
         wids = await self.store.active_ids(fed, include)
-        versions = await self.store.snapshot_versions(fed, wids)
-        cached = {w: s for w, s in self._snaps.get(fed, {}).items() if w in set(wids)}
+        full = dict(zip(wids, await self.store.snapshot_versions(fed, wids), strict=True))
+        sketch = dict.fromkeys(wids, 0)
+        if sketches:
+            sketch = dict(zip(wids, await self.store.sketch_versions(fed, wids), strict=True))
+        cached = {w: s for w, s in self._snaps.get(fed, {}).items() if w in full}
+        latest = {w: max(full[w], sketch[w]) for w in wids}
         stale = [
-            w
-            for w, v in zip(wids, versions, strict=True)
-            if v and (w not in cached or cached[w].version != v)
+            w for w in wids if latest[w] and (w not in cached or cached[w].version != latest[w])
         ]
-        cached.update(await self.store._snapshots(fed, stale))
+        by_sketch = [w for w in stale if sketch[w] > full[w]]
+        cached.update(await self.store._snapshots(fed, [w for w in stale if w not in by_sketch]))
+        cached.update(await self.store.sketch_snapshots(fed, by_sketch, full))
         self._snaps[fed] = cached
         return dict(cached)
 

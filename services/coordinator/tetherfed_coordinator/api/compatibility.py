@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException
 from tether_protocol.messages import CompatibilitiesPublic, CompatibilityPublic, utcnow
 
 from ..scoring import matrices
+from ..store import SnapshotCache
 from .deps import ReaderAuth, StoreDep
 
 router = APIRouter(prefix="/v1/federations/{fed}/compatibility", tags=["compatibility"])
@@ -20,8 +21,9 @@ async def compatibility(
     """All-pairs compatibility: `?layer=L` gives that layer's matrix; without it, every layer's.
     Null marks pairs that are not comparable."""
     policy = await store.policy(fed)
-    snaps = await store.active_snapshots(fed)
-    found = await anyio.to_thread.run_sync(lambda: matrices(snaps, policy.measure))
+    # Under a sketch policy a worker's latest publish may be a sketch: score what decisions do.
+    snaps = await SnapshotCache(store).active(fed, sketches=policy.sketch is not None)
+    found = await anyio.to_thread.run_sync(lambda: matrices(snaps, policy.measure, policy.sketch))
     if layer is not None:
         if layer not in found:
             raise HTTPException(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
+from ..metrics import CONTENT_TYPE
 from .deps import MetricsDep, StoreDep
 
 router = APIRouter(tags=["health"])
@@ -27,12 +28,9 @@ async def readyz(store: StoreDep) -> dict[str, str] | JSONResponse:
     return {"status": "ready"}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(store: StoreDep, metrics: MetricsDep) -> PlainTextResponse:
-    """Prometheus text exposition (request counters of this replica; scoring counters and
-    backlog from Redis)."""
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(store: StoreDep, metrics: MetricsDep) -> Response:
+    """Prometheus text exposition (prometheus_client) of this coordinator: its API, its
+    scoring (thread or processes), and the scoring stream's backlog from Redis."""
     backlog, pending = await store.scoring_backlog()
-    stats = await store.r.hgetall(store.keys.stats())
-    return PlainTextResponse(
-        metrics.render(backlog, pending, stats), media_type="text/plain; version=0.0.4"
-    )
+    return Response(metrics.render(backlog, pending), media_type=CONTENT_TYPE)

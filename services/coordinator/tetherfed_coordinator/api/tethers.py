@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -40,13 +41,15 @@ async def publish(
     metrics: MetricsDep,
 ) -> PublishAccepted:  # fmt: skip
     """Publish a snapshot (413 over the size cap; 400/422 naming what is wrong; nothing written)."""
+    started = time.perf_counter()
     policy, record, prev = await store.publish_context(fed, wid)
     ensure_member(record, fed, wid)
     layers = store.layers_of(record)
     limit = settings.max_frame_bytes
     done = await receive_publish(store, request, limit, fed, wid, policy, layers, prev)
-    metrics.publishes += 1
-    metrics.bytes_in += done.nbytes
+    metrics.api.publishes.inc()
+    metrics.api.bytes_in.inc(done.nbytes)
+    metrics.api.publish_seconds.labels("full").observe(time.perf_counter() - started)
     assert done.frame.meta is not None
     return PublishAccepted(
         worker_id=wid, version=done.version, step=done.frame.meta.step,

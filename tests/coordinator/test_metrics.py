@@ -1,0 +1,84 @@
+"""/metrics through prometheus_client: histograms of publish handling, scoring rounds and
+publish → decision latency, counted where the scoring runs (a thread, or scoring processes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from coord_helpers import EVERY_PUBLISH, frame, tensors, worker_body
+from prometheus_client.parser import text_string_to_metric_families
+
+F = "/v1/federations"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) → value, parsed by prometheus_client's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def publish_pair(http: Any, base: str) -> None:
+    assert http.post(f"{base}{F}", json={"name": "f", "policy": EVERY_PUBLISH}).status_code == 201
+    same = tensors(1)
+    for name in "ab":
+        wid = http.post(f"{base}{F}/f/workers", json=worker_body(name)).json()["worker_id"]
+        assert (
+            http.put(
+                f"{base}{F}/f/workers/{wid}/tethers", content=frame(wid, data=same)
+            ).status_code
+            == 202
+        )
+
+
+def scored(got: dict[Any, float]) -> bool:
+    return got.get(("tetherfed_publish_to_decision_seconds_count", ()), 0) >= 2
+
+
+@pytest.mark.anyio
+async def test_histograms_with_scoring_on_a_thread(app_client: httpx.AsyncClient) -> None:
+    c = app_client
+    assert (await c.post(F, json={"name": "f", "policy": EVERY_PUBLISH})).status_code == 201
+    same = tensors(1)
+    for name in "ab":
+        wid = (await c.post(f"{F}/f/workers", json=worker_body(name))).json()["worker_id"]
+        await c.put(f"{F}/f/workers/{wid}/tethers", content=frame(wid, data=same))
+    with anyio.fail_after(15):
+        while not scored(got := samples((await c.get("/metrics")).text)):
+            await anyio.sleep(0.05)
+    assert got[("tetherfed_publish_seconds_count", (("kind", "full"),))] == 2
+    assert got[("tetherfed_publishes_total", ())] == 2
+    assert got[("tetherfed_scoring_round_seconds_count", ())] >= 1
+    assert got[("tetherfed_scoring_rounds_total", ())] == 2
+    assert got[("tetherfed_decisions_total", (("action", "merge"),))] >= 1
+    assert got[("tetherfed_requests_total", (("method", "PUT"), ("status", "202")))] == 2
+    assert got[("tetherfed_scoring_backlog", ())] == 0
+    # Buckets are cumulative and end at +Inf with the count.
+    inf = got[("tetherfed_publish_to_decision_seconds_bucket", (("le", "+Inf"),))]
+    assert inf == got[("tetherfed_publish_to_decision_seconds_count", ())]
+
+
+@pytest.mark.integration
+def test_scoring_processes_metrics_reach_the_api_process(
+    coordinator_process: Callable[..., Any],
+) -> None:
+    coordinator = coordinator_process(TETHER_SCORER_PROCESSES="2")
+    with httpx.Client(timeout=10) as http:
+        publish_pair(http, coordinator.url)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not scored(
+            got := samples(http.get(f"{coordinator.url}/metrics").text)
+        ):
+            time.sleep(0.1)
+    assert scored(got), "the scoring processes' latency histogram never reached /metrics"
+    assert got[("tetherfed_scoring_rounds_total", ())] == 2
+    assert got[("tetherfed_scoring_round_seconds_count", ())] >= 1
+    assert got[("tetherfed_decisions_total", (("action", "merge"),))] >= 1
+    assert got[("tetherfed_publish_seconds_count", (("kind", "full"),))] == 2

@@ -1,0 +1,252 @@
+"""Count sketches of tethers: score large layers on k numbers instead of all of their values.
+
+A count sketch (Charikar, Chen & Farach-Colton, "Finding frequent items in data streams", 2002;
+as an inner-product estimator, Weinberger et al., "Feature hashing for large scale multitask
+learning", 2009) maps a tensor x of n values to k numbers: value i goes, with a random sign
+s(i) ∈ {−1, +1}, into bucket h(i) ∈ [0, k):
+
+    S(x)_b = Σ_{i : h(i) = b} s(i) · x_i
+
+It is linear, and ⟨S(x), S(y)⟩ is an unbiased estimate of ⟨x, y⟩ when every worker uses the same
+h and s for a layer: they come from the federation's sketch seed and the layer name
+(`SketchPolicy.seed`), so the sketches of one layer are comparable across workers and processes.
+
+Estimates (what the scorer computes):
+
+    dot(x, y)     ≈ ⟨S(x), S(y)⟩
+    cosine(x, y)  ≈ cos(S(x), S(y))
+    pearson(x, y) ≈ cos(S(x − x̄), S(y − ȳ)),   S(x − x̄) = S(x) − x̄ · S(1)
+
+so a sketch travels with its tensor's sum (to centre it) and shape (only equal shapes compare).
+
+Error. With many values per bucket each bucket is close to a Gaussian sum, and the k buckets are
+nearly independent, so cos(S(x), S(y)) behaves like the sample correlation of k pairs: for a true
+cosine ρ its standard deviation is about (1 − ρ²)/√k, at most 1/√k (ρ = 0): 0.031 for k = 1,024.
+The same holds for pearson (the cosine of centred tensors). `dot` has standard deviation about
+√((‖x‖²‖y‖² + ⟨x, y⟩²)/k), relative to a scale the policy does not know, so it is not checked.
+`tests/protocol/test_sketch.py` measures these on random tethers of known correlation.
+A threshold inside ±3/√k of 0 is crossed by pairs of unrelated tethers (true score 0) in about
+0.3 % of rounds per pair by noise alone: `Policy` refuses such thresholds unless `force` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .compat import gram_scores, row_scores
+from .frame import DTypeError, Frame, LayerMismatchError, MetadataError, ShapeError, decode_frame
+from .frame import encode_frame as _encode_frame
+from .messages import Measure, SketchPolicy, SnapshotMeta, noise_band
+
+SKETCH_KEY = "tetherfed.sketch"  # frame __metadata__ key of a sketch frame's layout (JSON)
+FloatArray = npt.NDArray[np.float64]
+
+__all__ = [
+    "SKETCH_KEY",
+    "LayerSketch",
+    "decode_sketch_frame",
+    "encode_sketch_frame",
+    "noise_band",
+    "noise_sd",
+    "sketch_layer",
+    "sketch_rows",
+    "sketch_scores",
+    "sketch_row_scores",
+    "sketched",
+]
+
+
+def noise_sd(k: int) -> float:
+    """Upper bound on the standard deviation of a cosine or pearson estimate from k buckets."""
+    return 1.0 / math.sqrt(k)
+
+
+@dataclass(frozen=True)
+class LayerSketch:
+    """The count sketch of one layer's tether: `values` (k float32), the tether's `total`
+    (sum of its values, to centre it) and `shape` (sketches compare only for equal shapes)."""
+
+    values: npt.NDArray[np.float32]
+    total: float
+    shape: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        """Number of values in the sketched tensor."""
+        return math.prod(self.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _hashing(seed: int, layer: str, n: int, k: int) -> tuple[npt.NDArray[np.intp], Any, Any]:
+    """(bucket of each value, its sign as float32, the sketch of all ones) for one layer."""
+    digest = hashlib.blake2b(layer.encode(), digest_size=8).digest()
+    rng = np.random.default_rng([seed, int.from_bytes(digest, "little"), n, k])
+    buckets = rng.integers(0, k, size=n, dtype=np.intp)
+    signs = (rng.integers(0, 2, size=n, dtype=np.int8) * 2 - 1).astype(np.float32)
+    ones = np.bincount(buckets, weights=signs, minlength=k).astype(np.float32)
+    return buckets, signs, ones
+
+
+def sketch_layer(values: npt.ArrayLike, spec: SketchPolicy, layer: str) -> LayerSketch:
+    """The count sketch (k = `spec.k`, hashed by `spec.seed` and the layer name) of a tether."""
+    arr = np.asarray(values)
+    flat = arr.reshape(-1)
+    buckets, signs, _ = _hashing(spec.seed, layer, flat.size, spec.k)
+    weighted = np.multiply(flat, signs, dtype=np.float32)
+    out = np.bincount(buckets, weights=weighted, minlength=spec.k).astype(np.float32)
+    return LayerSketch(out, float(flat.sum(dtype=np.float64)), tuple(arr.shape))
+
+
+def sketched(spec: SketchPolicy | None, numel: int) -> bool:
+    """Whether a layer of `numel` values is scored on its sketch under `spec`."""
+    return spec is not None and numel >= spec.min_values
+
+
+def sketch_rows(
+    sketches: Mapping[str, LayerSketch], spec: SketchPolicy, layer: str, measure: Measure
+) -> dict[str, npt.NDArray[np.float32]]:
+    """The rows to score for `measure` (pearson: centred, S(x) − x̄·S(1)); name → k values."""
+    if measure != "pearson":
+        return {w: s.values for w, s in sketches.items()}
+    out = {}
+    for w, s in sketches.items():
+        ones = _hashing(spec.seed, layer, s.n, spec.k)[2]
+        out[w] = (s.values - np.float32(s.total / max(s.n, 1)) * ones).astype(np.float32)
+    return out
+
+
+def _rows_measure(measure: Measure) -> Measure:
+    # Pearson on sketches is the cosine of centred sketches (their buckets' mean is ~0 already,
+    # and centring them again would not estimate the tensors' pearson).
+    return "cosine" if measure == "pearson" else measure
+
+
+def sketch_scores(
+    sketches: Mapping[str, LayerSketch], spec: SketchPolicy, layer: str, measure: Measure,
+    order: Sequence[str] | None = None,
+) -> FloatArray:  # fmt: skip
+    """All-pairs score estimates (M × M, in `order`); NaN across different shapes."""
+    names = list(order) if order is not None else list(sketches)
+    out = np.full((len(names), len(names)), np.nan)
+    rows = sketch_rows(sketches, spec, layer, measure)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(sketches[name].shape, []).append(i)
+    for idx in groups.values():
+        stacked = np.stack([rows[names[i]] for i in idx])
+        out[np.ix_(idx, idx)] = gram_scores(stacked, _rows_measure(measure))
+    return out
+
+
+def sketch_row_scores(
+    own: LayerSketch, others: Mapping[str, LayerSketch], spec: SketchPolicy, layer: str,
+    measure: Measure,
+) -> dict[str, float]:  # fmt: skip
+    """Score estimates of one sketch against each of `others` (NaN for another shape)."""
+    same = {w: s for w, s in others.items() if s.shape == own.shape}
+    out = {w: float("nan") for w in others}
+    if same:
+        rows = sketch_rows({"": own, **same}, spec, layer, measure)
+        own_row = rows.pop("")
+        out.update(row_scores(own_row, rows, _rows_measure(measure)))
+    return out
+
+
+def encode_sketch_frame(
+    tensors: Mapping[str, npt.ArrayLike], meta: SnapshotMeta, spec: SketchPolicy
+) -> bytes:
+    """A sketch publish: layers of at least `spec.min_values` values as their k-value sketch,
+    smaller ones whole, all float32; the layout (k, seed, each sketched layer's shape and sum)
+    goes in the frame metadata under SKETCH_KEY."""
+    out: dict[str, npt.ArrayLike] = {}
+    layout: dict[str, Any] = {}
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if sketched(spec, arr.size):
+            s = sketch_layer(arr, spec, name)
+            out[name] = s.values
+            layout[name] = {"shape": list(s.shape), "sum": s.total}
+        else:
+            out[name] = arr
+    extra = {SKETCH_KEY: json.dumps({"k": spec.k, "seed": spec.seed, "layers": layout})}
+    meta = meta.model_copy(update={"wire_dtype": "float32"})
+    return _encode_frame(out, meta, dtype="float32", extra_metadata=extra)
+
+
+def decode_sketch_frame(
+    buf: bytes | bytearray | memoryview, layers: Sequence[Any] | None, spec: SketchPolicy | None
+) -> tuple[Frame, dict[str, LayerSketch | npt.NDArray[Any]]]:
+    """Decode a sketch publish; returns the frame and layer → sketch or whole tether.
+
+    With `layers` (the registered `LayerSpec`s) and `spec` (the federation's sketch policy) it
+    is validated against both: raises the `FrameError` subclasses of `decode_frame`, and
+    LayerMismatchError (layers differ from the table), ShapeError (a sketch or layer of the
+    wrong shape, a layer sketched that should not be or the reverse), MetadataError (no or a bad
+    layout, or a k or seed other than the policy's). Without them (a frame stored after that
+    validation) only the frame itself is checked.
+    """
+    frame = decode_frame(buf)
+    k, seed, layout = _layout(frame)
+    if spec is not None and (k, seed) != (spec.k, spec.seed):
+        raise MetadataError(
+            f"sketch k={k}, seed={seed} differ from the federation's k={spec.k}, seed={spec.seed}"
+        )
+    if layers is not None and spec is not None:
+        _check_table(frame, layers, layout, spec)
+    out: dict[str, LayerSketch | npt.NDArray[Any]] = {}
+    for name, tensor in frame.tensors.items():
+        info = layout.get(name)
+        out[name] = tensor if info is None else LayerSketch(
+            np.asarray(tensor, dtype=np.float32), float(info["sum"]), tuple(info["shape"])
+        )  # fmt: skip
+    return frame, out
+
+
+def _layout(frame: Frame) -> tuple[int, int, dict[str, Any]]:
+    if frame.meta is not None and frame.meta.wire_dtype != "float32":
+        raise DTypeError("a sketch frame is float32")
+    try:
+        layout = json.loads(frame.extra_metadata[SKETCH_KEY])
+        k, seed, sketches = int(layout["k"]), int(layout["seed"]), dict(layout["layers"])
+        for name, info in sketches.items():
+            if not math.isfinite(float(info["sum"])) or frame.entries[name].shape != (k,):
+                raise ValueError(name)
+            [int(d) for d in info["shape"]]
+    except (KeyError, TypeError, ValueError):
+        raise MetadataError(
+            f"a sketch frame needs its layout under {SKETCH_KEY!r}: k, seed, and per sketched "
+            "layer (a tensor of shape [k]) its shape and finite sum"
+        ) from None
+    return k, seed, sketches
+
+
+def _check_table(
+    frame: Frame, layers: Sequence[Any], layout: Mapping[str, Any], spec: SketchPolicy
+) -> None:
+    registered = {layer.name: layer for layer in layers}
+    if set(frame.entries) != set(registered):
+        missing = sorted(set(registered) - set(frame.entries))
+        unknown = sorted(set(frame.entries) - set(registered))
+        raise LayerMismatchError(
+            f"sketch frame layers differ from the registered table: missing {missing}, "
+            f"unknown {unknown}"
+        )
+    for name, layer in registered.items():
+        shape = list(frame.entries[name].shape)
+        if not sketched(spec, layer.numel):
+            if name in layout or shape != layer.shape:
+                raise ShapeError(f"layer {name!r} has shape {shape}; registered {layer.shape}")
+        elif name not in layout or list(layout[name]["shape"]) != layer.shape:
+            raise ShapeError(
+                f"layer {name!r} ({layer.numel} values) must travel as a sketch of shape "
+                f"[{spec.k}] with its registered shape {layer.shape} in the layout"
+            )
