@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import httpx
 
@@ -40,10 +41,13 @@ def coordinator(**env: str) -> Iterator[Coordinator]:
     ]
     if os.environ.get("REDIS_URL"):
         cmd += ["--redis-url", os.environ["REDIS_URL"]]
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody drains (a full pipe would stall the coordinator);
+    # TETHERFED_BENCH_LOG keeps it at that path.
+    log = open(os.environ.get("TETHERFED_BENCH_LOG") or os.devnull, "w+b")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc)
+        _wait_ready(url, proc, log)
         yield Coordinator(url=url, pid=proc.pid)
     finally:
         proc.terminate()
@@ -52,13 +56,17 @@ def coordinator(**env: str) -> Iterator[Coordinator]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        log.close()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+def _wait_ready(
+    url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            log.seek(0)
+            err = log.read().decode(errors="replace")
             raise RuntimeError(f"coordinator exited with {proc.returncode}: {err[-2000:]}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:

@@ -162,21 +162,24 @@ def sketch_row_scores(
 
 
 def encode_sketch_frame(
-    tensors: Mapping[str, npt.ArrayLike], meta: SnapshotMeta, spec: SketchPolicy
+    tensors: Mapping[str, npt.ArrayLike | LayerSketch], meta: SnapshotMeta, spec: SketchPolicy
 ) -> bytes:
     """A sketch publish: layers of at least `spec.min_values` values as their k-value sketch,
     smaller ones whole, all float32; the layout (k, seed, each sketched layer's shape and sum)
-    goes in the frame metadata under SKETCH_KEY."""
+    goes in the frame metadata under SKETCH_KEY. A `LayerSketch` value (made with the same
+    spec) is sent as it is."""
     out: dict[str, npt.ArrayLike] = {}
     layout: dict[str, Any] = {}
     for name, value in tensors.items():
-        arr = np.asarray(value)
-        if sketched(spec, arr.size):
-            s = sketch_layer(arr, spec, name)
-            out[name] = s.values
-            layout[name] = {"shape": list(s.shape), "sum": s.total}
+        if isinstance(value, LayerSketch):
+            sk = value
+        elif sketched(spec, np.size(value)):
+            sk = sketch_layer(value, spec, name)
         else:
-            out[name] = arr
+            out[name] = np.asarray(value)
+            continue
+        out[name] = sk.values
+        layout[name] = {"shape": list(sk.shape), "sum": sk.total}
     extra = {SKETCH_KEY: json.dumps({"k": spec.k, "seed": spec.seed, "layers": layout})}
     meta = meta.model_copy(update={"wire_dtype": "float32"})
     return _encode_frame(out, meta, dtype="float32", extra_metadata=extra)
