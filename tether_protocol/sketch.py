@@ -43,7 +43,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .compat import gram_scores, row_scores
-from .frame import DTypeError, Frame, LayerMismatchError, MetadataError, ShapeError, decode_frame
+from .frame import (
+    DTypeError,
+    Frame,
+    LayerMismatchError,
+    MetadataError,
+    RangeError,
+    ShapeError,
+    decode_frame,
+    out_of_range,
+)
 from .frame import encode_frame as _encode_frame
 from .messages import Measure, SketchPolicy, SnapshotMeta, noise_band
 
@@ -197,8 +206,12 @@ def decode_sketch_frame(
     layout, or a k or seed other than the policy's). Without them (a frame stored after that
     validation) only the frame itself is checked.
     """
-    frame = decode_frame(buf)
+    frame = decode_frame(buf, unit_range=False)  # a sketch's buckets are unbounded sums
     k, seed, layout = _layout(frame)
+    for name, tensor in frame.tensors.items():
+        outside = tensor[(tensor < 0.0) | (tensor > 1.0)] if name not in layout else tensor[:0]
+        if outside.size:
+            raise RangeError(out_of_range(name, float(outside.flat[0])))
     if spec is not None and (k, seed) != (spec.k, spec.seed):
         raise MetadataError(
             f"sketch k={k}, seed={seed} differ from the federation's k={spec.k}, seed={spec.seed}"

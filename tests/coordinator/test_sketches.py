@@ -26,7 +26,7 @@ POLICY = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
 
 def tensors(rng: np.random.Generator, base: dict[str, np.ndarray] | None = None) -> dict:
     out = {s["name"]: rng.random(s["shape"], dtype=np.float32) for s in LAYERS}
-    return out if base is None else {k: base[k] + 0.05 * v for k, v in out.items()}
+    return out if base is None else {k: 0.95 * base[k] + 0.05 * v for k, v in out.items()}
 
 
 def meta(wid: str, step: int) -> SnapshotMeta:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from tether_protocol.compat import pair_score
-from tether_protocol.frame import LayerMismatchError, MetadataError, ShapeError
+from tether_protocol.frame import LayerMismatchError, MetadataError, RangeError, ShapeError
 from tether_protocol.messages import LayerSpec, Policy, PolicyPatch, SketchPolicy, SnapshotMeta
 from tether_protocol.policy import FederationState, PeerState, decide
 from tether_protocol.sketch import (
@@ -151,6 +151,12 @@ def test_sketch_frame_round_trip_and_validation() -> None:
     assert isinstance(layers["big"], LayerSketch) and layers["big"].shape == (64, 64)
     assert np.array_equal(layers["big"].values, sketch_layer(big, spec, "big").values)
     assert np.array_equal(layers["small"], small)
+    # Buckets are unbounded sums; a layer travelling whole is still a tether in [0, 1].
+    assert float(np.abs(layers["big"].values).max()) > 1.0
+    with pytest.raises(RangeError, match="small"):
+        decode_sketch_frame(
+            encode_sketch_frame({"big": big, "small": small + 1}, meta, spec), table, spec
+        )
     with pytest.raises(MetadataError, match="seed"):
         decode_sketch_frame(frame, table, spec.model_copy(update={"seed": 4}))
     with pytest.raises(LayerMismatchError):
