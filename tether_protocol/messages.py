@@ -209,6 +209,12 @@ class Policy(WireModel):
         description="Score large layers on count sketches; None scores every "
         "layer on its full tether.",
     )
+    fedavg_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="FedAvg baseline (McMahan et al. 2017): every this many steps each worker's "
+        "tethers become the federation mean, whatever the scores; None: the thresholds decide.",
+    )
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> Policy:
@@ -321,6 +327,7 @@ class PolicyPatch(WireModel):
     probe_size: int | None = None
     gate: MergeGate | None = None
     sketch: SketchPolicy | None = None
+    fedavg_every: int | None = None
 
     def apply(self, policy: Policy) -> Policy:
         """The patched policy; raises pydantic.ValidationError if the result is invalid."""

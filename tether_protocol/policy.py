@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .messages import Action, DriftOperator, MergeOperator, Policy, SnapshotMeta, SnapshotRef
 
@@ -125,6 +125,8 @@ def layers_in_scope(policy: Policy, layer_order: Sequence[str]) -> list[str]:
 
 def decide(policy: Policy, state: FederationState, snapshot: SnapshotMeta) -> Round:
     """Run one policy round for a new snapshot (pure: reads its arguments, returns the outcome)."""
+    if policy.fedavg_every is not None:
+        return fedavg(policy, policy.fedavg_every, state, snapshot)
     fired, why = trigger(policy, snapshot, state.previous_loss)
     if not fired:
         return Round(triggered=False, trigger_reason=why)
@@ -303,3 +305,54 @@ def _hold(
         partner_snapshot=SnapshotRef(worker_id=best, version=peer.version, step=peer.step),
         reason=reason,
     )
+
+
+def fedavg(policy: Policy, every: int, state: FederationState, snapshot: SnapshotMeta) -> Round:
+    """The FedAvg baseline as decisions (McMahan et al. 2017, "Communication-Efficient Learning
+    of Deep Networks from Decentralized Data", with equal weights).
+
+    When the publisher's step has crossed a multiple of `every` since its last averaging on a
+    layer (the pair cooldowns record it), it gets one `weighted` merge per non-stale peer, the
+    k-th with α = 1/(k+1): applied in id order they make Tᵢ the running mean of its own tether
+    and the peers' latest, i.e. the federation mean (up to the peers' own progress meanwhile).
+    Scores are ignored; they are recorded on the decisions when known.
+    """
+    result = Round(triggered=False, trigger_reason=f"fedavg: not yet a multiple of {every} steps")
+    for layer in layers_in_scope(policy, state.layer_order):
+        peers = _fedavg_peers(policy, state, snapshot, layer, every)
+        for k, partner in enumerate(peers, start=1):
+            score = state.scores.get(layer, {}).get(partner, math.nan)
+            draft = _draft(policy, state, snapshot, layer, partner, "merge", score)
+            result.decisions.append(
+                replace(
+                    draft,
+                    operator="weighted",
+                    params={"alpha": 1.0 / (k + 1)},
+                    score=None if math.isnan(score) else score,
+                    reason=f"fedavg every {every} steps: peer {k} of {len(peers)}",
+                )
+            )
+            result.cooldowns[(layer, partner)] = snapshot.step
+        if peers:
+            result.merges[layer] = len(peers)
+    if result.decisions:
+        result = replace(result, triggered=True, trigger_reason=f"fedavg every {every} steps")
+    return result
+
+
+def _fedavg_peers(
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, every: int
+) -> list[str]:
+    """Peers to average with on `layer` now (none unless a multiple of `every` was crossed)."""
+    last = max((s for (lay, _), s in state.cooldowns.items() if lay == layer), default=0)
+    if snapshot.step // every <= last // every:
+        return []
+    peers = []
+    for partner, peer in sorted(state.peers.items()):
+        stale = (
+            policy.max_staleness_steps is not None
+            and abs(peer.step - snapshot.step) > policy.max_staleness_steps
+        )
+        if partner != snapshot.worker_id and not stale:
+            peers.append(partner)
+    return peers

@@ -92,7 +92,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
             os.kill(pid, signal.SIGKILL)
 
 
-def wait_for_workers(out: Path, n: int, timeout_s: float = 30.0) -> None:
+def wait_for_workers(out: Path, n: int, timeout_s: float = 90.0) -> None:
     """Until pids.json lists n workers and each has logged something (it is running)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -226,6 +226,10 @@ class _Calls:
         path = f"/v1/federations/{_p(fed)}/decisions/{decision_id}/ack"
         return Call("POST", path, AckPublic, json=_dump(ack))
 
+    @staticmethod
+    def get_ack(fed: str, decision_id: int) -> Call[AckPublic]:
+        return Call("GET", f"/v1/federations/{_p(fed)}/decisions/{decision_id}/ack", AckPublic)
+
 
 CALLS = _Calls()
 
@@ -436,6 +440,10 @@ class Client:
     def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
         return self.call(CALLS.ack(fed, decision_id, ack))
 
+    def get_ack(self, fed: str, decision_id: int) -> AckPublic:
+        """The worker's ack of a decision; NotFoundError until it is acked."""
+        return self.call(CALLS.get_ack(fed, decision_id))
+
     def stream_decisions(self, fed: str, last_event_id: int | None = None) -> Iterator[Decision]:
         """Follow the federation's decisions as Server-Sent Events (resumes after `last_event_id`)."""
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
@@ -614,6 +622,10 @@ class AsyncClient:
 
     async def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
         return await self.call(CALLS.ack(fed, decision_id, ack))
+
+    async def get_ack(self, fed: str, decision_id: int) -> AckPublic:
+        """The worker's ack of a decision; NotFoundError until it is acked."""
+        return await self.call(CALLS.get_ack(fed, decision_id))
 
     async def stream_decisions(
         self, fed: str, last_event_id: int | None = None

@@ -16,17 +16,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tether_protocol.messages import WireDType
-
 from ._diagnostics import Diagnostics, parse_spec
 from ._federation import Federation, StepReport
+from ._options import WorkerOptions
 from ._probe import Probe
 from ._tasks import Task, build_model, default_model, load_task
 from ._tethering import tether, tethered_layers, update_importance
@@ -34,8 +33,14 @@ from ._tethering import tether, tethered_layers, update_importance
 log = logging.getLogger("tetherfed.worker")
 
 
-class WorkerConfig(BaseModel):
-    """Everything a worker run needs; stored in its checkpoints."""
+class WorkerConfig(WorkerOptions):
+    """Everything a worker run needs (its training options plus where it connects, its seeds,
+    device and checkpoints); stored in its checkpoints.
+
+    Seeds: `init_seed` draws the model and tether init, `data_seed` the dataset and its order;
+    each defaults to `seed`. Workers with one init seed and different data seeds start from the
+    same model and tethers (what weight merges need) but see the data in different orders.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,54 +48,24 @@ class WorkerConfig(BaseModel):
     federation: str = "default"
     token: str | None = None
     name: str | None = None
-    task: str = "random-classification"
-    model: str | None = None
     seed: int = 0
+    init_seed: int | None = Field(default=None, description="Model and tether init (default seed).")
+    data_seed: int | None = Field(default=None, description="Data and its order (default seed).")
     device: str = "auto"
-    steps: int | None = Field(default=None, ge=1)
-    epochs: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    scheduler: Literal["none", "cosine", "step"] = "none"
-    layer_lr: dict[str, float] = Field(
-        default_factory=dict, description="Per-layer LR multipliers by module-name prefix."
-    )
-    publish_every: int = Field(default=10, ge=1)
-    tether_mode: Literal["static", "learned", "importance"] = "static"
-    train: Literal["tethers", "weights", "both"] = Field(
-        default="both",
-        description="What the optimizer trains: tethers only over frozen weights and biases "
-        "(supermask-style; needs learned tethers), the weights only (learned tethers frozen), "
-        "or both.",
-    )
-    wire_dtype: WireDType = "float32"
     checkpoint_dir: Path | None = None
     resume: bool = False
-    log_every: int = Field(default=10, ge=1)
-    eval_every: int = Field(default=100, ge=1)
-    diagnostics: str | None = Field(
-        default=None,
-        description="Weight diagnostics schedule, `every=epoch|N[,budget=F]`; None: off.",
-    )
+    group: str | None = Field(default=None, description="Experiment group (sent as worker meta).")
     probe_size: int = Field(default=64, ge=1, description="Validation samples for the Jacobian.")
 
-    @field_validator("diagnostics")
-    @classmethod
-    def _diagnostics_spec(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_spec(value)
-        return value
+    @property
+    def resolved_init_seed(self) -> int:
+        """The init seed in effect."""
+        return self.seed if self.init_seed is None else self.init_seed
 
-    @model_validator(mode="after")
-    def _trainable(self) -> WorkerConfig:
-        if self.train == "tethers" and self.tether_mode != "learned":
-            raise ValueError(
-                f"train='tethers' needs tether_mode='learned' (a {self.tether_mode} tether "
-                "has no parameters): nothing would train"
-            )
-        return self
+    @property
+    def resolved_data_seed(self) -> int:
+        """The data seed in effect."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Steps to run: `steps`, else `epochs` × steps per epoch (default one epoch)."""
@@ -227,12 +202,12 @@ class _Run:
 
 
 def _setup(cfg: WorkerConfig) -> _Run:
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.resolved_data_seed)
     device = pick_device(cfg.device)
-    task = load_task(cfg.task, seed=cfg.seed)
-    model = build_model(cfg.model or default_model(cfg.task), task, seed=cfg.seed)
-    model = tether(model, cfg.tether_mode, seed=cfg.seed).to(device)
-    data = batches(task, cfg.batch_size, cfg.seed)
+    task = load_task(cfg.task, seed=cfg.resolved_data_seed)
+    model = build_model(cfg.model or default_model(cfg.task), task, seed=cfg.resolved_init_seed)
+    model = tether(model, cfg.tether_mode, seed=cfg.resolved_init_seed).to(device)
+    data = batches(task, cfg.batch_size, cfg.resolved_data_seed)
     total = cfg.total_steps(math.ceil(len(task.train) / cfg.batch_size))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
@@ -252,13 +227,13 @@ def _setup(cfg: WorkerConfig) -> _Run:
             cfg.coordinator,
             cfg.federation,
             model,
-            name=cfg.name or f"{cfg.task}-s{cfg.seed}",
+            name=cfg.name or f"{cfg.task}-s{cfg.resolved_data_seed}",
             publish_every=cfg.publish_every,
             wire_dtype=cfg.wire_dtype,
             token=cfg.token,
-            meta={"task": cfg.task, "seed": cfg.seed, "device": str(device)},
+            meta=_meta(cfg, device),
             resume=resume_state,
-            probe=Probe(model, task, device, seed=cfg.seed),
+            probe=Probe(model, task, device, seed=cfg.resolved_data_seed),
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
     run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
@@ -277,11 +252,17 @@ def _diagnostics(run: _Run) -> Diagnostics | None:
         **parse_spec(cfg.diagnostics),
         out_dir=cfg.checkpoint_dir,
         probe=run.task.val.tensors[0][: cfg.probe_size].to(run.device),
-        seed=cfg.seed,
+        seed=cfg.resolved_init_seed,
         steps_per_epoch=math.ceil(len(run.task.train) / cfg.batch_size),
         last_step=run.total,
         sink=run.fed.telemetry if run.fed is not None else None,
     )
+
+
+def _meta(cfg: WorkerConfig, device: torch.device) -> dict[str, Any]:
+    meta = {"task": cfg.task, "device": str(device), "init_seed": cfg.resolved_init_seed,
+            "data_seed": cfg.resolved_data_seed}  # fmt: skip
+    return meta | ({"group": cfg.group} if cfg.group else {})
 
 
 def _train_step(run: _Run) -> tuple[int, float, float]:

@@ -6,9 +6,12 @@ Exit codes (one table, used by every subcommand):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from ._options import add_worker_args, options_from_args
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran and failed (a worker crashed, a benchmark errored)
@@ -28,100 +31,22 @@ __doc__ += "\n".join(
 )
 
 
-def _layer_lr(values: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for item in values:
-        prefix, _, factor = item.partition("=")
-        try:
-            out[prefix] = float(factor)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--layer-lr expects PREFIX=FACTOR, got {item!r}"
-            ) from None
-    return out
-
-
-def _diagnostics_spec(value: str) -> str:
-    from ._diagnostics import parse_spec
-
-    try:
-        parse_spec(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
-
-
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    """Options of `tetherfed worker` (shared with `tetherfed up`, which passes them on)."""
-    p.add_argument(
-        "--task", default="random-classification", help="built-in task or module:function"
-    )
-    p.add_argument(
-        "--model", default=None, help="built-in model or module:function (default: the task's)"
-    )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps to run")
-    p.add_argument(
-        "--epochs", type=int, default=None, help="epochs to run (when --steps is not given)"
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--scheduler", choices=["none", "cosine", "step"], default="none")
-    p.add_argument(
-        "--layer-lr",
-        action="append",
-        default=[],
-        metavar="PREFIX=FACTOR",
-        help="per-layer LR multiplier",
-    )
-    p.add_argument("--publish-every", type=int, default=10, help="publish tethers every K steps")
-    p.add_argument("--tether-mode", choices=["static", "learned", "importance"], default="static")
-    p.add_argument(
-        "--train", choices=["tethers", "weights", "both"], default="both",
-        help="tethers: only tethers learn, over frozen weights (needs --tether-mode learned)",
-    )  # fmt: skip
-    p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument(
-        "--diagnostics",
-        type=_diagnostics_spec,
-        default=None,
-        metavar="every=epoch|N[,budget=F]",
-        help="weight diagnostics into the worker folder and to the coordinator (DESIGN §8)",
-    )
-
-
 def _cmd_worker(args: argparse.Namespace) -> int:
     from ._worker import WorkerConfig, main_worker
 
     cfg = WorkerConfig(
+        **options_from_args(args).model_dump(),
         coordinator=args.coordinator,
         federation=args.federation,
         token=args.token,
         name=args.name,
-        task=args.task,
-        model=args.model,
         seed=args.seed,
+        init_seed=args.init_seed,
+        data_seed=args.data_seed,
+        group=args.group,
         device=args.device,
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-        layer_lr=_layer_lr(args.layer_lr),
-        publish_every=args.publish_every,
-        tether_mode=args.tether_mode,
-        train=args.train,
-        wire_dtype=args.wire_dtype,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        diagnostics=args.diagnostics,
     )
     return main_worker(cfg)
 
@@ -145,8 +70,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_federation(args: argparse.Namespace) -> int:
     from ._errors import TetherError, TransportError
+    from ._launch import create_federation, resolve_policy
     from ._sdk import Client
-    from ._up import create_federation, resolve_policy
 
     try:
         policy = resolve_policy(args.policy)
@@ -181,6 +106,60 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from . import experiment
+    from ._launch import CoordinatorUnreachable
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        if args.action == "schema":
+            print(json.dumps(experiment.Spec.model_json_schema(), indent=2))
+        elif args.action == "list":
+            for name, path in sorted(experiment.examples().items()):
+                print(f"{name:<20} {path}")
+        elif args.action == "status":
+            rows, summary = experiment.status(args.dir)
+            console.print(experiment.summary_table(rows, summary))
+        elif args.dry_run:
+            _spec, runs, _text = experiment.plan(args.spec, args.set)
+            experiment.print_dry_run(runs, console)
+        else:
+            rows = experiment.run(args.spec, out=args.out, resume=args.resume, force=args.force,
+                                  coordinator=args.coordinator, token=args.token,
+                                  overrides=args.set, jobs=args.jobs, console=console)  # fmt: skip
+            console.print(experiment.summary_table(rows, experiment.summarize(rows)))
+            return EXIT_FAILED if any(r["state"] != "finished" for r in rows) else EXIT_OK
+    except (experiment.SpecError, experiment.ExperimentError) as error:
+        print(f"tetherfed experiment: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except CoordinatorUnreachable as error:
+        print(f"tetherfed experiment: coordinator unreachable: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+def _add_experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    exp = sub.add_parser("experiment", help="run a spec: sweeps, arms, repeats, results folder")
+    actions = exp.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="run (or --resume) an experiment spec")
+    run.add_argument("spec", help="a TOML spec file, or a built-in example name (see `list`)")
+    run.add_argument("--out", type=Path, default=None, help="results folder (default: the spec's)")
+    run.add_argument("--resume", action="store_true", help="skip finished runs, continue the rest")
+    run.add_argument("--force", action="store_true", help="accept a folder of another spec")
+    run.add_argument("--dry-run", action="store_true", help="print the runs and their count")
+    run.add_argument("--coordinator", default=None, help="coordinator URL (none: start our own)")
+    run.add_argument("--token", default=None, help="bearer token of that coordinator")
+    run.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: spec's)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec key, e.g. --set experiment.steps=50")  # fmt: skip
+    actions.add_parser("schema", help="print the spec's JSON Schema")
+    actions.add_parser("list", help="list the built-in example specs")
+    status = actions.add_parser("status", help="the summary table of an experiment folder")
+    status.add_argument("dir", type=Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tetherfed", description="Multi-agent tether federation.")
@@ -197,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--federation", default="default")
     worker.add_argument("--token", default=None, help="bearer token when the coordinator has one")
     worker.add_argument("--name", default=None)
-    worker.add_argument("--seed", type=int, default=0)
+    worker.add_argument("--seed", type=int, default=0, help="sets both seeds below")
+    worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
+    worker.add_argument("--data-seed", type=int, default=None, help="data and its order seed")
+    worker.add_argument("--group", default=None, help="experiment group (worker meta)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--checkpoint-dir", type=Path, default=None)
     worker.add_argument(
@@ -231,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--png", type=Path, default=None, metavar="DIR", help="also a PNG per figure (matplotlib)"
     )
 
+    _add_experiment_parser(sub)
     try:
         from ._up import add_up_parsers
     except ImportError:  # pragma: no cover - the launcher is optional in minimal installs
@@ -248,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_coordinator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
     handlers = {"worker": _cmd_worker, "bench": _cmd_bench, "federation": _cmd_federation,
-                "report": _cmd_report}  # fmt: skip
+                "report": _cmd_report, "experiment": _cmd_experiment}  # fmt: skip
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args))

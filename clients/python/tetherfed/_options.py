@@ -1,0 +1,156 @@
+"""The training options of a worker: one typed model, read by `tetherfed worker`, `tetherfed up`,
+the launcher and experiment specs (a spec's `[[groups]]` take exactly these keys).
+
+Pure pydantic (no torch), so the CLI can build its parser from it without loading torch, and no
+module needs to import the CLI back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from tether_protocol.messages import WireDType
+
+
+class WorkerOptions(BaseModel):
+    """How one worker trains (everything but where it connects, its seeds and its device)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(
+        default="random-classification", description="built-in task or module:function"
+    )
+    model: str | None = Field(
+        default=None, description="built-in model or module:function (default: the task's)"
+    )
+    steps: int | None = Field(default=None, ge=1, description="optimizer steps to run")
+    epochs: int | None = Field(
+        default=None, ge=1, description="epochs to run (when --steps is not given)"
+    )
+    batch_size: int = Field(default=32, ge=1, description="samples per step")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, description="weight decay")
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    layer_lr: dict[str, float] = Field(
+        default_factory=dict, description="per-layer LR multiplier by module-name prefix"
+    )
+    publish_every: int = Field(default=10, ge=1, description="publish tethers every K steps")
+    tether_mode: Literal["static", "learned", "importance"] = "static"
+    train: Literal["tethers", "weights", "both"] = Field(
+        default="both",
+        description="what the optimizer trains: tethers only over frozen weights and biases "
+        "(supermask-style; needs learned tethers), the weights only (learned tethers frozen), "
+        "or both",
+    )
+    wire_dtype: WireDType = "float32"
+    log_every: int = Field(default=10, ge=1, description="metrics line every K steps")
+    eval_every: int = Field(default=100, ge=1, description="validation + checkpoint every K steps")
+    diagnostics: str | None = Field(
+        default=None,
+        description="weight diagnostics into the worker folder and to the coordinator (DESIGN §8): "
+        "every=epoch|N[,budget=F]; None: off",
+    )
+
+    @field_validator("diagnostics")
+    @classmethod
+    def _diagnostics_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            from ._diagnostics import parse_spec  # noqa: PLC0415 (torch, only when set)
+
+            parse_spec(value)
+        return value
+
+    @model_validator(mode="after")
+    def _trainable(self) -> WorkerOptions:
+        if self.train == "tethers" and self.tether_mode != "learned":
+            raise ValueError(
+                f"train='tethers' needs tether_mode='learned' (a {self.tether_mode} tether "
+                "has no parameters): nothing would train"
+            )
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` → int; a Literal stays as it is."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _layer_lr(item: str) -> tuple[str, float]:
+    prefix, _, factor = item.partition("=")
+    try:
+        return prefix, float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layer-lr expects PREFIX=FACTOR, got {item!r}"
+        ) from None
+
+
+def _diagnostics(value: str) -> str:
+    try:
+        WorkerOptions(diagnostics=value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> None:
+    kind = _diagnostics if name == "diagnostics" else _base_type(info.annotation)
+    default = info.get_default(call_default_factory=True)
+    help_text = info.description or name.replace("_", " ")
+    if name == "layer_lr":
+        parser.add_argument(_flag(name), action="append", type=_layer_lr, default=[],
+                            metavar="PREFIX=FACTOR", help=help_text)  # fmt: skip
+    elif typing.get_origin(kind) is Literal:
+        parser.add_argument(_flag(name), choices=list(typing.get_args(kind)), default=default,
+                            help=help_text)  # fmt: skip
+    else:
+        parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """Add one option per `WorkerOptions` field (`layer_lr` as repeated `--layer-lr P=F`)."""
+    for name, info in WorkerOptions.model_fields.items():
+        _add_option(parser, name, info)
+
+
+def options_from_args(args: argparse.Namespace) -> WorkerOptions:
+    """The `WorkerOptions` of a namespace parsed with `add_worker_args`."""
+    values = {name: getattr(args, name) for name in WorkerOptions.model_fields}
+    values["layer_lr"] = dict(values["layer_lr"] or [])
+    return WorkerOptions(**values)
+
+
+def options_argv(options: WorkerOptions) -> list[str]:
+    """`options` as `tetherfed worker` arguments (only the values that differ from the default)."""
+    argv: list[str] = []
+    defaults = WorkerOptions()
+    for name in WorkerOptions.model_fields:
+        value = getattr(options, name)
+        if value is None or value == getattr(defaults, name):
+            continue
+        if name == "layer_lr":
+            argv += [a for prefix, f in value.items() for a in ("--layer-lr", f"{prefix}={f}")]
+        else:
+            argv += [_flag(name), str(value)]
+    return argv
+
+
+def parse_options(argv: Sequence[str]) -> WorkerOptions:
+    """Parse worker options from argv (the inverse of `options_argv`; for tests and tools)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_worker_args(parser)
+    return options_from_args(parser.parse_args(list(argv)))

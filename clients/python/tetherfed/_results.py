@@ -1,0 +1,226 @@
+"""Results of an experiment: one row per run (`results.csv`) and per cell and arm (`summary.csv`).
+
+A row is built by a list of column providers, each a function of the run's folder that returns
+some columns (`COLUMNS`); adding columns (diagnostics, science) means adding a provider.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS = ("val_loss", "train_loss", "merges", "drifts", "rejected", "ari", "steps_per_s", "wall_s")
+CONTROL = "independent"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a provider may read: the run's identity and its folder."""
+
+    run_id: str
+    cell: int
+    arm: str
+    repeat: int
+    params: Mapping[str, Any]
+    folder: Path
+
+    def json(self, name: str) -> Any:
+        """A JSON file of the run folder (None when missing or unreadable)."""
+        try:
+            return json.loads((self.folder / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def final_events(self) -> list[dict[str, Any]]:
+        """Per worker, its last `step` event merged with its `done` event (metrics.jsonl)."""
+        config = self.json("config.json") or {"workers": []}
+        return [_last_events(self.folder / w["name"] / "metrics.jsonl") for w in config["workers"]]
+
+
+ColumnProvider = Callable[[RunRecord], dict[str, Any]]
+
+
+def _last_events(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") == "step":
+            out.update(event)
+        elif event.get("event") == "done":
+            out["val_loss"] = event.get("val_loss", out.get("val_loss"))
+    return out
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(kept) if kept else None
+
+
+def identity_columns(run: RunRecord) -> dict[str, Any]:
+    """run_id, cell, arm, repeat, state, and the cell's parameters (flattened dotted keys)."""
+    status = run.json("status.json") or {}
+    return {"run_id": run.run_id, "cell": run.cell, "arm": run.arm, "repeat": run.repeat,
+            "state": status.get("state", "pending"), **dict(run.params)}  # fmt: skip
+
+
+def loss_columns(run: RunRecord) -> dict[str, Any]:
+    """Final train and validation loss, averaged over the workers; steps/s likewise."""
+    events = run.final_events()
+    return {"train_loss": _mean(e.get("loss") for e in events),
+            "val_loss": _mean(e.get("val_loss") for e in events),
+            "steps_per_s": _mean(e.get("steps_per_s") for e in events)}  # fmt: skip
+
+
+def decision_columns(run: RunRecord) -> dict[str, Any]:
+    """Merges and drifts issued by the coordinator, acks rejected by workers, wall time."""
+    summary = run.json("summary.json") or {}
+    by_action = summary.get("decisions", {}).get("by_action", {})
+    return {"merges": by_action.get("merge", 0), "drifts": by_action.get("drift", 0),
+            "rejected": summary.get("acknowledged", {}).get("rejected", 0),
+            "wall_s": summary.get("wall_s")}  # fmt: skip
+
+
+def merge_communities(workers: Sequence[str], edges: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Community label of each worker in the merge graph (who merged with whom, weighted by
+    the number of merges, both directions summed).
+
+    Louvain (Blondel et al. 2008, networkx `louvain_communities`, seed 0): it maximises weighted
+    modularity without being told how many communities there are (the groups are what we want
+    to recover, so their number must not be an input), uses the merge counts as weights, and is
+    deterministic with a fixed seed. A worker that never merged is a community of its own.
+    """
+    import networkx as nx  # noqa: PLC0415 (an optional dependency: the worker extra)
+
+    graph = nx.Graph()
+    graph.add_nodes_from(workers)
+    for e in edges:
+        a, b, n = e["worker"], e["partner"], e["merges"]
+        w = graph.get_edge_data(a, b, {"weight": 0})["weight"]
+        graph.add_edge(a, b, weight=w + n)
+    communities = nx.community.louvain_communities(graph, weight="weight", seed=0)
+    label = {node: i for i, members in enumerate(communities) for node in members}
+    return [label[w] for w in workers]
+
+
+def cluster_columns(run: RunRecord) -> dict[str, Any]:
+    """`ari`: adjusted Rand index (Hubert & Arabie 1985; scikit-learn) between the groups and the
+    communities of the merge graph; 1 = merges followed the groups exactly, ≈0 = chance.
+    `communities`: how many there were."""
+    from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415 (worker extra)
+
+    config, summary = run.json("config.json"), run.json("summary.json")
+    if not config or not summary:
+        return {"ari": None, "communities": None}
+    names = [w["name"] for w in config["workers"]]
+    groups = [w["group"] for w in config["workers"]]
+    labels = merge_communities(names, summary.get("merge_graph", []))
+    return {"ari": float(adjusted_rand_score(groups, labels)), "communities": len(set(labels))}
+
+
+COLUMNS: list[ColumnProvider] = [identity_columns, loss_columns, decision_columns, cluster_columns]
+
+
+def build_row(run: RunRecord, providers: Sequence[ColumnProvider] = COLUMNS) -> dict[str, Any]:
+    """One results.csv row: every provider's columns, in order."""
+    row: dict[str, Any] = {}
+    for provider in providers:
+        row.update(provider(run))
+    return row
+
+
+# -- summary -------------------------------------------------------------------------------------
+
+
+def ci95(values: Sequence[float]) -> float | None:
+    """Half-width of the 95 % confidence interval of the mean (Student t, n − 1 dof)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t  # noqa: PLC0415 (scipy comes with scikit-learn)
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def describe(values: Sequence[float]) -> dict[str, float | None]:
+    """mean, std (sample) and 95 % CI half-width of finite values."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return {"mean": statistics.fmean(kept) if kept else None,
+            "std": statistics.stdev(kept) if len(kept) > 1 else None,
+            "ci95": ci95(kept)}  # fmt: skip
+
+
+def _paired_diffs(rows: Sequence[Mapping[str, Any]], cell: int, arm: str) -> list[float]:
+    """val_loss(arm) − val_loss(independent) per repeat of one cell (pairs with both)."""
+    by = {(r["arm"], r["repeat"]): r.get("val_loss") for r in rows if r["cell"] == cell}
+    out = []
+    for (a, repeat), value in by.items():
+        control = by.get((CONTROL, repeat))
+        if a == arm and value is not None and control is not None:
+            out.append(float(value) - float(control))
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """summary.csv rows: per cell and arm, n finished, mean/std/ci95 of each metric, and the
+    paired difference of the final validation loss against the `independent` arm."""
+    keys = sorted({(r["cell"], r["arm"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    out = []
+    for cell, arm in keys:
+        group = [
+            r for r in rows if r["cell"] == cell and r["arm"] == arm and r["state"] == "finished"
+        ]
+        first = next(r for r in rows if r["cell"] == cell)
+        params = {k: v for k, v in first.items() if "." in k}
+        summary: dict[str, Any] = {"cell": cell, "arm": arm, **params, "n": len(group)}
+        for metric in METRICS:
+            for stat, value in describe([r.get(metric) for r in group]).items():  # type: ignore[misc]
+                summary[f"{metric}_{stat}"] = value
+        if arm != CONTROL:
+            diffs = _paired_diffs(group + [r for r in rows if r["arm"] == CONTROL and r["state"] == "finished"], cell, arm)  # fmt: skip
+            d = describe(diffs)
+            summary |= {"val_loss_diff_n": len(diffs), "val_loss_diff_mean": d["mean"],
+                        "val_loss_diff_ci95": d["ci95"]}  # fmt: skip
+        out.append(summary)
+    return out
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows to CSV (the union of their columns, in first-seen order), atomically."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """results.csv back as rows (numbers parsed; empty cells None)."""
+    with path.open(newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(value: str) -> Any:
+    if value == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

@@ -1,0 +1,268 @@
+"""The experiment spec (DESIGN §9): a TOML file checked by pydantic, expanded into runs.
+
+    [experiment]   name, out, repeats, seed, steps | epochs, publish_every, jobs, fail_fast,
+                   fedavg_every, device
+    init = "independent" | "shared"        arms = ["federated", "independent", "fedavg"]
+    [[groups]]     name, count, and any worker option (task, model, lr, tether_mode, …)
+    [policy]       preset (demo, default, seed) plus any policy field as an override
+    [grid]         "dotted.key" = [values, …]   full product
+    [[zip]]        "dotted.key" = [values, …]   axes of one table move together
+
+Dotted keys address the spec: `policy.merge_threshold`, `experiment.steps`, `init`, and
+`groups.<group name>.<option>`. Every error names the offending key by its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import model_validator as _model_validator
+
+from tether_protocol.messages import Name, Policy, PolicyPatch
+
+from ._launch import Arm, Init, RunPlan, arm_policy, plan_workers, preset_policy
+from ._options import WorkerOptions
+
+ARMS: tuple[Arm, ...] = ("federated", "independent", "fedavg")
+REPEAT_SEED_STRIDE = 1000  # repeat r runs with seeds seed + 1000·r + worker index
+
+
+class SpecError(ValueError):
+    """An invalid spec; the message names the key (dotted path) and the problem."""
+
+
+class ExperimentSection(BaseModel):
+    """`[experiment]`: what the whole sweep shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    out: Path | None = Field(default=None, description="Results folder (default runs/<name>).")
+    repeats: int = Field(default=1, ge=1, description="Repeats of every cell and arm.")
+    seed: int = Field(default=0, ge=0, description="Base seed; repeat r uses seed + 1000·r.")
+    steps: int | None = Field(default=None, ge=1, description="Steps per worker (groups inherit).")
+    epochs: int | None = Field(default=None, ge=1, description="Epochs, when steps is not set.")
+    publish_every: int = Field(default=10, ge=1, description="Publish every K steps (inherited).")
+    jobs: int = Field(default=1, ge=1, description="Runs in parallel.")
+    fail_fast: bool = Field(default=False, description="Stop the sweep at the first failed run.")
+    fedavg_every: int = Field(default=50, ge=1, description="fedavg arm: average every K steps.")
+    device: Literal["auto", "cpu"] = Field(default="auto", description="auto: CUDA round-robin.")
+
+
+class GroupSpec(WorkerOptions):
+    """`[[groups]]`: `count` workers with these options (a group: who *should* merge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    count: int = Field(ge=1, description="Workers in this group.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from ._tasks import task_names  # noqa: PLC0415 (torch, only when checking)
+
+        if task not in task_names() and ":" not in task:
+            raise ValueError(f"unknown task {task!r}; built-in: {', '.join(task_names())}, or module:function")  # fmt: skip
+        return task
+
+
+class PolicySpec(PolicyPatch):
+    """`[policy]`: a preset plus overrides of any policy field."""
+
+    preset: Literal["demo", "default", "seed"] = "default"
+
+    def resolve(self) -> Policy:
+        """The preset with the overrides applied (validated as a whole)."""
+        patch = PolicyPatch(**self.model_dump(exclude={"preset"}, exclude_unset=True))
+        return patch.apply(preset_policy(self.preset))
+
+
+class Spec(BaseModel):
+    """A whole experiment spec; `tetherfed experiment schema` prints its JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: ExperimentSection
+    init: Init = Field(default="independent", description="shared: one init for all workers.")
+    arms: list[Arm] = Field(default=["federated", "independent"], min_length=1)
+    groups: list[GroupSpec] = Field(min_length=1, description="At least one group.")
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Full product.")
+    zip: list[dict[str, list[Any]]] = Field(default_factory=list, description="Moving together.")
+
+    @_model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique, got {names}")
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms repeat: {self.arms}")
+        for i, block in enumerate(self.zip):
+            lengths = {len(v) for v in block.values()}
+            if len(lengths) > 1:
+                raise ValueError(f"zip[{i}]: every list must have the same length, got {sorted(lengths)}")  # fmt: skip
+        for key, values in [*self.grid.items(), *(kv for b in self.zip for kv in b.items())]:
+            if not values:
+                raise ValueError(f"axis {key!r} has no values")
+        return self
+
+    def group_options(self, group: GroupSpec) -> WorkerOptions:
+        """A group's worker options, with steps/epochs/publish_every inherited when unset."""
+        inherited = {"steps": self.experiment.steps, "epochs": self.experiment.epochs,
+                     "publish_every": self.experiment.publish_every}  # fmt: skip
+        own = group.model_dump(exclude={"name", "count"}, exclude_unset=True)
+        base = group.model_dump(exclude={"name", "count"})
+        return WorkerOptions(**(base | inherited | own))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _path(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
+    """A pydantic error location as a dotted key; list items of groups by their name."""
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list):
+            name = node[item].get("name") if item < len(node) and isinstance(node[item], dict) else None  # fmt: skip
+            parts[-1] += f"[{item}]" if name is None else f"[{item}]({name})"
+            node = node[item] if item < len(node) else None
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(spec)"
+
+
+def spec_error(error: ValidationError, raw: Mapping[str, Any], where: str = "") -> SpecError:
+    """A SpecError listing each problem as `dotted.key: message`."""
+    lines = []
+    for e in error.errors():
+        loc = [x for x in e["loc"] if not (isinstance(x, str) and x in ("function-after",))]
+        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{_path(loc, raw)}: {message}")
+    return SpecError(f"invalid spec{where}:\n  " + "\n  ".join(lines))
+
+
+def validate(raw: Mapping[str, Any], where: str = "") -> Spec:
+    """The Spec of a parsed TOML document (SpecError naming the keys otherwise)."""
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as error:
+        raise spec_error(error, raw, where) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file (SpecError with the line on a syntax error)."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML: {error}") from None
+
+
+# -- overrides and expansion ---------------------------------------------------------------------
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` (dotted; `groups.<name>.<option>` finds the group by name) in a raw spec."""
+    parts = key.split(".")
+    if parts[0] == "groups":
+        groups = raw.get("groups", [])
+        match = [g for g in groups if isinstance(g, dict) and g.get("name") == parts[1]]
+        if len(parts) != 3 or not match:
+            raise SpecError(f"{key}: expected groups.<name>.<option> naming one of the groups")
+        match[0][parts[2]] = value
+        return
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{key}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` (VALUE read as a TOML value, else as a string) from --set."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def cells(spec: Spec) -> list[dict[str, Any]]:
+    """Every cell of the grid × zip product, as {dotted key: value} (one empty cell if none)."""
+    axes: list[list[dict[str, Any]]] = [[{k: v} for v in vs] for k, vs in spec.grid.items()]
+    for block in spec.zip:
+        n = len(next(iter(block.values()), []))
+        axes.append([{k: vs[i] for k, vs in block.items()} for i in range(n)])
+    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*axes)]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (cell, arm, repeat): its id, the values of its cell and its RunPlan."""
+
+    run_id: str
+    cell: int
+    arm: Arm
+    repeat: int
+    params: dict[str, Any]
+    plan: RunPlan
+
+
+def run_id(plan: RunPlan) -> str:
+    """A short hash (10 hex) of the resolved run config plus its repeat."""
+    body = plan.model_dump(mode="json", exclude={"run_id", "federation"})
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digest[:10]
+
+
+def _cell_spec(raw: Mapping[str, Any], params: Mapping[str, Any], index: int) -> Spec:
+    cell = copy.deepcopy(dict(raw))
+    cell.pop("grid", None)
+    cell.pop("zip", None)
+    for key, value in params.items():
+        set_dotted(cell, key, value)
+    return validate(cell, where=f" (cell {index}: {params})" if params else "")
+
+
+def _plan(spec: Spec, arm: Arm, repeat: int, params: dict[str, Any], devices: int) -> RunPlan:
+    seed = spec.experiment.seed + REPEAT_SEED_STRIDE * repeat
+    groups = [(g.name, g.count, spec.group_options(g)) for g in spec.groups]
+    policy = arm_policy(spec.policy.resolve(), arm, spec.experiment.fedavg_every)
+    plan = RunPlan(federation="pending", policy=policy, arm=arm, init=spec.init, seed=seed,
+                   workers=plan_workers(groups, seed, spec.init, devices), repeat=repeat,
+                   params=params)  # fmt: skip
+    rid = run_id(plan)
+    return plan.model_copy(update={"run_id": rid, "federation": f"{spec.experiment.name}-{rid}"})
+
+
+def expand(raw: Mapping[str, Any], devices: int = 0) -> tuple[Spec, list[PlannedRun]]:
+    """Validate a raw spec and expand it into runs, ordered repeat-major (every cell and arm of
+    repeat 0 first, so a partial sweep has complete pairs). Raises SpecError."""
+    spec = validate(raw)
+    specs = [(i, p, _cell_spec(raw, p, i)) for i, p in enumerate(cells(spec))]
+    runs = []
+    for repeat in range(spec.experiment.repeats):
+        for index, params, cell in specs:
+            for arm in cell.arms:
+                plan = _plan(cell, arm, repeat, params, devices)
+                assert plan.run_id is not None
+                runs.append(PlannedRun(plan.run_id, index, arm, repeat, params, plan))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SpecError("two runs resolve to the same config (a grid axis that changes nothing?)")
+    return spec, runs
