@@ -322,7 +322,7 @@ def fedavg(policy: Policy, every: int, state: FederationState, snapshot: Snapsho
         peers = _fedavg_peers(policy, state, snapshot, layer, every)
         for k, partner in enumerate(peers, start=1):
             score = state.scores.get(layer, {}).get(partner, math.nan)
-            draft = _draft(policy, state, snapshot, layer, partner, "merge", score)
+            draft = _draft(policy, state, snapshot, layer, partner, "merge", score, score)
             result.decisions.append(
                 replace(
                     draft,
