@@ -25,13 +25,14 @@ import httpx
 import numpy as np
 import redis
 
-from bench.common import interleaved
 from tether_protocol.frame import encode_parts, frame_size
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed import Client, RetryPolicy
 from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
 from tetherfed_coordinator.keys import Keys, glob_escape
 from tetherfed_coordinator.store import stored_frame
+
+from .common import interleaved
 
 MB = 1e6
 

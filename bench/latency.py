@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import line
-from bench.harness import coordinator
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import Client
+
+from .common import line
+from .harness import coordinator
 
 TARGET_P99_MS = 15.0
 WORKERS = 8

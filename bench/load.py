@@ -22,11 +22,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import line
-from bench.harness import coordinator
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import AsyncClient
+
+from .common import line
+from .harness import coordinator
 
 TARGET_P99_MS = 50.0
 LAYERS = [LayerSpec(name=f"layer{i}", shape=[64, 64]) for i in range(4)]

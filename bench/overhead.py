@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import line
-from bench.harness import coordinator
 from tetherfed import Client, Diagnostics, Federation, build_model, load_task, tether
+
+from .common import line
+from .harness import coordinator
 
 TARGET = 0.95
 STEPS_PER_EPOCH = 100  # 3,200 samples / batch 32

@@ -15,9 +15,9 @@ ALL = ["scoring", "ingest", "latency", "overhead", "load"]
 
 
 def run_one(name: str, quick: bool) -> list[dict[str, Any]]:
-    """Run benchmark `name` (module bench.<name>, function run(quick) returning one row or a
-    list of rows)."""
-    module = importlib.import_module(f"bench.{name}")
+    """Run benchmark `name` (module <this package>.<name>, function run(quick) returning one
+    row or a list of rows)."""
+    module = importlib.import_module(f".{name}", __package__)
     started = time.monotonic()
     result = module.run(quick=quick)
     rows: list[dict[str, Any]] = result if isinstance(result, list) else [result]

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import interleaved, line
 from tether_protocol.compat import all_pairs, gram_scores
+
+from .common import interleaved, line
 
 TARGET = 1.2
 

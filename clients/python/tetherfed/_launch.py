@@ -154,9 +154,10 @@ def plan_workers(
     return plans
 
 
-def worker_argv(plan: WorkerPlan, url: str, federation: str, out: Path) -> list[str]:
-    """`tetherfed worker` arguments of one planned worker."""
+def worker_argv(plan: WorkerPlan, url: str, federation: str, out: Path, peers: int) -> list[str]:
+    """`tetherfed worker` arguments of one planned worker (who waits for `peers` workers)."""
     return ["worker", "--coordinator", url, "--federation", federation, "--name", plan.name,
+            "--wait-peers", str(peers),
             "--group", plan.group, "--init-seed", str(plan.init_seed),
             "--data-seed", str(plan.data_seed), "--device", plan.device,
             "--checkpoint-dir", str(out / plan.name), *options_argv(plan.options)]  # fmt: skip
@@ -516,7 +517,8 @@ class Launcher:
         """Start every planned worker against `coordinator`."""
         self.coordinator = coordinator
         for plan in self.plan.workers:
-            argv = worker_argv(plan, coordinator.url, self.plan.federation, self.out)
+            peers = len(self.plan.workers)
+            argv = worker_argv(plan, coordinator.url, self.plan.federation, self.out, peers)
             if coordinator.token:
                 argv += ["--token", coordinator.token]
             if self.resume and (self.out / plan.name / "latest.pt").exists():
@@ -631,7 +633,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def _signals_in_main_thread() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM acts as Ctrl-C while the run goes (only the main thread may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -706,7 +708,7 @@ def launch(
     launcher.write_config()
     launcher.write_status(force=True)
     state, code, outcome = "finished", EXIT_OK, "finished ok"
-    with _signals_in_main_thread():
+    with sigterm_as_interrupt():
         try:
             _go(launcher, coordinator, url, token, ready_timeout, view, stop)
             if launcher.failures:

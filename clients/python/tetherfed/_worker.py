@@ -8,6 +8,7 @@ decision ids, so `--resume` continues under the same worker id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,13 +25,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._diagnostics import Diagnostics, parse_spec
+from ._errors import TetherError
 from ._federation import Federation, StepReport
 from ._options import WorkerOptions
 from ._probe import Probe
+from ._retry import RetryPolicy
+from ._sdk import Client
 from ._tasks import Task, build_model, default_model, load_task
 from ._tethering import tether, tethered_layers, update_importance
 
 log = logging.getLogger("tetherfed.worker")
+PEER_TIMEOUT_S = 120.0
 
 
 class WorkerConfig(WorkerOptions):
@@ -56,6 +61,9 @@ class WorkerConfig(WorkerOptions):
     resume: bool = False
     group: str | None = Field(default=None, description="Experiment group (sent as worker meta).")
     probe_size: int = Field(default=64, ge=1, description="Validation samples for the Jacobian.")
+    wait_peers: int = Field(
+        default=0, ge=0, description="Before training, wait until this many workers are active."
+    )
 
     @property
     def resolved_init_seed(self) -> int:
@@ -331,9 +339,30 @@ def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> Non
     )
 
 
+def wait_for_peers(cfg: WorkerConfig, fed: Federation, timeout_s: float = PEER_TIMEOUT_S) -> bool:
+    """Block until `cfg.wait_peers` workers (this one included) are active in the federation, so
+    the workers of a run train side by side even when they start seconds apart; False (and a
+    warning) when they were not all there within `timeout_s`: training then starts anyway."""
+    deadline = time.monotonic() + timeout_s
+    fed.wait_registered(timeout_s)
+    with Client(cfg.coordinator or "", token=cfg.token, retry=RetryPolicy(tries=1)) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TetherError):
+                workers = client.list_workers(cfg.federation).data
+                if sum(w.status == "active" for w in workers) >= cfg.wait_peers:
+                    return True
+            time.sleep(0.2)
+    log.warning(
+        "fewer than %d workers active after %.0fs; training anyway", cfg.wait_peers, timeout_s
+    )
+    return False
+
+
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (also emitted as the last metrics line)."""
     run = _setup(cfg)
+    if run.fed is not None and cfg.wait_peers and run.start == 0:
+        wait_for_peers(cfg, run.fed)
     try:
         for step in range(run.start + 1, run.total + 1):
             epoch, loss, grad_norm = _train_step(run)

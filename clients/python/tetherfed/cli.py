@@ -44,6 +44,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         init_seed=args.init_seed,
         data_seed=args.data_seed,
         group=args.group,
+        wait_peers=args.wait_peers,
         device=args.device,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
@@ -58,13 +59,13 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "bench" / "run.py").exists():
-        print("tetherfed bench runs from a source checkout (bench/ was not found)", file=sys.stderr)
+    try:
+        from tetherfed_bench.run import main as bench_main  # the wheel ships bench/ under this name
+    except ImportError:
+        print(
+            "tetherfed bench: the benchmarks are not installed (tetherfed_bench)", file=sys.stderr
+        )
         return EXIT_USAGE
-    sys.path.insert(0, str(root))
-    from bench.run import main as bench_main
-
     return bench_main(args.names, quick=args.quick, json_path=args.json)
 
 
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
     worker.add_argument("--data-seed", type=int, default=None, help="data and its order seed")
     worker.add_argument("--group", default=None, help="experiment group (worker meta)")
+    worker.add_argument("--wait-peers", type=int, default=0, metavar="N",
+                        help="before training, wait until N workers are active (max 120 s)")  # fmt: skip
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--checkpoint-dir", type=Path, default=None)
     worker.add_argument(

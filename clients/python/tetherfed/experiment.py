@@ -46,6 +46,7 @@ from ._launch import (
     RunResult,
     coordinator_for,
     launch,
+    sigterm_as_interrupt,
     write_json_atomic,
 )
 from ._results import COLUMNS, ColumnProvider, RunRecord, build_row, summarize, write_csv
@@ -344,14 +345,16 @@ def run(
     sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers)
     todo = sweep.todo()
     console.print(f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}")  # fmt: skip
-    if todo:
-        with coordinator_for(engine, folder, coordinator, token, 30.0) as coord, \
-                SweepView(console, len(runs), len(runs) - len(todo)) as view:  # fmt: skip
-            _record_coordinator(folder, coord)
-            _execute(sweep, todo, coord, view, jobs or parsed.experiment.jobs)
-    rows = sweep.write_results()
-    if report is not None:
-        report(folder)
+    try:
+        if todo:
+            with sigterm_as_interrupt(), coordinator_for(engine, folder, coordinator, token, 30.0) as coord, \
+                    SweepView(console, len(runs), len(runs) - len(todo)) as view:  # fmt: skip
+                _record_coordinator(folder, coord)
+                _execute(sweep, todo, coord, view, jobs or parsed.experiment.jobs)
+    finally:
+        rows = sweep.write_results()
+        if report is not None:
+            report(folder)
     return rows
 
 
