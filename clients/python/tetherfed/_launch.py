@@ -616,6 +616,14 @@ class Launcher:
         return summary
 
 
+def report_hook(folder: Path) -> None:
+    """Write folder/report.html (`tetherfed report`, #14) and print its path, or why there is
+    none; `up` and experiments call this at the end. A failing report never fails a run."""
+    from ._pictures import report_line  # noqa: PLC0415 (plotly only when reporting)
+
+    print(report_line(folder), flush=True)
+
+
 # -- one run, start to end -----------------------------------------------------------------------
 
 

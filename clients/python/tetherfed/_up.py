@@ -35,10 +35,10 @@ from ._launch import (
     launch,
     plan_workers,
     preset_policy,
+    report_hook,
     resolve_policy,
 )
 from ._options import add_worker_args, options_argv, options_from_args
-from ._pictures import report_line
 from ._sdk import Client
 
 EXIT_FAILED = 1
@@ -183,7 +183,7 @@ def run_up(args: argparse.Namespace) -> int:
         result = launch(up_plan(args, policy), out, url=args.coordinator, token=args.token,
                         ready_timeout=args.ready_timeout, view=view)  # fmt: skip
     print("\n".join(summary_lines(result.summary)), flush=True)
-    print(report_line(out), flush=True)
+    report_hook(out)
     return result.code
 
 

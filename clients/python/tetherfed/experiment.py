@@ -46,6 +46,7 @@ from ._launch import (
     RunResult,
     coordinator_for,
     launch,
+    report_hook,
     sigterm_as_interrupt,
     write_json_atomic,
 )
@@ -225,16 +226,6 @@ class SweepView:
 ReportHook = Callable[[Path], None]
 
 
-def _report_hook(out: Path) -> None:
-    """Write report.html when `tetherfed.report` exists (issue #14); silently skipped before."""
-    try:
-        from . import report  # type: ignore[attr-defined]  # noqa: PLC0415
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):
-        report.write_report(out)
-
-
 @dataclass
 class Sweep:
     """One experiment in progress: the runs, where they go, and how they ended."""
@@ -327,7 +318,7 @@ def run(
     jobs: int | None = None,
     console: Console | None = None,
     providers: Sequence[ColumnProvider] = COLUMNS,
-    report: ReportHook | None = _report_hook,
+    report: ReportHook | None = report_hook,
 ) -> list[dict[str, Any]]:
     """Run an experiment and return its results.csv rows (one dict per run).
 
