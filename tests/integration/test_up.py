@@ -114,14 +114,14 @@ def summary(out: Path) -> dict[str, Any]:
     return json.loads((out / "summary.json").read_text())  # type: ignore[no-any-return]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_up_three_workers_end_to_end(
     launch: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:
     # Prepare / Execute
     out = tmp_path / "out"
     proc = launch("--workers", "3", *SMALL)
-    stdout = finish(proc, timeout_s=100)
+    stdout = finish(proc, timeout_s=200)
 
     # Assert
     assert proc.returncode == 0, f"expected exit 0, got {proc.returncode}:\n{stdout}"
@@ -170,7 +170,7 @@ def test_up_sigint_stops_everything(
     assert leftovers(started_pids(out)) == [], "processes outlived `tetherfed up` after SIGINT"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_up_crashing_worker_stops_the_others(
     launch: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:
@@ -183,7 +183,7 @@ def test_up_crashing_worker_stops_the_others(
 
     # Execute
     proc = launch("--workers", "3", "--task", "crashing_task:task", "--steps", "100000", env=env)
-    stdout = finish(proc, timeout_s=100)
+    stdout = finish(proc, timeout_s=200)
 
     # Assert
     assert proc.returncode == 1, (

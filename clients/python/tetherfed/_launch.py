@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -503,14 +504,19 @@ class Launcher:
 
     def write_decisions(self, client: Client) -> None:
         """decisions.jsonl: every decision with the worker's ack (null when none: holds, or a
-        worker stopped before acking)."""
+        worker stopped before acking). Acks are read 8 at a time (one GET each)."""
+        acted = [d["id"] for d in self.tally.decisions if d["action"] != "hold"]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            acks = dict(zip(acted, pool.map(lambda i: self._ack(client, i), acted), strict=True))
         with (self.out / "decisions.jsonl").open("w") as f:
             for d in self.tally.decisions:
-                ack = None
-                if d["action"] != "hold":
-                    with contextlib.suppress(NotFoundError):
-                        ack = client.get_ack(self.plan.federation, d["id"]).model_dump(mode="json")
-                f.write(json.dumps({**d, "ack": ack}) + "\n")
+                f.write(json.dumps({**d, "ack": acks.get(d["id"])}) + "\n")
+
+    def _ack(self, client: Client, decision_id: int) -> dict[str, Any] | None:
+        try:
+            return client.get_ack(self.plan.federation, decision_id).model_dump(mode="json")
+        except NotFoundError:
+            return None
 
     # -- processes
     def start_workers(self, coordinator: Coordinator) -> None:
