@@ -298,3 +298,67 @@ def test_a_tethered_root_module_has_a_name(api: Client, coordinator: Server, fed
         assert [layer.name for layer in layers] == [tetherfed.ROOT_LAYER]
     finally:
         fed.close()
+
+
+# -- kind 5: permanent errors fail fast, transient ones retry -------------------------------------
+
+
+def test_a_worker_for_an_unknown_federation_exits_at_once_with_the_refused_code(
+    coordinator: Server,
+) -> None:
+    cmd = [sys.executable, "-m", "tetherfed.cli", "worker", "--coordinator", coordinator.url,
+           "--federation", "nosuch", "--steps", "1000000", "--log-every", "1000000"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    from tetherfed.cli import EXIT_REFUSED
+
+    assert done.returncode == EXIT_REFUSED, done.stderr[-2000:]
+    assert "federation 'nosuch' not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unknown_federation_is_refused_for_good_in_the_library(coordinator: Server) -> None:
+    fed = Federation(coordinator.url, "nosuch", tether(mlp(0)))
+    try:
+        assert not fed.wait_registered(30)
+        assert fed.refusal is not None
+        with pytest.raises(tetherfed.RefusedError, match="federation 'nosuch' not found"):
+            fed.step(loss=1.0)
+    finally:
+        fed.close()
+
+
+def test_an_invalid_worker_name_is_refused_in_the_constructor(coordinator: Server) -> None:
+    with pytest.raises(ValueError, match="cannot register worker 'no spaces please'"):
+        Federation(coordinator.url, "any", tether(mlp(0)), name="no spaces please")
+
+
+def test_a_bad_token_is_refused_for_good_and_lost_state_re_registers_with_the_admin_token(
+    coordinator_process: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = coordinator_process(TETHER_TOKEN="admin-secret")
+    bad = Federation(server.url, "t", tether(mlp(0)), token="wrong")
+    try:
+        assert not bad.wait_registered(30)
+        with pytest.raises(tetherfed.RefusedError, match="HTTP 401"):
+            bad.step(loss=1.0)
+    finally:
+        bad.close()
+    with Client(server.url, token="admin-secret") as admin:
+        admin.create_federation("t", policy=EVERY)  # type: ignore[arg-type]
+        fed = joined(server.url, "t", tether(mlp(0)), token="admin-secret")
+        try:
+            first = str(fed.worker_id)
+            fed.applied_ids.add(10**6)
+            admin.delete_federation("t")  # the coordinator loses everything about the worker
+            admin.create_federation("t", policy=EVERY)  # type: ignore[arg-type]
+            steps_until(
+                fed,
+                lambda: fed.worker_id not in (None, first) and fed.wait_registered(0.01),
+                loss=1.0,
+            )
+            assert fed.applied_ids == set() and fed._cursor == 0
+            assert admin.get_worker("t", str(fed.worker_id)).status == "active"
+        finally:
+            fed.close()
+    lost = [r for r in caplog.records if "registering again" in r.getMessage()]
+    assert len(lost) == 1, [r.getMessage() for r in caplog.records]

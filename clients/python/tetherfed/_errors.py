@@ -1,6 +1,7 @@
 """The SDK's error tree.
 
 TetherError
+├── RefusedError          the coordinator refused a worker for good (raised by Federation.step)
 ├── TransportError        the coordinator could not be reached or did not answer in time
 └── APIError              it answered with an error status; carries `status` and `detail`
     ├── BadRequestError   400, 413, 422: the request was wrong (the detail says how)
@@ -17,6 +18,11 @@ from typing import Any
 
 class TetherError(Exception):
     """Base of every error the tetherfed SDK raises."""
+
+
+class RefusedError(TetherError):
+    """The coordinator refused a worker for good: unknown federation, token refused, or an
+    invalid layer table. Training with that federation cannot go on; the message says why."""
 
 
 class TransportError(TetherError):

@@ -41,6 +41,7 @@ from tether_protocol.messages import (
     Policy,
     SnapshotMeta,
     WireDType,
+    WorkerCreate,
 )
 from tether_protocol.policy import plateau
 from tether_protocol.sketch import encode_sketch_frame
@@ -52,6 +53,7 @@ from ._errors import (
     BadRequestError,
     ConflictError,
     NotFoundError,
+    RefusedError,
     TetherError,
 )
 from ._ops import apply_operator_
@@ -176,6 +178,7 @@ class Federation:
         if not self._layers:
             raise ValueError("the model has no tethered layers: call tetherfed.tether(model) first")
         self._specs = layer_specs(self._layers, wire_dtype)  # refused here, not in the I/O thread
+        _check_registration(name, self._specs, meta or {})
         if publish_every < 1:
             raise ValueError(f"publish_every must be ≥ 1, got {publish_every}")
         self.federation, self.name = federation, name
@@ -191,6 +194,9 @@ class Federation:
         self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
+        self._admin_token = token
+        self._ever_registered = False
+        self.refusal: RefusedError | None = None  # set when the coordinator refused for good
         self._device = next(iter(self._layers.values())).storage().device
         self.policy: Policy | None = None
         self.worker_id: str | None = None
@@ -229,7 +235,11 @@ class Federation:
         """Call once per optimizer step: applies ready decisions, publishes on schedule.
 
         A non-finite `loss` or `grad_norm` (NaN, ±Inf) is recorded as unknown (null on the wire).
+        Raises `RefusedError` once the coordinator refused this worker for good (unknown
+        federation, token refused, invalid layer table); an unreachable coordinator never raises.
         """
+        if self.refusal is not None:
+            raise self.refusal
         self._step += 1
         loss, grad_norm = _finite_or_none(loss), _finite_or_none(grad_norm)
         self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
@@ -256,8 +266,13 @@ class Federation:
         return fresh and time.monotonic() >= self._next_publish
 
     def wait_registered(self, timeout: float) -> bool:
-        """Block until the worker is registered (for scripts and tests); True if it is."""
-        return self._registered.wait(timeout)
+        """Block until the worker is registered (for scripts and tests); True if it is, False
+        after `timeout` s or once the coordinator refused it for good (see `refusal`)."""
+        deadline = time.monotonic() + timeout
+        while not self._registered.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self.refusal is not None or time.monotonic() >= deadline:
+                return False
+        return True
 
     def telemetry(self, points: list[dict[str, Any]]) -> None:
         """Queue telemetry points (`tether_protocol.telemetry.TelemetryPoint` fields) for the
@@ -441,19 +456,59 @@ class Federation:
                 self._stop.wait(1.0)
 
     def _register(self) -> None:
-        if self.worker_id is not None and self._token is not None:
-            self._client.authorize(self._token)
-            worker = self._client.get_worker(self.federation, self.worker_id)
-            self.policy = self._client.get_federation(self.federation).policy
-            if worker.status == "left":
-                worker = self._client.rejoin(self.federation, worker.worker_id)
-            log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
-        else:
-            reg = self._client.register_worker(self.federation, self.name, self._specs, self._meta)
-            self.worker_id, self._token, self.policy = reg.worker_id, reg.token, reg.policy
-            self._client.authorize(reg.token)
-            log.info("registered as worker %s in federation %s", reg.worker_id, self.federation)
+        """Register (or resume); a refusal of a first registration is permanent (`_refuse`)."""
+        first = not self._ever_registered and self.worker_id is None
+        try:
+            if self.worker_id is not None and self._token is not None:
+                self._resume()
+            else:
+                self._register_new()
+        except (NotFoundError, AuthError, BadRequestError) as error:
+            if first:
+                self._refuse(error)
+            raise
+        self._ever_registered = True
         self._registered.set()
+
+    def _resume(self) -> None:
+        assert self.worker_id is not None
+        self._client.authorize(self._token)
+        try:
+            worker = self._client.get_worker(self.federation, self.worker_id)
+        except (NotFoundError, AuthError) as error:  # the coordinator lost this worker
+            self._forget(f"worker {self.worker_id} is unknown to the coordinator ({error.detail})")
+            raise
+        self.policy = self._client.get_federation(self.federation).policy
+        if worker.status == "left":
+            worker = self._client.rejoin(self.federation, worker.worker_id)
+        log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
+
+    def _register_new(self) -> None:
+        self._client.authorize(self._admin_token)  # registering is the admin token's call
+        reg = self._client.register_worker(self.federation, self.name, self._specs, self._meta)
+        self.worker_id, self._token, self.policy = reg.worker_id, reg.token, reg.policy
+        self._client.authorize(reg.token)
+        log.info("registered as worker %s in federation %s", reg.worker_id, self.federation)
+
+    def _refuse(self, error: APIError) -> None:
+        """A permanent refusal (unknown federation, token refused, invalid layer table): stop
+        the I/O thread; the next `step()` raises `RefusedError`."""
+        self.refusal = RefusedError(
+            f"the coordinator refused worker {self.name!r} in federation {self.federation!r}: "
+            f"{error.detail} (HTTP {error.status})"
+        )
+        log.error("%s", self.refusal)
+        self._stop.set()
+
+    def _forget(self, why: str) -> None:
+        """The coordinator lost this worker (restarted without its state, federation re-created):
+        register again under a new id, with decision cursor and applied ids reset (decision ids
+        of the new incarnation start over)."""
+        log.warning("%s: registering again under a new id", why)
+        self.worker_id = self._token = None
+        self._cursor = 0
+        self.applied_ids = set()
+        self._registered.clear()
 
     def _send_pending(self) -> None:
         if time.monotonic() < self._next_publish and not self._closing.is_set():
@@ -526,8 +581,7 @@ class Federation:
         if isinstance(error, ConflictError):  # left: come back under the same id
             self._registered.clear()
         elif isinstance(error, NotFoundError | AuthError):  # unknown here: a new id
-            self.worker_id = self._token = None
-            self._registered.clear()
+            self._forget(f"worker {self.worker_id} is unknown to the coordinator ({error.detail})")
 
     def _send_acks(self) -> None:
         while True:
@@ -641,6 +695,13 @@ def layer_specs(
                 f"layer {name!r} (shape {shape}) cannot be federated: {problem}"
             ) from None
     return specs
+
+
+def _check_registration(name: str, specs: list[LayerSpec], meta: Mapping[str, Any]) -> None:
+    try:
+        WorkerCreate(name=name, layers=specs, meta=dict(meta))
+    except ValidationError as error:
+        raise ValueError(f"cannot register worker {name!r}: {_first_problem(error)}") from None
 
 
 def _first_problem(error: ValidationError) -> str:

@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran and failed (a worker crashed, a benchmark errored)
 EXIT_USAGE = 2  # bad arguments (argparse's own code)
 EXIT_UNREACHABLE = 3  # the coordinator could not be reached
+EXIT_REFUSED = 4  # the coordinator refused for good: unknown federation, bad token, bad layers
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (128 + SIGINT)
 
 __doc__ += "\n".join(
@@ -26,12 +27,14 @@ __doc__ += "\n".join(
         ("failed", EXIT_FAILED),
         ("usage", EXIT_USAGE),
         ("coordinator unreachable", EXIT_UNREACHABLE),
+        ("refused by the coordinator", EXIT_REFUSED),
         ("interrupted", EXIT_INTERRUPTED),
     ]
 )
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from ._errors import RefusedError
     from ._worker import WorkerConfig, main_worker
 
     cfg = WorkerConfig(
@@ -49,7 +52,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
     )
-    return main_worker(cfg)
+    try:
+        return main_worker(cfg)
+    except RefusedError as error:  # permanent: fail fast, say why
+        print(f"tetherfed worker: {error}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
