@@ -5,11 +5,14 @@ Each test names the input of the issue it reproduces; each failed before its fix
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,10 +30,11 @@ import tetherfed
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import Decision, LayerSpec, SnapshotMeta, SnapshotRef
 from tetherfed import Client, Federation, tether
-from tetherfed._errors import BadRequestError
+from tetherfed._errors import BadRequestError, TransportError
 from tetherfed._federation import _Ready
 from tetherfed_coordinator.embedded import free_port
 from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -362,3 +366,61 @@ def test_a_bad_token_is_refused_for_good_and_lost_state_re_registers_with_the_ad
             fed.close()
     lost = [r for r in caplog.records if "registering again" in r.getMessage()]
     assert len(lost) == 1, [r.getMessage() for r in caplog.records]
+
+
+# -- kind 6: connections and environment -------------------------------------------------------
+
+
+@pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1", "http://127.0.0.1:1"])
+def test_a_loopback_coordinator_is_never_reached_through_a_proxy(
+    coordinator: Server, monkeypatch: pytest.MonkeyPatch, proxy: str
+) -> None:
+    for name in ("ALL_PROXY", "HTTP_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.setenv("NO_PROXY", "")
+    with Client(coordinator.url) as client:
+        assert client.healthz() == {"status": "ok"}
+    localhost = coordinator.url.replace("127.0.0.1", "localhost")
+    with Client(localhost) as client:
+        assert client.healthz() == {"status": "ok"}
+
+
+def test_a_proxy_that_cannot_be_used_is_named_in_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("httpx")
+    if importlib.util.find_spec("socksio") is not None:
+        pytest.skip("socksio is installed: a socks proxy is usable")
+    monkeypatch.setenv("ALL_PROXY", "socks5://proxy.invalid:1080")
+    with pytest.raises(TransportError, match=r"proxy set in the environment .*socks5://proxy"):
+        Client("http://coordinator.example:8420")
+
+
+def test_an_empty_token_setting_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_TOKEN", "")
+    monkeypatch.setenv("TETHER_REDIS_URL", "")
+    settings = Settings()
+    assert settings.token is None and settings.redis_url is None
+    assert Settings(token=" ").token is None
+
+
+def test_a_decision_stream_on_a_silent_connection_fails_in_bounded_time() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer_then_go_silent() -> None:
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hi\n\n")
+            time.sleep(5)
+            conn.close()
+
+        thread = threading.Thread(target=answer_then_go_silent, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        with Client(f"http://127.0.0.1:{port}") as client, pytest.raises(TransportError):
+            list(client.stream_decisions("f", idle_timeout_s=0.5))
+        assert time.monotonic() - started < 4.5, "the stream outlived its idle timeout"
+        thread.join(timeout=10)

@@ -9,7 +9,9 @@ Pass `transport=` (e.g. `httpx.ASGITransport(app)`) to talk to an in-process app
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,8 @@ T = TypeVar("T")
 Body = bytes | Sequence[memoryview] | None
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# A decision stream silent this long is dead (the coordinator's keep-alives come every 15 s).
+STREAM_IDLE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,34 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
+def is_loopback(base_url: str) -> bool:
+    """Whether the URL names this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = httpx.URL(base_url).host
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def http_options(base_url: str) -> dict[str, Any]:
+    """httpx client options for `base_url`: a loopback coordinator is never reached through a
+    proxy (`trust_env=False`: HTTP_PROXY / ALL_PROXY / NO_PROXY are not read); any other honours
+    the environment, and a proxy it names that cannot be used raises `TransportError` naming it
+    (e.g. a socks5:// proxy without the `socksio` package)."""
+    if is_loopback(base_url):
+        return {"trust_env": False}
+    try:
+        httpx.Client(base_url=base_url).close()  # builds the proxy transports the env asks for
+    except (ImportError, ValueError) as exc:
+        proxies = {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy") and v}
+        raise TransportError(
+            f"cannot reach {base_url} through the proxy set in the environment {proxies}: {exc}"
+        ) from None
+    return {"trust_env": True}
+
+
 class Client:
     """Synchronous client of a tetherfed coordinator.
 
@@ -309,8 +341,9 @@ class Client:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport
-        )
+            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport,
+            **({} if transport else http_options(base_url)),
+        )  # fmt: skip
 
     def authorize(self, token: str | None) -> None:
         """Send `token` as the bearer token from now on (a worker's own token after registering)."""
@@ -444,12 +477,18 @@ class Client:
         """The worker's ack of a decision; NotFoundError until it is acked."""
         return self.call(CALLS.get_ack(fed, decision_id))
 
-    def stream_decisions(self, fed: str, last_event_id: int | None = None) -> Iterator[Decision]:
-        """Follow the federation's decisions as Server-Sent Events (resumes after `last_event_id`)."""
+    def stream_decisions(
+        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float = STREAM_IDLE_S
+    ) -> Iterator[Decision]:
+        """Follow the federation's decisions as Server-Sent Events (resumes after `last_event_id`).
+
+        The coordinator sends a keep-alive comment while idle; a connection silent for
+        `idle_timeout_s` raises `TransportError` instead of hanging."""
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
+        timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
         try:
-            with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+            with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     _read(Call("GET", path), response)
@@ -491,8 +530,9 @@ class AsyncClient:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport
-        )
+            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport,
+            **({} if transport else http_options(base_url)),
+        )  # fmt: skip
 
     def authorize(self, token: str | None) -> None:
         """Send `token` as the bearer token from now on."""
@@ -628,12 +668,14 @@ class AsyncClient:
         return await self.call(CALLS.get_ack(fed, decision_id))
 
     async def stream_decisions(
-        self, fed: str, last_event_id: int | None = None
+        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float = STREAM_IDLE_S
     ) -> AsyncIterator[Decision]:
-        """Follow the federation's decisions as Server-Sent Events."""
+        """Follow the federation's decisions as Server-Sent Events (silent `idle_timeout_s`:
+        httpx's ReadTimeout)."""
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
-        async with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+        timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
+        async with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _read(Call("GET", path), response)

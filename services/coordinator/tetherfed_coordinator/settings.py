@@ -19,7 +19,11 @@ def _default_consumer() -> str:
 class Settings(BaseSettings):
     """Everything the coordinator reads from its environment, validated at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="TETHER_", extra="ignore", populate_by_name=True)
+    # An empty variable means unset (compose writes `TETHER_TOKEN=${TETHER_TOKEN:-}`): an empty
+    # token would otherwise turn auth on with a token no client can send.
+    model_config = SettingsConfigDict(
+        env_prefix="TETHER_", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8420, ge=0, le=65535)
@@ -41,12 +45,20 @@ class Settings(BaseSettings):
         "(Redis WAIT; one server or Sentinel). 0: do not wait.",
     )  # fmt: skip
     wait_timeout_ms: int = Field(default=2000, ge=1, description="How long WAIT waits.")
-    token: str | None = Field(default=None, description="Bearer token; None turns auth off.")
+    token: str | None = Field(
+        default=None, description="Bearer token; None (or empty) turns auth off."
+    )
     read_token: str | None = Field(
         default=None,
         description="With `token` set: a bearer token that may read every federation (list, "
         "workers, decisions, compatibility, streams) and change nothing; the dashboard's.",
     )
+
+    @field_validator("token", "read_token", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     max_frame_bytes: int = Field(default=1 << 30, ge=64)
     heartbeat_ttl_s: float = Field(default=15.0, gt=0)
     stream_maxlen: int = Field(default=100_000, ge=10, description="Approximate MAXLEN of streams.")
