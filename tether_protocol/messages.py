@@ -602,7 +602,29 @@ class DecisionsPublic(WireModel):
 
 
 class AckCreate(Versioned):
-    """A worker's acknowledgement that it applied (or refused) a decision."""
+    """A worker's acknowledgement that it applied (or refused) a decision: `applied` needs the
+    new `generation`, `rejected` a non-empty `reason` (both stated in the JSON Schema too)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"outcome": {"const": "applied"}}},
+                    "then": {
+                        "required": ["generation"],
+                        "properties": {"generation": {"type": "integer", "minimum": 0}},
+                    },
+                },
+                {
+                    "if": {"properties": {"outcome": {"const": "rejected"}}},
+                    "then": {
+                        "required": ["reason"],
+                        "properties": {"reason": {"type": "string", "minLength": 1}},
+                    },
+                },
+            ]
+        }
+    )
 
     outcome: Outcome
     generation: int | None = Field(default=None, ge=0)

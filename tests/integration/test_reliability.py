@@ -424,3 +424,26 @@ def test_a_decision_stream_on_a_silent_connection_fails_in_bounded_time() -> Non
             list(client.stream_decisions("f", idle_timeout_s=0.5))
         assert time.monotonic() - started < 4.5, "the stream outlived its idle timeout"
         thread.join(timeout=10)
+
+
+# -- kind 8: the API's edges (the rest is in tests/coordinator/test_api_edges.py) ------------------
+
+
+def test_a_decision_stream_ends_cleanly_when_its_federation_is_deleted(
+    api: Client, fed_name: str
+) -> None:
+    api.create_federation(fed_name)
+    outcome: list[Any] = []
+
+    def follow() -> None:
+        try:
+            outcome.append(list(api.stream_decisions(fed_name, idle_timeout_s=30)))
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the stream is open
+    api.delete_federation(fed_name)
+    thread.join(timeout=60)
+    assert outcome == [[]], f"the stream did not end cleanly: {outcome}"

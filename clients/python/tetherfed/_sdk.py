@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import numpy.typing as npt
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 from pydantic import BaseModel
 
 from tether_protocol.frame import decode_frame
@@ -488,11 +489,11 @@ class Client:
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
         timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
         try:
-            with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _read(Call("GET", path), response)
-                yield from _sse_decisions(response.iter_lines())
+            with connect_sse(self._http, "GET", path, headers=headers, timeout=timeout) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    _read(Call("GET", path), source.response)
+                yield from _decisions(source.iter_sse())
         except httpx.TransportError as exc:
             raise TransportError(f"GET {path}: {exc!r}") from exc
 
@@ -506,14 +507,12 @@ class Client:
         self.close()
 
 
-def _sse_decisions(lines: Iterator[str]) -> Iterator[Decision]:
-    data: list[str] = []
-    for line in lines:
-        if line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield Decision.model_validate_json("\n".join(data))
-            data = []
+def _decisions(events: Iterator[ServerSentEvent]) -> Iterator[Decision]:
+    for event in events:
+        if event.event == "end":  # the federation went away: the stream is over
+            return
+        if event.event == "decision":
+            yield Decision.model_validate_json(event.data)
 
 
 class AsyncClient:
@@ -675,17 +674,17 @@ class AsyncClient:
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
         timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
-        async with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                _read(Call("GET", path), response)
-            data: list[str] = []
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield Decision.model_validate_json("\n".join(data))
-                    data = []
+        async with aconnect_sse(
+            self._http, "GET", path, headers=headers, timeout=timeout
+        ) as source:
+            if source.response.status_code >= 400:
+                await source.response.aread()
+                _read(Call("GET", path), source.response)
+            async for event in source.aiter_sse():
+                if event.event == "end":
+                    return
+                if event.event == "decision":
+                    yield Decision.model_validate_json(event.data)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import edges
 from .api import (
     compatibility,
     decisions,
@@ -86,10 +84,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             embedded.stop()
 
 
-async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The coordinator app for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
@@ -106,9 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health, federations, workers, tethers, sketches, compatibility, decisions, telemetry, ui,
     )  # fmt: skip
     for module in routers:
-        app.include_router(module.router)
-    handlers: dict[Any, Any] = {aioredis.ConnectionError: _redis_down}
-    for exc_type, handler in handlers.items():
-        app.add_exception_handler(exc_type, handler)
+        app.include_router(module.router, responses=edges.ERROR_RESPONSES)
+    edges.install(app)
     app.add_middleware(CountRequests, metrics=metrics)
     return app

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
-from fastapi.responses import StreamingResponse
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tether_protocol.messages import AckCreate, AckPublic, Action, Decision, DecisionsPublic
 
@@ -15,7 +16,10 @@ from .deps import ActingWorker, ReaderAuth, SettingsDep, StoreDep, WorkerOrAdmin
 
 router = APIRouter(prefix="/v1/federations/{fed}", tags=["decisions"])
 
-After = Annotated[int, Query(ge=0, description="Only decisions with a larger id.")]
+# Decision ids are Redis stream ids and counters: 64-bit. Larger ones are a 422, not a 500.
+MAX_ID = 2**63 - 1
+After = Annotated[int, Query(ge=0, le=MAX_ID, description="Only decisions with a larger id.")]
+DecisionId = Annotated[int, Path(ge=1, le=MAX_ID, description="A decision id.")]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 
@@ -35,50 +39,57 @@ async def list_decisions(
     return page(data, after)
 
 
-def sse_event(decision: Decision) -> bytes:
-    """One SSE event carrying a decision."""
-    return f"id: {decision.id}\nevent: decision\ndata: {decision.model_dump_json()}\n\n".encode()
+def sse_event(decision: Decision) -> ServerSentEvent:
+    """One SSE event carrying a decision (`id:` is the decision id)."""
+    return ServerSentEvent(decision.model_dump_json(), event="decision", id=str(decision.id))
 
 
 async def _events(
-    request: Request, store: Store, fed: str, after: int, keepalive_s: float
-) -> AsyncIterator[bytes]:
+    store: Store, fed: str, after: int, keepalive_s: float
+) -> AsyncIterator[ServerSentEvent]:
     key = store.keys.decisions(fed)
     last = after
-    yield b": connected\n\n"
-    while not await request.is_disconnected():
-        got = await store.blocking.xread(
-            {key: f"{last}-0"}, count=100, block=int(keepalive_s * 1000)
-        )
-        if not got:
-            yield b": keep-alive\n\n"
-            continue
-        for _, fields in got[0][1]:
+    yield ServerSentEvent(comment="connected")
+    while True:
+        try:
+            got = await store.blocking.xread(
+                {key: f"{last}-0"}, count=100, block=int(keepalive_s * 1000)
+            )
+        except (aioredis.TimeoutError, aioredis.ResponseError):
+            got = []  # Redis unblocks a read on a deleted stream with an error: check below
+        for _, fields in got[0][1] if got else []:
             decision = Decision.model_validate_json(fields["d"])
             last = decision.id
             yield sse_event(decision)
+        if not got:
+            if not await store.r.exists(store.keys.federation(fed)):
+                # The federation went away: end the stream with a last event, not a cut chunk.
+                yield ServerSentEvent(f"federation {fed!r} was deleted", event="end")
+                return
+            yield ServerSentEvent(comment="keep-alive")
 
 
 @router.get(
     "/decisions/stream",
     dependencies=[ReaderAuth],
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "decision events"}},
 )
 async def stream_decisions(
-    fed: str, request: Request, store: StoreDep, settings: SettingsDep, after: After = 0,
+    fed: str, store: StoreDep, settings: SettingsDep, after: After = 0,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:  # fmt: skip
-    """Server-Sent Events of new decisions (`id:` is the decision id); resumes after
-    `Last-Event-ID` (or `?after=`); `: keep-alive` comments while idle."""
+) -> EventSourceResponse:  # fmt: skip
+    """Server-Sent Events of new decisions (`event: decision`, `id:` the decision id); resumes
+    after `Last-Event-ID` (or `?after=`); `: keep-alive` comments while idle; a last
+    `event: end` when the federation is deleted."""
     await store.policy(fed)
     if last_event_id:
-        if not last_event_id.strip().isdigit():
+        if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_ID:
             raise HTTPException(400, "Last-Event-ID must be a decision id")
         after = int(last_event_id)
-    events = _events(request, store, fed, after, settings.sse_keepalive_s)
+    events = _events(store, fed, after, settings.sse_keepalive_s)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return EventSourceResponse(events, headers=headers)
 
 
 @router.get("/workers/{wid}/decisions", dependencies=[WorkerOrAdminAuth])
@@ -96,7 +107,7 @@ async def worker_decisions(
 
 @router.post("/decisions/{decision_id}/ack", responses={200: {"model": AckPublic}})
 async def ack(
-    fed: str, decision_id: int, body: AckCreate, store: StoreDep, owner: ActingWorker,
+    fed: str, decision_id: DecisionId, body: AckCreate, store: StoreDep, owner: ActingWorker,
     response: Response,
 ) -> AckPublic:  # fmt: skip
     """Ack a decision as applied or rejected: 201 first time, 200 for the same ack again, 409 for
@@ -115,7 +126,7 @@ async def ack(
 
 
 @router.get("/decisions/{decision_id}/ack", dependencies=[ReaderAuth])
-async def get_ack(fed: str, decision_id: int, store: StoreDep) -> AckPublic:
+async def get_ack(fed: str, decision_id: DecisionId, store: StoreDep) -> AckPublic:
     """The ack of a decision (404 until acked)."""
     await store.decision(fed, decision_id)
     found = await store.acked(fed, decision_id)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from tether_protocol.frame import encode_frame, split_probe_grams, tensor_view
 from tether_protocol.messages import (
@@ -109,7 +109,8 @@ GENERATIONS = "/generations"
 @router.get("/{layer:path}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
 async def layer(
     fed: str, wid: str, layer: str, store: StoreDep,
-    format: Literal["safetensors", "stats"] = "safetensors", generation: int | None = None,
+    format: Literal["safetensors", "stats"] = "safetensors",
+    generation: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> Response | TetherStats | GenerationsPublic:  # fmt: skip
     """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
     `?generation=g`: a retained generation's tensor); `{layer}/generations`: its lineage.
