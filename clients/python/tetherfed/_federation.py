@@ -194,8 +194,7 @@ class Federation:
         self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
-        self._admin_token = token
-        self._ever_registered = False
+        self._admin_token, self._ever_registered = token, False
         self.refusal: RefusedError | None = None  # set when the coordinator refused for good
         self._device = next(iter(self._layers.values())).storage().device
         self.policy: Policy | None = None
