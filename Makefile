@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv test lint unit demo bench bench-quick clean browser
+.PHONY: venv test lint unit demo bench bench-quick clean fuzz browser
 
 venv: $(STAMP)
 
@@ -50,3 +50,10 @@ bench-quick: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs
+
+# Fuzzing (issue 12): hypothesis on the frame decoders (CI runs 100 examples per test inside
+# `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful
+# phase. FUZZ_EXAMPLES is per operation.
+fuzz: venv
+	FUZZ_FRAME_EXAMPLES=$${FUZZ_FRAME_EXAMPLES:-3000} $(PY) -m pytest -q -p no:cacheprovider tests/protocol/test_frame_fuzz.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-60} $(PY) tests/fuzz/run_api_fuzz.py

@@ -19,6 +19,7 @@ buffer; bfloat16 (which numpy lacks) is widened to float32, the one copy the for
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,12 +191,22 @@ def read_header(buf: bytes | bytearray | memoryview) -> tuple[dict[str, Any], in
             f"header length {length} runs past the end of a {view.nbytes}-byte frame"
         )
     try:
-        header = json.loads(bytes(view[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(bytes(view[8 : 8 + length]), object_pairs_hook=_unique_keys)
+    except FrameError:
+        raise
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300+ digit ints, nesting
         raise HeaderError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise HeaderError("header must be a JSON object")
     return header, 8 + length
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        raise HeaderError(f"header repeats the key(s) {twice}")
+    return dict(pairs)
 
 
 def parse_entries(header: Mapping[str, Any], data_start: int, total: int) -> dict[str, TensorEntry]:
@@ -210,7 +221,7 @@ def parse_entries(header: Mapping[str, Any], data_start: int, total: int) -> dic
         dtype = _entry_dtype(name, spec)
         shape = _entry_shape(name, spec)
         begin, end = _offsets(name, spec)
-        expected = _DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64))
+        expected = _DTYPES[dtype][1] * math.prod(shape)  # Python ints: huge shapes cannot wrap
         if begin != cursor:
             raise ByteLengthError(
                 f"tensor {name!r} starts at {begin}, expected {cursor} (gap or overlap)"

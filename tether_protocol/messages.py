@@ -52,7 +52,11 @@ class WireModel(BaseModel):
 class Versioned(WireModel):
     """A top-level message that carries the protocol version it was written for."""
 
-    protocol: int = Field(default=PROTOCOL_VERSION, description="Protocol version.")
+    protocol: int = Field(
+        default=PROTOCOL_VERSION,
+        description="Protocol version.",
+        json_schema_extra={"const": PROTOCOL_VERSION},
+    )
 
     @field_validator("protocol")
     @classmethod
