@@ -65,6 +65,7 @@ def test_every_n_steps_writes_all_metrics_and_sends_valid_points(tmp_path: Path)
         assert f.get_tensor("tracked_weights/model")[-1, 2] == pytest.approx(float(w[0, 0]))
     summary = summarize(tmp_path)
     assert summary["diagnostics_runs"] == 3 and summary["jacobian_radius"] > 0
+    assert summary["gzip_ratio"] == runs[-1]["metrics"]["gzip_ratio"]["all"]
 
 
 def test_epoch_schedule_labels_the_epoch_that_ended(tmp_path: Path) -> None:
@@ -115,3 +116,15 @@ def test_parse_spec(spec: str, expected: dict[str, Any]) -> None:
 def test_parse_spec_refuses_bad_options(spec: str) -> None:
     with pytest.raises(ValueError, match="diagnostics"):
         parse_spec(spec)
+
+
+def test_the_final_run_has_update_spectra_even_over_budget(tmp_path: Path) -> None:
+    model = sin_model()
+    diag = Diagnostics(model, every=20, out_dir=tmp_path, budget=0.001, last_step=100)
+
+    train(diag, model, 100)
+    diag.close(100, 9)
+
+    with safe_open(tmp_path / "diagnostics.safetensors", "numpy") as f:
+        assert f.get_tensor("gzip_ratio/all/step").tolist() == [20, 100]
+        assert f.get_tensor("update_fft/fc3/step").tolist() == [100]  # 20 had 19 updates only

@@ -196,10 +196,17 @@ class Diagnostics:
         """Steps from `step` to the next scheduled run (0: this one); None when unknown (every
         epoch without `steps_per_epoch`)."""
         period = self.every if self.every != "epoch" else self.steps_per_epoch
-        until = (-step) % period if period is not None else None
-        if self.last_step is not None and 0 <= self.last_step - step <= self.updates:
-            until = min(until, self.last_step - step) if until is not None else None
-        return until
+        return (-step) % period if period is not None else None
+
+    def _in_window(self, step: int, until: int | None) -> bool:
+        """Whether `step` is among the `updates` + 1 steps before a run within budget."""
+        if until is None:
+            return True
+        if until > self.updates:
+            return False
+        if self._window_for != step + until:  # a window opens
+            self._window_for, self._window_ok = step + until, self._affordable()
+        return self._window_ok
 
     def _affordable(self) -> bool:
         elapsed = self.clock() - self.started
@@ -252,15 +259,11 @@ class Diagnostics:
     @torch.no_grad()
     def _capture(self, step: int) -> None:
         """The sampled coordinates, only in the `updates` + 1 steps that end at a run (always
-        when the schedule is not known in steps); a window whose run is over budget is not
-        captured at all (decided when it opens)."""
+        when the schedule is not known in steps, and before `last_step`); a window whose run is
+        over budget is not captured at all (decided when it opens)."""
         until = self._until_due(step)
-        if until is not None and until > self.updates:
-            self._consecutive = 0
-            return
-        if until is not None and self._window_for != step + until:  # a window opens
-            self._window_for, self._window_ok = step + until, self._affordable()
-        if not self._window_ok:
+        final = self.last_step is not None and 0 <= self.last_step - step <= self.updates
+        if not final and not self._in_window(step, until):  # the final run always happens
             self._consecutive = 0
             return
         row = self._ring[self._captured % (self.updates + 1)]

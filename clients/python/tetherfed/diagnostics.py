@@ -369,9 +369,8 @@ def _unit(v: Tensor) -> Tensor:
 def summarize(worker_dir: Path | str) -> dict[str, Any]:
     """Final values of a worker folder's `diagnostics.jsonl`, for `results.csv`.
 
-    Keys: ``<metric>`` (model-wide scalars, e.g. ``jacobian_radius``), ``<metric>_mean`` (the
-    mean over layers of per-layer scalars: ``effective_rank``, ``gzip_ratio``), ``persistent_peaks``
-    (count in the last record), ``jacobian_first_epoch_over_1`` (the first epoch whose Jacobian
+    Keys: ``jacobian_radius``, ``gzip_ratio`` (of all layers together), ``effective_rank_mean``
+    (the mean over layers), ``persistent_peaks`` (their count over layers in the last record), ``jacobian_first_epoch_over_1`` (the first epoch whose Jacobian
     radius exceeded 1, or None), ``diagnostics_runs``. Empty when the folder has no diagnostics.
     """
     path = Path(worker_dir) / "diagnostics.jsonl"
@@ -383,9 +382,9 @@ def summarize(worker_dir: Path | str) -> dict[str, Any]:
         return {}
     last = records[-1]["metrics"]
     out: dict[str, Any] = {"diagnostics_runs": len(records)}
-    for metric in ("effective_rank", "gzip_ratio"):
-        values = [v for v in last.get(metric, {}).values() if v is not None]
-        out[f"{metric}_mean"] = float(np.mean(values)) if values else None
+    ranks = [v for v in last.get("effective_rank", {}).values() if v is not None]
+    out["effective_rank_mean"] = float(np.mean(ranks)) if ranks else None
+    out["gzip_ratio"] = last.get("gzip_ratio", {}).get("all")
     out["jacobian_radius"] = last.get("jacobian_radius", {}).get("model")
     out["persistent_peaks"] = sum(last.get("persistent_peaks", {}).values())
     over = [
