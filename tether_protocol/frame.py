@@ -273,13 +273,22 @@ def _entry_shape(name: str, spec: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_meta(header: Mapping[str, Any]) -> tuple[SnapshotMeta | None, dict[str, str]]:
-    """The snapshot metadata (None when absent) and any other `__metadata__` strings."""
+def parse_meta(
+    header: Mapping[str, Any], worker_id: str | None = None
+) -> tuple[SnapshotMeta | None, dict[str, str]]:
+    """The snapshot metadata (None when absent) and any other `__metadata__` strings.
+
+    Two forms are read: ours, SnapshotMeta as JSON under `tetherfed.snapshot`; and the flat one
+    other safetensors writers use, one string per field (`{"step": "10", "epoch": "0", "loss":
+    "0.5"}`; `generations` as a JSON object), recognised by its `step` key, with `worker_id`
+    taken from the metadata or else from the argument (the coordinator passes the URL's)."""
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise MetadataError("__metadata__ must be an object of string values")
+    if META_KEY not in metadata and "step" in metadata:
+        return _flat_meta(metadata, worker_id)
     extra = {k: v for k, v in metadata.items() if k != META_KEY}
     if META_KEY not in metadata:
         return None, extra
@@ -287,6 +296,28 @@ def parse_meta(header: Mapping[str, Any]) -> tuple[SnapshotMeta | None, dict[str
         return SnapshotMeta.model_validate_json(metadata[META_KEY]), extra
     except ValidationError as exc:
         raise MetadataError(f"snapshot metadata is invalid: {_first_error(exc)}") from None
+
+
+_FLAT_FIELDS = frozenset(SnapshotMeta.model_fields)
+
+
+def _flat_meta(
+    metadata: Mapping[str, str], worker_id: str | None
+) -> tuple[SnapshotMeta, dict[str, str]]:
+    fields: dict[str, Any] = {k: v for k, v in metadata.items() if k in _FLAT_FIELDS}
+    extra = {k: v for k, v in metadata.items() if k not in _FLAT_FIELDS}
+    for key in ("loss", "grad_norm"):
+        if fields.get(key, "").strip().lower() in ("", "null", "none", "nan"):
+            fields.pop(key, None)
+    fields.setdefault("worker_id", worker_id)
+    fields.setdefault("epoch", "0")
+    try:
+        if "generations" in fields:
+            fields["generations"] = json.loads(fields["generations"])
+        return SnapshotMeta.model_validate(fields), extra
+    except (ValueError, ValidationError) as exc:
+        why = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise MetadataError(f"flat snapshot metadata is invalid: {why}") from None
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -372,16 +403,18 @@ def decode_frame(
     require_meta: bool = True,
     check_finite: bool = True,
     unit_range: bool = True,
+    worker_id: str | None = None,
 ) -> Frame:
     """Decode and validate a frame.
 
     `layers`, when given, must match the frame exactly (names, shapes, dtypes). With
     `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer; with `unit_range`
     (and `check_finite`), a tether value outside [0, 1] raises `RangeError` naming the layer
-    (probe Grams are only checked for finiteness).
+    (probe Grams are only checked for finiteness). `worker_id` completes flat metadata that
+    does not name its worker (see `parse_meta`).
     """
     header, data_start = read_header(buf)
-    meta, extra = parse_meta(header)
+    meta, extra = parse_meta(header, worker_id)
     if require_meta and meta is None:
         raise MetadataError(f"frame has no snapshot metadata under __metadata__[{META_KEY!r}]")
     entries = parse_entries(header, data_start, memoryview(buf).nbytes)

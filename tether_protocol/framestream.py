@@ -65,8 +65,8 @@ class _Run:
 class FrameStream:
     """Validate a frame of `total` bytes fed in chunks; `finish()` returns its `Frame`.
 
-    `layers`, `require_meta`, `check_finite` and `unit_range` mean what they mean for
-    `decode_frame`. `keep`,
+    `layers`, `require_meta`, `check_finite`, `unit_range` and `worker_id` mean what they mean
+    for `decode_frame`. `keep`,
     called once with the metadata and entries when the header is complete, names the layers
     whose bytes to keep; the returned frame's `tensors` holds exactly those.
     """
@@ -80,10 +80,11 @@ class FrameStream:
         check_finite: bool = True,
         unit_range: bool = True,
         keep: KeepFn | None = None,
+        worker_id: str | None = None,
     ) -> None:
         self.total = total
         self.layers, self.require_meta, self.check_finite = layers, require_meta, check_finite
-        self.unit_range = unit_range
+        self.unit_range, self.worker_id = unit_range, worker_id
         self._keep_fn = keep
         self.pos = 0
         self._head = bytearray()
@@ -146,7 +147,7 @@ class FrameStream:
 
     def _parse_header(self) -> None:
         header, data_start = read_header(self._head)
-        meta, extra = parse_meta(header)
+        meta, extra = parse_meta(header, self.worker_id)
         if self.require_meta and meta is None:
             raise MetadataError(f"frame has no snapshot metadata under __metadata__[{META_KEY!r}]")
         entries = parse_entries(header, data_start, self.total)

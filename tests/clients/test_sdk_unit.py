@@ -31,7 +31,7 @@ EXPECTED_EXPORTS = {
     "Task", "TetherError", "TetherMode", "TetherParametrization", "TransportError",
     "WorkerConfig", "__version__", "apply_operator_", "build_model", "default_model",
     "get_tether", "layer_table", "load_task", "run_worker", "set_tether_", "tether",
-    "tethered_layers", "update_importance", "ROOT_LAYER", "RefusedError",
+    "tethered_layers", "update_importance", "ROOT_LAYER", "RefusedError", "load_plain_state_dict", "untether",
     "GateCheck", "Probe",  # issue 15: the merge gate and probe batches
 }  # fmt: skip
 

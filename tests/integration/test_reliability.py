@@ -447,3 +447,40 @@ def test_a_decision_stream_ends_cleanly_when_its_federation_is_deleted(
     api.delete_federation(fed_name)
     thread.join(timeout=60)
     assert outcome == [[]], f"the stream did not end cleanly: {outcome}"
+
+
+# -- kind 7: interop ---------------------------------------------------------------------------
+
+
+def test_a_frame_with_flat_string_metadata_from_another_writer_is_accepted(
+    api: Client, fed_name: str
+) -> None:
+    from safetensors.numpy import save
+
+    api.create_federation(fed_name)
+    wid = api.register_worker(fed_name, "jax", [LayerSpec(name="dense", shape=[3, 2])]).worker_id
+    frame = save(
+        {"dense": np.full((3, 2), 0.5, np.float32)},
+        metadata={"step": "10", "epoch": "0", "loss": "0.5", "format": "np"},
+    )
+    accepted = api.publish(fed_name, wid, frame)
+    assert (accepted.step, accepted.version) == (10, 1)
+    worker = api.get_worker(fed_name, wid)
+    assert worker.step == 10 and worker.loss == 0.5
+
+
+def test_plain_pretrained_weights_load_into_a_tethered_model_and_export_baked() -> None:
+    pretrained = mlp(7)
+    model = tether(mlp(0), seed=1)
+    missing, unexpected = tetherfed.load_plain_state_dict(model, pretrained.state_dict())
+    assert (missing, unexpected) == ([], [])
+    raw = model[0].parametrizations.weight.original
+    assert torch.equal(raw, pretrained[0].weight), "the weight was not loaded"
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        tetherfed.load_plain_state_dict(model, {**pretrained.state_dict(), "nope.weight": raw})
+    plain = tetherfed.untether(model)
+    x = torch.randn(5, 6)
+    assert torch.allclose(plain(x), model(x))
+    assert not any("parametrizations" in k for k in plain.state_dict())
+    assert torch.equal(plain[0].weight, raw * tetherfed.tethered_layers(model)["0"].current())
+    assert tetherfed.tethered_layers(model), "untether changed the tethered model itself"

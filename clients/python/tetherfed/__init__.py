@@ -34,9 +34,11 @@ from ._tethering import (
     TetherParametrization,
     get_tether,
     layer_table,
+    load_plain_state_dict,
     set_tether_,
     tether,
     tethered_layers,
+    untether,
     update_importance,
 )
 from ._worker import WorkerConfig, run_worker
@@ -73,6 +75,8 @@ __all__ = [
     "default_model",
     "get_tether",
     "layer_table",
+    "load_plain_state_dict",
+    "untether",
     "load_task",
     "run_worker",
     "set_tether_",

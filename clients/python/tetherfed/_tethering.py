@@ -21,7 +21,8 @@ Modes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import copy
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, TypedDict, cast, get_args
 
 import torch
@@ -197,6 +198,43 @@ def layer_table(model: nn.Module) -> list[LayerInfo]:
         LayerInfo(name=name, shape=list(tp.storage().shape), dtype=_dtype_name(tp.storage()))
         for name, tp in tethered_layers(model).items()
     ]
+
+
+def load_plain_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
+) -> Any:
+    """Load weights saved from the *untethered* model (``fc.weight``) into a tethered one.
+
+    A tethered layer keeps its raw weight as ``fc.parametrizations.weight.original``, so a plain
+    ``load_state_dict(..., strict=False)`` silently loads only the biases. Here each plain
+    ``<layer>.weight`` goes to that raw weight, the tethers keep their current values, and the
+    load is strict: a missing or unexpected key raises ``RuntimeError`` as torch does. Returns
+    torch's ``_IncompatibleKeys``.
+    """
+    tethered = {name for name, module in model.named_modules() if _find(module) is not None}
+    renamed: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        raw = leaf == "weight" and module in tethered
+        renamed[_join(module, "parametrizations.weight.original") if raw else key] = value
+    for key, value in model.state_dict().items():
+        if ".weight.0." in f".{key}" and "parametrizations" in key:  # tether state: kept
+            renamed.setdefault(key, value)
+    return model.load_state_dict(renamed, strict=strict)
+
+
+def untether(model: nn.Module) -> nn.Module:
+    """A plain copy of a tethered model with ``W ⊙ T`` baked into each weight (``model`` is left
+    as it is): what to export, serve, or load where tetherfed is not installed."""
+    plain = copy.deepcopy(model)
+    for module in [m for m in plain.modules() if _find(m) is not None]:
+        baked = cast(Tensor, module.weight).detach().clone()
+        # Not parametrize.remove_parametrizations: it edits the generated class, which the copy
+        # shares with `model`, and would strip `model`'s own `weight`.
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        module.weight = nn.Parameter(baked)
+    return plain
 
 
 def update_importance(model: nn.Module) -> list[str]:

@@ -268,7 +268,9 @@ async def receive_publish(
         size, segments = len(whole), _slices(whole)
     else:
         segments = body_segments(request, size)
-    stream = FrameStream(size, layers, keep=lambda meta, entries: _changed(meta, entries, prev))
+    stream = FrameStream(
+        size, layers, keep=lambda meta, entries: _changed(meta, entries, prev), worker_id=wid
+    )
     tag = uuid.uuid4().hex
     if size <= SEGMENT:  # one segment: SET inside the commit's transaction
         parts = [segment async for segment in segments]
