@@ -72,7 +72,7 @@ class Versioned(WireModel):
 # Policy
 # --------------------------------------------------------------------------------------------
 
-LayerScope = list[str] | Literal["all", "middle"]
+LayerScope = list[str] | Literal["all", "middle", "last"]
 NOISE_SDS = 3.0  # thresholds must sit this many estimator standard deviations away from 0
 
 
@@ -166,7 +166,8 @@ class Policy(WireModel):
     layers: LayerScope = Field(
         default="all",
         description="Layers in scope: 'all', 'middle' (the middle entry of the layer table, as "
-        "the prototype tethered only its hidden layer), or a list of layer names.",
+        "the prototype tethered only its hidden layer), 'last' (the last entry: the layer "
+        "closest to what the model computes, where cka separates tasks), or a list of names.",
     )
     merge_operator: MergeOperator = Field(default="average", description="average or weighted.")
     merge_alpha: float = Field(
@@ -180,6 +181,12 @@ class Policy(WireModel):
     drift_beta: float = Field(default=0.05, gt=0, le=1, description="repel strength; keep small.")
     retain_generations: int = Field(
         default=8, ge=0, le=1024, description="Generation tensors kept per worker-layer."
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Publishes before this step start no round: the scores of barely trained "
+        "models say little about their tasks.",
     )
     relative: Relative = Field(
         default="none",
@@ -229,7 +236,7 @@ class Policy(WireModel):
             )
         self._thresholds_in_range()
         if isinstance(self.layers, list) and not self.layers:
-            raise ValueError("layers must name at least one layer (or be 'all' / 'middle')")
+            raise ValueError("layers must name at least one layer (or be 'all', 'middle', 'last')")
         self._thresholds_above_noise()
         return self
 
@@ -293,11 +300,33 @@ def seed_policy() -> Policy:
     )
 
 
-PRESETS: dict[str, Any] = {"default": Policy, "seed": seed_policy}
+def cka_policy() -> Policy:
+    """Function-aware federation (issue 15's measured configuration): linear CKA of the last
+    layer on the shared probe batch, a rank rule (merge each worker with its closest partner
+    only), no rounds before step 100, and the merge gate at a 1 % probe-loss rise."""
+    return Policy(
+        measure="cka",
+        relative="rank",
+        merge_threshold=0.9,
+        drift_threshold=None,
+        pairing="best",
+        layers="last",
+        trigger="every_publish",
+        warmup_steps=100,
+        cooldown_steps=10,
+        max_merges_per_epoch=1000,
+        max_staleness_steps=50,
+        probe_size=64,
+        gate=MergeGate(probe_loss_rise=0.01),
+    )
+
+
+PRESETS: dict[str, Any] = {"default": Policy, "seed": seed_policy, "cka": cka_policy}
 
 
 def policy_preset(name: str) -> Policy:
-    """A named policy preset: 'default' or 'seed'. Raises KeyError naming the known presets."""
+    """A named policy preset: 'default', 'seed' or 'cka'. Raises KeyError naming the known
+    presets."""
     try:
         return PRESETS[name]()  # type: ignore[no-any-return]
     except KeyError:
@@ -325,6 +354,7 @@ class PolicyPatch(WireModel):
     drift_operator: DriftOperator | None = None
     drift_beta: float | None = None
     retain_generations: int | None = None
+    warmup_steps: int | None = None
     relative: Relative | None = None
     min_merge_score: float | None = None
     probe_seed: int | None = None
@@ -348,7 +378,7 @@ class FederationCreate(Versioned):
     """Create a federation; `policy` is a full policy or a preset name."""
 
     name: Name
-    policy: Policy | Literal["default", "seed"] = "default"
+    policy: Policy | Literal["default", "seed", "cka"] = "default"
 
     def resolved_policy(self) -> Policy:
         """The policy object, with a preset name expanded."""

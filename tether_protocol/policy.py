@@ -21,8 +21,13 @@ stands in the publisher's row — the comparable partners whose snapshots are fr
 included: a pair in cooldown still says what "close" means for this worker, it just cannot be
 chosen). `zscore`: (s − mean) / std over that row (population std; all 0 when the row has one
 partner or no spread). `rank`: (partners scoring below + half those tied) / (row size − 1), so the
-best scores 1 and the worst 0 (a lone partner scores 1). A federation whose raw scores all sit
-high then still separates its closest pairs from the rest; `min_merge_score` keeps a raw floor.
+best scores 1 and the worst 0 (a lone partner scores ½: there is nothing to compare it with). A
+federation whose raw scores all sit high then still separates its closest pairs from the rest;
+`min_merge_score` keeps a raw floor.
+Scores closer than `TIE_TOLERANCE` (the float32 accumulation error of normalized scores, see
+`compat`) are ties, and a row with no wider spread has z-scores of 0: float noise never ranks
+partners (under `cka` a layer that sees the probe batch through one linear map of a scalar
+input scores 1 against everyone, up to rounding).
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ def trigger(
     policy: Policy, snapshot: SnapshotMeta, previous_loss: float | None
 ) -> tuple[bool, str]:
     """Whether this publish starts a round, and why."""
+    if snapshot.step < policy.warmup_steps:
+        return False, f"warm-up: step {snapshot.step} < {policy.warmup_steps}"
     if policy.trigger == "every_publish":
         return True, "every publish"
     if snapshot.plateau:
@@ -114,11 +121,14 @@ def trigger(
 
 
 def layers_in_scope(policy: Policy, layer_order: Sequence[str]) -> list[str]:
-    """The publisher's layers the policy looks at ('middle' is the middle of the layer table)."""
+    """The publisher's layers the policy looks at ('middle' is the middle of the layer table,
+    'last' its last entry)."""
     if policy.layers == "all":
         return list(layer_order)
     if policy.layers == "middle":
         return [layer_order[len(layer_order) // 2]] if layer_order else []
+    if policy.layers == "last":
+        return list(layer_order[-1:])
     wanted = set(policy.layers)
     return [name for name in layer_order if name in wanted]
 
@@ -154,9 +164,12 @@ def _row(
     return out
 
 
+TIE_TOLERANCE = 1e-4
+
+
 def relative_scores(row: Mapping[str, float], rule: str) -> dict[str, float]:
     """Each partner's standing in a publisher's row of raw scores: `none` (the raw score),
-    `zscore` or `rank` (see the module docstring for both definitions)."""
+    `zscore` or `rank` (see the module docstring for both definitions and for ties)."""
     if rule == "none":
         return dict(row)
     values = list(row.values())
@@ -164,15 +177,19 @@ def relative_scores(row: Mapping[str, float], rule: str) -> dict[str, float]:
     if rule == "zscore":
         mean = sum(values) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-        return {p: (s - mean) / std if std > 0 else 0.0 for p, s in row.items()}
+        spread = max(values) - min(values) > TIE_TOLERANCE
+        return {p: (s - mean) / std if spread else 0.0 for p, s in row.items()}
     if rule == "rank":
         if n == 1:
-            return dict.fromkeys(row, 1.0)
-        return {
-            p: (sum(v < s for v in values) + 0.5 * (sum(v == s for v in values) - 1)) / (n - 1)
-            for p, s in row.items()
-        }
+            return dict.fromkeys(row, 0.5)
+        return {p: _rank(s, values) for p, s in row.items()}
     raise ValueError(f"unknown relative rule {rule!r}; use none, zscore or rank")
+
+
+def _rank(score: float, values: Sequence[float]) -> float:
+    below = sum(v < score - TIE_TOLERANCE for v in values)
+    tied = sum(abs(v - score) <= TIE_TOLERANCE for v in values) - 1  # not counting itself
+    return (below + 0.5 * tied) / (len(values) - 1)
 
 
 def _eligible(

@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tether_protocol.messages import MergeGate, Policy, PolicyPatch, SnapshotMeta
-from tether_protocol.policy import FederationState, PeerState, decide, relative_scores
+from tether_protocol.messages import (
+    FederationCreate,
+    MergeGate,
+    Policy,
+    PolicyPatch,
+    SnapshotMeta,
+    policy_preset,
+)
+from tether_protocol.policy import (
+    FederationState,
+    PeerState,
+    decide,
+    layers_in_scope,
+    relative_scores,
+)
 
 
 def state(row: dict[str, float], **kw: object) -> FederationState:
@@ -26,7 +39,11 @@ def test_rank_gives_one_to_the_best_zero_to_the_worst_and_splits_ties() -> None:
         "b": 0.75,
         "c": 0.0,
     }
-    assert relative_scores({"a": 0.3}, "rank") == {"a": 1.0}
+    assert relative_scores({"a": 0.3}, "rank") == {"a": 0.5}  # nothing to compare it with
+    # Float noise is not a ranking: a layer every worker computes alike ties everyone.
+    noisy = {"a": 1.0, "b": 0.99999997, "c": 0.99999994}
+    assert relative_scores(noisy, "rank") == {"a": 0.5, "b": 0.5, "c": 0.5}
+    assert relative_scores(noisy, "zscore") == {"a": 0.0, "b": 0.0, "c": 0.0}
 
 
 def test_zscore_is_standardised_over_the_row() -> None:
@@ -97,3 +114,20 @@ def test_policy_validates_relative_thresholds_and_the_gate() -> None:
     assert gated.gate == MergeGate(probe_loss_rise=0.01)
     patched = PolicyPatch(relative="zscore", merge_threshold=2.0).apply(Policy())
     assert (patched.relative, patched.merge_threshold) == ("zscore", 2.0)
+
+
+def test_warmup_starts_no_round_and_last_scopes_the_last_layer() -> None:
+    policy = Policy(trigger="every_publish", warmup_steps=150, cooldown_steps=0)
+    early = decide(policy, state(HIGH), SNAP)
+    assert not early.triggered and "warm-up" in early.trigger_reason
+    late = SnapshotMeta(worker_id="me", step=150, epoch=0)
+    assert decide(policy, state(HIGH), late).triggered
+    assert layers_in_scope(Policy(layers="last"), ["fc1", "fc2", "out"]) == ["out"]
+    assert layers_in_scope(Policy(layers="last"), []) == []
+
+
+def test_the_cka_preset_is_the_measured_configuration() -> None:
+    cka = policy_preset("cka")
+    assert (cka.measure, cka.relative, cka.layers, cka.pairing) == ("cka", "rank", "last", "best")
+    assert cka.gate == MergeGate(probe_loss_rise=0.01) and cka.warmup_steps == 100
+    assert FederationCreate(name="f", policy="cka").resolved_policy() == cka
