@@ -77,7 +77,7 @@ def preset_policy(name: str) -> Policy:
     try:
         return policy_preset(name)
     except KeyError:
-        raise KeyError(f"unknown policy preset {name!r}; known: demo, default, seed") from None
+        raise KeyError(f"unknown policy preset {name!r}; known: demo, default, seed, cka") from None
 
 
 def resolve_policy(spec: str) -> Policy | str:

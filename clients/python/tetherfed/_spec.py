@@ -4,7 +4,7 @@
                    fedavg_every, device
     init = "independent" | "shared"        arms = ["federated", "independent", "fedavg"]
     [[groups]]     name, count, and any worker option (task, model, lr, tether_mode, …)
-    [policy]       preset (demo, default, seed) plus any policy field as an override
+    [policy]       preset (demo, default, seed, cka) plus any policy field as an override
     [grid]         "dotted.key" = [values, …]   full product
     [[zip]]        "dotted.key" = [values, …]   axes of one table move together
 
@@ -79,7 +79,7 @@ class GroupSpec(WorkerOptions):
 class PolicySpec(PolicyPatch):
     """`[policy]`: a preset plus overrides of any policy field."""
 
-    preset: Literal["demo", "default", "seed"] = "default"
+    preset: Literal["demo", "default", "seed", "cka"] = "default"
 
     def resolve(self) -> Policy:
         """The preset with the overrides applied (validated as a whole)."""
