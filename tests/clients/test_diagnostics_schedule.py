@@ -128,3 +128,26 @@ def test_the_final_run_has_update_spectra_even_over_budget(tmp_path: Path) -> No
     with safe_open(tmp_path / "diagnostics.safetensors", "numpy") as f:
         assert f.get_tensor("gzip_ratio/all/step").tolist() == [20, 100]
         assert f.get_tensor("update_fft/fc3/step").tolist() == [100]  # 20 had 19 updates only
+
+
+def test_results_rows_get_final_diagnostics_and_the_first_epoch_over_1(tmp_path: Path) -> None:
+    from tetherfed._results import RunRecord, diagnostics_columns
+
+    workers = [{"name": "worker-0"}, {"name": "worker-1"}, {"name": "worker-2"}]
+    (tmp_path / "config.json").write_text(json.dumps({"workers": workers}))
+    radii = {"worker-0": [0.5, 1.2, 0.9], "worker-1": [0.4, 0.8, 1.1]}  # worker-2: no diagnostics
+    for name, values in radii.items():
+        (tmp_path / name).mkdir()
+        lines = [{"event": "diagnostics", "step": 10 * e, "epoch": e, "metrics": {
+            "effective_rank": {"fc1": 2.0, "fc2": 4.0}, "gzip_ratio": {"fc1": 0.5, "all": 0.8},
+            "jacobian_radius": {"model": r}}} for e, r in enumerate(values)]  # fmt: skip
+        (tmp_path / name / "diagnostics.jsonl").write_text(
+            "".join(json.dumps(x) + "\n" for x in lines)
+        )
+    run = RunRecord("r0", 0, "tether", 0, {}, tmp_path)
+
+    columns = diagnostics_columns(run)
+
+    assert columns == {"effective_rank": 3.0, "gzip_ratio": 0.8, "jacobian_radius": 1.0,
+                       "jacobian_first_epoch_over_1": 1}  # fmt: skip
+    assert diagnostics_columns(RunRecord("r1", 0, "tether", 0, {}, tmp_path / "none")) == {}

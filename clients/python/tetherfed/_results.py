@@ -130,7 +130,28 @@ def cluster_columns(run: RunRecord) -> dict[str, Any]:
     return {"ari": float(adjusted_rand_score(groups, labels)), "communities": len(set(labels))}
 
 
-COLUMNS: list[ColumnProvider] = [identity_columns, loss_columns, decision_columns, cluster_columns]
+def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
+    """Final weight diagnostics (`tetherfed.diagnostics.summarize` of each worker folder):
+    `effective_rank` (mean over layers), `gzip_ratio` (all layers) and `jacobian_radius`,
+    averaged over the workers; `jacobian_first_epoch_over_1`: the first epoch any worker's
+    Jacobian radius exceeded 1 (empty when none did). No columns when no worker had diagnostics."""
+    from .diagnostics import summarize as summarize_worker  # noqa: PLC0415 (worker extra)
+
+    config = run.json("config.json") or {"workers": []}
+    found = [summarize_worker(run.folder / w["name"]) for w in config["workers"]]
+    found = [f for f in found if f]
+    if not found:
+        return {}
+    firsts = [f["jacobian_first_epoch_over_1"] for f in found]
+    return {"effective_rank": _mean(f["effective_rank_mean"] for f in found),
+            "gzip_ratio": _mean(f["gzip_ratio"] for f in found),
+            "jacobian_radius": _mean(f["jacobian_radius"] for f in found),
+            "jacobian_first_epoch_over_1": min((e for e in firsts if e is not None), default=None)}  # fmt: skip
+
+
+COLUMNS: list[ColumnProvider] = [
+    identity_columns, loss_columns, decision_columns, cluster_columns, diagnostics_columns,
+]  # fmt: skip
 
 
 def build_row(run: RunRecord, providers: Sequence[ColumnProvider] = COLUMNS) -> dict[str, Any]:
