@@ -242,6 +242,13 @@ class Scorer:
                 await self.step()
             except asyncio.CancelledError:
                 raise
+            except aioredis.ResponseError as error:
+                if not str(error).startswith("NOGROUP"):
+                    raise
+                # Redis lost the scoring group (FLUSHALL, eviction, restart without AOF):
+                # recreate it; publishes re-create the stream, so no new work is lost.
+                log.warning("scoring group lost (%s); recreating it", error)
+                await self.ensure_group()
             except Exception:  # keep scoring after a transient Redis or data error
                 log.exception("scoring step failed")
                 await asyncio.sleep(0.5)

@@ -20,11 +20,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(store: StoreDep) -> dict[str, str] | JSONResponse:
-    """Redis answers."""
+    """Redis answers and, with scoring on, the scoring group exists (503 while Redis has lost it
+    and the scorer has not recreated it yet)."""
     try:
         await store.r.ping()
+        if store.settings.scoring_enabled:
+            await store.r.xinfo_groups(store.keys.scoring())
     except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
         return JSONResponse({"detail": f"redis unreachable: {exc}"}, status_code=503)
+    except aioredis.ResponseError as exc:  # no such key: the scoring stream and group are gone
+        return JSONResponse({"detail": f"cannot score: scoring group missing ({exc})"}, 503)
     return {"status": "ready"}
 
 

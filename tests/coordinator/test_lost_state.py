@@ -1,0 +1,38 @@
+"""Issue 12, kind 3: Redis loses the scoring group (FLUSHALL, eviction, restart without AOF).
+The coordinator says it cannot score (/readyz 503) until the scorer has recreated the group, and
+scores publishes again afterwards. Only this test's own keys are deleted (the server is shared)."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+from coord_helpers import EVERY_PUBLISH, frame, tensors, worker_body
+
+pytestmark = pytest.mark.anyio
+F = "/v1/federations"
+
+
+async def test_a_lost_scoring_group_is_recreated_and_readyz_says_so_meanwhile(
+    app_client: httpx.AsyncClient,
+) -> None:
+    store = app_client.app.state.store  # type: ignore[attr-defined]
+    assert (await app_client.get("/readyz")).status_code == 200
+    await store.r.delete(store.keys.scoring())  # what a FLUSHALL does to it
+    r = await app_client.get("/readyz")
+    assert r.status_code == 503 and "scoring group missing" in r.json()["detail"]
+    await app_client.post(F, json={"name": "f", "policy": EVERY_PUBLISH})
+    a = (await app_client.post(f"{F}/f/workers", json=worker_body("a"))).json()["worker_id"]
+    b = (await app_client.post(f"{F}/f/workers", json=worker_body("b"))).json()["worker_id"]
+    same = tensors(3)
+    with anyio.fail_after(30):
+        while (await app_client.get("/readyz")).status_code != 200:
+            await anyio.sleep(0.1)  # the scorer recreates the group on its next read
+        r = await app_client.put(f"{F}/f/workers/{a}/tethers", content=frame(a, 1, same))
+        assert r.status_code == 202, r.text
+        step = 1
+        while not (await app_client.get(f"{F}/f/decisions?action=merge")).json()["data"]:
+            r = await app_client.put(f"{F}/f/workers/{b}/tethers", content=frame(b, step, same))
+            assert r.status_code == 202, r.text
+            step += 1
+            await anyio.sleep(0.2)
