@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_up_parsers(sub)
+    from ._slurm import add_submit_parser
+
+    add_submit_parser(sub)
     return parser
 
 

@@ -1,0 +1,302 @@
+"""`tetherfed submit slurm`: a coordinator job and a job array of workers on Slurm, through
+submitit (DESIGN §11; the `tetherfed[slurm]` extra).
+
+The coordinator job starts `tetherfed coordinator` on its node (Redis is the one given: a job
+cannot host state that outlives it), creates the federation and writes its URL to
+`<folder>/coordinator.json`. Each array task waits for that file, then runs the worker loop
+in-process with its checkpoints in `<folder>/worker-<i>/` (a path every node sees). On
+preemption or timeout submitit calls `checkpoint()`, which requeues the same task; it resumes
+from `latest.pt` under the same worker id (`tetherfed worker --resume`). The command submits,
+prints the job ids and exits; it never waits on the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tetherfed_coordinator.embedded import die_with_parent, free_port
+from tetherfed_coordinator.topology import parse_redis_url
+
+from ._sdk import Client
+from ._up import create_federation, resolve_policy, wait_ready, worker_argv
+from .cli import EXIT_OK, EXIT_USAGE, add_worker_args, main
+
+COORDINATOR_FILE = "coordinator.json"
+SUBMITIT_DIR = "submitit"  # submitit's own files (pickles, logs), per job id
+WAIT_COORDINATOR_S = 3600.0  # a worker waits this long for the coordinator job to start
+
+
+@dataclass(frozen=True)
+class SlurmPlan:
+    """What to submit. `time_min` is each job's time limit; `worker_args` are `tetherfed
+    worker` options (task, steps, ...)."""
+
+    folder: Path
+    redis_url: str
+    workers: int
+    gpus_per_worker: int = 0
+    partition: str | None = None
+    time_min: int = 60
+    account: str | None = None
+    federation: str = "slurm"
+    policy: str = "default"
+    worker_args: list[str] = field(default_factory=list)
+    cpus_per_worker: int = 4
+    host: str = "0.0.0.0"  # the coordinator binds here; 127.0.0.1 for a one-machine run
+    port: int = 8420
+
+
+def parse_time(text: str) -> int:
+    """Slurm `--time` (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`) in whole minutes, at
+    least 1; ValueError naming the format."""
+    days, dash, rest = text.partition("-")
+    if not dash:
+        days, rest = "0", text
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        day_count = int(days)
+    except ValueError:
+        parts, day_count = [], 0
+    if not 1 <= len(parts) <= 3 or min(parts) < 0 or day_count < 0:
+        raise ValueError(f"--time {text!r}: use minutes, H:M:S or D-H:M:S, as sbatch does")
+    if dash:  # D-H[:M[:S]]
+        h, m, s = [*parts, 0, 0][:3]
+    else:  # M, M:S, H:M:S
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return max(1, round(day_count * 1440 + h * 60 + m + s / 60))
+
+
+# ---------------------------------------------------------------- what runs in the jobs
+def advertised_url(host: str, port: int) -> str:
+    """The URL other nodes reach a coordinator bound to `host` at: the node's name unless it
+    binds a loopback address."""
+    name = host if host.startswith("127.") or host == "localhost" else socket.gethostname()
+    return f"http://{name}:{port}"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to `path` through a temporary file and a rename (readers never see half)."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+class CoordinatorJob:
+    """The coordinator job: `python -m tetherfed_coordinator` on this node until the job ends;
+    the federation created, the URL in `<folder>/coordinator.json`."""
+
+    def __init__(self, plan: SlurmPlan) -> None:
+        self.plan = plan
+
+    def __call__(self) -> int:
+        plan = self.plan
+        port = plan.port or free_port()
+        url = advertised_url(plan.host, port)
+        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", plan.host,
+               "--port", str(port), "--redis-url", plan.redis_url]  # fmt: skip
+        with (plan.folder / "coordinator.log").open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=die_with_parent)  # noqa: PLW1509
+        try:
+            problem = wait_ready(url, proc, timeout_s=120)  # type: ignore[arg-type]
+            if problem:
+                raise RuntimeError(f"the coordinator did not start: {problem}")
+            with Client(url) as client:
+                create_federation(client, plan.federation, resolve_policy(plan.policy))
+            write_json_atomic(plan.folder / COORDINATOR_FILE, {"url": url, "pid": proc.pid})
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+    def checkpoint(self) -> Any:
+        """Requeued on timeout or preemption: a new job, on any node, writes its new URL."""
+        import submitit  # noqa: PLC0415 (the optional slurm extra)
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def wait_for_coordinator(folder: Path, timeout_s: float = WAIT_COORDINATOR_S) -> str:
+    """The URL the coordinator job wrote, once it is there; TimeoutError after `timeout_s`."""
+    path = folder / COORDINATOR_FILE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return str(json.loads(path.read_text())["url"])
+        time.sleep(1.0)
+    raise TimeoutError(f"no {path} after {timeout_s:.0f} s: is the coordinator job running?")
+
+
+class WorkerJob:
+    """One array task: the worker loop in-process, checkpoints in `<folder>/worker-<i>`,
+    resumed from them (same worker id) when requeued."""
+
+    def __init__(self, plan: SlurmPlan) -> None:
+        self.plan = plan
+
+    def argv(self, index: int, url: str) -> list[str]:
+        """The `tetherfed worker` command line of task `index`."""
+        plan = self.plan
+        return [
+            "worker", "--coordinator", url, "--federation", plan.federation,
+            "--name", f"worker-{index}", "--seed", str(index),
+            "--device", "cuda" if plan.gpus_per_worker else "cpu",
+            "--checkpoint-dir", str(plan.folder / f"worker-{index}"), "--resume",
+            *plan.worker_args,
+        ]  # fmt: skip
+
+    def __call__(self, index: int) -> int:
+        code = main(self.argv(index, wait_for_coordinator(self.plan.folder)))
+        if code:
+            raise RuntimeError(f"worker {index} exited with code {code}")
+        return code
+
+    def checkpoint(self, index: int) -> Any:
+        """Requeue this task on timeout or preemption; it resumes from `latest.pt`."""
+        import submitit  # noqa: PLC0415 (the optional slurm extra)
+
+        return submitit.helpers.DelayedSubmission(self, index)
+
+
+# ---------------------------------------------------------------- submitting
+def job_parameters(plan: SlurmPlan, role: str) -> dict[str, Any]:
+    """sbatch parameters (submitit's SlurmExecutor names) of the coordinator or the workers."""
+    params: dict[str, Any] = {
+        "job_name": f"tetherfed-{role}", "time": plan.time_min, "nodes": 1,
+        "ntasks_per_node": 1, "partition": plan.partition, "account": plan.account,
+    }  # fmt: skip
+    if role == "workers":
+        params |= {"cpus_per_task": plan.cpus_per_worker, "array_parallelism": plan.workers}
+        if plan.gpus_per_worker:
+            params["gpus_per_node"] = plan.gpus_per_worker
+    else:
+        params["cpus_per_task"] = 2
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_scripts(plan: SlurmPlan) -> dict[str, str]:
+    """The sbatch scripts `submit` would send (coordinator, workers), as submitit writes them."""
+    from submitit.slurm.slurm import _make_sbatch_string  # noqa: PLC0415 (optional extra)
+
+    folder = plan.folder / SUBMITIT_DIR / "%j"
+    command = f"{sys.executable} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    out = {}
+    for role in ("coordinator", "workers"):
+        params = job_parameters(plan, role)
+        if role == "workers":
+            params["map_count"] = plan.workers
+        out[role] = _make_sbatch_string(command=command, folder=folder, **params)
+    return out
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """Job ids of one submission (the workers' are the array's tasks)."""
+
+    coordinator: str
+    workers: list[str]
+    jobs: list[Any] = field(repr=False, default_factory=list)
+
+
+def _executor(plan: SlurmPlan, role: str, cluster: str) -> Any:
+    import submitit  # noqa: PLC0415 (the optional slurm extra)
+
+    folder = plan.folder / SUBMITIT_DIR / "%j"
+    if cluster == "local":  # this machine (tests, a try-out): no sbatch parameters apply
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=plan.time_min)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**job_parameters(plan, role))
+    return executor
+
+
+def submit(plan: SlurmPlan, cluster: str = "slurm") -> Submitted:
+    """Submit the coordinator job and the worker array (`cluster`: slurm, or local to run both
+    on this machine with submitit's LocalExecutor); returns their job ids."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    (plan.folder / COORDINATOR_FILE).unlink(missing_ok=True)
+    write_json_atomic(plan.folder / "config.json", _config(plan))
+    coordinator = _executor(plan, "coordinator", cluster).submit(CoordinatorJob(plan))
+    workers = _executor(plan, "workers", cluster).map_array(WorkerJob(plan), range(plan.workers))
+    return Submitted(
+        coordinator=str(coordinator.job_id),
+        workers=[str(job.job_id) for job in workers],
+        jobs=[coordinator, *workers],
+    )
+
+
+def _config(plan: SlurmPlan) -> dict[str, Any]:
+    return {
+        "engine": "slurm", "federation": plan.federation, "policy": plan.policy,
+        "redis_url": plan.redis_url, "time_min": plan.time_min,
+        "workers": [{"index": i, "name": f"worker-{i}", "seed": i, "group": plan.federation,
+                     "argv": WorkerJob(plan).argv(i, "<coordinator>")}
+                    for i in range(plan.workers)],
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- command line
+def add_submit_parser(sub: Any) -> None:
+    """Add `tetherfed submit slurm` to cli.py's subparsers."""
+    submit_parser = sub.add_parser("submit", help="submit a federation to a batch scheduler")
+    engines = submit_parser.add_subparsers(dest="engine", required=True)
+    p = engines.add_parser("slurm", help="a coordinator job and a worker job array (submitit)")
+    p.add_argument("--workers", type=int, required=True, help="array tasks (one worker each)")
+    p.add_argument("--gpus-per-worker", type=int, default=0)
+    p.add_argument("--cpus-per-worker", type=int, default=4)
+    p.add_argument("--partition", required=True)
+    p.add_argument("--time", required=True, help="each job's limit: minutes, H:M:S or D-H:M:S")
+    p.add_argument("--account", default=None)
+    p.add_argument("--redis-url", required=True,
+                   help="Redis all jobs share (a job cannot host it: it ends with the job)")  # fmt: skip
+    p.add_argument("--folder", type=Path, required=True,
+                   help="shared folder every node sees: URL file, checkpoints, logs")  # fmt: skip
+    p.add_argument("--federation", default="slurm")
+    p.add_argument("--policy", default="default", help="preset (default, seed, demo) or JSON")
+    p.add_argument("--port", type=int, default=8420, help="coordinator port on its node")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit none")
+    add_worker_args(p)
+    p.set_defaults(handler=run_submit_slurm)
+
+
+def plan_from_args(args: argparse.Namespace) -> SlurmPlan:
+    """The SlurmPlan of parsed `tetherfed submit slurm` arguments; ValueError when invalid."""
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: need at least one")
+    return SlurmPlan(
+        folder=args.folder.resolve(), redis_url=args.redis_url, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, partition=args.partition,
+        time_min=parse_time(args.time), account=args.account, federation=args.federation,
+        policy=args.policy, worker_args=worker_argv(args), cpus_per_worker=args.cpus_per_worker,
+        port=args.port,
+    )  # fmt: skip
+
+
+def run_submit_slurm(args: argparse.Namespace) -> int:
+    """`tetherfed submit slurm`: print the scripts (--dry-run) or submit and print job ids."""
+    try:
+        parse_redis_url(args.redis_url)
+        plan = plan_from_args(args)
+    except ValueError as error:
+        print(f"tetherfed submit slurm: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        for role, text in sbatch_scripts(plan).items():
+            print(f"# ---- {role} ----\n{text}")
+        return EXIT_OK
+    done = submit(plan)
+    print(f"coordinator job {done.coordinator}")
+    print(f"worker jobs {' '.join(done.workers)}")
+    print(f"coordinator URL will be in {plan.folder / COORDINATOR_FILE}")
+    return EXIT_OK
