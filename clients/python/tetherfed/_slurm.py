@@ -27,8 +27,9 @@ from typing import Any
 from tetherfed_coordinator.embedded import die_with_parent, free_port
 from tetherfed_coordinator.topology import parse_redis_url
 
+from ._launch import create_federation, resolve_policy, wait_ready
 from ._sdk import Client
-from ._up import create_federation, resolve_policy, wait_ready, worker_argv
+from ._up import worker_argv
 from .cli import EXIT_OK, EXIT_USAGE, add_worker_args, main
 
 COORDINATOR_FILE = "coordinator.json"
