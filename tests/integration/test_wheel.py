@@ -53,9 +53,11 @@ def test_the_installed_package_is_the_wheel_not_the_source(installed: Path, tmp_
 @pytest.mark.timeout(300)
 def test_bench_quick_runs_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
-    run([str(installed / "tetherfed"), "bench", "--quick", "--json", str(out)], tmp_path)
+    # One benchmark: this checks that bench/ ships and runs installed; test_bench.py runs every
+    # quick benchmark (the same files) from the source tree, which would double ~3 minutes here.
+    run([str(installed / "tetherfed"), "bench", "--quick", "scoring", "--json", str(out)], tmp_path)
     names = [json.loads(line)["name"] for line in out.read_text().splitlines()]
-    assert "scoring" in names and len(names) >= 5, names
+    assert names == ["scoring"], names
 
 
 @pytest.mark.timeout(300)
