@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ALL = ["scoring", "ingest", "latency", "overhead", "load"]
+ALL = ["scoring", "ingest", "latency", "overhead", "load", "round", "load-1000"]
 
 
 def run_one(name: str, quick: bool) -> list[dict[str, Any]]:
-    """Run benchmark `name` (module <this package>.<name>, function run(quick) returning one
-    row or a list of rows)."""
-    module = importlib.import_module(f".{name}", __package__)
+    """Run benchmark `name` (module <this package>.<name with _ for ->, function run(quick)
+    returning one row or a list of rows)."""
+    module = importlib.import_module(f".{name.replace('-', '_')}", __package__)
     started = time.monotonic()
     result = module.run(quick=quick)
     rows: list[dict[str, Any]] = result if isinstance(result, list) else [result]
