@@ -49,7 +49,8 @@ class _Worker:
     def parts(self, base: dict[str, np.ndarray], rng: np.random.Generator) -> list[memoryview]:
         self.step += 1
         tensors = {
-            k: v + np.float32(0.01) * rng.random(v.shape, dtype=np.float32) for k, v in base.items()
+            k: np.float32(0.99) * v + np.float32(0.01) * rng.random(v.shape, dtype=np.float32)
+            for k, v in base.items()
         }
         return encode_parts(tensors, SnapshotMeta(worker_id=self.wid, step=self.step, epoch=0))
 
