@@ -54,11 +54,12 @@ class _Worker:
         }
         return encode_parts(tensors, SnapshotMeta(worker_id=self.wid, step=self.step, epoch=0))
 
-    def run(self, parts: list[memoryview], barrier: threading.Barrier) -> None:
+    def run(self, parts: list[memoryview], barrier: threading.Barrier, warmup: bool) -> None:
         barrier.wait()
         self.started = time.perf_counter()
         version = self.api.publish("round", self.wid, parts).version
-        decisions = self._decisions(version)
+        # The first publishes may be scored before any partner has a snapshot: no decisions.
+        decisions = [] if warmup else self._decisions(version)
         for d in decisions:  # apply = fetch the partner's tether of that layer
             assert d.partner_id is not None
             self.fetched += self.api.tether("round", d.partner_id, d.layer).nbytes
@@ -83,10 +84,10 @@ class _Worker:
         self.poller.close()
 
 
-def _round(workers: list[_Worker], frames: list[list[memoryview]]) -> float:
+def _round(workers: list[_Worker], frames: list[list[memoryview]], warmup: bool) -> float:
     barrier = threading.Barrier(len(workers))
     threads = [
-        threading.Thread(target=w.run, args=(f, barrier))
+        threading.Thread(target=w.run, args=(f, barrier, warmup))
         for w, f in zip(workers, frames, strict=True)
     ]
     for t in threads:
@@ -110,12 +111,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         workers = [_Worker(coord.url, f"w{i}", layers) for i in range(n)]
         try:
             times = []
-            for r in range(rounds + 1):  # round 0 warms up (and gives everyone a snapshot)
+            for r in range(rounds + 1):  # round 0 gives everyone a snapshot (publishes only)
                 frames = [w.parts(base, rng) for w in workers]
-                elapsed = _round(workers, frames)
+                elapsed = _round(workers, frames, warmup=r == 0)
                 if r:
                     times.append(elapsed)
-            fetched = sum(w.fetched for w in workers) / (rounds + 1)
+            fetched = sum(w.fetched for w in workers) / rounds
         finally:
             for w in workers:
                 w.close()
