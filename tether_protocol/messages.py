@@ -455,6 +455,15 @@ class Heartbeat(Versioned):
     epoch: int = Field(ge=0)
     loss: float | None = None
     grad_norm: float | None = None
+    session: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Id of the worker process: while one session heartbeats, another under the "
+        "same worker id is refused (409), so two processes never share an identity.",
+    )
+    ending: bool = Field(
+        default=False, description="The process stops: release its session (a clean exit)."
+    )
 
 
 class WorkerPublic(WireModel):

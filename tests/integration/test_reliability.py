@@ -484,3 +484,35 @@ def test_plain_pretrained_weights_load_into_a_tethered_model_and_export_baked() 
     assert not any("parametrizations" in k for k in plain.state_dict())
     assert torch.equal(plain[0].weight, raw * tetherfed.tethered_layers(model)["0"].current())
     assert tetherfed.tethered_layers(model), "untether changed the tethered model itself"
+
+
+# -- kind 4: one identity, two processes ------------------------------------------------------
+
+
+def test_a_second_process_resumed_under_the_same_worker_id_is_refused(
+    api: Client, coordinator: Server, fed_name: str
+) -> None:
+    api.create_federation(fed_name, policy=EVERY)  # type: ignore[arg-type]
+    first = joined(coordinator.url, fed_name, tether(mlp(0)))
+    try:
+        steps_until(first, lambda: first.stats.published >= 1, loss=1.0)
+        checkpoint = first.state_dict()
+        second = Federation(
+            coordinator.url, fed_name, tether(mlp(0)), resume=checkpoint, claim_wait_s=1.0
+        )
+        try:
+            assert not second.wait_registered(30)
+            with pytest.raises(tetherfed.RefusedError, match="already running in another process"):
+                second.step(loss=1.0)
+        finally:
+            second.close(leave=False)
+        before = first.stats.published
+        steps_until(first, lambda: first.stats.published > before, loss=1.0)
+        assert first.stats.failures == 0
+    finally:
+        first.close()
+    again = Federation(coordinator.url, fed_name, tether(mlp(0)), resume=checkpoint)
+    try:  # the first one left: resuming its checkpoint in a new process is fine
+        assert again.wait_registered(30) and again.worker_id == checkpoint["worker_id"]
+    finally:
+        again.close()

@@ -20,6 +20,7 @@ import logging
 import math
 import queue
 import random
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -148,7 +149,9 @@ class Federation:
     ...         fed.step(loss=loss.item(), epoch=epoch)
 
     `resume` takes a previous `state_dict()` (from a checkpoint) to continue under the same worker
-    id with the same generations and applied decision ids.
+    id with the same generations and applied decision ids. While another live process holds that
+    id, resuming retries for `claim_wait_s` (a crashed one's heartbeat lapses), then `step()`
+    raises `RefusedError`.
 
     `probe` (a `Probe` of the model and its task) enables what needs the probe batches: the
     probe Grams published with each snapshot when the policy's measure is `cka`, and the merge
@@ -172,6 +175,7 @@ class Federation:
         resume: Mapping[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
         probe: Probe | None = None,
+        claim_wait_s: float = 30.0,
     ) -> None:
         self._layers = tethered_layers(model)
         self._probe = probe
@@ -183,18 +187,24 @@ class Federation:
             raise ValueError(f"publish_every must be ≥ 1, got {publish_every}")
         self.federation, self.name = federation, name
         self.publish_every, self.wire_dtype = publish_every, wire_dtype
-        self.heartbeat_s, self.poll_wait_s = heartbeat_s, poll_wait_s
+        self.heartbeat_s, self.poll_wait_s, self.claim_wait_s = (
+            heartbeat_s,
+            poll_wait_s,
+            claim_wait_s,
+        )
         if not 0.0 < io_budget <= 1.0:
             raise ValueError(f"io_budget must be in (0, 1], got {io_budget}")
         self.io_budget = io_budget
-        self._next_publish = 0.0
-        self._due = False  # a snapshot is scheduled but not yet taken
+        # `_due`: a snapshot is scheduled but not yet taken
+        self._next_publish, self._due = 0.0, False
         self._failing = False  # the last publish failed: a newer snapshot may replace it
         self._full_next = False  # under a sketch policy: the coordinator asked for a full publish
         self._due_plateau = False  # ... and the plateau trigger fired meanwhile
         self._meta = dict(meta or {})
         self._client = Client(url, token=token, transport=transport, retry=RetryPolicy(tries=1))
+        # The session id names this process: a second one under the same worker id gets a 409.
         self._admin_token, self._ever_registered = token, False
+        self._session, self._contested = secrets.token_hex(8), 0.0
         self.refusal: RefusedError | None = None  # set when the coordinator refused for good
         self._device = next(iter(self._layers.values())).storage().device
         self.policy: Policy | None = None
@@ -480,6 +490,15 @@ class Federation:
         self.policy = self._client.get_federation(self.federation).policy
         if worker.status == "left":
             worker = self._client.rejoin(self.federation, worker.worker_id)
+        try:  # claim the identity before publishing anything under it
+            self._heartbeat()
+        except ConflictError as error:  # another process runs as this worker: never both
+            # A crashed predecessor's session lapses within the heartbeat TTL: wait that long
+            # (retrying), then give up for good.
+            self._contested = self._contested or time.monotonic()
+            if time.monotonic() - self._contested > self.claim_wait_s:
+                self._refuse(error)
+            raise
         log.info("resumed as worker %s (status %s)", worker.worker_id, worker.status)
 
     def _register_new(self) -> None:
@@ -613,11 +632,12 @@ class Federation:
                 raise
             self.stats.telemetry_sent += len(batch)
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, ending: bool = False) -> None:
         assert self.worker_id is not None
         beat = Heartbeat(
-            step=self._step, epoch=self._epoch, loss=self._loss, grad_norm=self._grad_norm
-        )
+            step=self._step, epoch=self._epoch, loss=self._loss, grad_norm=self._grad_norm,
+            session=self._session, ending=ending,
+        )  # fmt: skip
         self._client.heartbeat(self.federation, self.worker_id, beat)
 
     def _poll(self) -> None:
@@ -667,6 +687,8 @@ class Federation:
             self._send_acks()
             if leave and self.worker_id is not None and self._registered.is_set():
                 self._client.leave(self.federation, self.worker_id)
+            elif self.worker_id is not None and self._registered.is_set():
+                self._heartbeat(ending=True)  # a resumed process may take the id at once
         except TetherError as error:
             log.warning("could not leave federation cleanly: %s", error)
         self._client.close()

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import secrets
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -357,28 +358,45 @@ class Store:
         return out
 
     async def heartbeat(
-        self, fed: str, wid: str, step: int, epoch: int, loss: float | None, grad_norm: float | None
-    ) -> None:
-        """Record progress and renew the liveness TTL (a lost worker becomes active again)."""
+        self, fed: str, wid: str, step: int, epoch: int, loss: float | None,
+        grad_norm: float | None, session: str | None = None, ending: bool = False,
+    ) -> None:  # fmt: skip
+        """Record progress and renew the liveness TTL (a lost worker becomes active again); 409
+        when another process (`session`) heartbeat under this worker id within the TTL."""
         record = await self.worker_record(fed, wid)
         if record["status"] == "left":
             raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")
-        fields = {
+        self._fence(wid, record, session)
+        ttl = self.settings.heartbeat_ttl_s  # an ending session is recorded as already lapsed
+        fields: dict[str, str | int | float] = {
             "step": step,
             "epoch": epoch,
             "loss": "" if loss is None else loss,
             "grad_norm": "" if grad_norm is None else grad_norm,
             "last_seen": utcnow().isoformat(),
         }
+        if session:
+            fields |= {"session": session, "session_at": time.time() - (ttl if ending else 0.0)}
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.worker(fed, wid), mapping=fields)
             pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
             await pipe.execute()
 
+    def _fence(self, wid: str, record: dict[str, str], session: str | None) -> None:
+        held, at = record.get("session"), float(record.get("session_at") or 0)
+        ttl = self.settings.heartbeat_ttl_s
+        if session and held and held != session and time.time() - at < ttl:
+            raise HTTPException(
+                409,
+                f"worker {wid!r} is already running in another process (session {held[:8]}): "
+                f"stop that one, or wait {ttl:g} s after it stopped",
+            )
+
     async def leave(self, fed: str, wid: str) -> None:
         """Mark a worker as left: out of scoring for good; its history stays readable."""
         await self.worker_record(fed, wid)
         async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.worker(fed, wid), "session", "session_at")  # not running
             pipe.hset(
                 self.keys.worker(fed, wid),
                 mapping={"status": "left", "last_seen": utcnow().isoformat()},

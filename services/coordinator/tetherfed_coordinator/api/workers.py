@@ -38,8 +38,11 @@ async def get_worker(fed: str, wid: str, store: StoreDep) -> WorkerPublic:
 
 @router.post("/{wid}/heartbeat", status_code=204, dependencies=[WorkerAuth])
 async def heartbeat(fed: str, wid: str, body: Heartbeat, store: StoreDep) -> Response:
-    """Renew liveness and record progress; 409 after the worker left."""
-    await store.heartbeat(fed, wid, body.step, body.epoch, body.loss, body.grad_norm)
+    """Renew liveness and record progress; 409 after the worker left, or while another process
+    (`session`) runs under this worker id."""
+    await store.heartbeat(
+        fed, wid, body.step, body.epoch, body.loss, body.grad_norm, body.session, body.ending
+    )
     return Response(status_code=204)
 
 
