@@ -6,6 +6,7 @@ import httpx
 import numpy as np
 import pytest
 from coord_helpers import frame, tensors, worker_body
+from test_api import scored
 
 from tether_protocol.compat import linear_cka, probe_gram
 from tether_protocol.frame import probe_gram_name
@@ -35,11 +36,16 @@ async def test_cka_compatibility_and_decisions_follow_the_probe_grams(
         ids[1]: base[:, ::-1] * 3.0,
         ids[2]: features(7, probe**2),
     }
-    for i, wid in enumerate(ids):
-        grams = {probe_gram_name("fc1"): probe_gram(acts[wid]), probe_gram_name("fc2"): np.eye(32)}
-        body = frame(wid, 1, {**tensors(i), **grams})
-        r = await c.put(f"{F}/f/workers/{wid}/tethers", content=body)
-        assert r.status_code == 202 and r.json()["layers"] == 2, r.text
+    for step in (1, 2):  # at step 2 every round sees all three (a lone partner never merges)
+        for i, wid in enumerate(ids):
+            grams = {
+                probe_gram_name("fc1"): probe_gram(acts[wid]),
+                probe_gram_name("fc2"): np.eye(32),
+            }
+            body = frame(wid, step, {**tensors(i), **grams})
+            r = await c.put(f"{F}/f/workers/{wid}/tethers", content=body)
+            assert r.status_code == 202 and r.json()["layers"] == 2, r.text
+        await scored(c)
     matrix = (await c.get(f"{F}/f/compatibility?layer=fc1")).json()
     order = matrix["workers"]
     a, b, cc = (order.index(w) for w in ids)
@@ -51,6 +57,7 @@ async def test_cka_compatibility_and_decisions_follow_the_probe_grams(
     merges = (await c.get(f"{F}/f/decisions?layer=fc1&action=merge")).json()["data"]
     pairs = {frozenset((d["worker_id"], d["partner_id"])) for d in merges}
     assert pairs == {frozenset(ids[:2])}, f"only a and b should merge on fc1, got {merges}"
+    assert {d["worker_id"] for d in merges} == set(ids[:2])  # each merged with the other
 
 
 async def test_a_worker_without_probe_grams_is_not_comparable_under_cka(
