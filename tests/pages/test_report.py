@@ -10,7 +10,10 @@ import pytest
 from pages_helpers import EXTERNAL, Ensemble, figures, notes
 
 from tetherfed.cli import main
+from tetherfed.report import build_sections
+from tetherfed.report import figures as report_figures
 from tetherfed.report._page import decode
+from tetherfed.report._png import write_pngs
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
 
@@ -66,14 +69,17 @@ def test_run_report_has_every_figure(run_dir: Path) -> None:
     assert specs["weight_histogram-all"]["data"][0]["type"] == "surface"
 
 
-def test_report_command_writes_pngs_and_refuses_a_non_run_folder(
+def test_report_command_and_pngs(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, pngs = tmp_path / "r.html", tmp_path / "png"
-    assert main(["report", str(run_dir), "--out", str(out), "--png", str(pngs)]) == 0
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.stat().st_size > 1_000_000
-    assert {"loss.png", "generations.png", "merge-graph.png"} <= {p.name for p in pngs.iterdir()}
-    assert main(["report", str(pngs)]) == 2
+    _, _, sections = build_sections(run_dir)
+    some = {"loss", "merge-graph", "trajectory", "weight_histogram-all", "singular_values-fc1"}
+    written = write_pngs([f for f in report_figures(sections) if f.name in some], tmp_path / "png")
+    assert {p.stem for p in written} == some and all(p.stat().st_size > 10_000 for p in written)
+    assert main(["report", str(tmp_path / "png")]) == 2
     assert "not a run folder" in capsys.readouterr().err
 
 

@@ -28,7 +28,7 @@ from ._run import (
     timeline_figure,
 )
 
-__all__ = ["Figure", "ReportError", "Section", "build_sections", "write_report"]
+__all__ = ["Figure", "ReportError", "Section", "build_sections", "figures", "write_report"]
 
 REPORT_NAME = "report.html"
 MAX_RUN_SECTIONS = 4  # runs whose training and federation an experiment report shows (the first)
