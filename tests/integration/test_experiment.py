@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from tetherfed.report import build_sections
+from tetherfed.report import figures as report_figures
+
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
 
 SPEC = """
@@ -120,6 +123,20 @@ def test_tiny_sweep_end_to_end_then_resume_dry_run_and_a_changed_spec(tmp_path: 
     for name in ("status.json", "summary.json", "decisions.jsonl", "worker-0/metrics.jsonl"):
         assert (run_folder / name).exists(), name
     assert "federated" in done.stdout and "ARI" in done.stdout, done.stdout[-2000:]
+    report = out / "report.html"  # the experiment report (#14), from its figure specs
+    assert (
+        f"report:          {report}" in done.stdout
+        and report.read_text().count("* plotly.js v") == 1
+    )
+    drawn = {
+        f.name: f.figure for f in report_figures(build_sections(out)[2]) if f.figure is not None
+    }
+    assert {"summary-table", "bands", "parcoords", "cluster", "paired"} <= set(drawn), sorted(drawn)
+    assert {t.meta["arm"]: t.meta["n"] for t in drawn["bands"].data if t.meta} == {
+        "federated": 2,
+        "independent": 2,
+    }
+    assert list(drawn["paired"].data[0].meta["n"]) == [2]
     assert dry.returncode == 0 and dry.stdout.strip().endswith(f"{len(results)} runs"), dry.stdout
 
     # Execute: resume a finished sweep; the same folder with another spec

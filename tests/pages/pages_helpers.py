@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 UP_ARGS = ["--workers", "2", "--device", "cpu", "--steps", "120", "--publish-every", "5",
            "--log-every", "5", "--eval-every", "25", "--diagnostics", "every=40"]  # fmt: skip
 UP_TIMEOUT_S = 150.0
@@ -65,24 +63,7 @@ class Ensemble:
         if self.up.returncode is None:
             self.stdout, _ = self.up.communicate(timeout=UP_TIMEOUT_S)
         assert self.up.returncode == 0, f"tetherfed up failed:\n{self.stdout}"
-        if not (self.out / "decisions.jsonl").exists():  # until the launcher writes it (#11)
-            self._write_decisions()
         return self.out
-
-    def _write_decisions(self) -> None:
-        from tetherfed.report import write_report
-
-        auth = {"Authorization": f"Bearer {self.token}"}
-        base = f"/v1/federations/{self.federation}/decisions"
-        with httpx.Client(base_url=self.url, headers=auth, timeout=10) as client:
-            rows = []
-            for d in client.get(base, params={"limit": 10_000}).json()["data"]:
-                got = client.get(f"{base}/{d['id']}/ack") if d["action"] != "hold" else None
-                rows.append(
-                    {**d, "ack": got.json() if got is not None and got.status_code == 200 else None}
-                )
-        (self.out / "decisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        write_report(self.out)
 
     def stop(self) -> None:
         """Stop what is still running, by PID."""
