@@ -40,7 +40,8 @@ browser:
 test: lint unit
 
 demo: venv
-	$(PY) -m tetherfed.cli up --workers 3 --task digits --steps 300 --eval-every 50 --log-every 25 --out runs/demo
+	$(PY) -m tetherfed.cli up --workers 3 --task digits --steps 300 --eval-every 50 --log-every 25 \
+		--diagnostics every=epoch --out runs/demo
 
 bench: venv
 	$(PY) -m tetherfed.cli bench --json bench-results.jsonl

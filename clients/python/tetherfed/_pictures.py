@@ -12,6 +12,6 @@ def report_line(folder: Path) -> str:
     try:
         from .report import write_report  # noqa: PLC0415 (plotly only when reporting)
 
-        return f"{'report:':<16} {write_report(folder)}"
+        return f"{'report:':<16} {write_report(folder).resolve()}"
     except Exception as error:
         return f"{'report:':<16} not written ({type(error).__name__}: {error})"

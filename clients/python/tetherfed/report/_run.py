@@ -19,6 +19,7 @@ ACTION_COLORS = {"merge": "#2ca02c", "drift": "#d62728", "hold": "#9e9e9e"}
 MARK_SYMBOLS = {("merge", "applied"): "triangle-up", ("drift", "applied"): "triangle-down",
                 ("merge", "issued"): "triangle-up-open", ("drift", "issued"): "triangle-down-open"}  # fmt: skip
 HEATMAP_FRAMES = 12
+BOUNDED = ("pearson", "cosine", "cka")  # measures in [-1, 1]: one colour scale for every frame
 MAX_LAYERS = 8
 NO_DECISIONS = "the run folder has no decisions.jsonl with scored decisions"
 
@@ -114,7 +115,8 @@ def compatibility_figure(run: RunData, layer: str) -> Figure:
     frames = _frames(run, layer, order)
     names = [run.names[wid] for wid in order]
     measure = next((d.get("measure") for d in run.decisions if d.get("layer") == layer), "score")
-    heat = go.Heatmap(z=frames[-1][1], x=names, y=names, colorscale="RdBu", zmid=0,
+    bounded = {"zmin": -1.0, "zmax": 1.0} if measure in BOUNDED else {"zmid": 0}
+    heat = go.Heatmap(z=frames[-1][1], x=names, y=names, colorscale="RdBu", **bounded,
                       colorbar={"title": measure}, hoverongaps=False)  # fmt: skip
     steps = [
         {"label": label, "method": "restyle", "args": [{"z": [z]}, [0]]} for label, z in frames

@@ -366,7 +366,8 @@
     const m = st.compat[st.layer];
     const names = m ? m.workers.map((wid) => (st.workers.get(wid) || { name: wid }).name) : [];
     Plotly.react("compat", [{ type: "heatmap", z: m ? m.matrix : [], x: names, y: names, colorscale: "RdBu",
-      zmid: 0, colorbar: { title: { text: m ? m.measure : "" } }, hoverongaps: false }],
+      zmid: 0, zmin: m && m.measure !== "dot" ? -1 : undefined, zmax: m && m.measure !== "dot" ? 1 : undefined,
+      colorbar: { title: { text: m ? m.measure : "" } }, hoverongaps: false }],
     { margin: { t: 10 }, yaxis: { autorange: "reversed" }, uirevision: st.name + st.layer }, CONFIG);
   }
 
