@@ -109,7 +109,7 @@ def ensemble(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port, prefix = free_port(), f"tftest:{secrets.token_hex(6)}:"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env |= {"TETHER_TOKEN": secrets.token_urlsafe(16), "TETHER_READ_TOKEN": secrets.token_urlsafe(16),
-            "TETHER_KEY_PREFIX": prefix, "TETHER_SCORER_PROCESSES": "0", "TETHER_SSE_KEEPALIVE_S": "1"}  # fmt: skip
+            "TETHER_KEY_PREFIX": prefix, "TETHER_SSE_KEEPALIVE_S": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1", "--port", str(port),
            "--redis-url", redis_url]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)

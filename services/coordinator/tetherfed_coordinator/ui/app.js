@@ -156,6 +156,7 @@
           w.row = rec;
           addPoint(w, rec.step, rec.loss);
         });
+        await loadHistory(st); // catch-up in case a proxy holds the stream back
         st.dirty = true;
       } catch (error) {
         if (onAuthError(error)) return;
@@ -178,7 +179,8 @@
   // -- decisions -----------------------------------------------------------------------------
 
   function onDecision(st, d) {
-    st.lastId = Math.max(st.lastId, d.id);
+    if (d.id <= st.lastId) return; // the stream and the REST catch-up may both deliver it
+    st.lastId = d.id;
     st.decisions += 1;
     const w = worker(st, d.worker_id, null);
     const list = st.timeline[d.action];
@@ -226,7 +228,7 @@
     for (;;) {
       const chunk = await reader.read();
       if (chunk.done) return;
-      buffer = parseEvents(st, buffer + chunk.value);
+      buffer = parseEvents(st, (buffer + chunk.value).replace(/\r\n?/g, "\n")); // SSE allows CRLF, CR, LF
     }
   }
 
