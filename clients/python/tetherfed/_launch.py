@@ -41,11 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether_protocol.messages import Policy, policy_preset
 
 from ._errors import ConflictError, NotFoundError, TetherError
+from ._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
 from ._options import WorkerOptions, options_argv
 from ._retry import RetryPolicy
 from ._sdk import Client
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GRACE_S = 10.0  # SIGTERM → SIGKILL
 TICK_S = 0.25
 STATUS_EVERY_S = 1.0

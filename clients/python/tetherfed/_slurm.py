@@ -27,10 +27,11 @@ from typing import Any
 from tetherfed_coordinator.embedded import die_with_parent, free_port
 from tetherfed_coordinator.topology import parse_redis_url
 
+from ._exits import EXIT_OK, EXIT_USAGE
 from ._launch import create_federation, resolve_policy, wait_ready
+from ._options import add_worker_args
 from ._sdk import Client
 from ._up import worker_argv
-from .cli import EXIT_OK, EXIT_USAGE, add_worker_args, main
 
 COORDINATOR_FILE = "coordinator.json"
 SUBMITIT_DIR = "submitit"  # submitit's own files (pickles, logs), per job id
@@ -157,6 +158,8 @@ class WorkerJob:
         ]  # fmt: skip
 
     def __call__(self, index: int) -> int:
+        from .cli import main  # noqa: PLC0415 (the task runs `tetherfed worker` in-process)
+
         code = main(self.argv(index, wait_for_coordinator(self.plan.folder)))
         if code:
             raise RuntimeError(f"worker {index} exited with code {code}")

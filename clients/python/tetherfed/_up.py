@@ -22,10 +22,8 @@ from rich.table import Table
 from tether_protocol.messages import Policy
 
 from ._errors import NotFoundError, TransportError
+from ._exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from ._launch import (
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
     QUICK,
     Launcher,
     LocalEngine,
@@ -41,7 +39,6 @@ from ._launch import (
 from ._options import add_worker_args, options_argv, options_from_args
 from ._sdk import Client
 
-EXIT_FAILED = 1
 PLAIN_EVERY_S = 2.0
 
 

@@ -11,26 +11,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._exits import (
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 from ._options import add_worker_args, options_from_args
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the job ran and failed (a worker crashed, a benchmark errored)
-EXIT_USAGE = 2  # bad arguments (argparse's own code)
-EXIT_UNREACHABLE = 3  # the coordinator could not be reached
-EXIT_REFUSED = 4  # the coordinator refused for good: unknown federation, bad token, bad layers
-EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (128 + SIGINT)
-
-__doc__ += "\n".join(
-    f"    {code:>3}  {name}"
-    for name, code in [
-        ("ok", EXIT_OK),
-        ("failed", EXIT_FAILED),
-        ("usage", EXIT_USAGE),
-        ("coordinator unreachable", EXIT_UNREACHABLE),
-        ("refused by the coordinator", EXIT_REFUSED),
-        ("interrupted", EXIT_INTERRUPTED),
-    ]
-)
+__doc__ += "\n".join(f"    {code:>3}  {name}" for name, code in EXIT_CODES)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
