@@ -28,7 +28,7 @@ arms = {arms}
 [experiment]
 name = "tiny-test"
 repeats = {repeats}
-steps = 30
+steps = {steps}
 publish_every = 3
 fedavg_every = 6
 jobs = {jobs}
@@ -64,9 +64,12 @@ def write_spec(
     repeats: int = 2,
     jobs: int = 2,
     arms: tuple[str, ...] = ("federated", "independent"),
+    steps: int = 30,
 ) -> Path:
     path = tmp_path / "spec.toml"
-    path.write_text(SPEC.format(repeats=repeats, jobs=jobs, arms=json.dumps(list(arms))))
+    path.write_text(
+        SPEC.format(repeats=repeats, jobs=jobs, arms=json.dumps(list(arms)), steps=steps)
+    )
     return path
 
 
@@ -158,7 +161,9 @@ def test_tiny_sweep_end_to_end_then_resume_dry_run_and_a_changed_spec(tmp_path: 
 def test_a_sweep_killed_midway_resumes_without_rerunning_finished_runs(tmp_path: Path) -> None:
     # Prepare: three runs (one per arm, fedavg first) one at a time
     arms = ("fedavg", "federated", "independent")
-    spec, out = write_spec(tmp_path, repeats=1, jobs=1, arms=arms), tmp_path / "out"
+    # 600 steps: on a quiet machine 30 steps end before the first scoring round, and a worker
+    # that has finished applies nothing (the fedavg assertion below needs merges issued)
+    spec, out = write_spec(tmp_path, repeats=1, jobs=1, arms=arms, steps=600), tmp_path / "out"
     cmd = [sys.executable, "-m", "tetherfed.cli", "experiment", "run", str(spec), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

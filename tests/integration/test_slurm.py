@@ -107,11 +107,11 @@ def test_local_executor_runs_coordinator_and_array_and_requeues_a_worker(
         pytest.skip("the jobs share one Redis server URL")
     monkeypatch.setenv("TETHER_KEY_PREFIX", key_prefix)  # the jobs inherit the environment
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # three processes share this machine's cores
-    steps = 400
+    steps = 4000  # on a quiet machine 400 steps end before the requeue signal lands
     plan = SlurmPlan(
         folder=tmp_path, redis_url=redis_url, workers=2, time_min=10, federation="slurm-test",
         policy="demo", host="127.0.0.1", port=free_port(), cpus_per_worker=1,
-        worker_args=["--steps", str(steps), "--eval-every", "20", "--publish-every", "10"],
+        worker_args=["--steps", str(steps), "--eval-every", "200", "--publish-every", "10"],
     )  # fmt: skip
     done = submit(plan, cluster="local")
     coordinator, first, second = done.jobs
