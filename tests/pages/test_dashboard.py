@@ -52,7 +52,8 @@ def test_live_dashboard_draws_merges_during_up(
     page.click("#token-form button")
     ensemble.start_up()
     assert page.evaluate(DRAWN)["points"] == 0, "the page opened before the run started"
-    live = f"() => ({DRAWN})().points >= 3 && ({DRAWN})().merges >= 1"
+    # two publishes per worker: a fast run coalesces publishes (latest wins), so few points land
+    live = f"() => ({DRAWN})().points >= 2 && ({DRAWN})().merges >= 1"
     try:
         page.wait_for_function(live, timeout=LIVE_TIMEOUT_MS)  # drawn as the run goes, no reload
     finally:
