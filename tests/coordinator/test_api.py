@@ -280,6 +280,13 @@ async def test_compatibility(app_client: httpx.AsyncClient) -> None:
     assert [d["layer"] for d in every["data"]] == ["fc1", "fc2"]
     assert (await c.get(f"{F}/f/compatibility?layer=zz")).status_code == 404
     assert (await c.get(f"{F}/nope/compatibility")).status_code == 404
+    assert (await c.get(f"{F}/f/compatibility?workers=left")).status_code == 422
+    # b leaves: it is out of the active matrix, but a finished run's last matrix stays readable
+    assert (await c.delete(f"{F}/f/workers/{b['worker_id']}")).status_code == 204
+    active = (await c.get(f"{F}/f/compatibility?layer=fc1")).json()
+    assert b["worker_id"] not in active.get("workers", [])
+    ended = (await c.get(f"{F}/f/compatibility?layer=fc1&workers=all")).json()
+    assert ended["workers"] == one["workers"] and ended["matrix"] == one["matrix"]
 
 
 async def scored(c: httpx.AsyncClient) -> None:

@@ -512,9 +512,14 @@ class Store:
         """Latest snapshots of active workers (plus `include` unless it has left)."""
         return await self._snapshots(fed, await self.active_ids(fed, [include] if include else []))
 
-    async def active_ids(self, fed: str, include: Collection[str] = ()) -> list[str]:
-        """Active workers of a federation (alive, not left), plus `include` unless they left."""
+    async def active_ids(
+        self, fed: str, include: Collection[str] = (), ended: bool = False
+    ) -> list[str]:
+        """Active workers of a federation (alive, not left), plus `include` unless they left;
+        with `ended`, every worker it ever had (lost and left ones too)."""
         wids = sorted(await self.r.smembers(self.keys.workers(fed)))
+        if ended:
+            return wids
         async with self.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hget(self.keys.worker(fed, wid), "status")
@@ -703,11 +708,12 @@ class SnapshotCache:
         self._snaps: dict[str, dict[str, Snapshot]] = {}
 
     async def active(
-        self, fed: str, include: Collection[str] = (), sketches: bool = False
+        self, fed: str, include: Collection[str] = (), sketches: bool = False, ended: bool = False
     ) -> dict[str, Snapshot]:
-        """Latest snapshots of the federation's active workers (and `include`); with
-        `sketches`, a worker whose latest publish is a sketch is loaded as that sketch."""
-        wids = await self.store.active_ids(fed, include)
+        """Latest snapshots of the federation's active workers (and `include`; with `ended`,
+        of every worker, lost and left ones too); with `sketches`, a worker whose latest
+        publish is a sketch is loaded as that sketch."""
+        wids = await self.store.active_ids(fed, include, ended)
         full = dict(zip(wids, await self.store.snapshot_versions(fed, wids), strict=True))
         sketch = dict.fromkeys(wids, 0)
         if sketches:

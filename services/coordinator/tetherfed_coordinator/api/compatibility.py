@@ -1,9 +1,12 @@
-"""Compatibility matrices, computed on demand from the latest snapshots of active workers."""
+"""Compatibility matrices, computed on demand from the latest snapshots of active workers (or of
+every worker, so a finished run's last matrix stays readable)."""
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import anyio.to_thread
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 
 from tether_protocol.messages import CompatibilitiesPublic, CompatibilityPublic, utcnow
 
@@ -16,18 +19,31 @@ router = APIRouter(prefix="/v1/federations/{fed}/compatibility", tags=["compatib
 
 @router.get("", dependencies=[ReaderAuth])
 async def compatibility(
-    fed: str, store: StoreDep, layer: str | None = None
+    fed: str,
+    store: StoreDep,
+    layer: str | None = None,
+    workers: Annotated[
+        Literal["active", "all"],
+        Query(
+            description="`active`: the workers being scored now (what decisions use); `all`: "
+            "every worker's latest snapshot, lost and left ones too (a finished run's last matrix)"
+        ),
+    ] = "active",
 ) -> CompatibilityPublic | CompatibilitiesPublic:
     """All-pairs compatibility: `?layer=L` gives that layer's matrix; without it, every layer's.
     Null marks pairs that are not comparable."""
     policy = await store.policy(fed)
     # Under a sketch policy a worker's latest publish may be a sketch: score what decisions do.
-    snaps = await SnapshotCache(store).active(fed, sketches=policy.sketch is not None)
+    snaps = await SnapshotCache(store).active(
+        fed, sketches=policy.sketch is not None, ended=workers == "all"
+    )
     found = await anyio.to_thread.run_sync(lambda: matrices(snaps, policy.measure, policy.sketch))
     if layer is not None:
         if layer not in found:
             raise HTTPException(
-                404, f"no active worker of federation {fed!r} publishes layer {layer!r}"
+                404,
+                f"no {'' if workers == 'all' else 'active '}worker of federation {fed!r} "
+                f"publishes layer {layer!r}",
             )
         found = {layer: found[layer]}
     now = utcnow()

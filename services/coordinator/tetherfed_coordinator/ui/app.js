@@ -3,7 +3,8 @@
 //   GET /workers            every 1.5 s: the workers table and one loss point per new publish step
 //   GET /decisions          once: the history; then GET /decisions/stream (SSE, read with fetch so
 //                           the token travels in the Authorization header, resumed with Last-Event-ID)
-//   GET /compatibility      every 3 s: every layer's current matrix
+//   GET /compatibility?workers=all  every 3 s: every layer's matrix over every worker's latest
+//                           snapshot (ended workers too, so a finished run keeps its last matrix)
 //   GET /workers/{wid}/telemetry  every 5 s when the coordinator serves it (its OpenAPI lists it):
 //                           the series each worker has, then the new points of the scalar ones
 // The token is kept in sessionStorage and sent only as "Authorization: Bearer ..." (never in a URL).
@@ -252,7 +253,7 @@
   async function pollCompatibility(mine, st) {
     while (mine === session && st === state) {
       try {
-        const all = await api(fedPath("/compatibility"));
+        const all = await api(fedPath("/compatibility?workers=all"));
         all.data.forEach((m) => { st.compat[m.layer] = m; });
         const select = $("layer");
         const layers = Object.keys(st.compat).sort();
