@@ -32,9 +32,14 @@ input scores 1 against everyone, up to rounding).
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from .messages import Action, DriftOperator, MergeOperator, Policy, SnapshotMeta, SnapshotRef
 
@@ -46,6 +51,69 @@ class PeerState:
     worker_id: str
     step: int
     version: int
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class PeerTable(Mapping[str, PeerState]):
+    """Worker id → PeerState, which also gives the peers' steps as arrays aligned with a list of
+    ids (memoised per list object), so one table serves every round of a scoring batch."""
+
+    def __init__(self, peers: Iterable[PeerState]) -> None:
+        self._by_id = {p.worker_id: p for p in peers}
+        self._aligned: dict[int, tuple[Sequence[str], npt.NDArray[np.bool_], Any]] = {}
+
+    def __getitem__(self, wid: str) -> PeerState:
+        return self._by_id[wid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def aligned(self, ids: Sequence[str]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+        """(whether each id is a peer, its step or 0), in the order of `ids`."""
+        hit = self._aligned.get(id(ids))
+        if hit is None or hit[0] is not ids:
+            peers = [self._by_id.get(w) for w in ids]
+            present = np.fromiter((p is not None for p in peers), bool, len(peers))
+            steps = np.fromiter((0 if p is None else p.step for p in peers), np.int64, len(peers))
+            hit = self._aligned[id(ids)] = (ids, present, steps)
+        return hit[1], hit[2]
+
+
+class ScoreRow(Mapping[str, float]):
+    """One publisher's scores on one layer as arrays, as a scorer reads them out of an
+    all-pairs matrix: `ids` (sorted, unique; shared by every row of the matrix) and `array`
+    (float64, aligned, NaN: not comparable). The mapping leaves out the publisher (`own`)."""
+
+    def __init__(
+        self, ids: Sequence[str], array: FloatArray, own: str | None = None,
+        index: Mapping[str, int] | None = None,
+    ) -> None:  # fmt: skip
+        self.ids, self.array, self.own = ids, array, own
+        self._index = index
+
+    def _at(self, wid: str) -> int | None:
+        if wid == self.own:
+            return None
+        if self._index is not None:
+            return self._index.get(wid)
+        return _position(self.ids, wid)
+
+    def __getitem__(self, wid: str) -> float:
+        at = self._at(wid)
+        if at is None:
+            raise KeyError(wid)
+        return float(self.array[at])
+
+    def __iter__(self) -> Iterator[str]:
+        return (w for w in self.ids if w != self.own)
+
+    def __len__(self) -> int:
+        return len(self.ids) - (self.own is not None and _position(self.ids, self.own) is not None)
 
 
 @dataclass(frozen=True)
@@ -141,92 +209,143 @@ def decide(policy: Policy, state: FederationState, snapshot: SnapshotMeta) -> Ro
     if not fired:
         return Round(triggered=False, trigger_reason=why)
     result = Round(triggered=True, trigger_reason=why)
+    cooling = _cooling(state)
     for layer in layers_in_scope(policy, state.layer_order):
-        _decide_layer(policy, state, snapshot, layer, result)
+        _decide_layer(policy, state, snapshot, layer, result, cooling.get(layer, {}))
     return result
 
 
-def _row(
+def _fresh(
     policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str
-) -> dict[str, float]:
-    """The publisher's comparable partners with fresh snapshots, and their raw scores."""
-    out: dict[str, float] = {}
-    for partner, score in state.scores.get(layer, {}).items():
-        peer = state.peers.get(partner)
-        if partner == snapshot.worker_id or peer is None or math.isnan(score):
-            continue
-        stale = (
-            policy.max_staleness_steps is not None
-            and abs(peer.step - snapshot.step) > policy.max_staleness_steps
-        )
-        if not stale:
-            out[partner] = score
-    return out
+) -> tuple[Sequence[str], npt.NDArray[np.intp], FloatArray]:
+    """The publisher's comparable partners with fresh snapshots: (ids in id order, positions of
+    those partners in ids, their raw scores)."""
+    row = state.scores.get(layer)
+    if not row:
+        return (), np.empty(0, np.intp), np.empty(0)
+    if isinstance(row, ScoreRow):
+        ids, values = row.ids, row.array
+    else:
+        items = sorted(row.items())
+        ids = [k for k, _ in items]
+        values = np.fromiter((v for _, v in items), np.float64, len(items))
+    peers = state.peers if isinstance(state.peers, PeerTable) else PeerTable(state.peers.values())
+    present, steps = peers.aligned(ids)
+    keep = present & ~np.isnan(values)
+    own = _position(ids, snapshot.worker_id)
+    if own is not None:
+        keep[own] = False
+    if policy.max_staleness_steps is not None:
+        keep &= np.abs(steps - snapshot.step) <= policy.max_staleness_steps
+    at = np.flatnonzero(keep)
+    return ids, at, np.asarray(values[at], dtype=np.float64)
+
+
+def _position(ids: Sequence[str], wid: str) -> int | None:
+    """Where `wid` sits in the sorted `ids` (None when absent)."""
+    i = bisect.bisect_left(ids, wid)
+    return i if i < len(ids) and ids[i] == wid else None
 
 
 TIE_TOLERANCE = 1e-4
 
 
-def relative_scores(row: Mapping[str, float], rule: str) -> dict[str, float]:
-    """Each partner's standing in a publisher's row of raw scores: `none` (the raw score),
-    `zscore` or `rank` (see the module docstring for both definitions and for ties)."""
-    if rule == "none":
-        return dict(row)
-    values = list(row.values())
-    n = len(values)
+def standings(raw: FloatArray, rule: str) -> FloatArray:
+    """`relative_scores` over an array of raw scores (same order); see the module docstring."""
+    n = raw.size
+    if rule == "none" or n == 0:
+        return raw
     if rule == "zscore":
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-        spread = max(values) - min(values) > TIE_TOLERANCE
-        return {p: (s - mean) / std if spread else 0.0 for p, s in row.items()}
+        if float(raw.max() - raw.min()) <= TIE_TOLERANCE:
+            return np.zeros(n)
+        mean = float(raw.mean())
+        out: FloatArray = (raw - mean) / math.sqrt(float(np.mean((raw - mean) ** 2)))
+        return out
     if rule == "rank":
         if n == 1:
-            return dict.fromkeys(row, 0.5)
-        return {p: _rank(s, values) for p, s in row.items()}
+            return np.full(1, 0.5)
+        ordered = np.sort(raw)
+        below = np.searchsorted(ordered, raw - TIE_TOLERANCE, side="left")
+        tied = np.searchsorted(ordered, raw + TIE_TOLERANCE, side="right") - below - 1
+        ranks: FloatArray = (below + 0.5 * tied) / (n - 1)
+        return ranks
     raise ValueError(f"unknown relative rule {rule!r}; use none, zscore or rank")
 
 
-def _rank(score: float, values: Sequence[float]) -> float:
-    below = sum(v < score - TIE_TOLERANCE for v in values)
-    tied = sum(abs(v - score) <= TIE_TOLERANCE for v in values) - 1  # not counting itself
-    return (below + 0.5 * tied) / (len(values) - 1)
+def relative_scores(row: Mapping[str, float], rule: str) -> dict[str, float]:
+    """Each partner's standing in a publisher's row of raw scores: `none` (the raw score),
+    `zscore` or `rank` (see the module docstring for both definitions and for ties)."""
+    values = standings(np.fromiter(row.values(), np.float64, len(row)), rule)
+    return {p: float(v) for p, v in zip(row, values, strict=True)}
+
+
+@dataclass(frozen=True)
+class _Eligible:
+    """The partners that may be chosen now, aligned: ids[pos[i]] scores raw[i], and the
+    thresholds apply to scores[i]."""
+
+    ids: Sequence[str]
+    pos: npt.NDArray[np.intp]
+    raw: FloatArray
+    scores: FloatArray
+
+    def name(self, i: int) -> str:
+        return self.ids[int(self.pos[i])]
 
 
 def _eligible(
-    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(raw scores, scores the thresholds apply to) of the partners that may be chosen now."""
-    raw = _row(policy, state, snapshot, layer)
-    standing = relative_scores(raw, policy.relative) if raw else {}
-    out: dict[str, float] = {}
-    for partner in raw:
-        last = state.cooldowns.get((layer, partner))
-        if last is None or snapshot.step - last >= policy.cooldown_steps:
-            out[partner] = standing[partner]
-    return {p: raw[p] for p in out}, out
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str,
+    cooling: Mapping[str, int],
+) -> _Eligible:  # fmt: skip
+    """The partners out of cooldown (`cooling`: partner → step of the pair's last decision on
+    this layer), with their standing in the row of every fresh comparable partner."""
+    ids, pos, raw = _fresh(policy, state, snapshot, layer)
+    standing = standings(raw, policy.relative)
+    if cooling:
+        keep = np.ones(pos.size, dtype=bool)
+        where = {int(p): i for i, p in enumerate(pos)}
+        for partner, last in cooling.items():
+            at = _position(ids, partner)
+            if at is not None and at in where and snapshot.step - last < policy.cooldown_steps:
+                keep[where[at]] = False
+        pos, raw, standing = pos[keep], raw[keep], standing[keep]
+    return _Eligible(ids, pos, raw, standing)
+
+
+def _cooling(state: FederationState) -> dict[str, dict[str, int]]:
+    """Layer → partner → step of the pair's last merge or drift."""
+    out: dict[str, dict[str, int]] = {}
+    for (layer, partner), step in state.cooldowns.items():
+        out.setdefault(layer, {})[partner] = step
+    return out
 
 
 def _decide_layer(
-    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, result: Round
-) -> None:
-    raw, scores = _eligible(policy, state, snapshot, layer)
-    if not scores:
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, result: Round,
+    cooling: Mapping[str, int],
+) -> None:  # fmt: skip
+    el = _eligible(policy, state, snapshot, layer, cooling)
+    if not el.pos.size:
         return
-    ranked = sorted(scores, key=lambda p: (-scores[p], -raw[p], p))
-    merges = _merges(policy, state, layer, ranked, scores, raw)
-    drifts = _drifts(policy, layer, ranked, scores)
-    for partner, action in [*merges, *drifts]:
+    # best first: highest standing, then highest raw score, then partner id
+    ranked = np.lexsort((el.pos, -el.raw, -el.scores))
+    merges = _merges(policy, state, layer, ranked, el)
+    drifts = _drifts(policy, ranked, el)
+    for i, action in [*merges, *drifts]:
+        partner = el.name(i)
         result.decisions.append(
-            _draft(policy, state, snapshot, layer, partner, action, raw[partner], scores[partner])
-        )
+            _draft(policy, state, snapshot, layer, partner, action, float(el.raw[i]),
+                   float(el.scores[i]))
+        )  # fmt: skip
         result.cooldowns[(layer, partner)] = snapshot.step
     if merges:
         result.merges[layer] = len(merges)
     if not merges and not drifts:
-        best = ranked[0]
+        best = int(ranked[0])
         result.decisions.append(
-            _hold(policy, state, snapshot, layer, best, raw[best], scores[best])
-        )
+            _hold(policy, state, snapshot, layer, el.name(best), float(el.raw[best]),
+                  float(el.scores[best]))
+        )  # fmt: skip
 
 
 def _compared(policy: Policy, score: float, standing: float) -> str:
@@ -237,34 +356,29 @@ def _compared(policy: Policy, score: float, standing: float) -> str:
 
 
 def _merges(
-    policy: Policy,
-    state: FederationState,
-    layer: str,
-    ranked: list[str],
-    scores: Mapping[str, float],
-    raw: Mapping[str, float],
-) -> list[tuple[str, Action]]:
-    floor = policy.min_merge_score
-    above = [
-        p
-        for p in ranked
-        if scores[p] > policy.merge_threshold and (floor is None or raw[p] > floor)
-    ]
+    policy: Policy, state: FederationState, layer: str, ranked: npt.NDArray[np.intp],
+    el: _Eligible,
+) -> list[tuple[int, Action]]:  # fmt: skip
+    ok = el.scores[ranked] > policy.merge_threshold
+    if policy.min_merge_score is not None:
+        ok &= el.raw[ranked] > policy.min_merge_score
+    above = ranked[ok]
     budget = max(policy.max_merges_per_epoch - state.merges.get(layer, 0), 0)
     if policy.pairing == "best":
         above = above[:1]
-    return [(p, "merge") for p in above[:budget]]
+    return [(int(i), "merge") for i in above[:budget]]
 
 
 def _drifts(
-    policy: Policy, layer: str, ranked: list[str], scores: Mapping[str, float]
-) -> list[tuple[str, Action]]:
+    policy: Policy, ranked: npt.NDArray[np.intp], el: _Eligible
+) -> list[tuple[int, Action]]:
     if policy.drift_threshold is None:
         return []
-    below = [p for p in reversed(ranked) if scores[p] < policy.drift_threshold]
+    worst = ranked[::-1]
+    below = worst[el.scores[worst] < policy.drift_threshold]
     if policy.pairing == "best":
         below = below[:1]
-    return [(p, "drift") for p in below]
+    return [(int(i), "drift") for i in below]
 
 
 def _draft(

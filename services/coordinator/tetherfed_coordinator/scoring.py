@@ -34,7 +34,15 @@ from threadpoolctl import ThreadpoolController
 from tether_protocol.compat import CompatibilityMatrix, all_pairs, centre_gram, row_scores
 from tether_protocol.frame import tensor_view
 from tether_protocol.messages import Decision, Measure, Policy, SketchPolicy, SnapshotRef, utcnow
-from tether_protocol.policy import DecisionDraft, FederationState, PeerState, Round, decide
+from tether_protocol.policy import (
+    DecisionDraft,
+    FederationState,
+    PeerState,
+    PeerTable,
+    Round,
+    ScoreRow,
+    decide,
+)
 from tether_protocol.sketch import (
     LayerSketch,
     sketch_layer,
@@ -187,10 +195,10 @@ def size_blas_threads(snaps: Mapping[str, Snapshot]) -> None:
 def batch_scores(
     snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure,
     sketch: SketchPolicy | None = None,
-) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+) -> dict[str, dict[str, Mapping[str, float]]]:  # fmt: skip
     """Publisher → layer → partner → score. Few publishers: their rows; many: the full
-    matrix of each layer once (one Gram), read row by row."""
-    out: dict[str, dict[str, dict[str, float]]] = {wid: {} for wid in publishers}
+    matrix of each layer once (one Gram), each publisher's row a `ScoreRow` view of it."""
+    out: dict[str, dict[str, Mapping[str, float]]] = {wid: {} for wid in publishers}
     if len(snaps) < 2:
         return out
     size_blas_threads(snaps)
@@ -203,8 +211,9 @@ def batch_scores(
                 out[wid][layer] = layer_row(layer, views, wid, measure, sketch)
         else:
             m = layer_matrix(layer, views, measure, sketch)
+            index = {w: i for i, w in enumerate(m.workers)}
             for wid in here:
-                out[wid][layer] = m.row(wid)
+                out[wid][layer] = ScoreRow(m.workers, m.matrix[index[wid]], wid, index)
     return out
 
 
@@ -394,13 +403,17 @@ class Scorer:
                 pipe.hgetall(keys.merges(fed, wid))
                 pipe.hgetall(keys.cooldowns(fed, wid))
             raw = await pipe.execute()
+        # One table for the batch (each publisher is left out of its own rows by the policy),
+        # not a 999-entry dict per publisher of a 1,000-worker federation.
+        peers = PeerTable(p for s in snaps.values() if (p := peer_state(s)))
         return {
-            wid: self._state(wid, snaps, raw[2 * i], raw[2 * i + 1]) for i, wid in enumerate(wids)
+            wid: self._state(wid, snaps, peers, raw[2 * i], raw[2 * i + 1])
+            for i, wid in enumerate(wids)
         }
 
     @staticmethod
     def _state(
-        wid: str, snaps: Mapping[str, Snapshot], merges_raw: dict[str, str],
+        wid: str, snaps: Mapping[str, Snapshot], peers: PeerTable, merges_raw: dict[str, str],
         cool_raw: dict[str, str],
     ) -> FederationState:  # fmt: skip
         own = snaps[wid]
@@ -411,7 +424,7 @@ class Scorer:
             cooldowns[(layer, partner)] = int(step)
         return FederationState(
             layer_order=list(own.entries),
-            peers={w: p for w, s in snaps.items() if w != wid and (p := peer_state(s))},
+            peers=peers,
             scores={},
             previous_loss=own.prev_loss,
             merges={k: int(v) for k, v in merges_raw.items()} if same_epoch else {},

@@ -178,6 +178,7 @@ class Store:
         self.abort_script = lua("abort.lua")
         self.commit_script = lua("commit.lua")
         self.sketch_script = lua("sketch.lua")
+        self.active_script = lua("active.lua")
 
     # ---------------------------------------------------------------- federations
     async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
@@ -501,13 +502,6 @@ class Store:
                 out[wid] = sketch_snapshot(wid, record, full.get(wid, 0))
         return out
 
-    async def sketch_versions(self, fed: str, wids: list[str]) -> list[int]:
-        """The latest sketch publish version of each worker (0 when it has none)."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            for wid in wids:
-                pipe.hget(self.keys.sketch(fed, wid), "version")
-            return [int(v or 0) for v in await pipe.execute()]
-
     async def active_snapshots(self, fed: str, include: str | None = None) -> dict[str, Snapshot]:
         """Latest snapshots of active workers (plus `include` unless it has left)."""
         return await self._snapshots(fed, await self.active_ids(fed, [include] if include else []))
@@ -531,12 +525,20 @@ class Store:
             if raw[2 * i] == "active" and (raw[2 * i + 1] or wid in include)
         ]
 
-    async def snapshot_versions(self, fed: str, wids: list[str]) -> list[int]:
-        """The latest snapshot version of each worker (0 when it has none)."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            for wid in wids:
-                pipe.hget(self.keys.snapshot_meta(fed, wid), "version")
-            return [int(v or 0) for v in await pipe.execute()]
+    async def active_versions(
+        self, fed: str, include: Collection[str] = (), sketches: bool = False, ended: bool = False
+    ) -> dict[str, tuple[int, int]]:
+        """`active_ids` with each worker's (latest full snapshot version, latest sketch version
+        or 0 without `sketches`), in one script call; ids sorted."""
+        k, probe = self.keys, "w"
+        base = k.worker(fed, probe)
+        reply = await self.r.eval(  # type: ignore[misc]
+            self.active_script, 1, k.workers(fed), base[: -len(probe)],
+            k.alive(fed, probe)[len(base) :], k.snapshot_meta(fed, probe)[len(base) :],
+            k.sketch(fed, probe)[len(base) :] if sketches else "", int(ended), *include,
+        )  # fmt: skip
+        rows = {reply[i]: (int(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)}
+        return dict(sorted(rows.items()))
 
     # ---------------------------------------------------------------- decisions and acks
     async def decisions(
@@ -713,11 +715,10 @@ class SnapshotCache:
         """Latest snapshots of the federation's active workers (and `include`; with `ended`,
         of every worker, lost and left ones too); with `sketches`, a worker whose latest
         publish is a sketch is loaded as that sketch."""
-        wids = await self.store.active_ids(fed, include, ended)
-        full = dict(zip(wids, await self.store.snapshot_versions(fed, wids), strict=True))
-        sketch = dict.fromkeys(wids, 0)
-        if sketches:
-            sketch = dict(zip(wids, await self.store.sketch_versions(fed, wids), strict=True))
+        versions = await self.store.active_versions(fed, include, sketches, ended)
+        wids = list(versions)
+        full = {w: v[0] for w, v in versions.items()}
+        sketch = {w: v[1] for w, v in versions.items()}
         cached = {w: s for w, s in self._snaps.get(fed, {}).items() if w in full}
         latest = {w: max(full[w], sketch[w]) for w in wids}
         stale = [
