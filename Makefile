@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[worker,test,slurm]'
+	$(PY) -m pip install -q -e '.[worker,test,slurm,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -75,9 +75,9 @@ def test_backoff_is_full_jitter_and_bounded() -> None:
     assert not RetryPolicy(deadline_s=0.0).should_retry(ServerError(503, "busy"), 0, started - 1)
 
 
-@pytest.fixture
-def flaky_server() -> Iterator[tuple[str, dict[str, int]]]:
-    """A real HTTP server on 127.0.0.1 that answers 503 to the first two requests of each method."""
+def serve(ok_after: int) -> Iterator[tuple[str, dict[str, int]]]:
+    """A real HTTP server on 127.0.0.1 that answers 503 to the first `ok_after` requests of each
+    method, then 200 {"status": "ok"}; yields (url, hits per method)."""
     hits: dict[str, int] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -85,7 +85,7 @@ def flaky_server() -> Iterator[tuple[str, dict[str, int]]]:
             hits[self.command] = hits.get(self.command, 0) + 1
             length = int(self.headers.get("content-length") or 0)
             self.rfile.read(length)
-            ok = hits[self.command] >= 3
+            ok = hits[self.command] > ok_after
             body = json.dumps({"status": "ok"} if ok else {"detail": "warming up"}).encode()
             self.send_response(200 if ok else 503)
             self.send_header("content-type", "application/json")
@@ -105,6 +105,12 @@ def flaky_server() -> Iterator[tuple[str, dict[str, int]]]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[tuple[str, dict[str, int]]]:
+    """A real HTTP server that answers 503 to the first two requests of each method."""
+    yield from serve(ok_after=2)
 
 
 def test_idempotent_calls_are_retried_on_5xx_and_others_are_not(
@@ -127,3 +133,29 @@ def test_unreachable_coordinator_raises_transport_error() -> None:
         pytest.raises(TransportError),
     ):
         api.healthz()
+
+
+@pytest.fixture
+def ok_server() -> Iterator[tuple[str, dict[str, int]]]:
+    """A real HTTP server that answers 200 {"status": "ok"} to every GET and POST."""
+    yield from serve(ok_after=0)
+
+
+def test_several_urls_fail_over_to_a_replica_that_answers(
+    ok_server: tuple[str, dict[str, int]],
+) -> None:
+    url, hits = ok_server
+    dead = "http://127.0.0.1:9"  # discard: nothing listens, the connection is refused
+    with Client(f"{dead}, {url}/", retry=RetryPolicy(tries=1)) as api:
+        assert api.endpoints.urls == [dead, url], "comma-separated, trimmed, no trailing slash"
+        assert api.healthz() == {"status": "ok"}
+        assert api.endpoints.url == url, "stays on the replica that answered"
+        # Refused connections sent nothing: even a non-idempotent call may go to the next one.
+        api.endpoints.current = 0
+        api._http.base_url = dead  # type: ignore[assignment]
+        api.call(tetherfed._sdk.Call("POST", "/v1/federations", idempotent=False, json={}))
+        assert hits == {"GET": 1, "POST": 1}
+    with Client([dead, dead], retry=RetryPolicy(tries=1)) as api, pytest.raises(TransportError):
+        api.healthz()
+    with pytest.raises(ValueError, match="no coordinator URL"):
+        Client(" , ")

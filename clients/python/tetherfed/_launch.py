@@ -1,9 +1,9 @@
 """The one launcher: a coordinator and N worker processes for one federation, and its run folder.
 
-`tetherfed up`, every experiment run and the engines to come (Ray, Slurm) go through here. What
-varies by engine is only how a process is started and stopped: `Engine` is that seam, and
-`LocalEngine` (subprocesses on this machine, each in its own session so a Ctrl-C reaches only
-us) is the one we have. A run is described by a `RunPlan` (typed, written as `config.json`).
+`tetherfed up` and every experiment run go through here. What varies by engine is only how a
+process is started and stopped: `Engine` is that seam. `LocalEngine` runs subprocesses on this
+machine, each in its own session so a Ctrl-C reaches only us; `_ray.RayEngine` runs actors on a
+Ray cluster. A run is described by a `RunPlan` (typed, written as `config.json`).
 
 The run folder (the contract read by `tetherfed report` and the diagnostics):
 
@@ -12,7 +12,8 @@ The run folder (the contract read by `tetherfed report` and the diagnostics):
     summary.json       the outcome, final losses, decisions by action, acks, the merge graph
     decisions.jsonl    every decision of the federation, each with its ack (or null)
     pids.json          every PID started (nothing may outlive the launcher)
-    coordinator.log    when the launcher started the coordinator
+    coordinator.log    when the launcher started the coordinator (Ray: coordinator-<k>.log for
+                       replicas after the first)
     worker-<i>.log     a worker's stderr
     worker-<i>/        metrics.jsonl, latest.pt / best.pt checkpoints (and diagnostics)
 """
@@ -178,7 +179,7 @@ class Process(Protocol):
 
 
 class Engine(Protocol):
-    """How processes are started and stopped. Issue #16 adds Ray and Slurm engines."""
+    """How processes are started and stopped (`LocalEngine`, `_ray.RayEngine`)."""
 
     name: str
 
@@ -187,7 +188,8 @@ class Engine(Protocol):
         ...
 
     def start_coordinator(self, out: Path, port: int, redis_url: str | None) -> Process:
-        """A coordinator on 127.0.0.1:port, logging to out/coordinator.log."""
+        """A coordinator on 127.0.0.1:port, logging to out/coordinator.log; a process with a
+        `url` attribute when it serves elsewhere (e.g. replicas on other machines)."""
         ...
 
     def start_worker(self, argv: list[str], log: Path) -> Process:
@@ -234,6 +236,7 @@ class LocalEngine:
 
     name: str = "local"
     grace_s: float = GRACE_S
+    redis_url: str | None = None  # the coordinator's Redis (None: embedded, under out/redis)
 
     def device_count(self, choice: str) -> int:
         """CUDA devices visible here (0 for 'cpu' or without torch)."""
@@ -246,9 +249,11 @@ class LocalEngine:
         return int(torch.cuda.device_count())
 
     def start_coordinator(self, out: Path, port: int, redis_url: str | None) -> Process:
-        """`python -m tetherfed_coordinator`, embedded Redis under out/redis unless redis_url."""
+        """`python -m tetherfed_coordinator`, embedded Redis under out/redis unless redis_url
+        (or the engine's)."""
         cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
+        redis_url = redis_url or self.redis_url
         cmd += ["--redis-url", redis_url] if redis_url else ["--data-dir", str(out / "redis")]
         with (out / "coordinator.log").open("a") as log:
             return _spawn(cmd, log, subprocess.STDOUT)
@@ -314,7 +319,7 @@ def start_coordinator(
     proc = engine.start_coordinator(out, port, redis_url)
     if on_start is not None:
         on_start(proc)
-    coordinator = Coordinator(f"http://127.0.0.1:{port}", proc)
+    coordinator = Coordinator(getattr(proc, "url", None) or f"http://127.0.0.1:{port}", proc)
     problem = wait_ready(coordinator.url, proc, ready_timeout)
     if problem is not None:
         engine.stop([proc])

@@ -324,6 +324,42 @@ def http_options(base_url: str) -> dict[str, Any]:
     return {"trust_env": True}
 
 
+def coordinator_urls(spec: str | Sequence[str]) -> list[str]:
+    """The coordinator URLs of `spec`: one URL, several separated by commas (`--coordinator
+    http://a:8420,http://b:8420`), or a sequence of them; ValueError when there is none.
+
+    Several URLs name replicas of one coordinator (every replica serves the same Redis, so any
+    of them answers any call): a client sends to one and moves to the next when it cannot reach
+    it (`Endpoints`)."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    urls = [u.strip().rstrip("/") for u in parts if u.strip()]
+    if not urls:
+        raise ValueError(f"no coordinator URL in {spec!r}")
+    return urls
+
+
+@dataclass
+class Endpoints:
+    """Coordinator replicas and which one is in use (failover in request order).
+
+    A request that could not connect (`httpx.ConnectError`: nothing was sent) goes to the next
+    replica at once, whatever the call; any other transport failure moves to the next replica
+    for the following attempt (retried only when the call is idempotent, per `RetryPolicy`)."""
+
+    urls: list[str]
+    current: int = 0
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.urls[self.current]
+
+    def advance(self) -> str:
+        """Move to the next replica (round robin); returns its URL."""
+        self.current = (self.current + 1) % len(self.urls)
+        return self.url
+
+
 class Client:
     """Synchronous client of a tetherfed coordinator.
 
@@ -333,7 +369,7 @@ class Client:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         token: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
@@ -341,9 +377,10 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.endpoints = Endpoints(coordinator_urls(base_url))
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport,
-            **({} if transport else http_options(base_url)),
+            base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
+            transport=transport, **({} if transport else http_options(self.endpoints.url)),
         )  # fmt: skip
 
     def authorize(self, token: str | None) -> None:
@@ -364,11 +401,16 @@ class Client:
                 attempt += 1
 
     def _once(self, call: Call[T]) -> T:
-        try:
-            response = self._http.request(call.method, call.path, **_request_kwargs(call))
-        except httpx.TransportError as exc:
-            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-        return _read(call, response)
+        for left in range(len(self.endpoints.urls) - 1, -1, -1):
+            try:
+                response = self._http.request(call.method, call.path, **_request_kwargs(call))
+            except httpx.TransportError as exc:
+                self._http.base_url = httpx.URL(self.endpoints.advance())
+                if left and isinstance(exc, httpx.ConnectError):
+                    continue  # nothing was sent: the next replica may take it
+                raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+            return _read(call, response)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- the REST surface ---------------------------------------------------------------------
     def healthz(self) -> dict[str, Any]:
@@ -520,7 +562,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         token: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
@@ -528,9 +570,10 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.endpoints = Endpoints(coordinator_urls(base_url))
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(token), timeout=timeout, transport=transport,
-            **({} if transport else http_options(base_url)),
+            base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
+            transport=transport, **({} if transport else http_options(self.endpoints.url)),
         )  # fmt: skip
 
     def authorize(self, token: str | None) -> None:
@@ -551,14 +594,19 @@ class AsyncClient:
                 attempt += 1
 
     async def _once(self, call: Call[T]) -> T:
-        kwargs = _request_kwargs(call)
-        if call.content is not None:
-            kwargs["content"] = _achunks(_parts(call.content))  # async httpx: an async iterable
-        try:
-            response = await self._http.request(call.method, call.path, **kwargs)
-        except httpx.TransportError as exc:
-            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-        return _read(call, response)
+        for left in range(len(self.endpoints.urls) - 1, -1, -1):
+            kwargs = _request_kwargs(call)
+            if call.content is not None:
+                kwargs["content"] = _achunks(_parts(call.content))  # async httpx: async iterable
+            try:
+                response = await self._http.request(call.method, call.path, **kwargs)
+            except httpx.TransportError as exc:
+                self._http.base_url = httpx.URL(self.endpoints.advance())
+                if left and isinstance(exc, httpx.ConnectError):
+                    continue  # nothing was sent: the next replica may take it
+                raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+            return _read(call, response)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def healthz(self) -> dict[str, Any]:
         return await self.call(CALLS.healthz())

@@ -1,7 +1,8 @@
 """`tetherfed up` (a local ensemble: coordinator + N identical workers) and `tetherfed status`.
 
 A thin user of the launcher (`_launch`): it turns options into a `RunPlan`, shows the live table
-and prints the summary. The run folder under --out is the launcher's (see `_launch`).
+and prints the summary. The run folder under --out is the launcher's (see `_launch`). With
+`--engine ray` the workers and coordinator replicas are actors on a Ray cluster (`_ray`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from ._errors import NotFoundError, TransportError
 from ._exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from ._launch import (
     QUICK,
+    Engine,
     Launcher,
-    LocalEngine,
     RunPlan,
     Tally,
     WorkerRow,
@@ -37,6 +38,7 @@ from ._launch import (
     resolve_policy,
 )
 from ._options import add_worker_args, options_argv, options_from_args
+from ._ray import EngineFailed, EngineRefused, add_engine_args, close_engine, engine_from_args
 from ._sdk import Client
 
 PLAIN_EVERY_S = 2.0
@@ -47,7 +49,7 @@ PLAIN_EVERY_S = 2.0
 
 def add_up_parsers(sub: Any) -> None:
     """Add the `up` and `status` subcommands to cli.py's subparsers."""
-    up = sub.add_parser("up", help="run a local ensemble: coordinator + N workers")
+    up = sub.add_parser("up", help="run an ensemble: coordinator + N workers (here, or on Ray)")
     up.add_argument("--workers", type=int, default=2, help="number of worker processes")
     up.add_argument("--coordinator", default=None, help="coordinator URL (none: start our own)")
     up.add_argument("--token", default=None, help="bearer token of that coordinator")
@@ -60,6 +62,7 @@ def add_up_parsers(sub: Any) -> None:
     up.add_argument("--init", choices=["independent", "shared"], default="independent",
                     help="shared: every worker starts from the init of --seed")  # fmt: skip
     up.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /readyz")
+    add_engine_args(up)
     add_worker_args(up)
     up.set_defaults(handler=run_up)
 
@@ -158,10 +161,10 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
 # -- up ------------------------------------------------------------------------------------------
 
 
-def up_plan(args: argparse.Namespace, policy: Policy | str) -> RunPlan:
+def up_plan(args: argparse.Namespace, policy: Policy | str, engine: Engine) -> RunPlan:
     """The RunPlan of `tetherfed up` options: N workers of one group."""
     options = options_from_args(args)
-    devices = LocalEngine().device_count(args.device)
+    devices = engine.device_count(args.device)
     resolved = policy if isinstance(policy, Policy) else preset_policy(policy)
     workers = plan_workers([("default", args.workers, options)], args.seed, args.init, devices)
     return RunPlan(federation=args.federation, policy=resolved, init=args.init, seed=args.seed,
@@ -176,9 +179,21 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"tetherfed up: bad --policy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    with LiveView(Console()) as view:
-        result = launch(up_plan(args, policy), out, url=args.coordinator, token=args.token,
-                        ready_timeout=args.ready_timeout, view=view)  # fmt: skip
+    try:
+        engine = engine_from_args(args)
+    except EngineRefused as exc:
+        print(f"tetherfed up: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EngineFailed as exc:
+        print(f"tetherfed up: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        with LiveView(Console()) as view:
+            result = launch(up_plan(args, policy, engine), out, url=args.coordinator,
+                            token=args.token, ready_timeout=args.ready_timeout, view=view,
+                            engine=engine)  # fmt: skip
+    finally:
+        close_engine(engine)
     print("\n".join(summary_lines(result.summary)), flush=True)
     report_hook(out)
     return result.code

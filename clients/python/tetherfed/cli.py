@@ -111,6 +111,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from . import experiment
     from ._launch import CoordinatorUnreachable
+    from ._ray import EngineFailed, EngineRefused, close_engine, engine_from_args
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
@@ -126,14 +127,22 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             _spec, runs, _text = experiment.plan(args.spec, args.set)
             experiment.print_dry_run(runs, console)
         else:
-            rows = experiment.run(args.spec, out=args.out, resume=args.resume, force=args.force,
-                                  coordinator=args.coordinator, token=args.token,
-                                  overrides=args.set, jobs=args.jobs, console=console)  # fmt: skip
+            engine = engine_from_args(args)
+            try:
+                rows = experiment.run(args.spec, out=args.out, resume=args.resume, force=args.force,
+                                      coordinator=args.coordinator, token=args.token,
+                                      overrides=args.set, jobs=args.jobs, console=console,
+                                      engine=engine)  # fmt: skip
+            finally:
+                close_engine(engine)
             console.print(experiment.summary_table(rows, experiment.summarize(rows)))
             return EXIT_FAILED if any(r["state"] != "finished" for r in rows) else EXIT_OK
-    except (experiment.SpecError, experiment.ExperimentError) as error:
+    except (experiment.SpecError, experiment.ExperimentError, EngineRefused) as error:
         print(f"tetherfed experiment: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except EngineFailed as error:
+        print(f"tetherfed experiment: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except CoordinatorUnreachable as error:
         print(f"tetherfed experiment: coordinator unreachable: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -141,6 +150,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _add_experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ._ray import add_engine_args
+
     exp = sub.add_parser("experiment", help="run a spec: sweeps, arms, repeats, results folder")
     actions = exp.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="run (or --resume) an experiment spec")
@@ -154,6 +165,7 @@ def _add_experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: spec's)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set experiment.steps=50")  # fmt: skip
+    add_engine_args(run)
     actions.add_parser("schema", help="print the spec's JSON Schema")
     actions.add_parser("list", help="list the built-in example specs")
     status = actions.add_parser("status", help="the summary table of an experiment folder")

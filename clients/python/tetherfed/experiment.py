@@ -238,6 +238,7 @@ class Sweep:
     stop: threading.Event = field(default_factory=threading.Event)
     results: dict[str, RunResult] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    engine: Engine | None = None  # None: LocalEngine
 
     def folder(self, r: PlannedRun) -> Path:
         """runs/<id>/."""
@@ -255,7 +256,7 @@ class Sweep:
         if not self.resume and folder.exists():
             shutil.rmtree(folder)
         result = launch(r.plan, folder, coordinator=coordinator, view=view, stop=self.stop,
-                        resume=self.resume)  # fmt: skip
+                        resume=self.resume, engine=self.engine)  # fmt: skip
         if result.state == "failed" and self.fail_fast:
             self.stop.set()
         return result
@@ -319,21 +320,24 @@ def run(
     console: Console | None = None,
     providers: Sequence[ColumnProvider] = COLUMNS,
     report: ReportHook | None = report_hook,
+    engine: Engine | None = None,
 ) -> list[dict[str, Any]]:
     """Run an experiment and return its results.csv rows (one dict per run).
 
     `spec`: a TOML path, a built-in example name (`examples()`), or the spec as a mapping.
     `resume` skips finished runs and continues the others; `force` accepts a folder holding a
-    different spec. `coordinator`: a URL to use instead of starting one. Ctrl-C stops the
+    different spec. `coordinator`: a URL to use instead of starting one. `engine`: where the
+    coordinator and workers run (default `LocalEngine()`; `_ray.RayEngine` for a Ray cluster,
+    connected by the caller, who also closes it). Ctrl-C stops the
     current runs cleanly (marked interrupted) and re-raises KeyboardInterrupt.
     Raises SpecError (invalid spec), ExperimentError (folder conflicts), or CoordinatorUnreachable.
     """
     console = console or Console()
-    engine = LocalEngine()
+    engine = engine or LocalEngine()
     parsed, runs, text = plan(spec, overrides, engine)
     folder = (out or parsed.experiment.out or Path("runs") / parsed.experiment.name).resolve()
     prepare_folder(folder, _resolved(parsed, runs), text, resume, force)
-    sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers)
+    sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine)
     todo = sweep.todo()
     console.print(f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}")  # fmt: skip
     try:

@@ -1,0 +1,452 @@
+"""The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`; DESIGN
+§11, the `tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
+
+- Coordinator replicas are actors (`CoordinatorReplica`), one per bundle of a placement group
+  with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the
+  one Redis given (`--redis-url`: an embedded Redis would live on one node and die with it, so
+  the engine refuses to run without one). Workers get every replica's URL and fail over between
+  them (`tetherfed.Client` takes several URLs).
+- Each worker is an actor (`WorkerActor`) holding whole GPUs (`num_gpus`) that runs the worker
+  loop in-process (`tetherfed worker …`, not a subprocess). Ray restarts an actor that dies
+  (`max_restarts`) and re-runs its call; the new incarnation resumes from `latest.pt` in its
+  checkpoint folder under the same worker id. Checkpoints and logs go into the run folder
+  (`--out`), which therefore must be on storage every node sees (NFS, a shared home).
+- The driver (this process) reads each worker's JSON lines back from its actor, so the run
+  folder is the one a local run writes (see `_launch`).
+- Stopping (the end of the run, Ctrl-C, SIGTERM) kills every actor the engine started and removes
+  its placement group; the Ray cluster itself stays up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ._exits import EXIT_FAILED
+from ._launch import LocalEngine, wait_ready
+
+NAMESPACE = "tetherfed"
+MAX_RESTARTS = 3  # an actor that died this often stays dead: the run fails
+START_TIMEOUT_S = 180.0  # actors (and their imports) starting on a loaded cluster
+PUMP_EVERY_S = 0.5  # how often the driver reads a worker's new JSON lines
+KILLED = -9  # returncode of an actor the engine killed (as SIGKILL for a local process)
+
+
+class EngineRefused(ValueError):
+    """An engine cannot run as asked (e.g. `--engine ray` without `--redis-url`, or without the
+    `ray` package); the CLI answers EXIT_USAGE with the message."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine could not start what it was asked to (no Ray cluster at the address, the
+    cluster cannot place the replicas, a replica's coordinator did not start)."""
+
+
+def _ray() -> Any:
+    try:
+        import ray  # noqa: PLC0415 (the optional ray extra)
+    except ImportError:
+        raise EngineRefused(
+            "--engine ray needs the ray package: pip install 'tetherfed[ray]'"
+        ) from None
+    return ray
+
+
+# -- what runs inside the actors -----------------------------------------------------------------
+
+
+class _LineSink(io.TextIOBase):
+    """A text stream that keeps whole lines in a list (the worker's JSON lines)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self._lines, self._part = lines, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *done, self._part = (self._part + text).split("\n")
+        self._lines.extend(done)
+        return len(text)
+
+
+class WorkerActor:
+    """One worker in a Ray actor: `tetherfed <argv>` in-process, stdout kept as lines (read by
+    the driver with `read`), stderr and logging appended to `log` (in the shared run folder).
+
+    A restarted incarnation (Ray's `max_restarts`) adds `--resume`: the worker continues from
+    `latest.pt` under its worker id. Needs `max_concurrency` ≥ 2 so `read` answers while `run`
+    trains."""
+
+    def __init__(self, argv: list[str], log: str) -> None:
+        import ray  # noqa: PLC0415 (inside the actor: ray is there)
+
+        self.argv, self.log = list(argv), Path(log)
+        self.lines: list[str] = []
+        self.incarnation = uuid.uuid4().hex
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+    def pid(self) -> int:
+        """This incarnation's process id."""
+        return os.getpid()
+
+    def read(self, offset: int) -> tuple[str, list[str]]:
+        """(incarnation, stdout lines from `offset` on): a new incarnation starts at 0."""
+        return self.incarnation, self.lines[offset:]
+
+    def run(self) -> int:
+        """Run the worker to its end; its exit code. RuntimeError when the run folder is not
+        visible on this node."""
+        from .cli import main  # noqa: PLC0415 (torch only inside the actor)
+
+        if not self.log.parent.is_dir():
+            raise RuntimeError(
+                f"the run folder {self.log.parent} is not visible on this node: --out must be "
+                "on storage every node of the Ray cluster sees"
+            )
+        argv = [*self.argv, "--resume"] if self.restarted else self.argv
+        with self.log.open("a") as err, contextlib.redirect_stderr(err), \
+                contextlib.redirect_stdout(_LineSink(self.lines)):  # fmt: skip
+            logging.basicConfig(level=logging.INFO, stream=err, force=True,
+                                format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+            if self.restarted:
+                logging.getLogger("tetherfed.ray").warning("actor restarted: resuming")
+            return int(main(argv))
+
+
+def node_address(ray: Any) -> str:
+    """The address Ray reaches this actor's node at (the raylet's `--node-ip-address`), which
+    other nodes reach a server on it at too."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return str(node["NodeManagerAddress"])
+    return str(ray.util.get_node_ip_address())
+
+
+class CoordinatorReplica:
+    """One coordinator replica in a Ray actor: `python -m tetherfed_coordinator` on this node,
+    bound to every interface on `port`, against `redis_url`; its output goes to `log`. The
+    process gets SIGTERM when the actor dies (PR_SET_PDEATHSIG), so none outlives its actor."""
+
+    def __init__(self, redis_url: str, port: int, log: str, ready_timeout_s: float) -> None:
+        import ray  # noqa: PLC0415 (inside the actor: ray is there)
+
+        from tetherfed_coordinator.embedded import die_with_parent  # noqa: PLC0415
+
+        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "0.0.0.0",
+               "--port", str(port), "--redis-url", redis_url]  # fmt: skip
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 (prctl only, before exec)
+            )  # fmt: skip
+        self.url = f"http://{node_address(ray)}:{port}"
+        problem = wait_ready(f"http://127.0.0.1:{port}", self.proc, ready_timeout_s)  # type: ignore[arg-type]
+        if problem is not None:
+            self.proc.kill()
+            raise RuntimeError(f"coordinator replica on {self.url}: {problem}; see {log}")
+
+    def address(self) -> tuple[str, int]:
+        """(URL other nodes reach this replica at, this actor's process id)."""
+        return self.url, os.getpid()
+
+    def wait(self) -> int:
+        """Block until the coordinator process exits; its exit code."""
+        return self.proc.wait()
+
+
+# -- driver-side handles (the launcher's `Process`) ----------------------------------------------
+
+
+class RayWorker:
+    """A worker actor as the launcher sees a process: `poll`, `returncode`, `pid`, and `stdout`
+    (a pipe a thread fills with the actor's JSON lines, through restarts)."""
+
+    def __init__(self, ray: Any, handle: Any, name: str, log: Path) -> None:
+        self.ray, self.handle, self.name, self.log = ray, handle, name, log
+        self.returncode: int | None = None
+        self._pid_ref: Any = handle.pid.remote()
+        self._pid: int | None = None
+        self.ref = handle.run.remote()
+        read_fd, write_fd = os.pipe()
+        self.stdout: IO[str] | None = os.fdopen(read_fd, "r")
+        self._sink = os.fdopen(write_fd, "w")
+        self._done = threading.Event()
+        self._pump = threading.Thread(target=self._forward, name=f"ray-{name}", daemon=True)
+        self._pump.start()
+
+    @property
+    def pid(self) -> int:
+        """The actor's process id (its first incarnation's; 0 when it never started)."""
+        if self._pid is None:
+            try:
+                self._pid = int(self.ray.get(self._pid_ref, timeout=START_TIMEOUT_S))
+            except Exception:  # any failure to start: no pid
+                self._pid = 0
+        return self._pid
+
+    def poll(self) -> int | None:
+        """None while `run` goes (restarts included); else its exit code (1 when it raised or
+        the actor died for good, the reason appended to the worker's log)."""
+        if self.returncode is not None:
+            return self.returncode
+        ready, _ = self.ray.wait([self.ref], timeout=0)
+        if not ready:
+            return None
+        try:
+            self.returncode = int(self.ray.get(self.ref))
+        except Exception as exc:  # RayTaskError, RayActorError: failed
+            self.returncode = EXIT_FAILED
+            with contextlib.suppress(OSError), self.log.open("a") as log:
+                log.write(f"ray: the worker actor failed: {exc}\n")
+        return self.returncode
+
+    def _forward(self) -> None:
+        incarnation, offset = None, 0
+        try:
+            while True:
+                finished = self._done.is_set() or self.poll() is not None
+                with contextlib.suppress(Exception):  # restarting or gone: try again next time
+                    seen, lines = self.ray.get(self.handle.read.remote(offset), timeout=30)
+                    if seen != incarnation:
+                        incarnation, offset = seen, 0
+                        seen, lines = self.ray.get(self.handle.read.remote(0), timeout=30)
+                    offset += len(lines)
+                    self._sink.writelines(line + "\n" for line in lines)
+                    self._sink.flush()
+                if finished:
+                    return
+                self._done.wait(PUMP_EVERY_S)
+        except (BrokenPipeError, ValueError):  # the launcher closed its end
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                self._sink.close()
+
+    def kill(self) -> None:
+        """Kill the actor for good (no restart); the pipe closes once the last lines are read."""
+        if self.poll() is None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.handle, no_restart=True)
+            self.returncode = KILLED
+        self._done.set()
+        self._pump.join(timeout=35)
+
+
+class RayCoordinators:
+    """The coordinator replicas as one launcher `Process`: `url` lists every replica's URL
+    (comma-separated, as `tetherfed.Client` takes it); `poll` answers once one replica's
+    coordinator exited by itself or its actor died for good."""
+
+    def __init__(self, ray: Any, handles: list[Any], urls: list[str], pids: list[int]) -> None:
+        self.ray, self.handles = ray, handles
+        self.url = ",".join(urls)
+        self.pid = pids[0]
+        self.returncode: int | None = None
+        self.stdout = None
+        self._watch = [h.wait.remote() for h in handles]
+
+    def poll(self) -> int | None:
+        """None while every replica serves."""
+        if self.returncode is not None:
+            return self.returncode
+        ready, _ = self.ray.wait(self._watch, timeout=0)
+        if ready:
+            try:
+                self.returncode = int(self.ray.get(ready[0]))
+            except Exception:  # the actor died for good
+                self.returncode = EXIT_FAILED
+        return self.returncode
+
+    def kill(self) -> None:
+        """Kill every replica (and so its coordinator process)."""
+        if self.poll() is None:
+            self.returncode = KILLED
+        for handle in self.handles:
+            with contextlib.suppress(Exception):
+                self.ray.kill(handle, no_restart=True)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RayEngine:
+    """Workers and coordinator replicas as actors on the Ray cluster at `address` ('auto': the
+    one this node belongs to; or HOST:PORT of its head's GCS).
+
+    `gpus_per_worker` whole GPUs per worker actor (0: CPU workers), `cpus_per_worker` logical
+    CPUs each; `coordinators` replicas, 1 CPU each, spread over nodes; `redis_url` the Redis all
+    replicas share (required). Call `connect()` first and `close()` at the end."""
+
+    address: str = "auto"
+    redis_url: str | None = None
+    coordinators: int = 1
+    gpus_per_worker: int = 0
+    cpus_per_worker: float = 1.0
+    name: str = "ray"
+    start_timeout_s: float = START_TIMEOUT_S
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    _ray: Any = field(default=None, repr=False)
+    _groups: list[Any] = field(default_factory=list, repr=False)
+    _started: list[RayWorker | RayCoordinators] = field(default_factory=list, repr=False)
+    _count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            raise EngineRefused(
+                "--engine ray needs --redis-url: the coordinator replicas and the workers run "
+                "on several machines, and an embedded Redis lives on one machine and ends with "
+                "its process. Name a Redis every node reaches, e.g. --redis-url "
+                "redis://db.example:6379/0 (see README, 'Beyond one machine')"
+            )
+        if self.coordinators < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
+            raise EngineRefused("--coordinators must be ≥ 1, --gpus/--cpus-per-worker ≥ 0")
+
+    def connect(self) -> None:
+        """Join the Ray cluster as a driver (EngineRefused without ray, EngineFailed when no
+        cluster answers at `address`)."""
+        ray = _ray()
+        try:
+            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING)  # fmt: skip
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise EngineFailed(f"no Ray cluster at --address {self.address}: {exc}") from exc
+        self._ray = ray
+
+    def device_count(self, choice: str) -> int:
+        """1 when workers get GPUs (Ray shows each actor its own as cuda:0), else 0."""
+        return 0 if choice == "cpu" or not self.gpus_per_worker else 1
+
+    def _label(self, what: str) -> str:
+        self._count += 1
+        return f"{self.session}-{self._count}/{what}"
+
+    def start_coordinator(self, out: Path, port: int, redis_url: str | None) -> RayCoordinators:
+        """The replicas, each on `port` of its node, ready; logs in out/coordinator.log (replica
+        0) and out/coordinator-<k>.log. EngineFailed when they cannot be placed or started."""
+        ray = self._ray
+        from ray.util.placement_group import placement_group  # noqa: PLC0415 (optional extra)
+        from ray.util.scheduling_strategies import (  # noqa: PLC0415
+            PlacementGroupSchedulingStrategy,
+        )
+
+        group = placement_group([{"CPU": 1}] * self.coordinators, strategy="SPREAD")
+        self._groups.append(group)
+        try:
+            ray.get(group.ready(), timeout=self.start_timeout_s)
+        except Exception as exc:
+            raise EngineFailed(f"the cluster cannot place {self.coordinators} coordinator "
+                               f"replicas of 1 CPU each: {exc}") from exc  # fmt: skip
+        actor = ray.remote(CoordinatorReplica)
+        handles = []
+        for k in range(self.coordinators):
+            log = out / ("coordinator.log" if k == 0 else f"coordinator-{k}.log")
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k)
+            handles.append(actor.options(
+                num_cpus=1, scheduling_strategy=strategy, max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RESTARTS, name=self._label(f"coordinator-{k}"),
+            ).remote(redis_url or self.redis_url, port, str(log), self.start_timeout_s))  # fmt: skip
+        try:
+            answers = ray.get([h.address.remote() for h in handles], timeout=self.start_timeout_s)
+        except Exception as exc:
+            for handle in handles:
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
+            raise EngineFailed(f"coordinator replicas did not start: {exc}") from exc
+        coordinators = RayCoordinators(
+            ray, handles, [u for u, _ in answers], [p for _, p in answers]
+        )
+        self._started.append(coordinators)
+        return coordinators
+
+    def start_worker(self, argv: list[str], log: Path) -> RayWorker:
+        """A worker actor running `tetherfed <argv>`; restarted by Ray up to MAX_RESTARTS
+        times, each time resuming from its checkpoint."""
+        ray = self._ray
+        name = argv[argv.index("--name") + 1] if "--name" in argv else "worker"
+        handle = ray.remote(WorkerActor).options(
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, max_concurrency=2,
+            name=self._label(name),
+        ).remote(argv, str(log))  # fmt: skip
+        worker = RayWorker(ray, handle, name, log)
+        self._started.append(worker)
+        return worker
+
+    def stop(self, procs: Iterable[Any]) -> None:
+        """Kill the actors behind `procs` (workers, or the coordinator replicas and then their
+        placement group)."""
+        for proc in procs:
+            if isinstance(proc, RayWorker | RayCoordinators):
+                proc.kill()
+            if isinstance(proc, RayCoordinators):
+                self._remove_groups()
+
+    def _remove_groups(self) -> None:
+        from ray.util import remove_placement_group  # noqa: PLC0415 (optional extra)
+
+        while self._groups:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self._groups.pop())
+
+    def close(self) -> None:
+        """Kill whatever is still running, remove the placement groups, leave the cluster
+        (which stays up)."""
+        if self._ray is None:
+            return
+        for proc in self._started:
+            proc.kill()
+        self._remove_groups()
+        self._ray.shutdown()
+        self._ray = None
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--engine and the Ray engine's options (for `up` and `experiment run`)."""
+    group = parser.add_argument_group("engine (where processes run)")
+    group.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: processes on this machine; ray: actors on a Ray cluster")  # fmt: skip
+    group.add_argument("--address", default="auto",
+                       help="ray: the cluster (auto, or HOST:PORT of the head's GCS)")  # fmt: skip
+    group.add_argument("--redis-url", default=None,
+                       help="Redis the coordinator uses (required with --engine ray)")  # fmt: skip
+    group.add_argument("--coordinators", type=int, default=1,
+                       help="ray: coordinator replicas, spread over nodes")  # fmt: skip
+    group.add_argument("--gpus-per-worker", type=int, default=0, help="ray: whole GPUs per worker")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0,
+                       help="ray: logical CPUs per worker actor")  # fmt: skip
+
+
+def engine_from_args(args: argparse.Namespace) -> Any:
+    """The engine of parsed `add_engine_args` options, connected (EngineRefused, EngineFailed).
+    The caller closes a Ray engine with `close_engine`."""
+    if args.engine == "local":
+        return LocalEngine(redis_url=args.redis_url)
+    engine = RayEngine(address=args.address, redis_url=args.redis_url,
+                       coordinators=args.coordinators, gpus_per_worker=args.gpus_per_worker,
+                       cpus_per_worker=args.cpus_per_worker)  # fmt: skip
+    engine.connect()
+    return engine
+
+
+def close_engine(engine: Any) -> None:
+    """Close an engine that has a `close` (Ray); nothing for the local one."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
