@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METRICS = ("val_loss", "train_loss", "merges", "drifts", "rejected", "ari", "steps_per_s", "wall_s")
+METRICS = (
+    "val_loss", "train_loss", "merges", "drifts", "rejected", "ari", "ari_kept",
+    "merges_within", "merges_across", "kept_within", "kept_across", "merges_unacked",
+    "gate_checked", "gate_rolled_back", "gate_max_kept_rise", "steps_per_s", "wall_s",
+)  # fmt: skip
 CONTROL = "independent"
 
 
@@ -36,6 +40,21 @@ class RunRecord:
             return json.loads((self.folder / name).read_text())
         except (OSError, json.JSONDecodeError):
             return None
+
+    def jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file of the run folder ([] when missing; bad lines
+        skipped)."""
+        try:
+            lines = (self.folder / name).read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
 
     def final_events(self) -> list[dict[str, Any]]:
         """Per worker, its last `step` event merged with its `done` event (metrics.jsonl)."""
@@ -117,17 +136,76 @@ def merge_communities(workers: Sequence[str], edges: Iterable[Mapping[str, Any]]
 
 def cluster_columns(run: RunRecord) -> dict[str, Any]:
     """`ari`: adjusted Rand index (Hubert & Arabie 1985; scikit-learn) between the groups and the
-    communities of the merge graph; 1 = merges followed the groups exactly, ≈0 = chance.
-    `communities`: how many there were."""
+    communities of the merge graph (every merge decided); 1 = merges followed the groups
+    exactly, ≈0 = chance. `communities`: how many there were."""
+    summary = run.json("summary.json")
+    found = _ari(run, summary.get("merge_graph", [])) if summary else None
+    return {"ari": found[0], "communities": found[1]} if found else {"ari": None, "communities": None}  # fmt: skip
+
+
+def _ari(run: RunRecord, edges: Iterable[Mapping[str, Any]]) -> tuple[float, int] | None:
+    """ARI between the workers' groups (config.json) and the communities of a merge graph, and
+    the number of communities; None without config.json."""
     from sklearn.metrics import adjusted_rand_score  # noqa: PLC0415 (worker extra)
 
-    config, summary = run.json("config.json"), run.json("summary.json")
-    if not config or not summary:
-        return {"ari": None, "communities": None}
-    names = [w["name"] for w in config["workers"]]
+    config = run.json("config.json")
+    if not config:
+        return None
+    labels = merge_communities([w["name"] for w in config["workers"]], edges)
     groups = [w["group"] for w in config["workers"]]
-    labels = merge_communities(names, summary.get("merge_graph", []))
-    return {"ari": float(adjusted_rand_score(groups, labels)), "communities": len(set(labels))}
+    return float(adjusted_rand_score(groups, labels)), len(set(labels))
+
+
+def merge_columns(run: RunRecord) -> dict[str, Any]:
+    """Merge decisions against the groups, and the merge gate's figures (decisions.jsonl with
+    each decision's ack, the workers' groups from summary.json):
+
+    `merges_within` / `merges_across`: merge decisions whose worker and partner are in the same
+    group / different groups; `kept_within` / `kept_across`: those the worker applied (ack
+    `applied`, so kept by the gate too); `merges_unacked`: merge decisions no worker acked (they
+    arrived after it finished, or it stopped first); `ari_kept`: `ari` over the applied merges
+    only. Gate: `gate_checked` merges evaluated on the probe batch (acks carrying both probe
+    losses), `gate_rolled_back` of them rejected, `gate_max_kept_rise`: the largest relative
+    probe-loss rise, (after − before) / before, among the kept ones (empty when none was kept;
+    negative when every kept merge lowered the loss). Empty columns when the run has no
+    summary.json; zeros when it made no decision (the independent arm)."""
+    summary = run.json("summary.json") or {}
+    decisions = run.jsonl("decisions.jsonl")
+    group = {w.get("worker_id"): w.get("group") for w in summary.get("workers", [])}
+    name = {w.get("worker_id"): w.get("name") for w in summary.get("workers", [])}
+    if not group:
+        return dict.fromkeys(("merges_within", "merges_across", "kept_within", "kept_across",
+                              "merges_unacked", "ari_kept", "gate_checked", "gate_rolled_back",
+                              "gate_max_kept_rise"))  # fmt: skip
+    counts = dict.fromkeys(("merges_within", "merges_across", "kept_within", "kept_across",
+                            "merges_unacked", "gate_checked", "gate_rolled_back"), 0)  # fmt: skip
+    kept_edges: dict[tuple[str, str], int] = {}
+    rises: list[float] = []
+    for d in decisions:
+        if d.get("action") != "merge":
+            continue
+        where = "within" if group.get(d["worker_id"]) == group.get(d["partner_id"]) else "across"
+        counts[f"merges_{where}"] += 1
+        ack = d.get("ack") or {}
+        applied = ack.get("outcome") == "applied"
+        counts["merges_unacked"] += not ack
+        if applied:
+            counts[f"kept_{where}"] += 1
+            edge = (name.get(d["worker_id"], d["worker_id"]), name.get(d["partner_id"], d["partner_id"]))  # fmt: skip
+            kept_edges[edge] = kept_edges.get(edge, 0) + 1
+        before, after = ack.get("probe_loss_before"), ack.get("probe_loss_after")
+        if before is None or after is None:
+            continue
+        counts["gate_checked"] += 1
+        counts["gate_rolled_back"] += not applied
+        if applied:
+            rises.append((after - before) / before if before > 0 else 0.0)
+    kept = _ari(run, [{"worker": a, "partner": b, "merges": n} for (a, b), n in kept_edges.items()])  # fmt: skip
+    return {
+        **counts,
+        "ari_kept": kept[0] if kept else None,
+        "gate_max_kept_rise": max(rises, default=None),
+    }
 
 
 def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
@@ -150,7 +228,8 @@ def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
 
 
 COLUMNS: list[ColumnProvider] = [
-    identity_columns, loss_columns, decision_columns, cluster_columns, diagnostics_columns,
+    identity_columns, loss_columns, decision_columns, cluster_columns, merge_columns,
+    diagnostics_columns,
 ]  # fmt: skip
 
 
