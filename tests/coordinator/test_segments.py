@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tether_protocol.frame import encode_frame
+from tether_protocol.frame import decode_frame, encode_frame
 from tether_protocol.messages import LayerSpec, SnapshotMeta
 from tetherfed_coordinator.ingest import Upload
 from tetherfed_coordinator.keys import glob_escape
@@ -181,3 +181,37 @@ async def test_a_frame_stored_whole_by_an_older_version_is_read_then_replaced(
     await publish(app_client, wid, frame(wid, 2, 2.0))
     assert not await store.r.exists(keys.legacy_snapshot("f", wid)), "the whole frame was kept"
     assert (await store.snapshot("f", wid)).buf == frame(wid, 2, 2.0)
+
+
+@pytest.mark.anyio
+async def test_a_layer_is_served_from_the_segments_that_hold_it(
+    app_client: httpx.AsyncClient,
+) -> None:
+    # Layers straddling segment boundaries, one inside the first segment, one past the first:
+    # GET of a layer reads only the segments that hold it and returns exactly its values.
+    store: Store = app_client.app.state.store  # type: ignore[attr-defined]
+    layers = [
+        LayerSpec(name="a", shape=[100]), LayerSpec(name="big", shape=[700, 1024]),
+        LayerSpec(name="mid", shape=[3, 5]), LayerSpec(name="tail", shape=[300, 1024]),
+    ]  # fmt: skip
+    await app_client.post(f"{F}", json={"name": "f"})
+    r = await app_client.post(
+        f"{F}/f/workers", json={"name": "w", "layers": [s.model_dump() for s in layers]}
+    )
+    wid = r.json()["worker_id"]
+    rng = np.random.default_rng(3)
+    data = {s.name: rng.random(s.shape, dtype=np.float32) for s in layers}
+    body = encode_frame(data, SnapshotMeta(worker_id=wid, step=1, epoch=0))
+    await publish(app_client, wid, body)
+    meta = await store.r.hgetall(store.keys.snapshot_meta("f", wid))
+    assert int(meta["segments"]) >= 4  # the layers do span segments
+    for spec in layers:
+        part = await store.snapshot_layer("f", wid, spec.name)
+        assert list(part.entries) == [spec.name]
+        nbytes = data[spec.name].nbytes
+        assert len(part.buf) < min(len(body), nbytes + 2 * SEGMENT)  # never the whole frame
+        got = await app_client.get(f"{F}/f/workers/{wid}/tethers/{spec.name}")
+        assert got.status_code == 200
+        frame_back = decode_frame(got.content, require_meta=False)
+        np.testing.assert_array_equal(frame_back.tensors[spec.name], data[spec.name])
+    assert (await store.snapshot_layer("f", wid, "nope")).entries == {}

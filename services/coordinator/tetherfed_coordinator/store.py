@@ -7,9 +7,10 @@ import itertools
 import json
 import logging
 import secrets
+import struct
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -151,9 +152,11 @@ def redis_clients(
 ) -> tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]:
     """The three clients a Store uses: str replies, bytes replies, and blocking reads of up to
     `block_s` (a pool large enough for every worker's long-poll to hold a connection). `url`
-    names one server, a Sentinel service or a Cluster (`topology`)."""
-    r = async_client(url, decode_responses=True)
-    rb = async_client(url, decode_responses=False)
+    names one server, a Sentinel service or a Cluster (`topology`). The other two pools are
+    as large: redis-py's default of 100 connections failed requests with "Too many
+    connections" once 128 publishes were in flight at once (load-1000, two generators)."""
+    r = async_client(url, decode_responses=True, max_connections=1000)
+    rb = async_client(url, decode_responses=False, max_connections=1000)
     blocking = async_client(url, decode_responses=True, max_connections=1000, block_s=block_s)
     return r, rb, blocking
 
@@ -426,6 +429,56 @@ class Store:
     async def snapshot(self, fed: str, wid: str) -> Snapshot:
         """The worker's latest snapshot; 404 when it has none."""
         await self.worker_record(fed, wid)
+        found = await self._snapshots(fed, [wid])
+        if wid not in found:
+            raise no_snapshot(fed, wid)
+        return found[wid]
+
+    async def snapshot_layer(self, fed: str, wid: str, layer: str) -> Snapshot:
+        """The worker's latest snapshot with only the segments holding `layer` read: its `buf`
+        covers that tensor's bytes and `entries` has that layer alone (offsets into `buf`), or
+        no layer when the frame lacks it. Fetching a partner's layer to apply a merge then reads
+        that layer, not the whole frame (a 4 MB layer of a 16 MB frame: a quarter). 404 when
+        the worker has no snapshot; the caller checks that the worker exists."""
+        for _ in range(SNAPSHOT_READ_TRIES):
+            meta = await self.r.hgetall(self.keys.snapshot_meta(fed, wid))
+            names = frame_keys(self.keys, fed, wid, meta)
+            if len(names) < 2:  # one segment, or a frame stored whole: read it all
+                break
+            async with self.rb.pipeline(transaction=False) as pipe:
+                pipe.get(names[0])
+                pipe.strlen(names[-1])
+                first, last_len = await pipe.execute()
+            if first is None or not last_len:
+                continue  # a publish replaced the segments between the reads
+            size = len(first)  # every segment but the last has the upload's segment size
+            (length,) = struct.unpack_from("<Q", first, 0)
+            if 8 + length > size:
+                break  # a header spanning segments: read it all
+            header, start = read_header(first)
+            total = size * (len(names) - 1) + last_len
+            entries = split_probe_grams(parse_entries(header, start, total))[0]
+            entry = entries.get(layer)
+            lo = hi = 0
+            if entry is not None:
+                lo, hi = entry.start // size, max(entry.end - 1, entry.start) // size
+            async with self.rb.pipeline(transaction=False) as pipe:
+                for name in names[max(lo, 1) : hi + 1]:
+                    pipe.get(name)
+                rest: list[bytes | None] = await pipe.execute()
+            parts = ([first] if lo == 0 else []) + rest
+            if any(part is None for part in parts):
+                continue
+            base = lo * size
+            return Snapshot(
+                worker_id=wid, version=int(meta["version"]), step=int(meta["step"]),
+                epoch=int(meta["epoch"]), prev_loss=_opt_float(meta.get("prev_loss")),
+                meta=SnapshotMeta.model_validate_json(meta["meta"]),
+                buf=parts[0] if len(parts) == 1 else b"".join(parts),  # type: ignore[arg-type]
+                entries={}
+                if entry is None
+                else {layer: replace(entry, start=entry.start - base, end=entry.end - base)},
+            )  # fmt: skip
         found = await self._snapshots(fed, [wid])
         if wid not in found:
             raise no_snapshot(fed, wid)

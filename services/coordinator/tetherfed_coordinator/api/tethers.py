@@ -82,17 +82,15 @@ async def summary(fed: str, wid: str, store: StoreDep) -> TethersPublic:
 
 
 async def _layer_frame(
-    store: Store, fed: str, wid: str, layer: str, generation: int | None
+    store: Store, fed: str, wid: str, layer: str, generation: int | None, snap: Snapshot
 ) -> bytes:
     if generation is not None:
-        await store.worker_record(fed, wid)
         raw: bytes | None = await store.rb.get(
             store.keys.generation_tensor(fed, wid, layer, generation)
         )
         if raw is None:
             raise HTTPException(404, f"generation {generation} of layer {layer!r} is not retained")
         return raw
-    snap = await store.snapshot(fed, wid)
     entry = snap.entries[layer]
     extra = {"tetherfed.version": str(snap.version)}
     return encode_frame(
@@ -122,12 +120,12 @@ async def layer(
     base = layer.removesuffix(GENERATIONS)
     if layer not in registered and layer.endswith(GENERATIONS) and base in registered:
         return await generations(fed, wid, base, store)
-    snap = await store.snapshot(fed, wid)
+    snap = await store.snapshot_layer(fed, wid, layer)
     if layer not in snap.entries:
         raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
     if format == "stats":
         return tether_stats(snap, layer)
-    body = await _layer_frame(store, fed, wid, layer, generation)
+    body = await _layer_frame(store, fed, wid, layer, generation, snap)
     headers = {"X-Tether-Version": str(snap.version)}
     return Response(body, media_type="application/octet-stream", headers=headers)
 
