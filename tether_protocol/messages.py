@@ -25,6 +25,19 @@ Relative = Literal["none", "zscore", "rank"]
 WireDType = Literal["float32", "float16", "bfloat16"]
 WorkerStatus = Literal["active", "lost", "left"]
 Outcome = Literal["applied", "rejected"]
+HoldCode = Literal[
+    "warmup",
+    "no_plateau",
+    "schedule",
+    "out_of_scope",
+    "no_partner",
+    "stale_partners",
+    "cooldown",
+    "within_thresholds",
+    "merge_limit",
+    "min_merge_score",
+]
+INCARNATION_HEADER = "X-Tether-Incarnation"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 Name = Annotated[
@@ -393,6 +406,10 @@ class FederationPublic(WireModel):
     created_at: datetime
     workers: int = Field(description="Registered workers (any status).")
     decisions: int = Field(description="Decisions issued so far (the last decision id).")
+    incarnation: str = Field(
+        description="Id made when the federation was created: a federation deleted and "
+        "created again (or lost by Redis and created again) has a new one."
+    )
 
 
 class FederationsPublic(WireModel):
@@ -446,6 +463,7 @@ class WorkerRegistered(WireModel):
     token: str
     federation: str
     policy: Policy
+    incarnation: str = Field(description="The federation's incarnation the worker joined.")
 
 
 class Heartbeat(Versioned):
@@ -466,6 +484,28 @@ class Heartbeat(Versioned):
     )
 
 
+class Hold(WireModel):
+    """Why a worker's latest scoring round decided nothing for it to apply (DESIGN §3: between
+    the thresholds, or no eligible partner, the worker holds). One per worker, replaced by each
+    round: never a stream of its own, never something to apply or ack.
+
+    `code` is machine-readable: `warmup` (step < policy.warmup_steps), `no_plateau` (the
+    plateau trigger did not fire), `schedule` (fedavg: no multiple of fedavg_every crossed),
+    `out_of_scope` (no layer of the worker is in policy.layers), `no_partner` (no other worker
+    has a comparable snapshot of the layer), `stale_partners` (every comparable partner is more
+    than max_staleness_steps away), `cooldown` (every fresh partner is cooling down),
+    `within_thresholds` (the best score sits between the thresholds), `merge_limit` (merge
+    budget of the epoch spent), `min_merge_score` (relative rule: best raw score under the
+    floor)."""
+
+    code: HoldCode
+    reason: str = Field(description="The same for a person, with the numbers.")
+    layer: str | None = Field(default=None, description="The layer the reason is about.")
+    step: int = Field(ge=0, description="The worker's step in the scored snapshot.")
+    version: int = Field(ge=0, description="The scored snapshot's version.")
+    at: datetime
+
+
 class WorkerPublic(WireModel):
     """A worker as REST shows it."""
 
@@ -482,6 +522,11 @@ class WorkerPublic(WireModel):
     snapshot_version: int = Field(default=0, description="Publishes accepted so far.")
     registered_at: datetime
     last_seen: datetime | None = None
+    hold: Hold | None = Field(
+        default=None,
+        description="Why the worker's latest scoring round gave it nothing to apply (None: it "
+        "has not been scored yet, or its latest round decided a merge or drift).",
+    )
 
 
 class WorkersPublic(WireModel):
@@ -642,6 +687,11 @@ class DecisionsPublic(WireModel):
     data: list[Decision]
     count: int
     last_id: int = Field(description="Highest decision id in this page (or the `after` cursor).")
+    hold: Hold | None = Field(
+        default=None,
+        description="A worker's own long-poll only: why its latest scoring round gave it "
+        "nothing to apply (see Hold); None on federation-wide pages.",
+    )
 
 
 class AckCreate(Versioned):

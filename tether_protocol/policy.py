@@ -41,7 +41,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .messages import Action, DriftOperator, MergeOperator, Policy, SnapshotMeta, SnapshotRef
+from .messages import (
+    Action,
+    DriftOperator,
+    HoldCode,
+    MergeOperator,
+    Policy,
+    SnapshotMeta,
+    SnapshotRef,
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,16 @@ class DecisionDraft:
     params: dict[str, float]
     partner_snapshot: SnapshotRef | None
     reason: str
+    code: HoldCode | None = None  # a hold's machine-readable reason (`messages.Hold`)
+
+
+@dataclass(frozen=True)
+class HoldReason:
+    """Why a round decided nothing for the publisher to apply (see `messages.Hold`)."""
+
+    code: HoldCode
+    reason: str
+    layer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,7 @@ class Round:
     decisions: list[DecisionDraft] = field(default_factory=list)
     merges: dict[str, int] = field(default_factory=dict)  # layer → merges added
     cooldowns: dict[tuple[str, str], int] = field(default_factory=dict)  # (layer, partner) → step
+    hold: HoldReason | None = None  # set when no merge or drift was decided
 
 
 def plateau(
@@ -204,15 +223,15 @@ def layers_in_scope(policy: Policy, layer_order: Sequence[str]) -> list[str]:
 def decide(policy: Policy, state: FederationState, snapshot: SnapshotMeta) -> Round:
     """Run one policy round for a new snapshot (pure: reads its arguments, returns the outcome)."""
     if policy.fedavg_every is not None:
-        return fedavg(policy, policy.fedavg_every, state, snapshot)
+        return held(policy, state, snapshot, fedavg(policy, policy.fedavg_every, state, snapshot))
     fired, why = trigger(policy, snapshot, state.previous_loss)
     if not fired:
-        return Round(triggered=False, trigger_reason=why)
+        return held(policy, state, snapshot, Round(triggered=False, trigger_reason=why))
     result = Round(triggered=True, trigger_reason=why)
     cooling = _cooling(state)
     for layer in layers_in_scope(policy, state.layer_order):
         _decide_layer(policy, state, snapshot, layer, result, cooling.get(layer, {}))
-    return result
+    return held(policy, state, snapshot, result)
 
 
 def _fresh(
@@ -418,10 +437,13 @@ def _hold(
     standing: float,
 ) -> DecisionDraft:
     floor = policy.min_merge_score
+    code: HoldCode = "within_thresholds"
     if standing > policy.merge_threshold and floor is not None and score <= floor:
         reason = f"best {_compared(policy, score, standing)} is not above min_merge_score {floor:g}"
+        code = "min_merge_score"
     elif standing > policy.merge_threshold:
         reason = f"merge limit reached ({policy.max_merges_per_epoch} per epoch)"
+        code = "merge_limit"
     else:
         reason = f"best {_compared(policy, score, standing)} within thresholds"
     peer = state.peers[best]
@@ -435,6 +457,7 @@ def _hold(
         params={},
         partner_snapshot=SnapshotRef(worker_id=best, version=peer.version, step=peer.step),
         reason=reason,
+        code=code,
     )
 
 
@@ -487,3 +510,66 @@ def _fedavg_peers(
         if partner != snapshot.worker_id and not stale:
             peers.append(partner)
     return peers
+
+
+def held(policy: Policy, state: FederationState, snapshot: SnapshotMeta, result: Round) -> Round:
+    """`result` with its `hold` set when it decided no merge or drift: why, for the worker (the
+    first hold decision's reason, else why no partner was eligible on the first layer in scope,
+    else why no round started)."""
+    if any(d.action != "hold" for d in result.decisions):
+        return result
+    return replace(result, hold=_why_held(policy, state, snapshot, result))
+
+
+def _why_held(
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, result: Round
+) -> HoldReason:
+    if not result.triggered:
+        code: HoldCode = "no_plateau"
+        if policy.fedavg_every is not None:
+            code = "schedule"
+        elif snapshot.step < policy.warmup_steps:
+            code = "warmup"
+        return HoldReason(code, result.trigger_reason)
+    for draft in result.decisions:  # holds only
+        return HoldReason(
+            draft.code or "within_thresholds", f"layer {draft.layer!r}: {draft.reason}", draft.layer
+        )
+    layers = layers_in_scope(policy, state.layer_order)
+    if not layers:
+        return HoldReason(
+            "out_of_scope", f"no layer of the worker is in policy.layers {policy.layers}"
+        )
+    return _no_partner(policy, state, snapshot, layers[0])
+
+
+def _no_partner(
+    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str
+) -> HoldReason:
+    """Why no partner was eligible on `layer`: none comparable, all stale, or all cooling."""
+    comparable = [
+        p
+        for p, score in state.scores.get(layer, {}).items()
+        if p != snapshot.worker_id and p in state.peers and not math.isnan(score)
+    ]
+    if not comparable:
+        return HoldReason(
+            "no_partner",
+            f"layer {layer!r}: no other active worker has a comparable snapshot of it "
+            f"({len(state.peers)} other worker(s) published)",
+            layer,
+        )
+    if not len(_fresh(policy, state, snapshot, layer)[1]):
+        steps = sorted(state.peers[p].step for p in comparable)
+        return HoldReason(
+            "stale_partners",
+            f"layer {layer!r}: every comparable partner (steps {steps[0]}..{steps[-1]}) is more "
+            f"than max_staleness_steps {policy.max_staleness_steps} from step {snapshot.step}",
+            layer,
+        )
+    return HoldReason(
+        "cooldown",
+        f"layer {layer!r}: every fresh partner is cooling down ({policy.cooldown_steps} steps "
+        "after a merge or drift of the pair)",
+        layer,
+    )

@@ -85,7 +85,7 @@ async def test_a_commit_whose_segments_expired_changes_nothing(
     old_meta = await store.r.hgetall(keys.snapshot_meta("f", wid))
     names = [
         keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.alive("f", wid),
-        keys.federation("f"), keys.legacy_snapshot("f", wid),
+        keys.federation("f"), keys.legacy_snapshot("f", wid), keys.pin("f", wid, 1),
         keys.segment("f", wid, "partial", 0), keys.segment("f", wid, "partial", 1),
         *frame_keys(keys, "f", wid, old_meta),
     ]  # fmt: skip

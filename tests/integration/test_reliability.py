@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -31,9 +31,10 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import Decision, LayerSpec, SnapshotMeta, SnapshotRef
 from tetherfed import Client, Federation, tether
 from tetherfed._errors import BadRequestError, TransportError
-from tetherfed._federation import _Ready
+from tetherfed._federation import _Ready, layer_specs
+from tetherfed._tethering import tethered_layers
 from tetherfed_coordinator.embedded import free_port
-from tetherfed_coordinator.keys import glob_escape
+from tetherfed_coordinator.keys import Keys, glob_escape
 from tetherfed_coordinator.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -516,3 +517,287 @@ def test_a_second_process_resumed_under_the_same_worker_id_is_refused(
         assert again.wait_registered(30) and again.worker_id == checkpoint["worker_id"]
     finally:
         again.close()
+
+
+# -- kinds 3, 4, 5: incarnations, the scored partner snapshot, holds ---------------------------
+
+
+def recreate_keeping_worker(url: str, prefix: str, fed: str, wid: str) -> str:
+    """Delete federation `fed` and create it anew (a new incarnation) holding a worker record
+    under the same id `wid` with the same token, in one transaction: the old worker's id still
+    resolves, though the federation it joined is gone. Returns the new incarnation."""
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        record = client.hgetall(keys.worker(fed, wid))
+        federation = client.hgetall(keys.federation(fed))
+        tokens = {h: w for h, w in client.hgetall(keys.tokens(fed)).items() if w == wid}
+        names = list(client.scan_iter(match=keys.federation_match(fed), count=1000))
+        for stale in ("session", "session_at", "scored_version", "hold"):
+            record.pop(stale, None)
+        made = uuid.uuid4().hex[:16]
+        with client.pipeline(transaction=True) as pipe:
+            pipe.unlink(keys.federation(fed), *names)
+            pipe.hset(keys.federation(fed), mapping=federation | {"incarnation": made})
+            pipe.hset(keys.worker(fed, wid), mapping=record | {"incarnation": made, "version": 0})
+            pipe.sadd(keys.workers(fed), wid)
+            if tokens:
+                pipe.hset(keys.tokens(fed), mapping=tokens)
+            pipe.execute()
+        return made
+    finally:
+        client.close()
+
+
+def anew_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "was created anew" in r.getMessage()]
+
+
+def test_a_federation_created_anew_is_noticed_even_when_the_worker_id_still_resolves(
+    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    server = coordinator_process()
+    with Client(server.url) as admin:
+        admin.create_federation("g", policy=EVERY)  # type: ignore[arg-type]
+        fed = joined(server.url, "g", tether(mlp(0)))
+        try:
+            old = str(fed.worker_id)
+            steps_until(fed, lambda: fed.stats.published >= 1, loss=1.0)
+            fed.applied_ids.add(10**6)
+            fed._cursor = 50  # decisions of the old incarnation went this far
+            made = recreate_keeping_worker(redis_url, key_prefix, "g", old)
+            steps_until(
+                fed,
+                lambda: fed.worker_id not in (None, old) and fed.wait_registered(0.01),
+                loss=1.0,
+            )
+            assert fed.applied_ids == set() and fed._cursor == 0
+            assert fed.state_dict()["incarnation"] == made
+            assert admin.get_worker("g", str(fed.worker_id)).status == "active"
+        finally:
+            fed.close()
+    assert len(anew_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_anew(
+    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    server = coordinator_process(TETHER_TOKEN="admin-secret")
+    with Client(server.url, token="admin-secret") as admin:
+        admin.create_federation("r", policy=EVERY)  # type: ignore[arg-type]
+        first = joined(server.url, "r", tether(mlp(0)), token="admin-secret")
+        try:
+            steps_until(first, lambda: first.stats.published >= 1, loss=1.0)
+            checkpoint = first.state_dict()
+        finally:
+            first.close(leave=False)
+        old = checkpoint["worker_id"]
+        recreate_keeping_worker(redis_url, key_prefix, "r", old)
+        resumed = Federation(
+            server.url, "r", tether(mlp(0)), token="admin-secret", resume=checkpoint,
+            heartbeat_s=0.2, poll_wait_s=0.1,
+        )  # fmt: skip
+        try:
+            assert resumed.wait_registered(30), "the resumed worker never registered anew"
+            assert resumed.worker_id != old, "resumed under an id of the old incarnation"
+            assert admin.get_worker("r", str(resumed.worker_id)).status == "active"
+        finally:
+            resumed.close()
+    client = redis.Redis.from_url(redis_url)
+    try:  # the record that happened to resolve was never claimed
+        assert client.hget(Keys(key_prefix).worker("r", old), "session") is None
+    finally:
+        client.close()
+    assert len(anew_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
+# Unlinks every key under a prefix in one step: FLUSHALL of this test's keys only.
+FLUSH_PREFIX = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('UNLINK', k) end"
+
+
+@pytest.mark.parametrize("loss", ["restart without persistence", "FLUSHALL"])
+def test_workers_recover_and_apply_new_decisions_after_the_coordinator_lost_everything(
+    loss: str, coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str
+) -> None:
+    server = coordinator_process()
+    with Client(server.url) as admin:
+        admin.create_federation("h", policy=EVERY)  # type: ignore[arg-type]
+    a, b = (joined(server.url, "h", tether(mlp(0))) for _ in range(2))
+    applied: set[int] = set()
+
+    def both(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            for fed in (a, b):
+                applied.update(d.id for d in fed.step(loss=1.0).applied)
+            time.sleep(0.01)
+        assert done(), f"not reached: applied {sorted(applied)}, cursors {a._cursor} {b._cursor}"
+
+    try:
+        both(lambda: min(a._cursor, b._cursor) >= 3)
+        before, old = max(a._cursor, b._cursor), {a.worker_id, b.worker_id}
+        client = redis.Redis.from_url(redis_url)
+        try:
+            if loss == "FLUSHALL":
+                client.eval(FLUSH_PREFIX, 0, glob_escape(key_prefix) + "*")
+            else:
+                port = int(server.url.rsplit(":", 1)[1])
+                server.stop()
+                client.eval(FLUSH_PREFIX, 0, glob_escape(key_prefix) + "*")
+                server = coordinator_process(port=port)
+        finally:
+            client.close()
+        both(lambda: a.worker_id is None or b.worker_id is None or a.stats.failures > 0)
+        with Client(server.url) as admin:
+            admin.create_federation("h", policy=EVERY)  # type: ignore[arg-type]
+            both(lambda: old.isdisjoint({a.worker_id, b.worker_id}) and None not in {
+                a.worker_id, b.worker_id})  # fmt: skip
+            applied.clear()  # only decisions of the new federation from here
+            both(lambda: any(i <= before for i in applied))
+            low = min(applied)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the ack travels on the I/O thread
+                with contextlib.suppress(tetherfed.TetherError):
+                    assert admin.get_ack("h", low).outcome == "applied"
+                    break
+                both(lambda: True)
+            assert admin.get_ack("h", low).outcome == "applied"
+    finally:
+        a.close()
+        b.close()
+
+
+@dataclass
+class Staged:
+    """A worker's checkpoint taken before a merge naming partner snapshot v1 was decided for it,
+    then the partner published again (v2): resuming it applies the decision now."""
+
+    model: nn.Module
+    own: dict[str, np.ndarray]
+    scored: dict[str, np.ndarray]
+    newer: dict[str, np.ndarray]
+    checkpoint: dict[str, Any]
+    partner: str
+    merges: list[Decision]
+
+
+def stage_superseded_partner(url: str, api: Client, fed: str) -> Staged:
+    model = tether(mlp(0))
+    b = joined(url, fed, model)
+    try:
+        steps_until(b, lambda: b.stats.published >= 1, loss=1.0)
+        checkpoint = b.state_dict()
+    finally:
+        b.close(leave=False)
+    layers = tethered_layers(model)
+    own = {k: tp.current().detach().numpy().copy() for k, tp in layers.items()}
+    rng = np.random.default_rng(0)
+    near = {
+        k: np.clip(v + 0.05 * rng.random(v.shape), 0, 1).astype(np.float32) for k, v in own.items()
+    }
+    newer = {k: rng.random(v.shape).astype(np.float32) for k, v in own.items()}
+    a = api.register_worker(fed, "a", layer_specs(layers, "float32")).worker_id
+    api.publish(fed, a, encode_frame(near, SnapshotMeta(worker_id=a, step=1, epoch=0)))
+    wid = checkpoint["worker_id"]  # b publishes once more: its round scores a's v1
+    api.publish(fed, wid, encode_frame(own, SnapshotMeta(worker_id=wid, step=2, epoch=0)))
+    merges: list[Decision] = []
+    deadline = time.monotonic() + 30
+    while len(merges) < len(own) and time.monotonic() < deadline:
+        page = api.worker_decisions(fed, wid, after=0, wait=1.0)
+        merges = [d for d in page.data if d.action == "merge" and d.partner_id == a]
+    assert len(merges) == len(own), f"no merge naming {a} for every layer: {merges}"
+    assert {(d.partner_snapshot.version if d.partner_snapshot else 0) for d in merges} == {1}
+    # the partner publishes again between scoring and apply
+    api.publish(fed, a, encode_frame(newer, SnapshotMeta(worker_id=a, step=3, epoch=0)))
+    return Staged(model, own, near, newer, checkpoint, a, merges)
+
+
+def resume_until_resolved(url: str, fed: str, staged: Staged) -> StepReportAll:
+    resumed = Federation(
+        url, fed, staged.model, resume=staged.checkpoint, heartbeat_s=0.2, poll_wait_s=0.1
+    )
+    out = StepReportAll()
+    ids = {d.id for d in staged.merges}
+    try:
+        deadline = time.monotonic() + 30
+        while not ids <= out.ids() and time.monotonic() < deadline:
+            report = resumed.step(loss=1.0)
+            out.applied += [d for d in report.applied if d.id in ids]
+            out.rejected += [(d, why) for d, why in report.rejected if d.id in ids]
+            time.sleep(0.01)
+        assert ids <= out.ids(), f"decisions {sorted(ids)} not resolved: {out}"
+    finally:
+        resumed.close()
+    return out
+
+
+@dataclass
+class StepReportAll:
+    applied: list[Decision] = field(default_factory=list)
+    rejected: list[tuple[Decision, str]] = field(default_factory=list)
+
+    def ids(self) -> set[int]:
+        return {d.id for d in self.applied} | {d.id for d, _ in self.rejected}
+
+
+def test_a_decision_applies_exactly_the_partner_snapshot_that_was_scored(
+    api: Client, coordinator: Server, fed_name: str
+) -> None:
+    api.create_federation(fed_name, policy=EVERY)  # type: ignore[arg-type]
+    staged = stage_superseded_partner(coordinator.url, api, fed_name)
+    done = resume_until_resolved(coordinator.url, fed_name, staged)
+    assert not done.rejected, done.rejected
+    for name, tp in tethered_layers(staged.model).items():
+        want = (staged.own[name] + staged.scored[name]) / 2  # average with the scored v1
+        got = tp.current().detach().numpy()
+        assert np.allclose(got, want, atol=1e-5), f"layer {name}: not the scored snapshot"
+
+
+def test_a_decision_whose_partner_snapshot_is_gone_is_acked_rejected_with_the_reason(
+    coordinator_process: Callable[..., Any],
+) -> None:
+    server = coordinator_process(TETHER_SNAPSHOT_PIN_S="0.3")
+    with Client(server.url) as api:
+        api.create_federation("p", policy=EVERY)  # type: ignore[arg-type]
+        staged = stage_superseded_partner(server.url, api, "p")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the pin of v1 lapsed
+            try:
+                api.tether("p", staged.partner, staged.merges[0].layer, version=1)
+            except tetherfed.TetherError:
+                break
+            time.sleep(0.1)
+        done = resume_until_resolved(server.url, "p", staged)
+        assert not done.applied, "applied a partner tether other than the one scored"
+        for _, why in done.rejected:
+            assert "snapshot version 1" in why and "no longer stored" in why, why
+        for name, tp in tethered_layers(staged.model).items():
+            assert np.array_equal(tp.current().detach().numpy(), staged.own[name])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(tetherfed.TetherError):
+                ack = api.get_ack("p", staged.merges[0].id)
+                break
+            time.sleep(0.1)
+        assert ack.outcome == "rejected" and "no longer stored" in str(ack.reason)
+
+
+def test_a_worker_that_gets_no_decision_sees_why_once(
+    api: Client, coordinator: Server, fed_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tetherfed.federation")
+    api.create_federation(fed_name, policy=EVERY | {"warmup_steps": 10**6})  # type: ignore[arg-type]
+    fed = joined(coordinator.url, fed_name, tether(mlp(0)))
+    try:
+        steps_until(fed, lambda: fed.hold is not None and fed.stats.published >= 3, loss=1.0)
+        assert fed.hold is not None and fed.hold.code == "warmup", fed.hold
+        assert "warm-up" in fed.hold.reason
+        worker = api.get_worker(fed_name, str(fed.worker_id))
+        assert worker.hold is not None and worker.hold.code == "warmup"
+        assert api.get_federation(fed_name).decisions == 0, "a hold is no decision to apply"
+    finally:
+        fed.close()
+    said = [r.getMessage() for r in caplog.records if "holds:" in r.getMessage()]
+    assert len(said) == 1, said

@@ -6,7 +6,7 @@ TetherError
 └── APIError              it answered with an error status; carries `status` and `detail`
     ├── BadRequestError   400, 413, 422: the request was wrong (the detail says how)
     ├── AuthError         401, 403: missing or wrong token
-    ├── NotFoundError     404: unknown federation, worker, layer or decision
+    ├── NotFoundError     404: unknown federation, worker, layer or decision; 410: no longer stored
     ├── ConflictError     409: the request conflicts with existing state
     └── ServerError       5xx: the coordinator failed; retried for idempotent calls
 """
@@ -49,7 +49,8 @@ class AuthError(APIError):
 
 
 class NotFoundError(APIError):
-    """404: the federation, worker, layer or decision does not exist."""
+    """404: the federation, worker, layer or decision does not exist; 410: it existed and is no
+    longer stored (a partner snapshot version superseded and no longer pinned)."""
 
 
 class ConflictError(APIError):
@@ -65,7 +66,7 @@ def error_for(status: int, detail: Any, method: str = "", url: str = "") -> APIE
     kind: type[APIError]
     if status in (401, 403):
         kind = AuthError
-    elif status == 404:
+    elif status in (404, 410):
         kind = NotFoundError
     elif status == 409:
         kind = ConflictError

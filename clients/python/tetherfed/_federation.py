@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -38,6 +38,7 @@ from tether_protocol.messages import (
     AckCreate,
     Decision,
     Heartbeat,
+    Hold,
     LayerSpec,
     Policy,
     SnapshotMeta,
@@ -115,6 +116,7 @@ class _Ready:
     decision: Decision
     partner: Tensor | None
     problem: str | None = None
+    era: int = 0  # registrations so far when prepared: one of an earlier one is dropped
 
 
 @dataclass
@@ -152,6 +154,10 @@ class Federation:
     id with the same generations and applied decision ids. While another live process holds that
     id, resuming retries for `claim_wait_s` (a crashed one's heartbeat lapses), then `step()`
     raises `RefusedError`.
+
+    `hold` is why the worker's latest scoring round gave it nothing to apply (a
+    `tether_protocol.messages.Hold`: code, reason, layer, step, version; None before the first
+    round or after one that decided a merge or drift); each new reason is logged once.
 
     `probe` (a `Probe` of the model and its task) enables what needs the probe batches: the
     probe Grams published with each snapshot when the policy's measure is `cka`, and the merge
@@ -209,13 +215,16 @@ class Federation:
         self._device = next(iter(self._layers.values())).storage().device
         self.policy: Policy | None = None
         self.worker_id: str | None = None
-        self._token: str | None = None
+        # `_incarnation`: the federation incarnation this worker joined (one created anew has
+        # another)
+        self._token = self._incarnation = cast(str | None, None)
+        # `_era`: registrations forgotten so far; `hold`: why the latest scoring round gave
+        # this worker nothing to apply
+        self._era, self.hold = 0, cast(Hold | None, None)
         self.generations = {layer: 0 for layer in self._layers}
         self.applied_ids: set[int] = set()
         self.stats = FederationStats()
-        self._cursor = 0
-        self._step = 0
-        self._epoch = 0
+        self._cursor, self._step, self._epoch = 0, 0, 0
         self._loss: float | None = None
         self._grad_norm: float | None = None
         self._previous_loss: float | None = None
@@ -298,6 +307,7 @@ class Federation:
             "federation": self.federation,
             "worker_id": self.worker_id,
             "token": self._token,
+            "incarnation": self._incarnation,
             "generations": dict(self.generations),
             "applied_ids": sorted(self.applied_ids),
             # Decisions are resolved in id order: everything above the last resolved one is
@@ -312,6 +322,7 @@ class Federation:
                 f"checkpoint is for federation {state['federation']!r}, not {self.federation!r}"
             )
         self.worker_id, self._token = state.get("worker_id"), state.get("token")
+        self._incarnation = state.get("incarnation")
         self.generations.update({k: int(v) for k, v in state.get("generations", {}).items()})
         self.applied_ids = {int(i) for i in state.get("applied_ids", [])}
         self._cursor = int(state.get("cursor", max(self.applied_ids, default=0)))
@@ -324,8 +335,8 @@ class Federation:
             except queue.Empty:
                 return
             decision = ready.decision
-            if decision.id in self.applied_ids:
-                continue  # delivered twice: applied once
+            if decision.id in self.applied_ids or ready.era != self._era:
+                continue  # delivered twice: applied once; or for a registration since forgotten
             problem = ready.problem or self._stale(decision)
             if problem is None and ready.partner is None:
                 problem = "no partner tether"
@@ -456,6 +467,7 @@ class Federation:
                     self._heartbeat()
                     last_beat = time.monotonic()
                 self._poll()
+                self._check_incarnation()
                 outage.recovered()
             except TetherError as error:
                 self.stats.failures += 1
@@ -483,11 +495,18 @@ class Federation:
         assert self.worker_id is not None
         self._client.authorize(self._token)
         try:
+            federation = self._client.get_federation(self.federation)
+            if self._incarnation not in (None, federation.incarnation):
+                # Created anew since the checkpoint: its worker ids are not ours, even one
+                # that happens to resolve.
+                self._forget(self._anew(federation.incarnation))
+                self._register_new()
+                return
             worker = self._client.get_worker(self.federation, self.worker_id)
         except (NotFoundError, AuthError) as error:  # the coordinator lost this worker
             self._forget(f"worker {self.worker_id} is unknown to the coordinator ({error.detail})")
             raise
-        self.policy = self._client.get_federation(self.federation).policy
+        self.policy, self._incarnation = federation.policy, federation.incarnation
         if worker.status == "left":
             worker = self._client.rejoin(self.federation, worker.worker_id)
         try:  # claim the identity before publishing anything under it
@@ -505,6 +524,7 @@ class Federation:
         self._client.authorize(self._admin_token)  # registering is the admin token's call
         reg = self._client.register_worker(self.federation, self.name, self._specs, self._meta)
         self.worker_id, self._token, self.policy = reg.worker_id, reg.token, reg.policy
+        self._incarnation, self._client.incarnation = reg.incarnation, None
         self._client.authorize(reg.token)
         log.info("registered as worker %s in federation %s", reg.worker_id, self.federation)
 
@@ -523,10 +543,30 @@ class Federation:
         register again under a new id, with decision cursor and applied ids reset (decision ids
         of the new incarnation start over)."""
         log.warning("%s: registering again under a new id", why)
-        self.worker_id = self._token = None
-        self._cursor = 0
+        self.worker_id = self._token = self._incarnation = self._client.incarnation = None
+        self._cursor, self._era, self.hold = 0, self._era + 1, None
         self.applied_ids = set()
+        while not self._acks.empty():  # acks of decisions the coordinator no longer has
+            self._acks.get_nowait()
         self._registered.clear()
+
+    def _anew(self, seen: str) -> str:
+        return (
+            f"federation {self.federation!r} was created anew (incarnation "
+            f"{self._incarnation}, now {seen}): worker {self.worker_id} belongs to the old one"
+        )
+
+    def _check_incarnation(self) -> None:
+        """Forget this worker's registration when a worker-facing answer names another
+        incarnation of the federation than the one it joined (deleted and created again, or
+        lost by Redis and created again), even if its worker id happens to resolve there."""
+        seen = self._client.incarnation
+        if seen is None or seen == self._incarnation:
+            return
+        if self._incarnation is None:  # joined before incarnations were reported
+            self._incarnation = seen
+            return
+        self._forget(self._anew(seen))
 
     def _send_pending(self) -> None:
         if time.monotonic() < self._next_publish and not self._closing.is_set():
@@ -653,17 +693,32 @@ class Federation:
         page = self._client.worker_decisions(
             self.federation, self.worker_id, after=self._cursor, wait=round(wait, 3)
         )
+        self._held(page.hold)
         for decision in page.data:
             if decision.id not in self.applied_ids and decision.action != "hold":
-                self._ready.put(self._prepare(decision))
+                ready = self._prepare(decision)
+                ready.era = self._era
+                self._ready.put(ready)
             # Only once it is queued: a failed partner fetch re-polls the decision.
             self._cursor = max(self._cursor, decision.id)
+
+    def _held(self, hold: Hold | None) -> None:
+        """Keep the latest hold (why the last round decided nothing to apply); log a new
+        reason once, not every round."""
+        if hold is not None and (self.hold is None or self.hold.code != hold.code):
+            log.info("worker %s holds: %s (%s)", self.worker_id, hold.reason, hold.code)
+        self.hold = hold
 
     def _prepare(self, decision: Decision) -> _Ready:
         if decision.operator == "decouple" or decision.partner_id is None:
             return _Ready(decision, torch.zeros(0))
+        # Exactly the partner snapshot that was scored, never a newer one published since.
+        ref = decision.partner_snapshot
         try:
-            partner = self._client.tether(self.federation, decision.partner_id, decision.layer)
+            partner = self._client.tether(
+                self.federation, decision.partner_id, decision.layer,
+                version=None if ref is None else ref.version,
+            )  # fmt: skip
         except NotFoundError as error:
             return _Ready(decision, None, f"partner tether unavailable: {error.detail}")
         except FrameError as error:  # the partner's bytes are not a usable tether

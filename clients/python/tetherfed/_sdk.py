@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from tether_protocol.frame import decode_frame
 from tether_protocol.messages import (
+    INCARNATION_HEADER,
     AckCreate,
     AckPublic,
     CompatibilitiesPublic,
@@ -182,9 +183,9 @@ class _Calls:
         return Call("GET", f"/v1/federations/{_p(fed, 'workers', wid)}/tethers", TethersPublic)
 
     @staticmethod
-    def tether_bytes(fed: str, wid: str, layer: str) -> Call[bytes]:
+    def tether_bytes(fed: str, wid: str, layer: str, version: int | None = None) -> Call[bytes]:
         path = f"/v1/federations/{_p(fed, 'workers', wid, 'tethers', layer)}"
-        return Call("GET", path, raw=True)
+        return Call("GET", path, raw=True, params={} if version is None else {"version": version})
 
     @staticmethod
     def tether_stats(fed: str, wid: str, layer: str) -> Call[TetherStats]:
@@ -378,6 +379,8 @@ class Client:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.endpoints = Endpoints(coordinator_urls(base_url))
+        # The federation incarnation the last worker-facing answer named (X-Tether-Incarnation).
+        self.incarnation: str | None = None
         self._http = httpx.Client(
             base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
             transport=transport, **({} if transport else http_options(self.endpoints.url)),
@@ -409,6 +412,7 @@ class Client:
                 if left and isinstance(exc, httpx.ConnectError):
                     continue  # nothing was sent: the next replica may take it
                 raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+            self.incarnation = response.headers.get(INCARNATION_HEADER, self.incarnation)
             return _read(call, response)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -488,9 +492,13 @@ class Client:
     def tethers(self, fed: str, wid: str) -> TethersPublic:
         return self.call(CALLS.tethers(fed, wid))
 
-    def tether(self, fed: str, wid: str, layer: str) -> npt.NDArray[np.floating[Any]]:
-        """One layer's latest published tether, decoded from its safetensors frame."""
-        frame = decode_frame(self.call(CALLS.tether_bytes(fed, wid, layer)), require_meta=False)
+    def tether(
+        self, fed: str, wid: str, layer: str, version: int | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
+        """One layer's latest published tether (or that of snapshot `version`: NotFoundError
+        (410) once the coordinator no longer stores it), decoded from its safetensors frame."""
+        call = CALLS.tether_bytes(fed, wid, layer, version)
+        frame = decode_frame(self.call(call), require_meta=False)
         return frame.tensors[layer]
 
     def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
@@ -571,6 +579,7 @@ class AsyncClient:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.endpoints = Endpoints(coordinator_urls(base_url))
+        self.incarnation: str | None = None  # as Client.incarnation
         self._http = httpx.AsyncClient(
             base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
             transport=transport, **({} if transport else http_options(self.endpoints.url)),
@@ -605,6 +614,7 @@ class AsyncClient:
                 if left and isinstance(exc, httpx.ConnectError):
                     continue  # nothing was sent: the next replica may take it
                 raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+            self.incarnation = response.headers.get(INCARNATION_HEADER, self.incarnation)
             return _read(call, response)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -684,9 +694,11 @@ class AsyncClient:
     async def tethers(self, fed: str, wid: str) -> TethersPublic:
         return await self.call(CALLS.tethers(fed, wid))
 
-    async def tether(self, fed: str, wid: str, layer: str) -> npt.NDArray[np.floating[Any]]:
+    async def tether(
+        self, fed: str, wid: str, layer: str, version: int | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         frame = decode_frame(
-            await self.call(CALLS.tether_bytes(fed, wid, layer)), require_meta=False
+            await self.call(CALLS.tether_bytes(fed, wid, layer, version)), require_meta=False
         )
         return frame.tensors[layer]
 

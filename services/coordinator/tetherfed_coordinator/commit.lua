@@ -5,6 +5,9 @@
 --       5 merges hash, 6 cooldowns hash, 7 federation hash
 -- ARGV: 1 version, 2 maxlen, 3 epoch, 4 n decisions, then n × (action, JSON body without id),
 --       then m, m × (layer, merges added), then c, c × (cooldown field, step), then the
+--       hold JSON ('' for none: HDEL), then p, the pin TTL (ms), p × partner snapshot version
+--       (KEYS 8 + 2(k-1), 9 + 2(k-1): that partner's snapshot meta hash and `Keys.pin` of the
+--       version: a decision names it, so it stays readable after a newer publish), then the
 --       scored_version the round's state was read at (compare-and-set: -3 when another
 --       scorer committed a round for this worker since, so the caller rescores with fresh state)
 -- A federation being deleted loses its hash first: write nothing that would outlive it.
@@ -42,5 +45,22 @@ i = i + 1
 for _ = 1, c do
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   i = i + 2
+end
+if ARGV[i] == '' then
+  redis.call('HDEL', KEYS[1], 'hold')
+else
+  redis.call('HSET', KEYS[1], 'hold', ARGV[i])
+end
+local p, ttl = tonumber(ARGV[i + 1]), ARGV[i + 2]
+i = i + 3
+for k = 1, p do
+  local meta, pin = KEYS[6 + 2 * k], KEYS[7 + 2 * k]
+  if redis.call('HGET', meta, 'version') == ARGV[i] and redis.call('HEXISTS', meta, 'tag') == 1 then
+    if redis.call('EXISTS', pin) == 0 then
+      redis.call('HSET', pin, unpack(redis.call('HGETALL', meta)))
+    end
+    redis.call('PEXPIRE', pin, ttl)
+  end
+  i = i + 1
 end
 return ids

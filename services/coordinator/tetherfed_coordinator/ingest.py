@@ -351,6 +351,7 @@ async def _commit(
         names = [
             keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.alive(fed, wid),
             keys.federation(fed), keys.legacy_snapshot(fed, wid),
+            keys.pin(fed, wid, int(prev.get("version") or 0)),
             *(keys.segment(fed, wid, tag, i) for i in range(count)),
             *(frame_keys(keys, fed, wid, prev) if "tag" in prev else []),
         ]  # fmt: skip

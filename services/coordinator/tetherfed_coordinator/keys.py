@@ -115,6 +115,12 @@ class Keys:
         unlinked by the worker's next publish."""
         return f"{self.federation(fed)}:w:{wid}:snap"
 
+    def pin(self, fed: str, wid: str, version: int) -> str:
+        """Hash with a TTL: a copy of the snapshot meta hash of `version`, written when a
+        decision names that snapshot as its partner's; while it lives, a publish replacing the
+        snapshot lets its segments expire with it instead of unlinking them."""
+        return f"{self.worker(fed, wid)}:pin:{version}"
+
     def snapshot_meta(self, fed: str, wid: str) -> str:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
         return f"{self.federation(fed)}:w:{wid}:snapmeta"

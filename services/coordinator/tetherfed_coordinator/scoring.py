@@ -33,7 +33,15 @@ from threadpoolctl import ThreadpoolController
 
 from tether_protocol.compat import CompatibilityMatrix, all_pairs, centre_gram, row_scores
 from tether_protocol.frame import tensor_view
-from tether_protocol.messages import Decision, Measure, Policy, SketchPolicy, SnapshotRef, utcnow
+from tether_protocol.messages import (
+    Decision,
+    Hold,
+    Measure,
+    Policy,
+    SketchPolicy,
+    SnapshotRef,
+    utcnow,
+)
 from tether_protocol.policy import (
     DecisionDraft,
     FederationState,
@@ -477,13 +485,41 @@ class Scorer:
         args.append(len(result.cooldowns))
         for (layer, partner), step in result.cooldowns.items():
             args += [f"{layer}{FIELD_SEP}{partner}", step]
+        args.append(self._hold(own, result, now))
+        pins = self._pins(result)
+        args += [len(pins), max(1, int(self.settings.snapshot_pin_s * 1000))]
+        args += [version for _, version in pins]
         args.append(read_at)
         names = [
             keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
             keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
             keys.federation(fed),
         ]  # fmt: skip
+        for partner, version in pins:
+            names += [keys.snapshot_meta(fed, partner), keys.pin(fed, partner, version)]
         pipe.eval(self.store.commit_script, len(names), *names, *args)
+
+    @staticmethod
+    def _hold(own: Snapshot, result: Round, now: datetime) -> str:
+        """The round's hold as stored on the worker record ('' when it decided a merge or
+        drift: the record's hold is removed)."""
+        if result.hold is None:
+            return ""
+        hold = Hold(
+            code=result.hold.code, reason=result.hold.reason, layer=result.hold.layer,
+            step=own.step, version=own.version, at=now,
+        )  # fmt: skip
+        return hold.model_dump_json()
+
+    @staticmethod
+    def _pins(result: Round) -> list[tuple[str, int]]:
+        """(partner, snapshot version) each merge or drift of the round applies: kept readable
+        after the partner publishes again (`Keys.pin`), so the worker applies what was scored."""
+        return sorted({
+            (d.partner_snapshot.worker_id, d.partner_snapshot.version)
+            for d in result.decisions
+            if d.action != "hold" and d.operator != "decouple" and d.partner_snapshot is not None
+        })  # fmt: skip
 
     @staticmethod
     def _body(fed: str, policy: Policy, own: Snapshot, draft: DecisionDraft, now: datetime) -> str:

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         default=30_000, ge=1, description="A pending scoring entry idle this long is reclaimed."
     )
     long_poll_max_s: float = Field(default=30.0, ge=0)
+    snapshot_pin_s: float = Field(
+        default=60.0, gt=0,
+        description="A partner snapshot a merge or drift decision names stays readable "
+        "(`?version=`) this long after a newer publish replaced it; a worker applying the "
+        "decision later acks it rejected.",
+    )  # fmt: skip
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     telemetry_maxlen: int = Field(
         default=2000, ge=1, description="Telemetry points kept per worker, metric and layer."

@@ -24,6 +24,7 @@ from tether_protocol.messages import (
     AckPublic,
     Decision,
     FederationPublic,
+    Hold,
     LayerSpec,
     Policy,
     SnapshotMeta,
@@ -85,6 +86,19 @@ class Snapshot:
     # full frame. `memo`: what the scorer derived from this snapshot (sketches of its layers).
     sketched: dict[str, Any] | None = None
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+
+def incarnation(record: Mapping[str, str]) -> str:
+    """A federation hash's incarnation (one stored before incarnations: derived from its
+    creation time, which is as unique)."""
+    made = record.get("incarnation")
+    return made or hashlib.sha256(record["created_at"].encode()).hexdigest()[:16]
+
+
+def hold_of(record: Mapping[str, str]) -> Hold | None:
+    """The hold a worker record holds (its latest round decided nothing to apply), if any."""
+    raw = record.get("hold")
+    return Hold.model_validate_json(raw) if raw else None
 
 
 def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snapshot | None:
@@ -189,9 +203,9 @@ class Store:
         if not await self.r.sadd(self.keys.federations(), name):
             raise HTTPException(409, f"federation {name!r} already exists")
         now = utcnow().isoformat()
+        record = {"policy": policy.model_dump_json(), "created_at": now}
         await self.r.hset(
-            self.keys.federation(name),
-            mapping={"policy": policy.model_dump_json(), "created_at": now},
+            self.keys.federation(name), mapping=record | {"incarnation": secrets.token_hex(8)}
         )
         return await self.federation(name)
 
@@ -217,7 +231,15 @@ class Store:
             created_at=datetime.fromisoformat(record["created_at"]),
             workers=workers,
             decisions=int(seq or 0),
+            incarnation=incarnation(record),
         )
+
+    async def incarnation(self, fed: str) -> tuple[Policy, str]:
+        """The federation's policy and incarnation; 404 if the federation is unknown."""
+        raw = await self.r.hgetall(self.keys.federation(fed))
+        if not raw:
+            raise federation_not_found(fed)
+        return Policy.model_validate_json(raw["policy"]), incarnation(raw)
 
     async def federations(self) -> list[FederationPublic]:
         """Every federation, sorted by name."""
@@ -260,7 +282,7 @@ class Store:
     # ---------------------------------------------------------------- workers
     async def register(self, fed: str, body: WorkerCreate) -> WorkerRegistered:
         """Register a worker: a fresh id and token; the worker starts active."""
-        policy = await self.policy(fed)
+        policy, made = await self.incarnation(fed)
         wid = f"{body.name}-{secrets.token_hex(3)}"
         while await self.r.sismember(self.keys.workers(fed), wid):
             wid = f"{body.name}-{secrets.token_hex(3)}"
@@ -273,6 +295,7 @@ class Store:
             "registered_at": utcnow().isoformat(),
             "status": "active",
             "version": 0,
+            "incarnation": made,
         }
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.worker(fed, wid), mapping=record)
@@ -280,7 +303,9 @@ class Store:
             pipe.hset(self.keys.tokens(fed), hash_token(token), wid)
             pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
             await pipe.execute()
-        return WorkerRegistered(worker_id=wid, token=token, federation=fed, policy=policy)
+        return WorkerRegistered(
+            worker_id=wid, token=token, federation=fed, policy=policy, incarnation=made
+        )
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.settings.heartbeat_ttl_s * 1000))
@@ -315,6 +340,10 @@ class Store:
         """The registered layer table of a worker record."""
         return [LayerSpec.model_validate(x) for x in json.loads(record["layers"])]
 
+    async def worker_incarnation(self, fed: str, wid: str) -> str:
+        """The incarnation a worker was registered in ('' for records older than them)."""
+        return await self.r.hget(self.keys.worker(fed, wid), "incarnation") or ""
+
     async def worker_public(self, fed: str, wid: str) -> WorkerPublic:
         """One worker as REST shows it."""
         record = await self.worker_record(fed, wid)
@@ -342,6 +371,7 @@ class Store:
             snapshot_version=int(record.get("version", 0)),
             registered_at=datetime.fromisoformat(record["registered_at"]),
             last_seen=datetime.fromisoformat(last_seen),
+            hold=hold_of(record),
         )
 
     async def workers(self, fed: str) -> list[WorkerPublic]:
@@ -364,9 +394,10 @@ class Store:
     async def heartbeat(
         self, fed: str, wid: str, step: int, epoch: int, loss: float | None,
         grad_norm: float | None, session: str | None = None, ending: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> dict[str, str]:  # fmt: skip
         """Record progress and renew the liveness TTL (a lost worker becomes active again); 409
-        when another process (`session`) heartbeat under this worker id within the TTL."""
+        when another process (`session`) heartbeat under this worker id within the TTL. Returns
+        the worker record as it was before."""
         record = await self.worker_record(fed, wid)
         if record["status"] == "left":
             raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")
@@ -385,6 +416,7 @@ class Store:
             pipe.hset(self.keys.worker(fed, wid), mapping=fields)
             pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
             await pipe.execute()
+        return record
 
     def _fence(self, wid: str, record: dict[str, str], session: str | None) -> None:
         held, at = record.get("session"), float(record.get("session_at") or 0)
@@ -483,6 +515,16 @@ class Store:
         if wid not in found:
             raise no_snapshot(fed, wid)
         return found[wid]
+
+    async def pinned_snapshot(self, fed: str, wid: str, version: int) -> Snapshot | None:
+        """Snapshot `version` of a worker while a decision's pin keeps it (`Keys.pin`), else
+        None (never pinned, or the pin and its segments expired)."""
+        meta: dict[str, str] = await self.r.hgetall(self.keys.pin(fed, wid, version))
+        names = frame_keys(self.keys, fed, wid, meta) if "tag" in meta else []
+        parts: list[bytes | None] = await self.rb.mget(names) if names else []
+        if not names or any(part is None for part in parts):
+            return None
+        return snapshot_from(wid, meta, parts)  # type: ignore[arg-type]
 
     async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
         """Read metadata, then the segments it names; a worker whose segments were replaced

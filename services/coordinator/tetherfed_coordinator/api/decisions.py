@@ -11,8 +11,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tether_protocol.messages import AckCreate, AckPublic, Action, Decision, DecisionsPublic
 
-from ..store import Store
+from ..store import Store, hold_of
 from .deps import ActingWorker, ReaderAuth, SettingsDep, StoreDep, WorkerOrAdminAuth
+from .workers import incarnation_header
 
 router = APIRouter(prefix="/v1/federations/{fed}", tags=["decisions"])
 
@@ -94,15 +95,17 @@ async def stream_decisions(
 
 @router.get("/workers/{wid}/decisions", dependencies=[WorkerOrAdminAuth])
 async def worker_decisions(
-    fed: str, wid: str, store: StoreDep, settings: SettingsDep, after: After = 0,
-    wait: Annotated[float, Query(ge=0)] = 0.0, limit: Limit = 100,
+    fed: str, wid: str, store: StoreDep, settings: SettingsDep, response: Response,
+    after: After = 0, wait: Annotated[float, Query(ge=0)] = 0.0, limit: Limit = 100,
 ) -> DecisionsPublic:  # fmt: skip
     """Merge/drift decisions for this worker after `after`; waits up to `wait` s (long poll,
-    capped by the server) when there are none yet."""
-    await store.worker_record(fed, wid)
+    capped by the server) when there are none yet. `hold`: why the worker's latest scoring
+    round gave it nothing to apply."""
+    record = await store.worker_record(fed, wid)
+    response.headers.update(incarnation_header(record))
     wait_s = min(wait, settings.long_poll_max_s)
     data = await store.worker_decisions(fed, wid, after, limit, wait_s)
-    return page(data, after)
+    return page(data, after).model_copy(update={"hold": hold_of(record)})
 
 
 @router.post("/decisions/{decision_id}/ack", responses={200: {"model": AckPublic}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from tether_protocol.frame import FrameError
 from tether_protocol.messages import SketchAccepted
@@ -13,7 +13,7 @@ from tether_protocol.sketch import decode_sketch_frame
 from ..ingest import frame_http_error, publishers_frame
 from .deps import MetricsDep, StoreDep, WorkerAuth
 from .tethers import FRAME_BODY
-from .workers import ensure_member
+from .workers import ensure_member, incarnation_header
 
 router = APIRouter(prefix="/v1/federations/{fed}/workers/{wid}/sketch", tags=["tethers"])
 MAX_SKETCH_BYTES = 64 << 20  # a sketch frame is small: k floats per large layer, small layers whole
@@ -21,8 +21,9 @@ MAX_SKETCH_BYTES = 64 << 20  # a sketch frame is small: k floats per large layer
 
 @router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
 async def publish_sketch(
-    fed: str, wid: str, request: Request, store: StoreDep, metrics: MetricsDep
-) -> SketchAccepted:
+    fed: str, wid: str, request: Request, store: StoreDep, metrics: MetricsDep,
+    response: Response,
+) -> SketchAccepted:  # fmt: skip
     """Publish a sketch frame (`tether_protocol.encode_sketch_frame`): scored like a publish,
     on sketches, while the full tether a decision applies stays the last full publish. 409 when
     the federation's policy has no `sketch`; 400/413/422 naming what is wrong; nothing written.
@@ -31,6 +32,7 @@ async def publish_sketch(
     started = time.perf_counter()
     policy, record, _ = await store.publish_context(fed, wid)
     ensure_member(record, fed, wid)
+    response.headers.update(incarnation_header(record))
     if policy.sketch is None:
         raise HTTPException(
             409, f"federation {fed!r} scores full tethers: its policy has no sketch"

@@ -20,7 +20,7 @@ from tether_protocol.messages import (
 from ..ingest import receive_publish
 from ..store import Snapshot, Store
 from .deps import MetricsDep, ReaderAuth, SettingsDep, StoreDep, WorkerAuth
-from .workers import ensure_member
+from .workers import ensure_member, incarnation_header
 
 router = APIRouter(prefix="/v1/federations/{fed}/workers/{wid}/tethers", tags=["tethers"])
 
@@ -38,12 +38,13 @@ SAFETENSORS = {200: {"content": {"application/octet-stream": {}}, "description":
 @router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
 async def publish(
     fed: str, wid: str, request: Request, store: StoreDep, settings: SettingsDep,
-    metrics: MetricsDep,
+    metrics: MetricsDep, response: Response,
 ) -> PublishAccepted:  # fmt: skip
     """Publish a snapshot (413 over the size cap; 400/422 naming what is wrong; nothing written)."""
     started = time.perf_counter()
     policy, record, prev = await store.publish_context(fed, wid)
     ensure_member(record, fed, wid)
+    response.headers.update(incarnation_header(record))
     layers = store.layers_of(record)
     limit = settings.max_frame_bytes
     done = await receive_publish(store, request, limit, fed, wid, policy, layers, prev)
@@ -101,6 +102,22 @@ async def _layer_frame(
     )
 
 
+async def _pinned(store: Store, fed: str, wid: str, version: int, latest: int) -> Snapshot:
+    if version > latest:
+        raise HTTPException(
+            404, f"worker {wid!r} has no snapshot version {version} yet (latest: {latest})"
+        )
+    snap = await store.pinned_snapshot(fed, wid, version)
+    if snap is None:
+        raise HTTPException(
+            410,
+            f"snapshot version {version} of worker {wid!r} is no longer stored (latest: "
+            f"{latest}; one a decision names is kept {store.settings.snapshot_pin_s:g} s after "
+            "a newer publish)",
+        )
+    return snap
+
+
 GENERATIONS = "/generations"
 
 
@@ -109,9 +126,12 @@ async def layer(
     fed: str, wid: str, layer: str, store: StoreDep,
     format: Literal["safetensors", "stats"] = "safetensors",
     generation: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
 ) -> Response | TetherStats | GenerationsPublic:  # fmt: skip
     """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
-    `?generation=g`: a retained generation's tensor); `{layer}/generations`: its lineage.
+    `?generation=g`: a retained generation's tensor; `?version=v`: snapshot v exactly, the
+    latest or one a decision names (kept `snapshot_pin_s` after a newer publish), else 410);
+    `{layer}/generations`: its lineage.
 
     Any layer name works URL-encoded, `/` included (a name that is itself registered wins over
     the `/generations` suffix)."""
@@ -121,6 +141,8 @@ async def layer(
     if layer not in registered and layer.endswith(GENERATIONS) and base in registered:
         return await generations(fed, wid, base, store)
     snap = await store.snapshot_layer(fed, wid, layer)
+    if version is not None and version != snap.version:
+        snap = await _pinned(store, fed, wid, version, snap.version)
     if layer not in snap.entries:
         raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
     if format == "stats":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response
 
 from tether_protocol.messages import (
+    INCARNATION_HEADER,
     Heartbeat,
     WorkerCreate,
     WorkerPublic,
@@ -31,19 +32,22 @@ async def list_workers(fed: str, store: StoreDep) -> WorkersPublic:
 
 
 @router.get("/{wid}", dependencies=[ReaderAuth])
-async def get_worker(fed: str, wid: str, store: StoreDep) -> WorkerPublic:
-    """One worker."""
-    return await store.worker_public(fed, wid)
+async def get_worker(fed: str, wid: str, store: StoreDep, response: Response) -> WorkerPublic:
+    """One worker (with `hold`: why its latest scoring round gave it nothing to apply)."""
+    worker = await store.worker_public(fed, wid)
+    made = await store.worker_incarnation(fed, wid)
+    response.headers.update(incarnation_header({"incarnation": made}))
+    return worker
 
 
 @router.post("/{wid}/heartbeat", status_code=204, dependencies=[WorkerAuth])
 async def heartbeat(fed: str, wid: str, body: Heartbeat, store: StoreDep) -> Response:
     """Renew liveness and record progress; 409 after the worker left, or while another process
     (`session`) runs under this worker id."""
-    await store.heartbeat(
+    record = await store.heartbeat(
         fed, wid, body.step, body.epoch, body.loss, body.grad_norm, body.session, body.ending
     )
-    return Response(status_code=204)
+    return Response(status_code=204, headers=incarnation_header(record))
 
 
 @router.delete("/{wid}", status_code=204, dependencies=[WorkerOrAdminAuth])
@@ -58,6 +62,14 @@ async def rejoin(fed: str, wid: str, store: StoreDep) -> WorkerPublic:
     """A worker that left (or was lost) comes back under the same id, e.g. resumed from a
     checkpoint: it publishes and is scored again. Needs the worker's own token."""
     return await store.rejoin(fed, wid)
+
+
+def incarnation_header(record: dict[str, str]) -> dict[str, str]:
+    """`X-Tether-Incarnation`: the federation incarnation the worker record belongs to, on every
+    worker-facing answer, so a worker notices a federation created anew under its feet (none
+    for records written before incarnations)."""
+    made = record.get("incarnation")
+    return {INCARNATION_HEADER: made} if made else {}
 
 
 def ensure_member(record: dict[str, str], fed: str, wid: str) -> None:
