@@ -1,8 +1,8 @@
 """The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`; DESIGN
 §11, the `tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
 
-- Coordinator replicas are actors (`CoordinatorReplica`), one per bundle of a placement group
-  with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the
+- Coordinator replicas are actors (`tetherfed_coordinator.replica`), one per bundle of a
+  placement group with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the
   one Redis given (`--redis-url`: an embedded Redis would live on one node and die with it, so
   the engine refuses to run without one). Workers get every replica's URL and fail over between
   them (`tetherfed.Client` takes several URLs).
@@ -24,8 +24,6 @@ import contextlib
 import io
 import logging
 import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterable
@@ -34,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._exits import EXIT_FAILED
-from ._launch import LocalEngine, wait_ready
+from ._launch import LocalEngine
 
 NAMESPACE = "tetherfed"
 MAX_RESTARTS = 3  # an actor that died this often stays dead: the run fails
@@ -121,50 +119,10 @@ class WorkerActor:
             logging.basicConfig(level=logging.INFO, stream=err, force=True,
                                 format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
             if self.restarted:
-                logging.getLogger("tetherfed.ray").warning("actor restarted: resuming")
+                logging.getLogger("tetherfed.ray").warning(
+                    "actor restarted in process %d: resuming from the checkpoint", os.getpid()
+                )
             return int(main(argv))
-
-
-def node_address(ray: Any) -> str:
-    """The address Ray reaches this actor's node at (the raylet's `--node-ip-address`), which
-    other nodes reach a server on it at too."""
-    node_id = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return str(node["NodeManagerAddress"])
-    return str(ray.util.get_node_ip_address())
-
-
-class CoordinatorReplica:
-    """One coordinator replica in a Ray actor: `python -m tetherfed_coordinator` on this node,
-    bound to every interface on `port`, against `redis_url`; its output goes to `log`. The
-    process gets SIGTERM when the actor dies (PR_SET_PDEATHSIG), so none outlives its actor."""
-
-    def __init__(self, redis_url: str, port: int, log: str, ready_timeout_s: float) -> None:
-        import ray  # noqa: PLC0415 (inside the actor: ray is there)
-
-        from tetherfed_coordinator.embedded import die_with_parent  # noqa: PLC0415
-
-        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "0.0.0.0",
-               "--port", str(port), "--redis-url", redis_url]  # fmt: skip
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 (prctl only, before exec)
-            )  # fmt: skip
-        self.url = f"http://{node_address(ray)}:{port}"
-        problem = wait_ready(f"http://127.0.0.1:{port}", self.proc, ready_timeout_s)  # type: ignore[arg-type]
-        if problem is not None:
-            self.proc.kill()
-            raise RuntimeError(f"coordinator replica on {self.url}: {problem}; see {log}")
-
-    def address(self) -> tuple[str, int]:
-        """(URL other nodes reach this replica at, this actor's process id)."""
-        return self.url, os.getpid()
-
-    def wait(self) -> int:
-        """Block until the coordinator process exits; its exit code."""
-        return self.proc.wait()
 
 
 # -- driver-side handles (the launcher's `Process`) ----------------------------------------------
@@ -350,6 +308,8 @@ class RayEngine:
         except Exception as exc:
             raise EngineFailed(f"the cluster cannot place {self.coordinators} coordinator "
                                f"replicas of 1 CPU each: {exc}") from exc  # fmt: skip
+        from tetherfed_coordinator.replica import CoordinatorReplica  # noqa: PLC0415
+
         actor = ray.remote(CoordinatorReplica)
         handles = []
         for k in range(self.coordinators):
