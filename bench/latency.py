@@ -21,7 +21,7 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import Client
 
-from .common import line
+from .common import CpuMeter, line
 from .harness import coordinator
 
 TARGET_P99_MS = 5.0
@@ -63,9 +63,11 @@ class _Worker:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 page = self.poller.worker_decisions(self.fed, self.wid, after=self.cursor, wait=5.0)
-                if page.data:
+                self.cursor = page.last_id
+                # This publish's decision, not a late one of an earlier publish (which would
+                # read as a negative latency, and leave this one for the next sample).
+                if any(d.own_snapshot.step == self.step for d in page.data):
                     arrived.append(time.perf_counter())
-                    self.cursor = max(d.id for d in page.data)
                     break
             seen.set()
 
@@ -111,11 +113,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             encode_frame({"fc": base[:32, :32]}, SnapshotMeta(worker_id=ref.wid, step=1, epoch=0)),
         )
         ours, reference = [], []
+        meter = CpuMeter(coord.pid)
+        meter.start()
         for i in range(samples):
             ours.append(workers[i % WORKERS].sample(base))
             started = time.perf_counter()
             ref.api.tether("reference", ref.wid, "fc")
             reference.append(time.perf_counter() - started)
+        cpu = meter.stop()
         for w in [*workers, ref]:
             w.close()
         admin.close()
@@ -136,6 +141,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "p50_ms": round(p50, 3),
             "p99_ms": round(p99, 3),
             "reference_p99_ms": round(percentile(reference, 0.99) * 1e3, 3),
+            "cpu": cpu,
         },
     )
 

@@ -26,7 +26,7 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import AsyncClient
 
-from .common import line
+from .common import CpuMeter, line
 from .harness import coordinator
 
 TARGET_P99_MS = 50.0
@@ -117,7 +117,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Run the load and judge it."""
     workers, hz, seconds = (8, 5.0, 5.0) if quick else (64, 10.0, 60.0)
     with coordinator() as coord:
+        meter = CpuMeter(coord.pid)
+        meter.start()
         out = asyncio.run(_run(coord.url, workers, hz, seconds))
+        cpu = meter.stop()
     lat = out["latencies_ms"] or [float("inf")]
     p50, p99 = float(np.quantile(lat, 0.5)), float(np.quantile(lat, 0.99))
     backlog = [b for b in out["backlog"] if b >= 0] or [0]
@@ -138,7 +141,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "sent": out["sent"], "scored": out["scored"],
             "coalesced": out["sent"] - out["scored"],
             "backlog_first_quarter_max": max(backlog[:quarter]), "backlog_last_quarter_max": max(backlog[-quarter:]),
-            "backlog_stable": stable,
+            "backlog_stable": stable, "cpu": cpu,
         },
     )  # fmt: skip
 

@@ -35,7 +35,7 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import LayerSpec, Policy, SketchPolicy, SnapshotMeta
 from tether_protocol.sketch import LayerSketch, encode_sketch_frame, sketch_layer
 
-from .common import line
+from .common import CpuMeter, line
 from .harness import coordinator
 
 TARGET_P99_MS = 50.0
@@ -157,7 +157,9 @@ def _backlog(url: str, until: float) -> list[int]:
     return samples
 
 
-def _drive(url: str, workers: int, hz: float, seconds: float, procs: int) -> dict[str, Any]:
+def _drive(
+    url: str, workers: int, hz: float, seconds: float, procs: int, meter: CpuMeter | None = None
+) -> dict[str, Any]:
     with httpx.Client(base_url=url) as admin:
         body = {"name": "load", "policy": POLICY.model_dump()}
         admin.post("/v1/federations", json=body).raise_for_status()
@@ -177,7 +179,10 @@ def _drive(url: str, workers: int, hz: float, seconds: float, procs: int) -> dic
         before = scrape(url)
         sync[2].value = start = time.time() + 0.5
         sync[1].set()
+        if meter is not None:
+            meter.start()
         backlog = _backlog(url, start + seconds)
+        cpu = meter.stop() if meter is not None else {}
         sent = sum(sync[3].get(timeout=120) for _ in gens)
     finally:
         for g in gens:
@@ -185,7 +190,7 @@ def _drive(url: str, workers: int, hz: float, seconds: float, procs: int) -> dic
             if g.is_alive():
                 g.kill()
     time.sleep(1.0)
-    return {"before": before, "after": scrape(url), "backlog": backlog, "sent": sent}
+    return {"before": before, "after": scrape(url), "backlog": backlog, "sent": sent, "cpu": cpu}
 
 
 def _delta(m: dict[str, Any], name: str) -> float:
@@ -199,7 +204,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     with coordinator(
         TETHER_SCORER_PROCESSES=os.environ.get("TETHER_SCORER_PROCESSES", "1")
     ) as coord:
-        m = _drive(coord.url, workers, hz, seconds, procs)
+        m = _drive(coord.url, workers, hz, seconds, procs, CpuMeter(coord.pid))
     name = "tetherfed_publish_to_decision_seconds"
     p50, p99 = quantile(m, name, 0.5) * 1e3, quantile(m, name, 0.99) * 1e3
     accepted = int(_delta(m, "tetherfed_publishes_total"))  # sketch publishes only, by then
@@ -227,6 +232,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 quantile(m, "tetherfed_publish_seconds", 0.99, kind="sketch") * 1e3, 2),
             "backlog_first_quarter_max": max(backlog[:quarter]),
             "backlog_last_quarter_max": max(backlog[-quarter:]), "backlog_stable": stable,
+            "cpu": m["cpu"],
         },
     )  # fmt: skip
 

@@ -25,7 +25,7 @@ from tether_protocol.frame import encode_parts
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import Client, RetryPolicy
 
-from .common import line
+from .common import CpuMeter, line
 from .harness import coordinator
 
 TARGET_S = 0.5
@@ -111,11 +111,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         workers = [_Worker(coord.url, f"w{i}", layers) for i in range(n)]
         try:
             times = []
-            for r in range(rounds + 1):  # round 0 gives everyone a snapshot (publishes only)
+            meter = CpuMeter(coord.pid)
+            for r in range(rounds + 1):
+                if r == 1:
+                    meter.start()  # round 0 gives everyone a snapshot (publishes only)
                 frames = [w.parts(base, rng) for w in workers]
                 elapsed = _round(workers, frames, warmup=r == 0)
                 if r:
                     times.append(elapsed)
+            cpu = meter.stop()
             fetched = sum(w.fetched for w in workers) / rounds
         finally:
             for w in workers:
@@ -130,7 +134,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "min_s": round(min(times), 4), "max_s": round(max(times), 4),
             "published_mb_per_round": round(n * values * 4 / 1e6, 1),
             "fetched_mb_per_round": round(fetched / 1e6, 1),
-            "flower_reference_s": list(FLOWER_S), "flower_reference": "quoted from issue #17, not rerun",
+            "cpu": cpu, "flower_reference_s": list(FLOWER_S), "flower_reference": "quoted from issue #17, not rerun",
         },
     )  # fmt: skip
 

@@ -322,11 +322,13 @@ def _eligible(
     standing = standings(raw, policy.relative)
     if cooling:
         keep = np.ones(pos.size, dtype=bool)
-        where = {int(p): i for i, p in enumerate(pos)}
         for partner, last in cooling.items():
             at = _position(ids, partner)
-            if at is not None and at in where and snapshot.step - last < policy.cooldown_steps:
-                keep[where[at]] = False
+            if at is None or snapshot.step - last >= policy.cooldown_steps:
+                continue
+            i = int(np.searchsorted(pos, at))  # pos ascends
+            if i < pos.size and pos[i] == at:
+                keep[i] = False
         pos, raw, standing = pos[keep], raw[keep], standing[keep]
     return _Eligible(ids, pos, raw, standing)
 
