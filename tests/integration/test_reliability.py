@@ -580,9 +580,10 @@ def test_a_federation_created_anew_is_noticed_even_when_the_worker_id_still_reso
     assert len(anew_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("id_resolves", [True, False], ids=["id-resolves", "id-unknown"])
 def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_anew(
-    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
-    caplog: pytest.LogCaptureFixture,
+    id_resolves: bool, coordinator_process: Callable[..., Any], redis_url: str,
+    key_prefix: str, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     server = coordinator_process(TETHER_TOKEN="admin-secret")
     with Client(server.url, token="admin-secret") as admin:
@@ -594,7 +595,11 @@ def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_an
         finally:
             first.close(leave=False)
         old = checkpoint["worker_id"]
-        recreate_keeping_worker(redis_url, key_prefix, "r", old)
+        if id_resolves:
+            recreate_keeping_worker(redis_url, key_prefix, "r", old)
+        else:  # the coordinator lost the worker: its lookup answers 401 (token) or 404
+            admin.delete_federation("r")
+            admin.create_federation("r", policy=EVERY)  # type: ignore[arg-type]
         resumed = Federation(
             server.url, "r", tether(mlp(0)), token="admin-secret", resume=checkpoint,
             heartbeat_s=0.2, poll_wait_s=0.1,
@@ -610,7 +615,9 @@ def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_an
         assert client.hget(Keys(key_prefix).worker("r", old), "session") is None
     finally:
         client.close()
-    assert len(anew_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if "registering again" in r.getMessage()]
+    assert len(said) == 1, said
+    assert len(anew_logged(caplog)) == int(id_resolves), said
 
 
 # Unlinks every key under a prefix in one step: FLUSHALL of this test's keys only.

@@ -585,6 +585,8 @@ class Federation:
             self._publish(snap)
         except (BadRequestError, ConflictError, NotFoundError, AuthError) as error:
             self._refused(error)
+            if self.worker_id is None:
+                return  # forgotten: the next publish goes to a new registration, unpaused
         except TetherError:
             with self._lock:  # keep it unless training already produced a newer one
                 if self._pending is None:

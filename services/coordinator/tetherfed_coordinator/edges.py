@@ -20,6 +20,7 @@ _WHY = {
     403: "A valid token of the wrong principal.",
     404: "Unknown federation, worker, layer or decision.",
     409: "Conflicts with the current state (name taken, worker left, different ack).",
+    410: "No longer stored: a superseded snapshot version whose pin lapsed.",
     413: "Body over the configured maximum.",
     422: "The request is well-formed but invalid (validation, frame contents).",
     503: "Redis is unavailable or lost the data needed; retry later.",
