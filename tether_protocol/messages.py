@@ -38,6 +38,7 @@ HoldCode = Literal[
     "min_merge_score",
 ]
 INCARNATION_HEADER = "X-Tether-Incarnation"
+LAST_DECISION_HEADER = "X-Tether-Last-Decision"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 Name = Annotated[

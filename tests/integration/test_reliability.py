@@ -808,3 +808,49 @@ def test_a_worker_that_gets_no_decision_sees_why_once(
         fed.close()
     said = [r.getMessage() for r in caplog.records if "holds:" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_decisions_redis_lost_below_a_workers_cursor_are_noticed_and_new_ones_applied(
+    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    server = coordinator_process()
+    with Client(server.url) as admin:
+        admin.create_federation("d", policy=EVERY)  # type: ignore[arg-type]
+    feds = [joined(server.url, "d", tether(mlp(0))) for _ in range(2)]
+    applied: set[int] = set()
+
+    def step_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            for fed in feds:
+                applied.update(d.id for d in fed.step(loss=1.0).applied)
+            time.sleep(0.01)
+        assert done(), f"not reached: applied {sorted(applied)}"
+
+    def lost() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "lost decisions" in r.getMessage()]
+
+    try:
+        step_until(lambda: min(f._cursor for f in feds) >= 3)
+        before = min(f._cursor for f in feds)
+        keys, client = Keys(key_prefix), redis.Redis.from_url(redis_url)
+        try:  # what a Redis restored from an older copy has: no decision yet, same workers
+            with client.pipeline(transaction=True) as pipe:
+                pipe.set(keys.decision_seq("d"), 0)
+                pipe.unlink(keys.decisions("d"), keys.acks("d"))
+                pipe.unlink(*(keys.worker_decisions("d", str(f.worker_id)) for f in feds))
+                pipe.execute()
+        finally:
+            client.close()
+        deadline = time.monotonic() + 30
+        while len(lost()) < len(feds) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the I/O threads poll on their own
+        assert len(lost()) == len(feds), lost()
+        applied.clear()
+        step_until(lambda: any(i <= before for i in applied))
+        assert all(f.worker_id is not None for f in feds)
+    finally:
+        for fed in feds:
+            fed.close()
+    assert len(lost()) == len(feds), "said once per worker"

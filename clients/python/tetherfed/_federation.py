@@ -692,10 +692,15 @@ class Federation:
         wait = self.poll_wait_s if self._pending is None else min(self.poll_wait_s, until_publish)
         if not self._acks.empty() or self._stop.is_set():
             wait = 0.0
+        after = self._cursor
         page = self._client.worker_decisions(
-            self.federation, self.worker_id, after=self._cursor, wait=round(wait, 3)
+            self.federation, self.worker_id, after=after, wait=round(wait, 3)
         )
         self._held(page.hold)
+        last = self._client.last_decision
+        if last is not None and last < after:
+            self._rewind(last, after)
+            return  # poll again from there
         for decision in page.data:
             if decision.id not in self.applied_ids and decision.action != "hold":
                 ready = self._prepare(decision)
@@ -703,6 +708,18 @@ class Federation:
                 self._ready.put(ready)
             # Only once it is queued: a failed partner fetch re-polls the decision.
             self._cursor = max(self._cursor, decision.id)
+
+    def _rewind(self, last: int, cursor: int) -> None:
+        """The federation's decisions end below this worker's cursor: Redis lost decisions the
+        worker saw (restored from an older copy, a failover to a lagging replica), and the ids
+        after `last` will name new decisions. Poll from `last`, forget applied ids above it."""
+        log.warning(
+            "federation %r has decisions up to id %d only, below this worker's cursor %d: the "
+            "coordinator lost decisions; polling again from %d",
+            self.federation, last, cursor, last,
+        )  # fmt: skip
+        self._cursor, self._era = last, self._era + 1
+        self.applied_ids = {i for i in self.applied_ids if i <= last}
 
     def _held(self, hold: Hold | None) -> None:
         """Keep the latest hold (why the last round decided nothing to apply); log a new

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from tether_protocol.frame import decode_frame
 from tether_protocol.messages import (
     INCARNATION_HEADER,
+    LAST_DECISION_HEADER,
     AckCreate,
     AckPublic,
     CompatibilitiesPublic,
@@ -297,6 +298,18 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
+def _seen(
+    headers: httpx.Headers, incarnation: str | None, last_decision: int | None
+) -> tuple[str | None, int | None]:
+    """(incarnation, last decision id) as an answer's headers update them (a worker-facing
+    answer carries the first, a long poll the second)."""
+    last = headers.get(LAST_DECISION_HEADER)
+    return (
+        headers.get(INCARNATION_HEADER, incarnation),
+        int(last) if last is not None and last.isdigit() else last_decision,
+    )
+
+
 def is_loopback(base_url: str) -> bool:
     """Whether the URL names this machine (localhost, 127.0.0.0/8, ::1)."""
     host = httpx.URL(base_url).host
@@ -379,8 +392,10 @@ class Client:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.endpoints = Endpoints(coordinator_urls(base_url))
-        # The federation incarnation the last worker-facing answer named (X-Tether-Incarnation).
+        # The federation incarnation the last worker-facing answer named (X-Tether-Incarnation),
+        # and the federation's last decision id the last long poll saw (X-Tether-Last-Decision).
         self.incarnation: str | None = None
+        self.last_decision: int | None = None
         self._http = httpx.Client(
             base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
             transport=transport, **({} if transport else http_options(self.endpoints.url)),
@@ -390,6 +405,9 @@ class Client:
         """Send `token` as the bearer token from now on (a worker's own token after registering)."""
         self._http.headers.pop("authorization", None)
         self._http.headers.update(_headers(token))
+
+    def _headers(self, headers: httpx.Headers) -> None:
+        self.incarnation, self.last_decision = _seen(headers, self.incarnation, self.last_decision)
 
     def call(self, call: Call[T]) -> T:
         """Send one call, retrying idempotent ones per `self.retry`."""
@@ -412,7 +430,7 @@ class Client:
                 if left and isinstance(exc, httpx.ConnectError):
                     continue  # nothing was sent: the next replica may take it
                 raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-            self.incarnation = response.headers.get(INCARNATION_HEADER, self.incarnation)
+            self._headers(response.headers)
             return _read(call, response)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -579,7 +597,8 @@ class AsyncClient:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.endpoints = Endpoints(coordinator_urls(base_url))
-        self.incarnation: str | None = None  # as Client.incarnation
+        self.incarnation: str | None = None  # as Client's
+        self.last_decision: int | None = None
         self._http = httpx.AsyncClient(
             base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
             transport=transport, **({} if transport else http_options(self.endpoints.url)),
@@ -589,6 +608,9 @@ class AsyncClient:
         """Send `token` as the bearer token from now on."""
         self._http.headers.pop("authorization", None)
         self._http.headers.update(_headers(token))
+
+    def _headers(self, headers: httpx.Headers) -> None:
+        self.incarnation, self.last_decision = _seen(headers, self.incarnation, self.last_decision)
 
     async def call(self, call: Call[T]) -> T:
         """Send one call, retrying idempotent ones per `self.retry`."""
@@ -614,7 +636,7 @@ class AsyncClient:
                 if left and isinstance(exc, httpx.ConnectError):
                     continue  # nothing was sent: the next replica may take it
                 raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-            self.incarnation = response.headers.get(INCARNATION_HEADER, self.incarnation)
+            self._headers(response.headers)
             return _read(call, response)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -318,6 +318,18 @@ class Store:
             raise worker_not_found(fed, wid)
         return record
 
+    async def poll_context(self, fed: str, wid: str) -> tuple[dict[str, str], int]:
+        """A long poll's worker record and the federation's last decision id, in one round
+        trip; 404 for an unknown federation or worker."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.worker(fed, wid))
+            pipe.get(self.keys.decision_seq(fed))
+            record, seq = await pipe.execute()
+        if not record:
+            await self.policy(fed)
+            raise worker_not_found(fed, wid)
+        return record, int(seq or 0)
+
     async def publish_context(
         self, fed: str, wid: str
     ) -> tuple[Policy, dict[str, str], dict[str, str]]:

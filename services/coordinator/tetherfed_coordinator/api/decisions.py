@@ -9,7 +9,14 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from tether_protocol.messages import AckCreate, AckPublic, Action, Decision, DecisionsPublic
+from tether_protocol.messages import (
+    LAST_DECISION_HEADER,
+    AckCreate,
+    AckPublic,
+    Action,
+    Decision,
+    DecisionsPublic,
+)
 
 from ..store import Store, hold_of
 from .deps import ActingWorker, ReaderAuth, SettingsDep, StoreDep, WorkerOrAdminAuth
@@ -100,9 +107,10 @@ async def worker_decisions(
 ) -> DecisionsPublic:  # fmt: skip
     """Merge/drift decisions for this worker after `after`; waits up to `wait` s (long poll,
     capped by the server) when there are none yet. `hold`: why the worker's latest scoring
-    round gave it nothing to apply."""
-    record = await store.worker_record(fed, wid)
-    response.headers.update(incarnation_header(record))
+    round gave it nothing to apply. `X-Tether-Last-Decision`: the federation's last decision id
+    when the poll began (below `after`: decisions the worker saw were lost)."""
+    record, last = await store.poll_context(fed, wid)
+    response.headers.update(incarnation_header(record) | {LAST_DECISION_HEADER: str(last)})
     wait_s = min(wait, settings.long_poll_max_s)
     data = await store.worker_decisions(fed, wid, after, limit, wait_s)
     return page(data, after).model_copy(update={"hold": hold_of(record)})
