@@ -23,7 +23,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -150,6 +150,9 @@ class Federation:
     ...         loss = train_step(x, y)
     ...         fed.step(loss=loss.item(), epoch=epoch)
 
+    `url` is one coordinator, or several replicas of one (a list, or URLs separated by commas),
+    used with failover as `Client` does.
+
     `resume` takes a previous `state_dict()` (from a checkpoint) to continue under the same worker
     id with the same generations and applied decision ids. While another live process holds that
     id, resuming retries for `claim_wait_s` (a crashed one's heartbeat lapses), then `step()`
@@ -166,7 +169,7 @@ class Federation:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         federation: str,
         model: nn.Module,
         *,

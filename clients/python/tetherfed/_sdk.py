@@ -379,6 +379,9 @@ class Client:
 
     >>> with Client("http://127.0.0.1:8000") as api:
     ...     api.create_federation("demo", policy="seed")
+
+    `base_url` may name several replicas of one coordinator (`coordinator_urls`): requests fail
+    over between them (`Endpoints`). ValueError when it names none.
     """
 
     def __init__(
