@@ -66,6 +66,7 @@ from ._tethering import TetherParametrization, tethered_layers
 
 log = logging.getLogger("tetherfed.federation")
 TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
+MAX_PUBLISH_PAUSE_S = 10.0  # the longest pause the I/O budget puts between two publishes
 
 
 @dataclass
@@ -601,8 +602,11 @@ class Federation:
                 self._sending = None
         # Publishing may take at most `io_budget` of the wall clock (it competes with training for
         # the GIL and the CPU); snapshots taken meanwhile coalesce, the latest wins.
+        # A publish slowed by an outage or a coordinator just restarted pauses at most
+        # MAX_PUBLISH_PAUSE_S (19× a 5 s publish stopped publishing for 95 s).
         now = time.monotonic()
-        self._next_publish = now + (now - started) * (1.0 / self.io_budget - 1.0)
+        pause = (now - started) * (1.0 / self.io_budget - 1.0)
+        self._next_publish = now + min(pause, MAX_PUBLISH_PAUSE_S)
 
     def _publish(self, snap: _Snapshot) -> None:
         if snap.event is not None:
