@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv test lint unit demo bench bench-quick clean fuzz browser
+.PHONY: venv test lint unit demo bench bench-quick clean fuzz fuzz-ci chaos browser
 
 venv: $(STAMP)
 
@@ -29,6 +29,7 @@ unit: venv browser
 	$(PY) -m pytest -q
 	# The coordinator's API tests again, on a three-primary Redis Cluster started on loopback.
 	TETHERFED_TEST_REDIS=cluster $(PY) -m pytest -q tests/coordinator/test_api.py
+	$(MAKE) fuzz-ci
 
 # The page tests drive Debian's chromium headless through Playwright (never a browser Playwright
 # downloads); installed here when missing. Without it they fail under CI=true and skip elsewhere.
@@ -50,7 +51,7 @@ bench-quick: venv
 	$(PY) -m tetherfed.cli bench --quick --json bench-quick.jsonl
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
 
 # Fuzzing (issue 12): hypothesis on the frame decoders (CI runs 100 examples per test inside
 # `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful
@@ -58,3 +59,14 @@ clean:
 fuzz: venv
 	FUZZ_FRAME_EXAMPLES=$${FUZZ_FRAME_EXAMPLES:-3000} $(PY) -m pytest -q -p no:cacheprovider tests/protocol/test_frame_fuzz.py
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-60} $(PY) tests/fuzz/run_api_fuzz.py
+
+# CI's share of the API fuzzer (inside `make test`): 5 examples per operation, every phase, the
+# whole schemathesis run bounded to 40 s; fails on any server error or schema violation.
+fuzz-ci: venv
+	FUZZ_EXAMPLES=5 FUZZ_MAX_TIME=40 $(PY) tests/fuzz/run_api_fuzz.py
+
+# Chaos (issue 12): kill -9 workers, the coordinator, its scoring process and Redis at random
+# moments of a real ensemble, CHAOS_KILLS times each, then check that no acked decision was lost
+# and none applied twice (tests/chaos/run_chaos.py; `make test` runs 2 kills each).
+chaos: venv
+	CHAOS_KILLS=$${CHAOS_KILLS:-20} $(PY) tests/chaos/run_chaos.py

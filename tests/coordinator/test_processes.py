@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 
 import httpx
 import pytest
 from coord_helpers import EVERY_PUBLISH, frame, tensors, worker_body
+from procs import child_pids
 
 F = "/v1/federations"
 
@@ -45,6 +48,33 @@ def test_two_processes_share_scoring_without_duplicates(coordinator_process) -> 
         for d in data
     )
     assert max(rounds.values()) == 1, f"a round emitted a decision twice: {rounds.most_common(1)}"
+
+
+def _scorers(pid: int, timeout_s: float = 60, other_than: tuple[int, ...] = ()) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = child_pids(pid, "tetherfed_coordinator.scorer")
+        if pids and not set(pids) & set(other_than):
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(
+        f"expected a scoring process (other than {other_than}) within {timeout_s}s"
+    )
+
+
+def test_a_killed_scoring_process_is_started_again_and_scores(coordinator_process) -> None:
+    coordinator = coordinator_process(TETHER_SCORER_PROCESSES="1")
+    killed = _scorers(coordinator.pid)
+    os.kill(killed[0], signal.SIGKILL)
+    _scorers(coordinator.pid, other_than=tuple(killed))
+    with httpx.Client(base_url=coordinator.url) as c:
+        c.post(F, json={"name": "f", "policy": EVERY_PUBLISH}).raise_for_status()
+        wids = [c.post(f"{F}/f/workers", json=worker_body(f"w{i}")).json()["worker_id"]
+                for i in range(2)]  # fmt: skip
+        base = tensors(0)
+        for i, wid in enumerate(wids):
+            c.put(f"{F}/f/workers/{wid}/tethers", content=frame(wid, 1, tensors(i, base)))
+        assert _decisions(c, 1, timeout_s=60), "the restarted scoring process made no decision"
 
 
 def test_sse_resumes_after_last_event_id(coordinator_process) -> None:

@@ -3,7 +3,8 @@
 Starts a coordinator process (on $REDIS_URL under a fresh key prefix, or an embedded Redis) on a
 free loopback port, runs `schemathesis run` with every check and the stateful phase (links
 inferred from the schema), prints the figures and exits non-zero on any failure. The case budget
-is `--max-examples` per operation (FUZZ_EXAMPLES, default 60; CI runs a smaller one).
+is `--max-examples` per operation (FUZZ_EXAMPLES, default 60); FUZZ_MAX_TIME (seconds) bounds
+the whole run, every phase still run: CI's `make test` runs FUZZ_EXAMPLES=5 FUZZ_MAX_TIME=40.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ CHECKS = ",".join([
 ])  # fmt: skip
 
 
-def run(url: str, examples: int, seed: int) -> int:
+def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> int:
     """schemathesis over every operation; its exit code."""
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
            "--checks", CHECKS, "--phases", "examples,coverage,fuzzing,stateful",
            "--max-examples", str(examples), "--seed", str(seed), "--workers", "2",
            "--max-response-time", "30",
            "--exclude-path-regex", "/decisions/stream|/ui/"]  # fmt: skip
+    if max_time_s is not None:
+        cmd += ["--max-time", str(max_time_s)]
     return subprocess.run(cmd, check=False).returncode
 
 
@@ -71,13 +74,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--examples", type=int, default=int(os.environ.get("FUZZ_EXAMPLES", "60")))
     parser.add_argument("--seed", type=int, default=12)
+    budget = os.environ.get("FUZZ_MAX_TIME")
+    parser.add_argument("--max-time", type=int, default=int(budget) if budget else None)
     args = parser.parse_args()
     url = os.environ.get("REDIS_URL")
     with contextlib.ExitStack() as stack:
         if url is None:
             url = stack.enter_context(EmbeddedRedis()).url
         base = stack.enter_context(coordinator(url))
-        return run(base, args.examples, args.seed)
+        return run(base, args.examples, args.seed, args.max_time)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,10 @@ class Metrics:
     def __init__(self, path: Path | None) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path is not None and _torn(path)
         self._file = path.open("a") if path is not None else None
+        if self._file is not None and torn:
+            self._file.write("\n")  # a killed run's torn last line stays a line of its own
 
     def emit(self, **fields: Any) -> None:
         line = json.dumps(fields, separators=(",", ":"))
@@ -182,6 +185,15 @@ class Metrics:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _torn(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (its writer was killed mid-line)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
 
 
 @dataclass
@@ -292,10 +304,18 @@ def _train_step(run: _Run) -> tuple[int, float, float]:
 
 
 def _count(run: _Run, report: StepReport) -> None:
-    """Tally applied and rejected decisions; every merge-gate check is a metrics event."""
+    """Tally applied and rejected decisions, each one a `decision` metrics event (the worker's
+    own record of what it applied, step by step, read back by `make chaos`); every merge-gate
+    check is a `gate` event."""
     for decision in report.applied:
         run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
+        run.metrics.emit(event="decision", step=report.step, decision_id=decision.id,
+                         action=decision.action, layer=decision.layer, outcome="applied")  # fmt: skip
     run.counts["rejected"] += len(report.rejected)
+    for decision, reason in report.rejected:
+        run.metrics.emit(event="decision", step=report.step, decision_id=decision.id,
+                         action=decision.action, layer=decision.layer, outcome="rejected",
+                         reason=reason)  # fmt: skip
     for check in report.gate:
         run.counts["gate_rejected"] += not check.kept
         run.metrics.emit(
@@ -311,6 +331,9 @@ def _evaluate(run: _Run, step: int) -> None:
     if run.cfg.checkpoint_dir is None:
         return
     save_checkpoint(run.cfg.checkpoint_dir / "latest.pt", run, step)
+    # What a resume from latest.pt would start from: the step and the worker id it holds.
+    worker_id = run.fed.worker_id if run.fed is not None else None
+    run.metrics.emit(event="checkpoint", step=step, worker_id=worker_id)
     if run.val_loss < run.best:
         run.best = run.val_loss
         save_checkpoint(run.cfg.checkpoint_dir / "best.pt", run, step)
@@ -361,6 +384,10 @@ def wait_for_peers(cfg: WorkerConfig, fed: Federation, timeout_s: float = PEER_T
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (also emitted as the last metrics line)."""
     run = _setup(cfg)
+    run.metrics.emit(
+        event="start", step=run.start, resumed=run.start > 0,
+        worker_id=run.fed.worker_id if run.fed is not None else None,
+    )  # fmt: skip
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)
     try:

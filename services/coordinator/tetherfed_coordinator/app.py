@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -67,14 +68,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.scorer = scorer = Scorer(store, metrics.scoring)
     await scorer.ensure_group()
     background: ScoringThread | ScoringProcesses | None = None
+    supervisor: asyncio.Task[None] | None = None
     if settings.scoring_enabled and settings.scorer_processes:
         env = metrics.start_multiprocess()
         background = ScoringProcesses(url, settings, settings.scorer_processes, env).start()
+        supervisor = asyncio.create_task(background.supervise())  # a killed scorer comes back
     elif settings.scoring_enabled:
         background = ScoringThread(url, settings, metrics.scoring).start()
     try:
         yield
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         if background is not None:
             background.stop(timeout_s=10)
         metrics.stop_multiprocess()

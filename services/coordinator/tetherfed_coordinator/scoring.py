@@ -598,25 +598,59 @@ class ScoringProcesses:
     scoring group, so scoring runs in parallel with the API instead of sharing its GIL.
 
     They read the coordinator's settings from the environment it passes, die with it (Linux:
-    PR_SET_PDEATHSIG) and are stopped by PID with SIGTERM, then SIGKILL.
+    PR_SET_PDEATHSIG) and are stopped by PID with SIGTERM, then SIGKILL. `supervise()` starts
+    again one that died (killed, out of memory) under its consumer name, so it picks up its own
+    pending entries; one that keeps dying young is restarted ever more slowly (up to 30 s apart).
     """
+
+    RESTART_MIN_S, RESTART_MAX_S, SHORT_LIFE_S = 1.0, 30.0, 10.0
 
     def __init__(
         self, url: str, settings: Settings, n: int, env: dict[str, str] | None = None
     ) -> None:
         self.url, self.settings, self.n, self.env = url, settings, n, env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+        self._started: list[float] = []
+        self._delay = [self.RESTART_MIN_S] * n
 
     def start(self) -> ScoringProcesses:
         """Start the processes (they join the consumer group on their own)."""
-        for i in range(self.n):
-            env = os.environ | self.env | settings_env(self.settings) | {
-                "TETHER_REDIS_URL": self.url,
-                "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
-            }  # fmt: skip
-            cmd = [sys.executable, "-m", "tetherfed_coordinator.scorer"]
-            self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent))  # noqa: PLW1509
+        self.procs = [self._spawn(i) for i in range(self.n)]
+        self._started = [time.monotonic()] * self.n
         return self
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        env = os.environ | self.env | settings_env(self.settings) | {
+            "TETHER_REDIS_URL": self.url,
+            "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "tetherfed_coordinator.scorer"]
+        return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+
+    def restart_dead(self) -> int:
+        """Start again each process that exited and whose restart delay has passed; returns how
+        many were started. Call it from the thread that started them (PR_SET_PDEATHSIG follows
+        the parent thread)."""
+        started, now = 0, time.monotonic()
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None or now - self._started[i] < self._delay[i]:
+                continue
+            short = now - self._started[i] < self.SHORT_LIFE_S
+            self._delay[i] = (
+                min(2 * self._delay[i], self.RESTART_MAX_S) if short else self.RESTART_MIN_S
+            )
+            log.warning("scoring process %d (pid %d) exited with code %s; starting it again",
+                        i, proc.pid, proc.returncode)  # fmt: skip
+            self.procs[i], self._started[i] = self._spawn(i), now
+            self.restarts, started = self.restarts + 1, started + 1
+        return started
+
+    async def supervise(self, every_s: float = 0.5) -> None:
+        """`restart_dead()` every `every_s` until cancelled (a task on the coordinator's loop)."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.restart_dead()
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM every process, wait, then SIGKILL what is left."""
