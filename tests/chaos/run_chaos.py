@@ -656,6 +656,8 @@ def table(result: Result) -> Iterator[str]:
 
 def main() -> int:
     """`make chaos`: run, print the table, the JSON and each violation; 1 on any violation."""
+    # SIGTERM (timeout, CI) ends the run like Ctrl-C: every process of the ensemble is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(Config.from_env())
     print("\n".join(table(result)))
     print(json.dumps(result.summary()))
