@@ -224,7 +224,7 @@ class Federation:
         self._token = self._incarnation = cast(str | None, None)
         # `_era`: registrations forgotten so far; `hold`: why the latest scoring round gave
         # this worker nothing to apply
-        self._era, self.hold = 0, cast(Hold | None, None)
+        self._era, self.hold, self._hold_said = 0, cast(Hold | None, None), ""
         self.generations = {layer: 0 for layer in self._layers}
         self.applied_ids: set[int] = set()
         self.stats = FederationStats()
@@ -731,8 +731,9 @@ class Federation:
     def _held(self, hold: Hold | None) -> None:
         """Keep the latest hold (why the last round decided nothing to apply); log a new
         reason once, not every round."""
-        if hold is not None and (self.hold is None or self.hold.code != hold.code):
+        if hold is not None and hold.code != self._hold_said:
             log.info("worker %s holds: %s (%s)", self.worker_id, hold.reason, hold.code)
+            self._hold_said = hold.code  # a reason coming back after merges is not news
         self.hold = hold
 
     def _prepare(self, decision: Decision) -> _Ready:
