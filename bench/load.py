@@ -84,7 +84,10 @@ async def _collect(
 async def _backlog(url: str, until: float, samples: list[int]) -> None:
     async with httpx.AsyncClient(base_url=url) as http:
         while time.monotonic() < until + 2:
-            text = (await http.get("/metrics")).text
+            try:  # an overloaded API may not answer in time: a gap in the samples, not an abort
+                text = (await http.get("/metrics")).text
+            except httpx.HTTPError:
+                text = ""
             match = re.search(r"^tetherfed_scoring_backlog (\d+)", text, re.M)
             samples.append(int(match.group(1)) if match else -1)
             await asyncio.sleep(0.5)

@@ -29,6 +29,9 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
     for line in lines:
         assert line.keys() >= KEYS, f"{line['name']} lacks {KEYS - line.keys()}"
         assert isinstance(line["passed"], bool) and line["ours"] is not None
+        if line["name"] in ("latency", "load", "round", "load-1000"):  # what limited the row
+            cpu = line["params"]["cpu"]
+            assert cpu["limit"] and set(cpu["cores_used"]) == {"api", "scorers", "redis", "bench"}
     assert done.stdout.count("\n") == len(lines), "stdout should carry the same JSON lines"
 
 
