@@ -137,7 +137,11 @@ def test_overrides_parse_toml_values_and_find_groups_by_name() -> None:
         set_dotted(raw, "groups.nope.lr", 1)
 
 
-@pytest.mark.parametrize("name", ["tiny", "cluster-recovery", "seed-prototype", "threshold-sweep"])
+@pytest.mark.parametrize(
+    "name",
+    ["tiny", "cluster-recovery", "cluster-recovery-cka", "cluster-recovery-shared",
+     "seed-prototype", "threshold-sweep"],
+)  # fmt: skip
 def test_built_in_examples_are_valid(name: str) -> None:
     spec, runs, text = experiment.plan(name)
     assert runs and spec.experiment.name and "[experiment]" in text
