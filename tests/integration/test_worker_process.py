@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -109,3 +110,16 @@ def test_resume_from_a_checkpoint_keeps_id_generation_and_applied_ids(
     resumed_steps = [m["step"] for m in metrics[first_done + 1 :] if m["event"] == "step"]
     assert resumed_steps and min(resumed_steps) > 150, "the resumed run started over"
     assert resumed_steps[-1] == 200
+
+
+def test_threads_option_sets_torch_threads(tmp_path: Path) -> None:
+    """`--threads N` is what the worker's torch uses (launchers pass cores / workers)."""
+    cmd = [sys.executable, "-m", "tetherfed.cli", "worker", "--steps", "2", "--device", "cpu",
+           "--threads", "1", "--checkpoint-dir", str(tmp_path)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=True)
+    start = next(json.loads(x) for x in done.stdout.splitlines() if '"start"' in x)
+    assert start["threads"] == 1
+    refused = subprocess.run([*cmd[:-4], "--threads", "0"], capture_output=True, text=True, check=False,
+                             timeout=120, env=env)  # fmt: skip
+    assert refused.returncode != 0 and "threads" in refused.stderr

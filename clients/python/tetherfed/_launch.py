@@ -468,9 +468,15 @@ class Launcher:
     """One run: starts its workers against a coordinator, supervises them, writes the folder."""
 
     def __init__(
-        self, plan: RunPlan, out: Path, engine: Engine | None = None, resume: bool = False
+        self,
+        plan: RunPlan,
+        out: Path,
+        engine: Engine | None = None,
+        resume: bool = False,
+        runs_at_once: int = 1,
     ) -> None:
         self.plan, self.out, self.resume = plan, out, resume
+        self.runs_at_once = runs_at_once
         self.engine: Engine = engine or LocalEngine()
         self.coordinator: Coordinator | None = None
         self.workers: dict[str, Process] = {}
@@ -534,6 +540,9 @@ class Launcher:
                 argv += ["--token", coordinator.token]
             if self.resume and (self.out / plan.name / "latest.pt").exists():
                 argv.append("--resume")
+            threads = self.worker_threads()
+            if threads is not None:
+                argv += ["--threads", str(threads)]
             proc = self.engine.start_worker(argv, self.out / f"{plan.name}.log")
             self.workers[plan.name] = proc
             if proc.stdout is not None:
@@ -541,6 +550,16 @@ class Launcher:
                 reader.start()
                 self.readers.append(reader)
         self.write_pids()
+
+    def worker_threads(self) -> int | None:
+        """torch threads per local worker: this machine's cores shared by every worker of the
+        runs going at once (torch's default, every core per process, oversubscribes a machine
+        N-fold with N workers). None where the user set OMP_NUM_THREADS or another engine places
+        workers (Ray gives each actor its `num_cpus`)."""
+        if self.engine.name != "local" or os.environ.get("OMP_NUM_THREADS"):
+            return None
+        sharing = len(self.plan.workers) * max(self.runs_at_once, 1)
+        return max(1, (os.cpu_count() or 1) // sharing)
 
     def poll(self) -> bool:
         """Update statuses; True while any worker is still running and nothing failed."""
@@ -715,15 +734,17 @@ def launch(
     view: View | None = None,
     stop: threading.Event | None = None,
     resume: bool = False,
+    runs_at_once: int = 1,
 ) -> RunResult:
     """Run one federation to the end and write its folder under `out`.
 
     The coordinator is `coordinator` (shared, already running), else `url`, else one we start
     for this run (embedded Redis, stopped at the end). Ctrl-C, SIGTERM or `stop` end the run as
     interrupted; a failing worker stops the others. Never raises for those outcomes. `resume`:
-    workers that left a checkpoint in the folder continue from it.
+    workers that left a checkpoint in the folder continue from it. `runs_at_once`: runs sharing
+    this machine's cores (an experiment's `jobs`), for each worker's torch threads.
     """
-    launcher = Launcher(plan, out.resolve(), engine, resume)
+    launcher = Launcher(plan, out.resolve(), engine, resume, runs_at_once)
     launcher.write_config()
     launcher.write_status(force=True)
     state, code, outcome = "finished", EXIT_OK, "finished ok"

@@ -64,6 +64,12 @@ class WorkerConfig(WorkerOptions):
     wait_peers: int = Field(
         default=0, ge=0, description="Before training, wait until this many workers are active."
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads (torch.set_num_threads); None: torch's default, every "
+        "core (or OMP_NUM_THREADS). Launchers set cores / workers so workers do not oversubscribe.",
+    )
 
     @property
     def resolved_init_seed(self) -> int:
@@ -222,6 +228,8 @@ class _Run:
 
 
 def _setup(cfg: WorkerConfig) -> _Run:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.resolved_data_seed)
     device = pick_device(cfg.device)
     task = load_task(cfg.task, seed=cfg.resolved_data_seed)
@@ -387,6 +395,7 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     run.metrics.emit(
         event="start", step=run.start, resumed=run.start > 0,
         worker_id=run.fed.worker_id if run.fed is not None else None,
+        threads=torch.get_num_threads(),
     )  # fmt: skip
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)

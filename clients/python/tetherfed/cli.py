@@ -40,6 +40,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         data_seed=args.data_seed,
         group=args.group,
         wait_peers=args.wait_peers,
+        threads=args.threads,
         device=args.device,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--group", default=None, help="experiment group (worker meta)")
     worker.add_argument("--wait-peers", type=int, default=0, metavar="N",
                         help="before training, wait until N workers are active (max 120 s)")  # fmt: skip
+    worker.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's, every core; `up` and "
+                             "experiments give each worker cores / workers)")  # fmt: skip
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--checkpoint-dir", type=Path, default=None)
     worker.add_argument(

@@ -239,6 +239,7 @@ class Sweep:
     results: dict[str, RunResult] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     engine: Engine | None = None  # None: LocalEngine
+    jobs: int = 1  # runs at once (their workers share this machine's cores)
 
     def folder(self, r: PlannedRun) -> Path:
         """runs/<id>/."""
@@ -256,7 +257,7 @@ class Sweep:
         if not self.resume and folder.exists():
             shutil.rmtree(folder)
         result = launch(r.plan, folder, coordinator=coordinator, view=view, stop=self.stop,
-                        resume=self.resume, engine=self.engine)  # fmt: skip
+                        resume=self.resume, engine=self.engine, runs_at_once=self.jobs)  # fmt: skip
         if result.state == "failed" and self.fail_fast:
             self.stop.set()
         return result
@@ -337,7 +338,9 @@ def run(
     parsed, runs, text = plan(spec, overrides, engine)
     folder = (out or parsed.experiment.out or Path("runs") / parsed.experiment.name).resolve()
     prepare_folder(folder, _resolved(parsed, runs), text, resume, force)
-    sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine)
+    jobs = jobs or parsed.experiment.jobs
+    sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine,
+                  jobs=jobs)  # fmt: skip
     todo = sweep.todo()
     console.print(f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}")  # fmt: skip
     try:
@@ -345,7 +348,7 @@ def run(
             with sigterm_as_interrupt(), coordinator_for(engine, folder, coordinator, token, 30.0) as coord, \
                     SweepView(console, len(runs), len(runs) - len(todo)) as view:  # fmt: skip
                 _record_coordinator(folder, coord)
-                _execute(sweep, todo, coord, view, jobs or parsed.experiment.jobs)
+                _execute(sweep, todo, coord, view, jobs)
     finally:
         rows = sweep.write_results()
         if report is not None:
