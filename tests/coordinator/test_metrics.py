@@ -3,6 +3,9 @@ publish → decision latency, counted where the scoring runs (a thread, or scori
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +15,8 @@ import httpx
 import pytest
 from coord_helpers import EVERY_PUBLISH, frame, tensors, worker_body
 from prometheus_client.parser import text_string_to_metric_families
+
+from tetherfed_coordinator.metrics import DIR_PREFIX, remove_orphaned_dirs
 
 F = "/v1/federations"
 
@@ -82,3 +87,18 @@ def test_scoring_processes_metrics_reach_the_api_process(
     assert got[("tetherfed_scoring_round_seconds_count", ())] >= 1
     assert got[("tetherfed_decisions_total", (("action", "merge"),))] >= 1
     assert got[("tetherfed_publish_seconds_count", (("kind", "full"),))] == 2
+
+
+def test_a_killed_coordinators_metrics_directory_is_removed_by_the_next(tmp_path: Any) -> None:
+    """kill -9 skips the shutdown that removes the directory; the next start removes it (and
+    leaves the directories of coordinators that still run, and anything else, alone)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"{DIR_PREFIX}{dead.pid}-x1"
+    running = tmp_path / f"{DIR_PREFIX}{os.getpid()}-x2"
+    other = tmp_path / "tetherfed-metrics-notapid"
+    for d in (orphan, running, other):
+        d.mkdir()
+        (d / "counter_1.db").write_bytes(b"x")
+    assert remove_orphaned_dirs(str(tmp_path)) == [str(orphan)]
+    assert not orphan.exists() and running.exists() and other.exists()

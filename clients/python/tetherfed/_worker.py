@@ -434,5 +434,7 @@ def main_worker(cfg: WorkerConfig) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # httpx logs every request at INFO: thousands of lines per run that hide the worker's own
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     run_worker(cfg)
     return 0

@@ -9,6 +9,8 @@ registry; scoring metrics (`ScoringMetrics`) live where the scoring runs:
   coordinator at start-up (`PROMETHEUS_MULTIPROC_DIR`, passed to the scoring processes only, so
   the API process itself stays in ordinary mode), each scoring process writes its values there,
   `/metrics` adds them up with `MultiProcessCollector`, and the directory goes at shutdown.
+  Its name carries the coordinator's PID, so the directory of a coordinator that was killed
+  (kill -9: no shutdown) is removed by the next coordinator that starts on the machine.
 
 So each coordinator replica's `/metrics` covers its own API and scoring; Prometheus sums
 replicas. Histograms use the same buckets everywhere, from 0.5 ms to 10 s.
@@ -24,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+DIR_PREFIX = "tetherfed-metrics-"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -92,6 +95,30 @@ class ScoringMetrics:
         )  # fmt: skip
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_dirs(root: str | None = None) -> list[str]:
+    """Remove the metrics directories (`tetherfed-metrics-<pid>-*` under `root`, default the
+    temp dir) of coordinators that no longer run; returns their paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            pid = entry.name.removeprefix(DIR_PREFIX).split("-", 1)[0]
+            if entry.name.startswith(DIR_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
 class Metrics:
     """A coordinator's metrics: the API's, and scoring's when it runs on a thread of this
     process; `render()` adds what scoring processes wrote to `multiproc_dir`."""
@@ -107,7 +134,8 @@ class Metrics:
         """Make this coordinator's directory for its scoring processes' metrics; returns the
         environment they need. Scoring on this process's thread stops being exposed (the
         processes do the scoring)."""
-        self.multiproc_dir = tempfile.mkdtemp(prefix="tetherfed-metrics-")
+        remove_orphaned_dirs()
+        self.multiproc_dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         return {MULTIPROC_ENV: self.multiproc_dir}
 
     def stop_multiprocess(self) -> None:
