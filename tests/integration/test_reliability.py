@@ -193,10 +193,39 @@ def test_a_partner_tensor_that_cannot_be_applied_is_acked_rejected_and_training_
         assert reason in report.rejected[0][1]
         assert torch.equal(tetherfed.tethered_layers(model)["0"].current(), before)
         assert fed.generations["0"] == 0
-        _, ack = fed._acks.get_nowait()
+        [(_, ack)] = fed._pending_acks()
         assert ack.outcome == "rejected" and reason in str(ack.reason)
     finally:
         fed.close()
+
+
+def test_an_ack_not_yet_sent_is_kept_in_the_checkpoint_and_sent_after_a_resume(
+    api: Client, coordinator: Server, fed_name: str
+) -> None:
+    """A worker killed after checkpointing a decision as applied, before its ack went out,
+    acks it when resumed (the applied ids alone would skip the decision: its ack was lost)."""
+    api.create_federation(fed_name, policy=EVERY)  # type: ignore[arg-type]
+    model = tether(mlp(0))
+    fed = joined(coordinator.url, fed_name, model)
+    try:
+        decision = partner_decision(fed, "0")
+        fed._ready.put(_Ready(decision, torch.full((4, 6), 2.0)))
+        fed.step(loss=1.0)
+        state = fed.state_dict()  # the checkpoint, taken before the I/O thread sent the ack
+    finally:
+        fed.close()
+    assert state["applied_ids"] == [decision.id]
+    assert state["pending_acks"][str(decision.id)]["outcome"] == "rejected"
+    with socket.socket() as closed:  # a coordinator that is down: nothing is sent
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    resumed = Federation(down, fed_name, tether(mlp(0)), name="w", resume=state)
+    try:
+        [(decision_id, ack)] = resumed._pending_acks()
+        assert decision_id == decision.id and ack.outcome == "rejected"
+        assert resumed.state_dict()["pending_acks"] == state["pending_acks"]
+    finally:
+        resumed.close()
 
 
 # -- kind 2: names ---------------------------------------------------------------------------------

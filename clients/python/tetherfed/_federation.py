@@ -232,6 +232,10 @@ class Federation:
         self._loss: float | None = None
         self._grad_norm: float | None = None
         self._previous_loss: float | None = None
+        # Acks not yet taken by the coordinator, in the order they were made; kept in
+        # state_dict, so a worker killed between applying a decision and its ack acks on resume.
+        self._ack_lock = threading.Lock()
+        self._unsent: dict[int, AckCreate] = {}
         if resume:
             self._load(resume)
         self._lock = threading.Lock()
@@ -241,7 +245,6 @@ class Federation:
         self._sending: int | None = None
         self._buffers = [self._host_buffers(), self._host_buffers()]
         self._ready: queue.SimpleQueue[_Ready] = queue.SimpleQueue()
-        self._acks: queue.SimpleQueue[tuple[int, AckCreate]] = queue.SimpleQueue()
         # Telemetry waits here for the I/O thread (oldest dropped past the bound, counted).
         self._telemetry: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=TELEMETRY_BUFFER
@@ -318,7 +321,16 @@ class Federation:
             # polled again after a resume (duplicates are skipped by applied_ids).
             "cursor": max(self.applied_ids, default=0),
             "step": self._step,
+            "pending_acks": {str(i): a.model_dump(mode="json") for i, a in self._pending_acks()},
         }
+
+    def _pending_acks(self) -> list[tuple[int, AckCreate]]:
+        with self._ack_lock:
+            return list(self._unsent.items())
+
+    def _queue_ack(self, decision_id: int, ack: AckCreate) -> None:
+        with self._ack_lock:
+            self._unsent[decision_id] = ack
 
     def _load(self, state: Mapping[str, Any]) -> None:
         if state.get("federation") not in (None, self.federation):
@@ -331,6 +343,8 @@ class Federation:
         self.applied_ids = {int(i) for i in state.get("applied_ids", [])}
         self._cursor = int(state.get("cursor", max(self.applied_ids, default=0)))
         self._step = int(state.get("step", 0))
+        for i, ack in state.get("pending_acks", {}).items():
+            self._queue_ack(int(i), AckCreate.model_validate(ack))
 
     def _apply_ready(self, report: StepReport) -> None:
         while True:
@@ -348,7 +362,7 @@ class Federation:
                 problem = self._apply_gated(decision, ready.partner, report)
             if problem is not None:
                 report.rejected.append((decision, problem))
-                self._acks.put((decision.id, AckCreate(outcome="rejected", reason=problem)))
+                self._queue_ack(decision.id, AckCreate(outcome="rejected", reason=problem))
             self.applied_ids.add(decision.id)
 
     def _gated(self, decision: Decision) -> bool:
@@ -363,7 +377,7 @@ class Federation:
             if problem is None:
                 report.applied.append(decision)
                 ack = AckCreate(outcome="applied", generation=self.generations[decision.layer])
-                self._acks.put((decision.id, ack))
+                self._queue_ack(decision.id, ack)
             return problem
         assert self._probe is not None and self.policy is not None and self.policy.gate
         storage = self._layers[decision.layer].storage()
@@ -397,7 +411,7 @@ class Federation:
                 probe_loss_before=_finite_or_none(before),
                 probe_loss_after=_finite_or_none(after),
             )  # fmt: skip
-        self._acks.put((decision.id, ack))
+        self._queue_ack(decision.id, ack)
         return None
 
     def _stale(self, decision: Decision) -> str | None:
@@ -550,8 +564,8 @@ class Federation:
         self.worker_id = self._token = self._incarnation = self._client.incarnation = None
         self._cursor, self._era, self.hold = 0, self._era + 1, None
         self.applied_ids = set()
-        while not self._acks.empty():  # acks of decisions the coordinator no longer has
-            self._acks.get_nowait()
+        with self._ack_lock:  # acks of decisions the coordinator no longer has
+            self._unsent.clear()
         self._registered.clear()
 
     def _anew(self, seen: str) -> str:
@@ -651,18 +665,16 @@ class Federation:
             self._forget(f"worker {self.worker_id} is unknown to the coordinator ({error.detail})")
 
     def _send_acks(self) -> None:
-        while True:
-            try:
-                decision_id, ack = self._acks.get_nowait()
-            except queue.Empty:
-                return
+        """Send the acks in order; a transport error, 5xx or auth error (raised) keeps the rest
+        for the next try, a refusal (already acked, unknown decision) drops that one."""
+        for decision_id, ack in self._pending_acks():
             try:
                 self._client.ack(self.federation, decision_id, ack)
             except (BadRequestError, NotFoundError, ConflictError) as error:
                 log.warning("ack of decision %d refused: %s", decision_id, error)
-            except TetherError:  # transport, 5xx, auth: keep it for the next try
-                self._acks.put((decision_id, ack))
-                raise
+            with self._ack_lock:
+                if self._unsent.get(decision_id) is ack:  # not replaced meanwhile
+                    del self._unsent[decision_id]
 
     def _send_telemetry(self) -> None:
         while self._telemetry and self.worker_id is not None:
@@ -697,7 +709,7 @@ class Federation:
         # Long-poll (the thread sleeps in a socket read, holding no GIL) until the next publish is
         # due; acks waiting to go out cut the wait short.
         wait = self.poll_wait_s if self._pending is None else min(self.poll_wait_s, until_publish)
-        if not self._acks.empty() or self._stop.is_set():
+        if self._unsent or self._stop.is_set():
             wait = 0.0
         after = self._cursor
         page = self._client.worker_decisions(
