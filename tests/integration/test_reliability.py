@@ -820,6 +820,21 @@ def test_a_decision_whose_partner_snapshot_is_gone_is_acked_rejected_with_the_re
         assert ack.outcome == "rejected" and "no longer stored" in str(ack.reason)
 
 
+def test_a_leaving_worker_acks_the_decisions_it_will_not_apply(
+    api: Client, coordinator: Server, fed_name: str
+) -> None:
+    """Decisions that reach a worker after its last step (or wait at the coordinator) are acked
+    `rejected` with the reason when it leaves, not left unacked for ever."""
+    api.create_federation(fed_name, policy=EVERY)  # type: ignore[arg-type]
+    staged = stage_superseded_partner(coordinator.url, api, fed_name)
+    resumed = Federation(coordinator.url, fed_name, staged.model, resume=staged.checkpoint)
+    assert resumed.wait_registered(15)
+    resumed.close()  # no step: nothing was applied
+    for merge in staged.merges:
+        ack = api.get_ack(fed_name, merge.id)
+        assert ack.outcome == "rejected" and ack.reason == tetherfed._federation.FINISHED
+
+
 def test_a_worker_that_gets_no_decision_sees_why_once(
     api: Client, coordinator: Server, fed_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

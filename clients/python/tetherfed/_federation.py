@@ -67,6 +67,8 @@ from ._tethering import TetherParametrization, tethered_layers
 log = logging.getLogger("tetherfed.federation")
 TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
 MAX_PUBLISH_PAUSE_S = 10.0  # the longest pause the I/O budget puts between two publishes
+# The reason a leaving worker acks each decision it will not apply.
+FINISHED = "the worker left (finished or stopped) before applying this decision"
 
 
 @dataclass
@@ -778,6 +780,8 @@ class Federation:
         self._stop.set()
         self._thread.join(timeout=self.poll_wait_s + 10.0)
         try:
+            if leave and self.worker_id is not None and self._registered.is_set():
+                self._reject_unapplied(FINISHED)
             self._send_acks()
             if leave and self.worker_id is not None and self._registered.is_set():
                 self._client.leave(self.federation, self.worker_id)
@@ -786,6 +790,24 @@ class Federation:
         except TetherError as error:
             log.warning("could not leave federation cleanly: %s", error)
         self._client.close()
+
+    def _reject_unapplied(self, why: str) -> None:
+        """Ack `rejected` (with `why`) each merge or drift this leaving worker received, or has
+        waiting at the coordinator, and will not apply, so every decision it got ends acked."""
+        pending: list[Decision] = []
+        while True:
+            try:
+                pending.append(self._ready.get_nowait().decision)
+            except queue.Empty:
+                break
+        assert self.worker_id is not None
+        page = self._client.worker_decisions(
+            self.federation, self.worker_id, after=self._cursor, wait=0
+        )
+        for decision in [*pending, *page.data]:
+            if decision.action != "hold" and decision.id not in self.applied_ids:
+                self.applied_ids.add(decision.id)
+                self._queue_ack(decision.id, AckCreate(outcome="rejected", reason=why))
 
     def __enter__(self) -> Federation:
         return self
