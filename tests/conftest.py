@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from procs import restore_sigint
 from redis_servers import ClusterServers, SentinelServers
 
 from tetherfed_coordinator.app import create_app
@@ -21,6 +22,8 @@ from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
 from tetherfed_coordinator.keys import glob_escape
 from tetherfed_coordinator.settings import Settings
 from tetherfed_coordinator.topology import sync_client
+
+restore_sigint()  # the tests Ctrl-C the processes they start, even when run in the background
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 
@@ -44,3 +45,14 @@ def marked_pids(name: str, value: str) -> list[int]:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
                 found.append(int(entry.name))
     return sorted(p for p in found if proc_alive(p))
+
+
+def restore_sigint() -> None:
+    """Let the processes we start be stopped with Ctrl-C (SIGINT), as a user stops them.
+
+    A command started in the background of a non-interactive shell (`make test &`, `nohup`, some
+    CI runners) starts with SIGINT ignored, and an ignored signal is inherited by every child
+    across exec: then no `tetherfed` process a test interrupts would notice. A handler is not
+    inherited, so installing Python's own makes our children start with the default again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

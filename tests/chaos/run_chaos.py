@@ -60,7 +60,7 @@ from tetherfed_coordinator.embedded import free_port, server_binary
 from tetherfed_coordinator.keys import Keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script too
-from procs import child_pids, marked_pids, proc_alive
+from procs import child_pids, marked_pids, proc_alive, restore_sigint
 
 TARGETS = ("worker", "coordinator", "scorer", "redis")
 FEDERATION = "chaos"
@@ -658,6 +658,7 @@ def main() -> int:
     """`make chaos`: run, print the table, the JSON and each violation; 1 on any violation."""
     # SIGTERM (timeout, CI) ends the run like Ctrl-C: every process of the ensemble is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    restore_sigint()  # workers are ended with SIGINT, also when `make chaos` runs in the background
     result = run(Config.from_env())
     print("\n".join(table(result)))
     print(json.dumps(result.summary()))
