@@ -593,14 +593,14 @@ class Launcher:
 
     def stop_workers(self) -> None:
         """Stop every worker still running, then let the readers drain."""
-        for name, proc in self.workers.items():
-            if _alive(proc):
-                self.rows[name].status = "stopped"
+        running = [name for name, proc in self.workers.items() if _alive(proc)]
         self.engine.stop(self.workers.values())
         for reader in self.readers:
             reader.join(timeout=5)
         for name, proc in self.workers.items():
             self.rows[name].exit_code = proc.returncode
+        for name in running:  # after the readers: a step event read late must not say running
+            self.rows[name].status = "stopped"
 
     def _tally(self, client: Client) -> None:
         with contextlib.suppress(TetherError):
