@@ -223,7 +223,11 @@ print(json.dumps({"name": name, "pid": pid}))""",
     before = len(_json_lines(metrics))
     log = out / "worker-0.log"
     wait_for("worker-0 resumed", lambda: f"resumed as worker {worker_id}" in log.read_text(), 180, proc)  # fmt: skip
-    after = wait_for("a step after the restart", lambda: _json_lines(metrics)[before:], 120, proc)  # fmt: skip
+
+    def steps_after() -> list[dict[str, Any]]:  # step events carry the registered id
+        return [x for x in _json_lines(metrics)[before:] if x.get("event") == "step"]
+
+    after = wait_for("a step after the restart", steps_after, 120, proc)
     assert {line.get("worker_id") for line in after} == {worker_id}, "same id after the restart"
     restarted = re.findall(r"actor restarted in process (\d+)", log.read_text())
     assert restarted and int(restarted[-1]) != killed["pid"], "a new actor process runs worker-0"
