@@ -79,7 +79,7 @@ class CpuMeter:
 
     def __init__(self, coordinator_pid: int, own_pids: list[int] | None = None) -> None:
         self.coordinator_pid, self.own_pids = coordinator_pid, own_pids
-        self._start: tuple[float, dict[str, float], float] | None = None
+        self._start: tuple[float, dict[str, dict[int, float]], float] | None = None
 
     def _groups(self) -> dict[str, list[Any]]:
         groups: dict[str, list[Any]] = {"api": [], "scorers": [], "redis": [], "bench": []}
@@ -90,22 +90,23 @@ class CpuMeter:
                 cmd = " ".join(child.cmdline())
                 kind = "scorers" if "scorer" in cmd else "redis" if "redis" in cmd else "api"
                 groups[kind].append(child)
+        theirs = {p.pid for kind in ("api", "scorers", "redis") for p in groups[kind]}
         me = psutil.Process()
-        own = [me, *me.children(recursive=True)]
+        own = [me, *me.children(recursive=True)]  # the coordinator is our child: leave it out
         if self.own_pids is not None:
             own = [p for p in own if p.pid in self.own_pids or p.pid == me.pid]
-        groups["bench"] = [p for p in own if p.pid != self.coordinator_pid]
+        groups["bench"] = [p for p in own if p.pid not in theirs and p.pid != self.coordinator_pid]
         return groups
 
-    def _cpu(self) -> dict[str, float]:
-        out = {}
+    def _cpu(self) -> dict[str, dict[int, float]]:
+        """Group → pid → CPU seconds (user + system) so far."""
+        out: dict[str, dict[int, float]] = {}
         for name, procs in self._groups().items():
-            total = 0.0
+            out[name] = {}
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
-                    total += t.user + t.system
-            out[name] = total
+                    out[name][p.pid] = t.user + t.system
         return out
 
     def start(self) -> None:
@@ -113,18 +114,27 @@ class CpuMeter:
         self._start = (time.perf_counter(), self._cpu(), sum(t) - t.idle - t.iowait)
 
     def stop(self) -> dict[str, Any]:
-        """Cores used per group and by the machine over the window, and what saturated."""
+        """Cores used per group and by the machine over the window, and what saturated: one of
+        the coordinator's processes or one of the benchmark's own at a core, or the machine."""
         assert self._start is not None, "start() first"
         began, before, busy_before = self._start
         wall = max(time.perf_counter() - began, 1e-9)
         after = self._cpu()
+        used = {
+            k: {pid: max(s - before.get(k, {}).get(pid, 0.0), 0.0) / wall for pid, s in v.items()}
+            for k, v in after.items()
+        }
+        cores = {k: round(sum(v.values()), 2) for k, v in used.items()}
         t = psutil.cpu_times()
-        cores = {k: round(max(after.get(k, 0.0) - v, 0.0) / wall, 2) for k, v in before.items()}
         busy = round((sum(t) - t.idle - t.iowait - busy_before) / wall, 2)
         n = psutil.cpu_count() or 1
-        full = [k for k in ("api", "scorers", "redis") if cores[k] >= self.SATURATED]
+        busiest = {k: max(v.values(), default=0.0) for k, v in used.items()}
+        full = [k for k in ("api", "scorers", "redis") if busiest[k] >= self.SATURATED]
+        own = busiest["bench"]
         if full:
-            limit = f"{', '.join(full)} at one core each (single-threaded)"
+            limit = f"a process of {', '.join(full)} at one core (a Python process's GIL)"
+        elif own >= self.SATURATED:
+            limit = f"the benchmark's own process at {own:.2f} cores (its GIL), not the coordinator"
         elif busy >= self.SATURATED * n:
             limit = f"machine CPU: {busy} of {n} cores busy (every process shares them)"
         else:
