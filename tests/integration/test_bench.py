@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -39,3 +41,31 @@ def test_unknown_benchmark_is_a_usage_error() -> None:
     cmd = [sys.executable, "-m", "tetherfed.cli", "bench", "nope"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown benchmark" in done.stderr
+
+
+def test_cpu_meter_counts_the_coordinators_children_as_the_coordinators() -> None:
+    """The coordinator is the benchmark's child and its scorer its grandchild: the scorer's CPU
+    belongs to the scorers' group, not to the benchmark's own, and a busy scorer is the limit."""
+    from bench.common import CpuMeter
+
+    burn = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass\n"
+    # A stand-in coordinator that starts a stand-in scoring process (known by its command line,
+    # as the real one is) and waits for it.
+    parent = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burn!r}, 'scorer'])\n"
+    coordinator = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(coordinator.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        meter = CpuMeter(coordinator.pid)
+        meter.start()
+        time.sleep(1.5)
+        cpu = meter.stop()
+    finally:
+        for proc in psutil.Process(coordinator.pid).children(recursive=True):
+            proc.kill()
+        coordinator.kill()
+        coordinator.wait(timeout=10)
+    assert cpu["cores_used"]["scorers"] >= 0.5, cpu
+    assert cpu["cores_used"]["bench"] < 0.3, cpu
+    assert "scorers" in cpu["limit"], cpu
