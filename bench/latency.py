@@ -23,6 +23,7 @@ from tetherfed import Client
 
 from .common import CpuMeter, line
 from .harness import coordinator
+from .swarm import quantile, scrape
 
 TARGET_P99_MS = 5.0
 WORKERS = 8
@@ -86,6 +87,21 @@ class _Worker:
         self.poller.close()
 
 
+def _hops(m: dict[str, Any]) -> dict[str, float]:
+    """Where a decision's time goes, p50 in ms from the coordinator's /metrics histograms
+    (linear within buckets of 0.5, 1, 2.5, 5, 10 ms: coarse): the publish in the API, the
+    scoring round, and a publish's commit to its round's commit."""
+    return {
+        "publish_handling": round(
+            quantile(m, "tetherfed_publish_seconds", 0.5, kind="full") * 1e3, 2
+        ),
+        "scoring_round": round(quantile(m, "tetherfed_scoring_round_seconds", 0.5) * 1e3, 2),
+        "commit_to_decision": round(
+            quantile(m, "tetherfed_publish_to_decision_seconds", 0.5) * 1e3, 2
+        ),
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure p50/p99 publish→decision latency and a 4 KB round trip, interleaved."""
     samples = 40 if quick else 400
@@ -114,6 +130,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         ours, reference = [], []
         meter = CpuMeter(coord.pid)
+        before = scrape(coord.url)
         meter.start()
         for i in range(samples):
             ours.append(workers[i % WORKERS].sample(base))
@@ -121,6 +138,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             ref.api.tether("reference", ref.wid, "fc")
             reference.append(time.perf_counter() - started)
         cpu = meter.stop()
+        time.sleep(0.2)  # the last round's metrics reach the scrape
+        hops = _hops({"before": before, "after": scrape(coord.url)})
         for w in [*workers, ref]:
             w.close()
         admin.close()
@@ -141,6 +160,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "p50_ms": round(p50, 3),
             "p99_ms": round(p99, 3),
             "reference_p99_ms": round(percentile(reference, 0.99) * 1e3, 3),
+            "hops_p50_ms": hops,
             "cpu": cpu,
         },
     )

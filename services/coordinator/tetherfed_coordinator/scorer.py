@@ -10,7 +10,7 @@ import asyncio
 import signal
 import sys
 
-from .scoring import Scorer
+from .scoring import Scorer, run_event_loop
 from .settings import Settings
 from .store import Store, redis_clients
 from .topology import aclose
@@ -34,7 +34,7 @@ async def run(settings: Settings) -> None:
 
 def main() -> int:
     """Entry point."""
-    asyncio.run(run(Settings()))
+    run_event_loop(run(Settings()))
     return 0
 
 
