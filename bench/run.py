@@ -23,6 +23,9 @@ def run_one(name: str, quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = result if isinstance(result, list) else [result]
     for row in rows:
         row.setdefault("params", {})["wall_s"] = round(time.monotonic() - started, 2)
+        # A quick row's `passed` judges quick sizes against the full targets: it says nothing
+        # about the targets, and the flag says so in the row itself.
+        row["params"]["quick"] = quick
     return rows
 
 
@@ -35,6 +38,12 @@ def main(names: Sequence[str], quick: bool = False, json_path: Path | None = Non
     if unknown:
         print(f"unknown benchmark(s) {unknown}; known: {', '.join(ALL)}", file=sys.stderr)
         return 2
+    if json_path is not None:  # checked before minutes of benchmarks, not after the first
+        try:
+            json_path.open("a").close()
+        except OSError as exc:
+            print(f"cannot write --json {json_path}: {exc.strerror}", file=sys.stderr)
+            return 2
     failed = False
     for name in names or ALL:
         print(f"# {name} ...", file=sys.stderr, flush=True)

@@ -31,10 +31,19 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
     for line in lines:
         assert line.keys() >= KEYS, f"{line['name']} lacks {KEYS - line.keys()}"
         assert isinstance(line["passed"], bool) and line["ours"] is not None
+        assert line["params"]["quick"] is True  # a quick row says it is one
         if line["name"] in ("latency", "load", "round", "load-1000"):  # what limited the row
             cpu = line["params"]["cpu"]
             assert cpu["limit"] and set(cpu["cores_used"]) == {"api", "scorers", "redis", "bench"}
     assert done.stdout.count("\n") == len(lines), "stdout should carry the same JSON lines"
+
+
+def test_an_unwritable_json_path_is_refused_before_any_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "missing-folder" / "bench.jsonl"
+    cmd = [sys.executable, "-m", "tetherfed.cli", "bench", "scoring", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "cannot write --json" in done.stderr, done.stderr
+    assert "# scoring" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_unknown_benchmark_is_a_usage_error() -> None:

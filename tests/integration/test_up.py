@@ -205,6 +205,32 @@ def test_up_unreachable_coordinator_exits_3(launch: Callable[..., subprocess.Pop
     assert "coordinator unreachable" in stdout
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--workers", "0"], "--workers: must be at least 1, got 0"),
+        (["--workers", "-2"], "--workers: must be at least 1, got -2"),
+        (["--policy", "nosuch"], "unknown policy preset 'nosuch'; known: demo, default, seed, cka"),
+        (["--out", "{file}"], "is a file, not a folder"),
+    ],
+)
+def test_up_refuses_bad_input_before_starting_anything(
+    argv: list[str], says: str, tmp_path: Path
+) -> None:
+    """Usage errors exit 2 with one line naming the problem, and start nothing (no coordinator,
+    no run folder)."""
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    argv = [a.replace("{file}", str(a_file)) for a in argv]
+    cmd = [sys.executable, "-m", "tetherfed.cli", "up", "--steps", "5", *argv]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "it started a run"
+
+
 def test_worker_options_pass_through_unchanged() -> None:
     parser = build_parser()
     up = parser.parse_args(

@@ -39,7 +39,7 @@ from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tether_protocol.messages import Policy, policy_preset
+from tether_protocol.messages import PRESETS, Policy, policy_preset
 
 from ._errors import ConflictError, NotFoundError, TetherError
 from ._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
@@ -78,17 +78,19 @@ def preset_policy(name: str) -> Policy:
     try:
         return policy_preset(name)
     except KeyError:
-        raise KeyError(f"unknown policy preset {name!r}; known: demo, default, seed, cka") from None
+        known = ", ".join(["demo", *PRESETS])
+        raise KeyError(f"unknown policy preset {name!r}; known: {known}") from None
 
 
 def resolve_policy(spec: str) -> Policy | str:
-    """A preset name ('demo', 'default', 'seed') or a JSON policy file."""
+    """A preset name ('demo', 'default', 'seed', 'cka') or a JSON policy file; raises KeyError
+    naming every preset for an unknown name."""
     if spec == "demo":
         return demo_policy()
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
         return Policy.model_validate_json(path.read_text())
-    policy_preset(spec)  # raises KeyError naming the known presets
+    preset_policy(spec)  # raises KeyError naming every preset, demo included
     return spec
 
 

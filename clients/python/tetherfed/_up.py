@@ -45,16 +45,27 @@ PLAIN_EVERY_S = 2.0
 
 
 # -- arguments -----------------------------------------------------------------------------------
+def at_least_one(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a count of workers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_up_parsers(sub: Any) -> None:
     """Add the `up` and `status` subcommands to cli.py's subparsers."""
     up = sub.add_parser("up", help="run an ensemble: coordinator + N workers (here, or on Ray)")
-    up.add_argument("--workers", type=int, default=2, help="number of worker processes")
+    up.add_argument("--workers", type=at_least_one, default=2, help="number of worker processes")
     up.add_argument("--coordinator", default=None, help="coordinator URL (none: start our own)")
     up.add_argument("--token", default=None, help="bearer token of that coordinator")
     up.add_argument("--federation", default="local")
-    up.add_argument("--policy", default="demo", help="preset (demo, default, seed) or JSON file")
+    up.add_argument(
+        "--policy", default="demo", help="preset (demo, default, seed, cka) or JSON file"
+    )
     up.add_argument("--out", type=Path, default=None, help="results folder (default runs/<time>)")
     up.add_argument("--device", choices=["auto", "cpu"], default="auto",
                     help="auto: one CUDA device per worker, round-robin, when any exist")  # fmt: skip
@@ -176,9 +187,13 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         policy = resolve_policy(args.policy)
     except (KeyError, OSError, ValueError) as exc:
-        print(f"tetherfed up: bad --policy: {exc}", file=sys.stderr)
+        reason = exc.args[0] if isinstance(exc, KeyError) else exc  # str(KeyError) quotes it
+        print(f"tetherfed up: bad --policy: {reason}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        print(f"tetherfed up: --out {out} is a file, not a folder", file=sys.stderr)
+        return EXIT_USAGE
     try:
         engine = engine_from_args(args)
     except EngineRefused as exc:
