@@ -14,8 +14,9 @@ would in Prometheus: every publish scored = `tetherfed_publish_to_decision_secon
 the publishes accepted; p50/p99 publish → decision from that histogram (from a publish's commit
 in Redis to the commit of the round that scored it, interpolated within buckets as Prometheus's
 histogram_quantile does; the publish's own handling is `tetherfed_publish_seconds`, reported
-beside it); backlog from `tetherfed_scoring_backlog` sampled every 0.5 s. Passing: every publish
-scored, the backlog flat (last quarter's maximum ≤ first quarter's + 2 × W / 10), p99 ≤ 50 ms.
+beside it); backlog from `tetherfed_scoring_backlog` sampled every 0.5 s. The counts are read
+once the queue has drained after the load (a publish scored late is counted, with its latency).
+Passing: every publish scored, the backlog flat (last quarter's maximum ≤ first quarter's + 2 × W / 10), p99 ≤ 50 ms.
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ def _backlog(
 
 
 def _settle(url: str, timeout_s: float = 120.0) -> None:
-    """Wait until the setup publishes are scored (backlog and pending both 0), so that the
-    measured window's counts hold only the load's own publishes."""
+    """Wait until every publish so far is scored (backlog and pending both 0): before the
+    measured window, so that its counts hold only the load's own publishes; after it, so that
+    a publish still queued when the load stops counts, with its latency, rather than missing."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = scrape(url)
@@ -256,7 +258,8 @@ def drive(swarm: Swarm, url: str, meter: CpuMeter | None = None) -> dict[str, An
             g.join(timeout=30)
             if g.is_alive():
                 g.kill()
-    time.sleep(1.0)
+    # Publishes still queued when the load stops are scored and counted, late as they are.
+    _settle(url, timeout_s=max(120.0, swarm.seconds))
     return {"before": before, "after": scrape(url), "backlog": backlog, "sent": sent, "cpu": cpu}
 
 
