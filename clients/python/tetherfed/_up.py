@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tether_protocol.messages import Policy
@@ -122,7 +122,8 @@ class LiveView:
     def __init__(self, console: Console, label: str = "up") -> None:
         self.console, self.label = console, label
         self.started = self.last_plain = time.monotonic()
-        self.progress = Progress(TextColumn("steps"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())  # fmt: skip
+        # M/N shows "0/?" until every worker has reported its total (it read "0/None")
+        self.progress = Progress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())  # fmt: skip
         self.task = self.progress.add_task("steps", total=None)
         self.live = Live(console=console, refresh_per_second=4) if console.is_terminal else None
 
