@@ -28,6 +28,6 @@ def test_federation_create_is_idempotent_and_names_bad_input(
     again = tetherfed("federation", "create", "exp", "--policy", "seed", "--coordinator", url)
     assert again.returncode == 0 and json.loads(again.stdout)["name"] == "exp"
     bad = tetherfed("federation", "create", "x", "--policy", "fastest", "--coordinator", url)
-    assert bad.returncode == 2 and "known: default, seed" in bad.stderr
+    assert bad.returncode == 2 and "known: demo, default, seed, cka" in bad.stderr
     down = tetherfed("federation", "create", "x", "--coordinator", "http://127.0.0.1:9")
     assert down.returncode == 3 and "unreachable" in down.stderr

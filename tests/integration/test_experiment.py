@@ -165,7 +165,9 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_finished_runs(tmp_path:
     # that has finished applies nothing (the fedavg assertion below needs merges issued)
     spec, out = write_spec(tmp_path, repeats=1, jobs=1, arms=arms, steps=600), tmp_path / "out"
     cmd = [sys.executable, "-m", "tetherfed.cli", "experiment", "run", str(spec), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "experiment.log"  # kept for the failure message
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
 
     # Execute: SIGTERM once the first run has finished
     deadline = time.monotonic() + 150
@@ -178,7 +180,7 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_finished_runs(tmp_path:
     resumed = tetherfed("run", str(spec), "--out", str(out), "--resume")
 
     # Assert
-    assert code == 130, f"expected exit 130 after SIGTERM, got {code}"
+    assert code == 130, f"expected exit 130 after SIGTERM, got {code}: {log.read_text()[-3000:]}"
     assert first and len(first) < 3, f"expected a partial sweep, finished: {first}"
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"3 runs, {3 - len(first)} to run" in resumed.stdout, resumed.stdout

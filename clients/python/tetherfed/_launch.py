@@ -71,15 +71,22 @@ def demo_policy() -> Policy:
     return Policy(trigger="every_publish", merge_threshold=0.0, drift_threshold=-0.5)
 
 
+class UnknownPreset(KeyError):
+    """A policy preset name that is not one (a KeyError whose text reads without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def preset_policy(name: str) -> Policy:
-    """A preset by name, 'demo' included (KeyError naming the known ones)."""
+    """A preset by name, 'demo' included (UnknownPreset, a KeyError, naming the known ones)."""
     if name == "demo":
         return demo_policy()
     try:
         return policy_preset(name)
     except KeyError:
         known = ", ".join(["demo", *PRESETS])
-        raise KeyError(f"unknown policy preset {name!r}; known: {known}") from None
+        raise UnknownPreset(f"unknown policy preset {name!r}; known: {known}") from None
 
 
 def resolve_policy(spec: str) -> Policy | str:

@@ -188,8 +188,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         policy = resolve_policy(args.policy)
     except (KeyError, OSError, ValueError) as exc:
-        reason = exc.args[0] if isinstance(exc, KeyError) else exc  # str(KeyError) quotes it
-        print(f"tetherfed up: bad --policy: {reason}", file=sys.stderr)
+        print(f"tetherfed up: bad --policy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
