@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,21 @@ def test_summary_carries_the_new_columns_with_confidence_intervals() -> None:
 
     assert summary["merges_within_mean"] == 4.0 and summary["merges_within_ci95"] > 0
     assert summary["gate_max_kept_rise_mean"] == pytest.approx(0.001)
+
+
+def test_preload_imports_every_module_writing_results_imports_lazily() -> None:
+    """An interrupt landing in a first import left a half-initialised networkx behind, and
+    writing results on the way out then crashed (exit 1 instead of 130): `experiment.run`
+    imports them all before its sweep starts. Checked in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from tetherfed import _results\n"
+        "assert 'networkx' not in sys.modules and 'sklearn.metrics' not in sys.modules\n"
+        "_results.preload()\n"
+        "print([m for m in _results.LAZY_MODULES if m not in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

@@ -6,7 +6,9 @@ some columns (`COLUMNS`); adding columns (diagnostics, science) means adding a p
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
 import json
 import math
 import statistics
@@ -14,6 +16,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# What building a results row imports on first use (optional: the worker extra brings them).
+LAZY_MODULES = ("networkx", "sklearn.metrics", "scipy.stats", "tetherfed.diagnostics")
+
+
+def preload() -> None:
+    """Import what writing results imports lazily, before a sweep starts.
+
+    An interrupt (Ctrl-C, or SIGTERM turned into one) that lands in the middle of an import
+    leaves a half-initialised module in `sys.modules`. An interrupted sweep writes its results
+    once more on the way out, and importing such a module again raises (networkx: "Algorithm
+    already exists in dispatch namespace"): the interrupt, exit 130, became a crash, exit 1.
+    A sweep first writes results right after its first run ends, when a user is most likely to
+    stop it."""
+    for name in LAZY_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
 
 METRICS = (
     "val_loss", "train_loss", "merges", "drifts", "rejected", "ari", "ari_kept",

@@ -51,6 +51,7 @@ from ._launch import (
     write_json_atomic,
 )
 from ._results import COLUMNS, ColumnProvider, RunRecord, build_row, summarize, write_csv
+from ._results import preload as preload_results
 from ._spec import (
     PlannedRun,
     Spec,
@@ -342,6 +343,7 @@ def run(
     sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine,
                   jobs=jobs)  # fmt: skip
     todo = sweep.todo()
+    preload_results()  # an interrupt must not land in a first import (see `preload`)
     console.print(f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}")  # fmt: skip
     try:
         if todo:
