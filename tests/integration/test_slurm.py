@@ -73,6 +73,20 @@ def test_an_unknown_redis_url_is_refused_before_submitting(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("option", ["--workers", "--cpus-per-worker"])
+def test_counts_below_one_are_refused_before_submitting(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = {"--workers": "1", "--cpus-per-worker": "4"} | {option: "0"}
+    with pytest.raises(SystemExit) as exited:
+        main(["submit", "slurm", "--partition", "p", "--time", "5", "--dry-run",
+              "--redis-url", "redis://127.0.0.1:6379/9", "--folder", str(tmp_path),
+              *(x for kv in argv.items() for x in kv)])  # fmt: skip
+    assert exited.value.code == 2
+    assert f"{option}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def _signal_tasks(job: Any, signum: int) -> None:
     """Signal the processes a local job's controller runs (Slurm signals the job's tasks; the
     controller itself only forwards SIGTERM)."""

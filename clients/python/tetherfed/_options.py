@@ -89,6 +89,17 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a count of workers, of CPUs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _layer_lr(item: str) -> tuple[str, float]:
     prefix, _, factor = item.partition("=")
     try:

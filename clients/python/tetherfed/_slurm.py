@@ -29,7 +29,7 @@ from tetherfed_coordinator.topology import parse_redis_url
 
 from ._exits import EXIT_OK, EXIT_USAGE
 from ._launch import create_federation, resolve_policy, wait_ready
-from ._options import add_worker_args
+from ._options import add_worker_args, at_least_one
 from ._sdk import Client
 from ._up import worker_argv
 
@@ -256,9 +256,10 @@ def add_submit_parser(sub: Any) -> None:
     submit_parser = sub.add_parser("submit", help="submit a federation to a batch scheduler")
     engines = submit_parser.add_subparsers(dest="engine", required=True)
     p = engines.add_parser("slurm", help="a coordinator job and a worker job array (submitit)")
-    p.add_argument("--workers", type=int, required=True, help="array tasks (one worker each)")
+    p.add_argument("--workers", type=at_least_one, required=True,
+                   help="array tasks (one worker each)")  # fmt: skip
     p.add_argument("--gpus-per-worker", type=int, default=0)
-    p.add_argument("--cpus-per-worker", type=int, default=4)
+    p.add_argument("--cpus-per-worker", type=at_least_one, default=4)
     p.add_argument("--partition", required=True)
     p.add_argument("--time", required=True, help="each job's limit: minutes, H:M:S or D-H:M:S")
     p.add_argument("--account", default=None)

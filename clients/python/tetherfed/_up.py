@@ -37,7 +37,7 @@ from ._launch import (
     report_hook,
     resolve_policy,
 )
-from ._options import add_worker_args, options_argv, options_from_args
+from ._options import add_worker_args, at_least_one, options_argv, options_from_args
 from ._ray import EngineFailed, EngineRefused, add_engine_args, close_engine, engine_from_args
 from ._sdk import Client
 
@@ -45,15 +45,6 @@ PLAIN_EVERY_S = 2.0
 
 
 # -- arguments -----------------------------------------------------------------------------------
-def at_least_one(text: str) -> int:
-    """argparse type: an integer ≥ 1 (a count of workers)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_up_parsers(sub: Any) -> None:
