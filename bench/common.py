@@ -140,6 +140,9 @@ class CpuMeter:
         else:
             limit = "no CPU saturated: waits (I/O, wake-ups, scheduling) dominate"
         return {
-            "cores_used": cores, "machine_busy_cores": busy, "machine_cores": n,
-            "load_average_1m": round(os.getloadavg()[0], 1), "limit": limit,
-        }  # fmt: skip
+            "cores_used": cores,
+            "machine_busy_cores": busy,
+            "machine_cores": n,
+            "load_average_1m": round(os.getloadavg()[0], 1),
+            "limit": limit,
+        }

@@ -85,8 +85,10 @@ def _cpu_per_frame(
     for _ in range(reps):
         publish()
     end = (time.process_time(), pid_s(), redis_s())
-    ms = [None if a is None or b is None else round((b - a) / reps * 1e3, 1)
-          for a, b in zip(start, end, strict=True)]  # fmt: skip
+    ms = [
+        None if a is None or b is None else round((b - a) / reps * 1e3, 1)
+        for a, b in zip(start, end, strict=True)
+    ]
     return {"client_ms": ms[0], "coordinator_ms": ms[1], "redis_ms": ms[2]}
 
 
@@ -94,8 +96,17 @@ def _start(url: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env |= {"TETHER_KEY_PREFIX": prefix, "TETHER_SCORING_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1", "--port",
-           str(port), "--redis-url", url]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--redis-url",
+        url,
+    ]
     proc = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -125,16 +136,23 @@ def _measure(url: str, size_mb: int, reps: int) -> dict[str, float]:
             ours_fn = lambda: api.publish("bench", wid_id, parts)  # noqa: E731
             ref_fn = lambda: r.set(f"{prefix}reference", reference)  # noqa: E731
             ours_t, ref_t = interleaved(ours_fn, ref_fn, repeats=reps)
-            cpu = {"ours": _cpu_per_frame(ours_fn, r, proc.pid),
-                   "reference": _cpu_per_frame(ref_fn, r, None)}  # fmt: skip
+            cpu = {
+                "ours": _cpu_per_frame(ours_fn, r, proc.pid),
+                "reference": _cpu_per_frame(ref_fn, r, None),
+            }
             stored = stored_frame(r, Keys(prefix), "bench", wid_id)
             if stored is None or stored[0] != reference:
                 raise RuntimeError("the stored snapshot differs from the published frame")
             tcp = statistics.median(loopback_mbps(memoryview(reference)) for _ in range(3))
-        return {"ours": size / MB / ours_t.median, "reference": size / MB / ref_t.median,
-                "ours_range": [size / MB / ours_t.high, size / MB / ours_t.low],
-                "reference_range": [size / MB / ref_t.high, size / MB / ref_t.low],
-                "tcp": tcp, "bytes": size, "cpu": cpu}  # fmt: skip
+        return {
+            "ours": size / MB / ours_t.median,
+            "reference": size / MB / ref_t.median,
+            "ours_range": [size / MB / ours_t.high, size / MB / ours_t.low],
+            "reference_range": [size / MB / ref_t.high, size / MB / ref_t.low],
+            "tcp": tcp,
+            "bytes": size,
+            "cpu": cpu,
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -154,14 +172,24 @@ def run(quick: bool = False) -> dict[str, object]:
         m = _measure(url, size_mb, reps)
     ratio = m["ours"] / m["reference"]
     return {
-        "name": "ingest", "ours": round(m["ours"], 1), "reference": round(m["reference"], 1),
-        "unit": "MB/s", "ratio": round(ratio, 3), "target": 1.0, "passed": ratio >= 1.0,
-        "params": {"frame_bytes": m["bytes"], "reps": reps, "loopback_tcp_mbps": round(m["tcp"], 1),
-                   "ours_min_max": [round(x, 1) for x in m["ours_range"]],
-                   "reference_min_max": [round(x, 1) for x in m["reference_range"]],
-                   "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded",
-                   "cpu_ms_per_frame": m["cpu"], "cores": os.cpu_count()},
-    }  # fmt: skip
+        "name": "ingest",
+        "ours": round(m["ours"], 1),
+        "reference": round(m["reference"], 1),
+        "unit": "MB/s",
+        "ratio": round(ratio, 3),
+        "target": 1.0,
+        "passed": ratio >= 1.0,
+        "params": {
+            "frame_bytes": m["bytes"],
+            "reps": reps,
+            "loopback_tcp_mbps": round(m["tcp"], 1),
+            "ours_min_max": [round(x, 1) for x in m["ours_range"]],
+            "reference_min_max": [round(x, 1) for x in m["reference_range"]],
+            "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "embedded",
+            "cpu_ms_per_frame": m["cpu"],
+            "cores": os.cpu_count(),
+        },
+    }
 
 
 if __name__ == "__main__":

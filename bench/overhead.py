@@ -72,8 +72,16 @@ def _loop(
 def _row(name: str, on: list[float], off: list[float], params: dict[str, Any]) -> dict[str, Any]:
     ours, ref = sorted(on)[len(on) // 2], sorted(off)[len(off) // 2]
     ratio = ours / ref
-    return line(name, ours=ours, reference=ref, unit="steps/s", ratio=ratio,
-                target=f">= {TARGET}", passed=ratio >= TARGET, params=params)  # fmt: skip
+    return line(
+        name,
+        ours=ours,
+        reference=ref,
+        unit="steps/s",
+        ratio=ratio,
+        target=f">= {TARGET}",
+        passed=ratio >= TARGET,
+        params=params,
+    )
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
@@ -107,11 +115,22 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
                 off.append(_loop(model, opt, batches, None))
             published = fed.stats.published - published
             io_budget = fed.io_budget
-    params = {"model": "mlp 128-64-10", "batch": 32, "block_steps": block, "repeats": repeats,
-              "publish_every": 1, "device": device}  # fmt: skip
+    params = {
+        "model": "mlp 128-64-10",
+        "batch": 32,
+        "block_steps": block,
+        "repeats": repeats,
+        "publish_every": 1,
+        "device": device,
+    }
     fed_params = {"io_budget": io_budget, "publishes_per_s": round(published / on_seconds, 1)}
-    diag_params = {"diagnostics": "every=epoch", "budget": diag.budget, "runs": diag.runs,
-                   "skipped": diag.skipped, "share": round(diag.spent / max(clock(), 1e-9), 4)}  # fmt: skip
+    diag_params = {
+        "diagnostics": "every=epoch",
+        "budget": diag.budget,
+        "runs": diag.runs,
+        "skipped": diag.skipped,
+        "share": round(diag.spent / max(clock(), 1e-9), 4),
+    }
     return [
         _row("overhead", on, off, params | fed_params),
         _row("overhead-diagnostics", with_diag, off, params | diag_params),

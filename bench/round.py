@@ -31,9 +31,12 @@ from .harness import coordinator
 TARGET_S = 0.5
 FLOWER_S = (12.5, 15.4)  # issue #17: Flower 1.42 FedAvg, same N and P, this machine
 POLICY = Policy(
-    trigger="every_publish", cooldown_steps=0, max_merges_per_epoch=1_000_000,
-    max_staleness_steps=None, retain_generations=0,
-)  # fmt: skip
+    trigger="every_publish",
+    cooldown_steps=0,
+    max_merges_per_epoch=1_000_000,
+    max_staleness_steps=None,
+    retain_generations=0,
+)
 
 
 class _Worker:
@@ -127,16 +130,27 @@ def run(quick: bool = False) -> dict[str, Any]:
     median = statistics.median(times)
     values = 4 * side * side
     return line(
-        "round", ours=median, reference=None, unit="s (first byte → last worker holds partners' tethers)",
-        ratio=None, target=f"<= {TARGET_S} s", passed=median <= TARGET_S,
+        "round",
+        ours=median,
+        reference=None,
+        unit="s (first byte → last worker holds partners' tethers)",
+        ratio=None,
+        target=f"<= {TARGET_S} s",
+        passed=median <= TARGET_S,
         params={
-            "workers": n, "values_per_worker": values, "layers": 4, "rounds": rounds,
-            "min_s": round(min(times), 4), "max_s": round(max(times), 4),
+            "workers": n,
+            "values_per_worker": values,
+            "layers": 4,
+            "rounds": rounds,
+            "min_s": round(min(times), 4),
+            "max_s": round(max(times), 4),
             "published_mb_per_round": round(n * values * 4 / 1e6, 1),
             "fetched_mb_per_round": round(fetched / 1e6, 1),
-            "cpu": cpu, "flower_reference_s": list(FLOWER_S), "flower_reference": "quoted from issue #17, not rerun",
+            "cpu": cpu,
+            "flower_reference_s": list(FLOWER_S),
+            "flower_reference": "quoted from issue #17, not rerun",
         },
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

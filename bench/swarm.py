@@ -68,9 +68,13 @@ class Swarm:
     @property
     def policy(self) -> Policy:
         return Policy(
-            trigger="every_publish", cooldown_steps=0, max_merges_per_epoch=1_000_000,
-            max_staleness_steps=None, retain_generations=0, sketch=self.sketch,
-        )  # fmt: skip
+            trigger="every_publish",
+            cooldown_steps=0,
+            max_merges_per_epoch=1_000_000,
+            max_staleness_steps=None,
+            retain_generations=0,
+            sketch=self.sketch,
+        )
 
     @property
     def fed(self) -> str:
@@ -285,23 +289,40 @@ def run(swarm: Swarm) -> dict[str, Any]:
     kind = "full" if swarm.sketch is None else "sketch"
     handling = quantile(m, "tetherfed_publish_seconds", 0.99, kind=kind) * 1e3
     return line(
-        swarm.row, ours=p99, reference=None, unit="ms (p99 publish→decision, /metrics histogram)",
-        ratio=None, target=f"every publish scored, backlog flat, p99 <= {TARGET_P99_MS} ms",
+        swarm.row,
+        ours=p99,
+        reference=None,
+        unit="ms (p99 publish→decision, /metrics histogram)",
+        ratio=None,
+        target=f"every publish scored, backlog flat, p99 <= {TARGET_P99_MS} ms",
         passed=every and stable and p99 <= TARGET_P99_MS,
         params={
-            "workers": swarm.workers, "layers": swarm.layers, "shape": list(swarm.shape),
-            "frames": kind, "sketch_k": None if swarm.sketch is None else swarm.sketch.k,
-            "hz_per_worker": swarm.hz, "seconds": swarm.seconds,
-            "generator_processes": swarm.generators, "scorer_processes": int(scorers),
+            "workers": swarm.workers,
+            "layers": swarm.layers,
+            "shape": list(swarm.shape),
+            "frames": kind,
+            "sketch_k": None if swarm.sketch is None else swarm.sketch.k,
+            "hz_per_worker": swarm.hz,
+            "seconds": swarm.seconds,
+            "generator_processes": swarm.generators,
+            "scorer_processes": int(scorers),
             "offered_publishes_per_s": swarm.workers * swarm.hz,
             "achieved_publishes_per_s": round(accepted / swarm.seconds, 1),  # answered 202
-            "publishes_sent": m["sent"], "publishes_accepted": accepted, "publishes_scored": scored,
-            "rounds_committed": rounds, "coalesced": accepted - rounds, "every_publish_scored": every,
-            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-            "scoring_round_p99_ms": round(quantile(m, "tetherfed_scoring_round_seconds", 0.99) * 1e3, 2),
+            "publishes_sent": m["sent"],
+            "publishes_accepted": accepted,
+            "publishes_scored": scored,
+            "rounds_committed": rounds,
+            "coalesced": accepted - rounds,
+            "every_publish_scored": every,
+            "p50_ms": round(p50, 2),
+            "p99_ms": round(p99, 2),
+            "scoring_round_p99_ms": round(
+                quantile(m, "tetherfed_scoring_round_seconds", 0.99) * 1e3, 2
+            ),
             "publish_handling_p99_ms": round(handling, 2),
             "backlog_first_quarter_max": max(backlog[:quarter]),
-            "backlog_last_quarter_max": max(backlog[-quarter:]), "backlog_stable": stable,
+            "backlog_last_quarter_max": max(backlog[-quarter:]),
+            "backlog_stable": stable,
             "cpu": m["cpu"],
         },
-    )  # fmt: skip
+    )

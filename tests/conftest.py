@@ -168,11 +168,24 @@ def coordinator_process(
     def start(port: int | None = None, **env: str) -> CoordinatorProcess:
         port = port or free_port()
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-        environ |= {"TETHER_KEY_PREFIX": key_prefix, "TETHER_RECLAIM_IDLE_MS": "300",
-                    "TETHER_SCORING_BLOCK_MS": "50", "TETHER_SSE_KEEPALIVE_S": "0.3"}  # fmt: skip
+        environ |= {
+            "TETHER_KEY_PREFIX": key_prefix,
+            "TETHER_RECLAIM_IDLE_MS": "300",
+            "TETHER_SCORING_BLOCK_MS": "50",
+            "TETHER_SSE_KEEPALIVE_S": "0.3",
+        }
         environ |= env
-        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1",
-               "--port", str(port), "--redis-url", redis_url]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed_coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+        ]
         proc = subprocess.Popen(cmd, env=environ)
         coordinator = CoordinatorProcess(url=f"http://127.0.0.1:{port}", proc=proc)
         started.append(coordinator)

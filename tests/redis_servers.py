@@ -106,9 +106,11 @@ class Servers:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.stop()
 
 
@@ -134,9 +136,10 @@ class ClusterServers(Servers):
 
     def _node(self, i: int) -> int:
         return self.start(
-            f"node{i}", ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                         "cluster-node-timeout 5000"], bus=True,
-        )  # fmt: skip
+            f"node{i}",
+            ["cluster-enabled yes", "cluster-config-file nodes.conf", "cluster-node-timeout 5000"],
+            bus=True,
+        )
 
     def _assign_slots(self) -> None:
         clients = [redis.Redis(port=p, socket_timeout=5) for p in self.ports]
@@ -150,10 +153,13 @@ class ClusterServers(Servers):
                 clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
             for client in clients:
                 wait_until(
-                    lambda c=client: c.cluster("info")["cluster_state"] == "ok"  # type: ignore[misc]
-                    and c.cluster("info")["cluster_known_nodes"] == str(len(clients)),
-                    30, "the cluster's state ok on every node",
-                )  # fmt: skip
+                    lambda c=client: (
+                        c.cluster("info")["cluster_state"] == "ok"  # type: ignore[misc]
+                        and c.cluster("info")["cluster_known_nodes"] == str(len(clients))
+                    ),
+                    30,
+                    "the cluster's state ok on every node",
+                )
         finally:
             for client in clients:
                 client.close()
@@ -180,18 +186,20 @@ class SentinelServers(Servers):
             self.stop()
             raise
         self.url = (
-            "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+            "redis+sentinel://"
+            + ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
             + f"/{SERVICE}/0"
-        )  # fmt: skip
+        )
         return self
 
     def _wait_synced(self) -> None:
         client = redis.Redis(port=self.replica, socket_timeout=2)
         try:
             wait_until(
-                lambda: client.info("replication")["master_link_status"] == "up", 20,
+                lambda: client.info("replication")["master_link_status"] == "up",
+                20,
                 "the replica in sync",
-            )  # fmt: skip
+            )
         finally:
             client.close()
 
@@ -218,10 +226,12 @@ class SentinelServers(Servers):
         """Until every sentinel knows the other two and the replica, as long-running ones do
         (sentinels that never heard of each other fight over a failover's outcome)."""
         wait_until(
-            lambda: all(s["num-other-sentinels"] == 2 and s["num-slaves"] == 1
-                        for s in self._states()),
-            40, "the sentinels knowing each other and the replica",
-        )  # fmt: skip
+            lambda: all(
+                s["num-other-sentinels"] == 2 and s["num-slaves"] == 1 for s in self._states()
+            ),
+            40,
+            "the sentinels knowing each other and the replica",
+        )
 
     def master_port(self) -> int:
         """The primary's port as the first sentinel reports it."""
@@ -237,20 +247,25 @@ class SentinelServers(Servers):
         old = self.master_port()
         client = redis.Redis(port=self.sentinels[0], socket_timeout=5)
         try:
-            wait_until(lambda: client.execute_command("SENTINEL FAILOVER", SERVICE), 20,
-                       "the sentinels accepting a failover")  # fmt: skip
+            wait_until(
+                lambda: client.execute_command("SENTINEL FAILOVER", SERVICE),
+                20,
+                "the sentinels accepting a failover",
+            )
         finally:
             client.close()
         wait_until(
-            lambda: {int(s["port"]) for s in self._states()} == {self.replica}, timeout_s,
+            lambda: {int(s["port"]) for s in self._states()} == {self.replica},
+            timeout_s,
             "every sentinel naming the new primary",
-        )  # fmt: skip
+        )
         demoted = redis.Redis(port=old, socket_timeout=2)
         try:
             wait_until(
                 lambda: demoted.info("replication").get("master_link_status") == "up",
-                timeout_s, "the old primary replicating from the new one",
-            )  # fmt: skip
+                timeout_s,
+                "the old primary replicating from the new one",
+            )
         finally:
             demoted.close()
         return self.master_port()

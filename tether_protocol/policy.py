@@ -98,9 +98,12 @@ class ScoreRow(Mapping[str, float]):
     (float64, aligned, NaN: not comparable). The mapping leaves out the publisher (`own`)."""
 
     def __init__(
-        self, ids: Sequence[str], array: FloatArray, own: str | None = None,
+        self,
+        ids: Sequence[str],
+        array: FloatArray,
+        own: str | None = None,
         index: Mapping[str, int] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.ids, self.array, self.own = ids, array, own
         self._index = index
 
@@ -313,9 +316,12 @@ class _Eligible:
 
 
 def _eligible(
-    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str,
+    policy: Policy,
+    state: FederationState,
+    snapshot: SnapshotMeta,
+    layer: str,
     cooling: Mapping[str, int],
-) -> _Eligible:  # fmt: skip
+) -> _Eligible:
     """The partners out of cooldown (`cooling`: partner → step of the pair's last decision on
     this layer), with their standing in the row of every fresh comparable partner."""
     ids, pos, raw = _fresh(policy, state, snapshot, layer)
@@ -342,9 +348,13 @@ def _cooling(state: FederationState) -> dict[str, dict[str, int]]:
 
 
 def _decide_layer(
-    policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, result: Round,
+    policy: Policy,
+    state: FederationState,
+    snapshot: SnapshotMeta,
+    layer: str,
+    result: Round,
     cooling: Mapping[str, int],
-) -> None:  # fmt: skip
+) -> None:
     el = _eligible(policy, state, snapshot, layer, cooling)
     if not el.pos.size:
         return
@@ -355,18 +365,33 @@ def _decide_layer(
     for i, action in [*merges, *drifts]:
         partner = el.name(i)
         result.decisions.append(
-            _draft(policy, state, snapshot, layer, partner, action, float(el.raw[i]),
-                   float(el.scores[i]))
-        )  # fmt: skip
+            _draft(
+                policy,
+                state,
+                snapshot,
+                layer,
+                partner,
+                action,
+                float(el.raw[i]),
+                float(el.scores[i]),
+            )
+        )
         result.cooldowns[(layer, partner)] = snapshot.step
     if merges:
         result.merges[layer] = len(merges)
     if not merges and not drifts:
         best = int(ranked[0])
         result.decisions.append(
-            _hold(policy, state, snapshot, layer, el.name(best), float(el.raw[best]),
-                  float(el.scores[best]))
-        )  # fmt: skip
+            _hold(
+                policy,
+                state,
+                snapshot,
+                layer,
+                el.name(best),
+                float(el.raw[best]),
+                float(el.scores[best]),
+            )
+        )
 
 
 def _compared(policy: Policy, score: float, standing: float) -> str:
@@ -377,9 +402,12 @@ def _compared(policy: Policy, score: float, standing: float) -> str:
 
 
 def _merges(
-    policy: Policy, state: FederationState, layer: str, ranked: npt.NDArray[np.intp],
+    policy: Policy,
+    state: FederationState,
+    layer: str,
+    ranked: npt.NDArray[np.intp],
     el: _Eligible,
-) -> list[tuple[int, Action]]:  # fmt: skip
+) -> list[tuple[int, Action]]:
     ok = el.scores[ranked] > policy.merge_threshold
     if policy.min_merge_score is not None:
         ok &= el.raw[ranked] > policy.min_merge_score

@@ -140,9 +140,12 @@ def _rows_measure(measure: Measure) -> Measure:
 
 
 def sketch_scores(
-    sketches: Mapping[str, LayerSketch], spec: SketchPolicy, layer: str, measure: Measure,
+    sketches: Mapping[str, LayerSketch],
+    spec: SketchPolicy,
+    layer: str,
+    measure: Measure,
     order: Sequence[str] | None = None,
-) -> FloatArray:  # fmt: skip
+) -> FloatArray:
     """All-pairs score estimates (M × M, in `order`); NaN across different shapes."""
     names = list(order) if order is not None else list(sketches)
     out = np.full((len(names), len(names)), np.nan)
@@ -157,9 +160,12 @@ def sketch_scores(
 
 
 def sketch_row_scores(
-    own: LayerSketch, others: Mapping[str, LayerSketch], spec: SketchPolicy, layer: str,
+    own: LayerSketch,
+    others: Mapping[str, LayerSketch],
+    spec: SketchPolicy,
+    layer: str,
     measure: Measure,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Score estimates of one sketch against each of `others` (NaN for another shape)."""
     same = {w: s for w, s in others.items() if s.shape == own.shape}
     out = {w: float("nan") for w in others}
@@ -221,9 +227,13 @@ def decode_sketch_frame(
     out: dict[str, LayerSketch | npt.NDArray[Any]] = {}
     for name, tensor in frame.tensors.items():
         info = layout.get(name)
-        out[name] = tensor if info is None else LayerSketch(
-            np.asarray(tensor, dtype=np.float32), float(info["sum"]), tuple(info["shape"])
-        )  # fmt: skip
+        out[name] = (
+            tensor
+            if info is None
+            else LayerSketch(
+                np.asarray(tensor, dtype=np.float32), float(info["sum"]), tuple(info["shape"])
+            )
+        )
     return frame, out
 
 

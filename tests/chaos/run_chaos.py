@@ -68,9 +68,15 @@ MARKER_ENV = "TETHERFED_CHAOS_RUN"
 EXIT_INTERRUPTED = 130  # tetherfed's exit code after Ctrl-C (SIGINT)
 # Every publish is scored; cosine puts two U[0,1) tethers near 0.75, so pairs keep merging: a
 # steady stream of decisions to lose, duplicate or apply twice.
-POLICY = {"measure": "cosine", "merge_threshold": 0.5, "drift_threshold": None,
-          "trigger": "every_publish", "max_merges_per_epoch": 1_000_000, "cooldown_steps": 10,
-          "max_staleness_steps": None}  # fmt: skip
+POLICY = {
+    "measure": "cosine",
+    "merge_threshold": 0.5,
+    "drift_threshold": None,
+    "trigger": "every_publish",
+    "max_merges_per_epoch": 1_000_000,
+    "cooldown_steps": 10,
+    "max_staleness_steps": None,
+}
 
 
 @dataclass
@@ -118,12 +124,19 @@ class Result:
         """The JSON printed and written to chaos.json."""
         recovery = {
             t: {"median_s": round(statistics.median(v), 2), "max_s": round(max(v), 2)}
-            for t, v in self.recovery_s.items() if v
-        }  # fmt: skip
-        return {"config": self.config, "kills": self.kills, "recovery": recovery,
-                "figures": self.figures, "violations": len(self.violations),
-                "violation_list": self.violations, "runtime_s": round(self.runtime_s, 1),
-                "out": self.out}  # fmt: skip
+            for t, v in self.recovery_s.items()
+            if v
+        }
+        return {
+            "config": self.config,
+            "kills": self.kills,
+            "recovery": recovery,
+            "figures": self.figures,
+            "violations": len(self.violations),
+            "violation_list": self.violations,
+            "runtime_s": round(self.runtime_s, 1),
+            "out": self.out,
+        }
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -188,10 +201,20 @@ class Ensemble:
         folder = self.out / "redis"
         folder.mkdir(exist_ok=True)
         conf = folder / "redis.conf"
-        conf.write_text("\n".join([
-            f"port {self.redis_port}", "bind 127.0.0.1", f"dir {folder}", 'save ""',
-            "appendonly yes", f"appendfsync {self.cfg.appendfsync}", f"logfile {folder / 'log'}",
-        ]) + "\n")  # fmt: skip
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {self.redis_port}",
+                    "bind 127.0.0.1",
+                    f"dir {folder}",
+                    'save ""',
+                    "appendonly yes",
+                    f"appendfsync {self.cfg.appendfsync}",
+                    f"logfile {folder / 'log'}",
+                ]
+            )
+            + "\n"
+        )
         binary = shutil.which("redis-server") or str(server_binary())
         self.redis = self._spawn([binary, str(conf)], folder / "stdout.log", self.env())
         client = redis.Redis(port=self.redis_port, socket_timeout=2)
@@ -204,8 +227,18 @@ class Ensemble:
     # coordinator
     def start_coordinator(self) -> None:
         """`tetherfed coordinator` on its port; waits for /readyz and its scoring process."""
-        cmd = [sys.executable, "-m", "tetherfed.cli", "coordinator", "--host", "127.0.0.1",
-               "--port", str(self.api_port), "--redis-url", self.redis_url]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed.cli",
+            "coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.api_port),
+            "--redis-url",
+            self.redis_url,
+        ]
         # A short heartbeat TTL lets a resumed worker claim its id soon after the kill; a
         # short reclaim lets a live scorer take a killed one's pending entries soon.
         env = self.env(TETHER_HEARTBEAT_TTL_S="6", TETHER_RECLAIM_IDLE_MS="3000")
@@ -244,11 +277,33 @@ class Ensemble:
         """`tetherfed worker --resume` (the first start finds no checkpoint and registers)."""
         folder = self.worker_dir(i)
         folder.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "tetherfed.cli", "worker", "--coordinator", self.url,
-               "--federation", FEDERATION, "--name", f"w{i}", "--seed", str(i),
-               "--steps", str(self.cfg.max_steps), "--publish-every", "5", "--eval-every", "20",
-               "--log-every", "200", "--device", "cpu", "--checkpoint-dir", str(folder),
-               "--resume"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed.cli",
+            "worker",
+            "--coordinator",
+            self.url,
+            "--federation",
+            FEDERATION,
+            "--name",
+            f"w{i}",
+            "--seed",
+            str(i),
+            "--steps",
+            str(self.cfg.max_steps),
+            "--publish-every",
+            "5",
+            "--eval-every",
+            "20",
+            "--log-every",
+            "200",
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            str(folder),
+            "--resume",
+        ]
         self.workers[i] = self._spawn(cmd, folder / "worker.log", self.env())
 
     def live_workers(self) -> list[int]:
@@ -283,7 +338,9 @@ class Ensemble:
         sigkill(victims[0])
         if wait_for(lambda: any(p not in victims for p in self.scorers()), 30):
             return []
-        return [f"the coordinator did not start a scoring process again within 30 s of killing {victims[0]}"]  # fmt: skip
+        return [
+            f"the coordinator did not start a scoring process again within 30 s of killing {victims[0]}"
+        ]
 
     def kill_redis(self) -> None:
         """kill -9 redis-server and reap it."""
@@ -571,10 +628,12 @@ class Chaos:
             self.result.violations.append(f"rounds decided twice: {twice[:10]}")
         outcomes = Counter(json.loads(a)["outcome"] for a in acks.values())
         self.result.figures |= {
-            "decisions_made": len(decisions), "decisions_acked": len(acks),
-            "acked_applied": outcomes["applied"], "acked_rejected": outcomes["rejected"],
+            "decisions_made": len(decisions),
+            "decisions_acked": len(acks),
+            "acked_applied": outcomes["applied"],
+            "acked_rejected": outcomes["rejected"],
             "acks_seen_during_run": len(self.obs.acks),
-        }  # fmt: skip
+        }
 
     def check_workers(
         self, decisions: dict[int, str], acks: dict[int, str], registered: set[str]
@@ -596,8 +655,11 @@ class Chaos:
                 f"workers registered in Redis {sorted(registered)} ≠ ids in the workers' records "
                 f"{sorted(ids)}"
             )
-        self.result.figures |= {"applied_by_workers": applied, "rolled_back_by_resume":
-                                rolled_back, "worker_resumes": resumes}  # fmt: skip
+        self.result.figures |= {
+            "applied_by_workers": applied,
+            "rolled_back_by_resume": rolled_back,
+            "worker_resumes": resumes,
+        }
 
     @staticmethod
     def history_problems(

@@ -138,9 +138,19 @@ def test_results_rows_get_final_diagnostics_and_the_first_epoch_over_1(tmp_path:
     radii = {"worker-0": [0.5, 1.2, 0.9], "worker-1": [0.4, 0.8, 1.1]}  # worker-2: no diagnostics
     for name, values in radii.items():
         (tmp_path / name).mkdir()
-        lines = [{"event": "diagnostics", "step": 10 * e, "epoch": e, "metrics": {
-            "effective_rank": {"fc1": 2.0, "fc2": 4.0}, "gzip_ratio": {"fc1": 0.5, "all": 0.8},
-            "jacobian_radius": {"model": r}}} for e, r in enumerate(values)]  # fmt: skip
+        lines = [
+            {
+                "event": "diagnostics",
+                "step": 10 * e,
+                "epoch": e,
+                "metrics": {
+                    "effective_rank": {"fc1": 2.0, "fc2": 4.0},
+                    "gzip_ratio": {"fc1": 0.5, "all": 0.8},
+                    "jacobian_radius": {"model": r},
+                },
+            }
+            for e, r in enumerate(values)
+        ]
         (tmp_path / name / "diagnostics.jsonl").write_text(
             "".join(json.dumps(x) + "\n" for x in lines)
         )
@@ -148,6 +158,10 @@ def test_results_rows_get_final_diagnostics_and_the_first_epoch_over_1(tmp_path:
 
     columns = diagnostics_columns(run)
 
-    assert columns == {"effective_rank": 3.0, "gzip_ratio": 0.8, "jacobian_radius": 1.0,
-                       "jacobian_first_epoch_over_1": 1}  # fmt: skip
+    assert columns == {
+        "effective_rank": 3.0,
+        "gzip_ratio": 0.8,
+        "jacobian_radius": 1.0,
+        "jacobian_first_epoch_over_1": 1,
+    }
     assert diagnostics_columns(RunRecord("r1", 0, "tether", 0, {}, tmp_path / "none")) == {}

@@ -33,23 +33,40 @@ def test_decimate_keeps_short_series_and_both_ends_of_long_ones() -> None:
 def _decision(
     i: int, worker: str, action: str, step: int, ack: dict[str, str] | None
 ) -> dict[str, object]:
-    return {"id": i, "worker_id": worker, "partner_id": "b", "action": action, "layer": "fc1",
-            "own_snapshot": {"worker_id": worker, "version": 1, "step": step}, "ack": ack}  # fmt: skip
+    return {
+        "id": i,
+        "worker_id": worker,
+        "partner_id": "b",
+        "action": action,
+        "layer": "fc1",
+        "own_snapshot": {"worker_id": worker, "version": 1, "step": step},
+        "ack": ack,
+    }
 
 
 def test_decision_marks_take_the_workers_merges_and_drifts_with_their_ack() -> None:
-    decisions = [_decision(1, "a", "merge", 10, {"outcome": "applied"}),
-                 _decision(2, "a", "hold", 11, None), _decision(3, "b", "merge", 12, {"outcome": "applied"}),
-                 _decision(4, "a", "drift", 20, {"outcome": "rejected"}), _decision(5, "a", "merge", 30, None)]  # fmt: skip
+    decisions = [
+        _decision(1, "a", "merge", 10, {"outcome": "applied"}),
+        _decision(2, "a", "hold", 11, None),
+        _decision(3, "b", "merge", 12, {"outcome": "applied"}),
+        _decision(4, "a", "drift", 20, {"outcome": "rejected"}),
+        _decision(5, "a", "merge", 30, None),
+    ]
     marks = decision_marks(decisions, "a")
     assert [(m.step, m.action, m.outcome) for m in marks] == [
-        (10, "merge", "applied"), (20, "drift", "rejected"), (30, "merge", "issued")]  # fmt: skip
+        (10, "merge", "applied"),
+        (20, "drift", "rejected"),
+        (30, "merge", "issued"),
+    ]
 
 
 def test_counter_marks_follow_the_cumulative_counters() -> None:
-    records = [{"event": "step", "step": 10, "merges": 0, "drifts": 0},
-               {"event": "step", "step": 20, "merges": 2, "drifts": 0},
-               {"event": "step", "step": 30, "merges": 2, "drifts": 1}, {"event": "done", "merge": 2}]  # fmt: skip
+    records = [
+        {"event": "step", "step": 10, "merges": 0, "drifts": 0},
+        {"event": "step", "step": 20, "merges": 2, "drifts": 0},
+        {"event": "step", "step": 30, "merges": 2, "drifts": 1},
+        {"event": "done", "merge": 2},
+    ]
     assert [(m.step, m.action) for m in _counter_marks(records)] == [
         (20, "merge"),
         (20, "merge"),
@@ -64,16 +81,25 @@ def test_read_jsonl_skips_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def _run(final: float, cell: str, arm: str, repeat: int) -> ExperimentRun:
-    worker = WorkerSeries("worker-0", step=np.array([1.0, 2.0]), loss=np.array([1.0, final]),
-                          val_step=np.array([1.0, 2.0]), val_loss=np.array([1.0, final]))  # fmt: skip
+    worker = WorkerSeries(
+        "worker-0",
+        step=np.array([1.0, 2.0]),
+        loss=np.array([1.0, final]),
+        val_step=np.array([1.0, 2.0]),
+        val_loss=np.array([1.0, final]),
+    )
     run = RunData(Path("."), {"arm": arm, "repeat": repeat}, {}, [worker], [], {}, {})
     return ExperimentRun(run, cell, arm, repeat)
 
 
 def test_paired_differences_pair_each_repeat_against_its_control() -> None:
-    runs = [_run(0.5, "c", "federated", 0), _run(0.7, "c", "independent", 0),
-            _run(0.4, "c", "federated", 1), _run(0.5, "c", "independent", 1),
-            _run(0.9, "c", "federated", 2)]  # fmt: skip
+    runs = [
+        _run(0.5, "c", "federated", 0),
+        _run(0.7, "c", "independent", 0),
+        _run(0.4, "c", "federated", 1),
+        _run(0.5, "c", "independent", 1),
+        _run(0.9, "c", "federated", 2),
+    ]
     diffs = paired_differences(ExperimentData(Path("."), runs, [], []))
     assert diffs == {"c": pytest.approx([-0.2, -0.1])}
 

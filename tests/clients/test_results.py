@@ -15,9 +15,16 @@ from tetherfed._results import RunRecord, cluster_columns, merge_columns, summar
 GROUPS = {"w0": "sin", "w1": "sin", "w2": "pw", "w3": "pw"}
 
 
-def _decision(i: int, worker: str, partner: str, ack: dict[str, Any] | None, action: str = "merge") -> dict[str, Any]:  # fmt: skip
-    return {"id": i, "worker_id": f"{worker}-id", "partner_id": f"{partner}-id",
-            "action": action, "ack": ack}  # fmt: skip
+def _decision(
+    i: int, worker: str, partner: str, ack: dict[str, Any] | None, action: str = "merge"
+) -> dict[str, Any]:
+    return {
+        "id": i,
+        "worker_id": f"{worker}-id",
+        "partner_id": f"{partner}-id",
+        "action": action,
+        "ack": ack,
+    }
 
 
 def _run_folder(folder: Path, decisions: list[dict[str, Any]]) -> RunRecord:
@@ -30,7 +37,9 @@ def _run_folder(folder: Path, decisions: list[dict[str, Any]]) -> RunRecord:
             key = (d["worker_id"][:-3], d["partner_id"][:-3])
             edges[key] = edges.get(key, 0) + 1
     graph = [{"worker": a, "partner": b, "merges": n} for (a, b), n in edges.items()]
-    (folder / "summary.json").write_text(json.dumps({"workers": summary_workers, "merge_graph": graph}))  # fmt: skip
+    (folder / "summary.json").write_text(
+        json.dumps({"workers": summary_workers, "merge_graph": graph})
+    )
     (folder / "decisions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
     return RunRecord("r", 0, "federated", 0, {}, folder)
 
@@ -41,31 +50,48 @@ def test_merges_are_split_by_group_and_the_gate_figures_come_from_the_acks(tmp_p
     rolled = {"outcome": "rejected", "probe_loss_before": 0.2, "probe_loss_after": 0.5}
     stale = {"outcome": "rejected", "reason": "partner snapshot is stale"}
     ungated = {"outcome": "applied"}
-    run = _run_folder(tmp_path, [
-        _decision(1, "w0", "w1", kept), _decision(2, "w2", "w3", better),
-        _decision(3, "w0", "w2", rolled), _decision(4, "w1", "w3", stale),
-        _decision(5, "w3", "w2", None), _decision(6, "w1", "w0", ungated),
-        _decision(7, "w1", "w2", None, action="hold"),
-    ])  # fmt: skip
+    run = _run_folder(
+        tmp_path,
+        [
+            _decision(1, "w0", "w1", kept),
+            _decision(2, "w2", "w3", better),
+            _decision(3, "w0", "w2", rolled),
+            _decision(4, "w1", "w3", stale),
+            _decision(5, "w3", "w2", None),
+            _decision(6, "w1", "w0", ungated),
+            _decision(7, "w1", "w2", None, action="hold"),
+        ],
+    )
 
     columns = merge_columns(run)
 
     rise = columns.pop("gate_max_kept_rise")
     assert rise == pytest.approx(0.005)
-    assert columns == {"merges_within": 4, "merges_across": 2, "kept_within": 3, "kept_across": 0,
-                       "merges_unacked": 1, "gate_checked": 3, "gate_rolled_back": 1,
-                       "ari_kept": 1.0}  # fmt: skip
+    assert columns == {
+        "merges_within": 4,
+        "merges_across": 2,
+        "kept_within": 3,
+        "kept_across": 0,
+        "merges_unacked": 1,
+        "gate_checked": 3,
+        "gate_rolled_back": 1,
+        "ari_kept": 1.0,
+    }
     assert cluster_columns(run)["ari"] == 1.0  # decided: 4 within outweigh 2 across
 
 
 def test_ari_kept_counts_only_the_merges_the_workers_applied(tmp_path: Path) -> None:
     kept = {"outcome": "applied", "probe_loss_before": 0.2, "probe_loss_after": 0.2}
     rolled = {"outcome": "rejected", "probe_loss_before": 0.2, "probe_loss_after": 0.5}
-    run = _run_folder(tmp_path, [
-        *(_decision(i, "w0", "w1", rolled) for i in range(3)),
-        *(_decision(i, "w2", "w3", rolled) for i in range(3, 6)),
-        _decision(6, "w0", "w2", kept), _decision(7, "w1", "w3", kept),
-    ])  # fmt: skip
+    run = _run_folder(
+        tmp_path,
+        [
+            *(_decision(i, "w0", "w1", rolled) for i in range(3)),
+            *(_decision(i, "w2", "w3", rolled) for i in range(3, 6)),
+            _decision(6, "w0", "w2", kept),
+            _decision(7, "w1", "w3", kept),
+        ],
+    )
 
     columns = merge_columns(run)
 
@@ -88,8 +114,18 @@ def test_no_decisions_give_zeros_and_no_summary_gives_empty_columns(tmp_path: Pa
 
 
 def test_summary_carries_the_new_columns_with_confidence_intervals() -> None:
-    rows = [{"cell": 0, "arm": "federated", "repeat": r, "state": "finished", "val_loss": 0.1,
-             "merges_within": w, "gate_max_kept_rise": 0.001 * r} for r, w in enumerate([2, 4, 6])]  # fmt: skip
+    rows = [
+        {
+            "cell": 0,
+            "arm": "federated",
+            "repeat": r,
+            "state": "finished",
+            "val_loss": 0.1,
+            "merges_within": w,
+            "gate_max_kept_rise": 0.001 * r,
+        }
+        for r, w in enumerate([2, 4, 6])
+    ]
 
     (summary,) = summarize(rows)
 

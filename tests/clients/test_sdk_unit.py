@@ -26,14 +26,44 @@ from tetherfed._errors import (
 )
 
 EXPECTED_EXPORTS = {
-    "APIError", "AsyncClient", "AuthError", "BadRequestError", "Client", "ConflictError",
-    "Diagnostics", "Federation", "NotFoundError", "OperatorError", "RetryPolicy", "ServerError", "StepReport",
-    "Task", "TetherError", "TetherMode", "TetherParametrization", "TransportError",
-    "WorkerConfig", "__version__", "apply_operator_", "build_model", "default_model",
-    "get_tether", "layer_table", "load_task", "run_worker", "set_tether_", "tether",
-    "tethered_layers", "update_importance", "ROOT_LAYER", "RefusedError", "load_plain_state_dict", "untether",
-    "GateCheck", "Probe",  # issue 15: the merge gate and probe batches
-}  # fmt: skip
+    "APIError",
+    "AsyncClient",
+    "AuthError",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "Diagnostics",
+    "Federation",
+    "NotFoundError",
+    "OperatorError",
+    "RetryPolicy",
+    "ServerError",
+    "StepReport",
+    "Task",
+    "TetherError",
+    "TetherMode",
+    "TetherParametrization",
+    "TransportError",
+    "WorkerConfig",
+    "__version__",
+    "apply_operator_",
+    "build_model",
+    "default_model",
+    "get_tether",
+    "layer_table",
+    "load_task",
+    "run_worker",
+    "set_tether_",
+    "tether",
+    "tethered_layers",
+    "update_importance",
+    "ROOT_LAYER",
+    "RefusedError",
+    "load_plain_state_dict",
+    "untether",
+    "GateCheck",
+    "Probe",  # issue 15: the merge gate and probe batches
+}
 
 
 def test_public_surface_is_curated() -> None:
@@ -53,9 +83,18 @@ def test_public_surface_is_curated() -> None:
 
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(400, BadRequestError), (413, BadRequestError), (422, BadRequestError), (401, AuthError),
-     (403, AuthError), (404, NotFoundError), (409, ConflictError), (500, ServerError), (503, ServerError)],
-)  # fmt: skip
+    [
+        (400, BadRequestError),
+        (413, BadRequestError),
+        (422, BadRequestError),
+        (401, AuthError),
+        (403, AuthError),
+        (404, NotFoundError),
+        (409, ConflictError),
+        (500, ServerError),
+        (503, ServerError),
+    ],
+)
 def test_status_codes_map_to_the_error_tree(status: int, kind: type[APIError]) -> None:
     error = error_for(status, "what went wrong", "GET", "/v1/x")
     assert isinstance(error, kind) and isinstance(error, TetherError)

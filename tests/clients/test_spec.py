@@ -139,9 +139,15 @@ def test_overrides_parse_toml_values_and_find_groups_by_name() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["tiny", "cluster-recovery", "cluster-recovery-cka", "cluster-recovery-shared",
-     "seed-prototype", "threshold-sweep"],
-)  # fmt: skip
+    [
+        "tiny",
+        "cluster-recovery",
+        "cluster-recovery-cka",
+        "cluster-recovery-shared",
+        "seed-prototype",
+        "threshold-sweep",
+    ],
+)
 def test_built_in_examples_are_valid(name: str) -> None:
     spec, runs, text = experiment.plan(name)
     assert runs and spec.experiment.name and "[experiment]" in text

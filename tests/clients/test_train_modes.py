@@ -18,9 +18,18 @@ def initial_state(seed: int) -> dict[str, torch.Tensor]:
 
 def trained_state(tmp_path: Path, train: str) -> dict[str, torch.Tensor]:
     cfg = WorkerConfig(
-        task="sin", model="relu-chain-888", seed=3, steps=20, tether_mode="learned", train=train,  # type: ignore[arg-type]
-        checkpoint_dir=tmp_path / train, eval_every=20, log_every=20, device="cpu", lr=1e-2,
-    )  # fmt: skip
+        task="sin",
+        model="relu-chain-888",
+        seed=3,
+        steps=20,
+        tether_mode="learned",
+        train=train,  # type: ignore[arg-type]
+        checkpoint_dir=tmp_path / train,
+        eval_every=20,
+        log_every=20,
+        device="cpu",
+        lr=1e-2,
+    )
     run_worker(cfg)
     saved = torch.load(tmp_path / train / "latest.pt", weights_only=False)
     return saved["model"]  # type: ignore[no-any-return]

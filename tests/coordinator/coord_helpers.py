@@ -39,8 +39,13 @@ def worker_body(name: str = "w") -> dict[str, Any]:
     return {"name": name, "layers": LAYERS, "meta": {"gpu": 0}}
 
 
-EVERY_PUBLISH = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
-                 "merge_threshold": 0.5, "drift_threshold": -0.5}  # fmt: skip
+EVERY_PUBLISH = {
+    "measure": "pearson",
+    "trigger": "every_publish",
+    "cooldown_steps": 0,
+    "merge_threshold": 0.5,
+    "drift_threshold": -0.5,
+}
 
 
 def keys_of(url: str, prefix: str) -> set[bytes]:

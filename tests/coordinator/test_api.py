@@ -44,9 +44,14 @@ async def test_health_readiness_metrics_openapi(app_client: httpx.AsyncClient) -
     assert (await c.get("/healthz")).json() == {"status": "ok"}
     assert (await c.get("/readyz")).status_code == 200
     metrics = (await c.get("/metrics")).text
-    for name in ("tetherfed_requests_total", "tetherfed_publishes_total", "tetherfed_bytes_in_total",
-                 "tetherfed_scoring_seconds_total", "tetherfed_decisions_total",
-                 "tetherfed_scoring_backlog"):  # fmt: skip
+    for name in (
+        "tetherfed_requests_total",
+        "tetherfed_publishes_total",
+        "tetherfed_bytes_in_total",
+        "tetherfed_scoring_seconds_total",
+        "tetherfed_decisions_total",
+        "tetherfed_scoring_backlog",
+    ):
         assert name in metrics, f"expected {name} in /metrics"
     schema = (await c.get("/openapi.json")).json()
     assert schema["openapi"].startswith("3.")
@@ -154,16 +159,23 @@ def _bad_frames(wid: str) -> dict[str, tuple[bytes, int, str]]:
     return {
         "nan": (frame(wid, data=nan), 422, "layer 'fc1' contains NaN or Inf"),
         "inf": (frame(wid, data=inf), 422, "layer 'fc2' contains NaN or Inf"),
-        "shape": (frame(wid, data=wrong_shape), 422, "layer 'fc1' has shape [4, 8]; registered [8, 4]"),
-        "dtype": (encode_frame(tensors(1), meta.model_copy(update={"wire_dtype": "float16"}), "float16"),
-                  422, "registered float32"),
+        "shape": (
+            frame(wid, data=wrong_shape),
+            422,
+            "layer 'fc1' has shape [4, 8]; registered [8, 4]",
+        ),
+        "dtype": (
+            encode_frame(tensors(1), meta.model_copy(update={"wire_dtype": "float16"}), "float16"),
+            422,
+            "registered float32",
+        ),
         "missing layer": (frame(wid, data={"fc1": tensors(1)["fc1"]}), 422, "missing ['fc2']"),
         "truncated": (good[:-10], 400, "truncated or padded"),
         "short": (b"\x01\x02", 400, "8-byte header length"),
         "garbage header": (b"\x08" + b"\x00" * 7 + b"not json", 400, "header is not valid JSON"),
         "other worker": (frame("someone-else"), 400, "names worker 'someone-else'"),
         "no metadata": (encode_frame(tensors(1)), 400, "no snapshot metadata"),
-    }  # fmt: skip
+    }
 
 
 async def test_bad_frames_leave_state_unchanged(
@@ -247,8 +259,13 @@ async def test_tethers_read(app_client: httpx.AsyncClient) -> None:
     assert (await c.get(f"{F}/f/workers/{wid}/tethers")).status_code == 404
     data = tensors(9)
     r = await c.put(f"{F}/f/workers/{wid}/tethers", content=frame(wid, 3, data))
-    assert r.status_code == 202 and r.json() == {"worker_id": wid, "version": 1, "step": 3, "layers": 2,
-                                                 "bytes": len(frame(wid, 3, data))}  # fmt: skip
+    assert r.status_code == 202 and r.json() == {
+        "worker_id": wid,
+        "version": 1,
+        "step": 3,
+        "layers": 2,
+        "bytes": len(frame(wid, 3, data)),
+    }
     summary = (await c.get(f"{F}/f/workers/{wid}/tethers")).json()
     fc1 = summary["data"][0]
     assert fc1["layer"] == "fc1" and sum(fc1["histogram"]) == 32 and len(fc1["histogram"]) == 32
@@ -316,8 +333,10 @@ async def test_decisions_long_poll_acks_generations(app_client: httpx.AsyncClien
     ] == "fc2"
     empty = (await c.get(f"{F}/f/workers/{aw}/decisions?after=0&wait=0.2")).json()
     assert {k: empty[k] for k in ("data", "count", "last_id")} == {
-        "data": [], "count": 0, "last_id": 0,
-    }  # fmt: skip
+        "data": [],
+        "count": 0,
+        "last_id": 0,
+    }
     # a was scored alone: the poll says why it got nothing (issue 12, kind 5)
     assert empty["hold"]["code"] == "no_partner" and empty["hold"]["version"] == 1
     ack = {"outcome": "applied", "generation": 1}

@@ -14,9 +14,13 @@ from tether_protocol.frame import probe_gram_name
 pytestmark = pytest.mark.anyio
 F = "/v1/federations"
 CKA_RANK = {
-    "measure": "cka", "trigger": "every_publish", "cooldown_steps": 0, "relative": "rank",
-    "merge_threshold": 0.9, "drift_threshold": 0.1,
-}  # fmt: skip
+    "measure": "cka",
+    "trigger": "every_publish",
+    "cooldown_steps": 0,
+    "relative": "rank",
+    "merge_threshold": 0.9,
+    "drift_threshold": 0.1,
+}
 
 
 def features(seed: int, inputs: np.ndarray, width: int = 6) -> np.ndarray:

@@ -25,7 +25,17 @@ pytestmark = pytest.mark.integration
 @contextlib.contextmanager
 def coordinator(data_dir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_") and k != "REDIS_URL"}
-    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
     proc = subprocess.Popen(cmd, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -72,8 +82,11 @@ def test_decisions_and_acks_survive_a_restart(tmp_path: Path) -> None:
         b = http.post(f"{url}/f/workers", json=worker_body("b")).json()
         same = tensors(1)
         for reg in (a, b):
-            http.put(f"{url}/f/workers/{reg['worker_id']}/tethers", content=frame(reg["worker_id"], data=same),
-                     headers={"authorization": f"Bearer {reg['token']}"})  # fmt: skip
+            http.put(
+                f"{url}/f/workers/{reg['worker_id']}/tethers",
+                content=frame(reg["worker_id"], data=same),
+                headers={"authorization": f"Bearer {reg['token']}"},
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not http.get(f"{url}/f/decisions").json()["data"]:
             time.sleep(0.05)
@@ -83,8 +96,11 @@ def test_decisions_and_acks_survive_a_restart(tmp_path: Path) -> None:
         assert rounds and int(rounds.group(1)) >= 1, "the scoring process's rounds are not counted"
         merge = next(d for d in before if d["action"] == "merge")
         owner = a if merge["worker_id"] == a["worker_id"] else b
-        ack = http.post(f"{url}/f/decisions/{merge['id']}/ack", json={"outcome": "applied", "generation": 1},
-                        headers={"authorization": f"Bearer {owner['token']}"})  # fmt: skip
+        ack = http.post(
+            f"{url}/f/decisions/{merge['id']}/ack",
+            json={"outcome": "applied", "generation": 1},
+            headers={"authorization": f"Bearer {owner['token']}"},
+        )
         assert ack.status_code == 201, ack.text
     with coordinator(tmp_path, port), httpx.Client(timeout=10) as http:
         after = http.get(f"{url}/f/decisions").json()["data"]

@@ -68,8 +68,10 @@ async def pair_with_decision(c: httpx.AsyncClient) -> tuple[str, str, dict]:
     polled = (await c.get(f"{F}/f/workers/{b}/decisions?wait=10")).json()
     merge = polled["data"][0]
     assert merge["action"] == "merge" and merge["partner_snapshot"] == {
-        "worker_id": a, "version": 1, "step": 1,
-    }  # fmt: skip
+        "worker_id": a,
+        "version": 1,
+        "step": 1,
+    }
     return a, b, merge
 
 

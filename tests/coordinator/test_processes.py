@@ -69,8 +69,10 @@ def test_a_killed_scoring_process_is_started_again_and_scores(coordinator_proces
     _scorers(coordinator.pid, other_than=tuple(killed))
     with httpx.Client(base_url=coordinator.url) as c:
         c.post(F, json={"name": "f", "policy": EVERY_PUBLISH}).raise_for_status()
-        wids = [c.post(f"{F}/f/workers", json=worker_body(f"w{i}")).json()["worker_id"]
-                for i in range(2)]  # fmt: skip
+        wids = [
+            c.post(f"{F}/f/workers", json=worker_body(f"w{i}")).json()["worker_id"]
+            for i in range(2)
+        ]
         base = tensors(0)
         for i, wid in enumerate(wids):
             c.put(f"{F}/f/workers/{wid}/tethers", content=frame(wid, 1, tensors(i, base)))

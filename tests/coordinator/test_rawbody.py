@@ -51,9 +51,13 @@ class Conn:
         head = self._read_until(b"\r\n\r\n").decode()
         status = int(head.split()[1])
         length = next(
-            (int(line.split(":")[1]) for line in head.split("\r\n")
-             if line.lower().startswith("content-length:")), 0,
-        )  # fmt: skip
+            (
+                int(line.split(":")[1])
+                for line in head.split("\r\n")
+                if line.lower().startswith("content-length:")
+            ),
+            0,
+        )
         while len(self.pending) < length:
             self.pending += self.sock.recv(1 << 16)
         body, self.pending = self.pending[:length], self.pending[length:]
@@ -64,8 +68,13 @@ class Conn:
 
 
 def put_head(fed: str, wid: str, length: int, *extra: str) -> bytes:
-    lines = [f"PUT /v1/federations/{fed}/workers/{wid}/tethers HTTP/1.1", "Host: t",
-             "Content-Type: application/octet-stream", f"Content-Length: {length}", *extra]  # fmt: skip
+    lines = [
+        f"PUT /v1/federations/{fed}/workers/{wid}/tethers HTTP/1.1",
+        "Host: t",
+        "Content-Type: application/octet-stream",
+        f"Content-Length: {length}",
+        *extra,
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

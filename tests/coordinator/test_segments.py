@@ -84,16 +84,31 @@ async def test_a_commit_whose_segments_expired_changes_nothing(
 
     old_meta = await store.r.hgetall(keys.snapshot_meta("f", wid))
     names = [
-        keys.worker("f", wid), keys.snapshot_meta("f", wid), keys.alive("f", wid),
-        keys.federation("f"), keys.legacy_snapshot("f", wid), keys.pin("f", wid, 1),
-        keys.segment("f", wid, "partial", 0), keys.segment("f", wid, "partial", 1),
+        keys.worker("f", wid),
+        keys.snapshot_meta("f", wid),
+        keys.alive("f", wid),
+        keys.federation("f"),
+        keys.legacy_snapshot("f", wid),
+        keys.pin("f", wid, 1),
+        keys.segment("f", wid, "partial", 0),
+        keys.segment("f", wid, "partial", 1),
         *frame_keys(keys, "f", wid, old_meta),
-    ]  # fmt: skip
+    ]
     version = await store.r.eval(
-        store.publish_script, len(names), *names,
-        2, 0, "", "", SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
-        "2026-01-01T00:00:00+00:00", 5000, "partial", 2, old_meta["tag"],
-    )  # fmt: skip
+        store.publish_script,
+        len(names),
+        *names,
+        2,
+        0,
+        "",
+        "",
+        SnapshotMeta(worker_id=wid, step=2, epoch=0).model_dump_json(),
+        "2026-01-01T00:00:00+00:00",
+        5000,
+        "partial",
+        2,
+        old_meta["tag"],
+    )
 
     assert version == -3
     assert await store.r.hgetall(keys.snapshot_meta("f", wid)) == meta_before
@@ -191,9 +206,11 @@ async def test_a_layer_is_served_from_the_segments_that_hold_it(
     # GET of a layer reads only the segments that hold it and returns exactly its values.
     store: Store = app_client.app.state.store  # type: ignore[attr-defined]
     layers = [
-        LayerSpec(name="a", shape=[100]), LayerSpec(name="big", shape=[700, 1024]),
-        LayerSpec(name="mid", shape=[3, 5]), LayerSpec(name="tail", shape=[300, 1024]),
-    ]  # fmt: skip
+        LayerSpec(name="a", shape=[100]),
+        LayerSpec(name="big", shape=[700, 1024]),
+        LayerSpec(name="mid", shape=[3, 5]),
+        LayerSpec(name="tail", shape=[300, 1024]),
+    ]
     await app_client.post(f"{F}", json={"name": "f"})
     r = await app_client.post(
         f"{F}/f/workers", json={"name": "w", "layers": [s.model_dump() for s in layers]}

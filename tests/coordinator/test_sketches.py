@@ -19,9 +19,15 @@ pytestmark = pytest.mark.anyio
 F = "/v1/federations"
 LAYERS = [{"name": "big", "shape": [64, 64]}, {"name": "small", "shape": [4, 2]}]
 SKETCH = SketchPolicy(k=256, seed=9, min_values=1024, full_every=4)
-POLICY = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
-          "max_merges_per_epoch": 1000, "merge_threshold": 0.5, "drift_threshold": -0.5,
-          "sketch": SKETCH.model_dump()}  # fmt: skip
+POLICY = {
+    "measure": "pearson",
+    "trigger": "every_publish",
+    "cooldown_steps": 0,
+    "max_merges_per_epoch": 1000,
+    "merge_threshold": 0.5,
+    "drift_threshold": -0.5,
+    "sketch": SKETCH.model_dump(),
+}
 
 
 def tensors(rng: np.random.Generator, base: dict[str, np.ndarray] | None = None) -> dict:

@@ -42,8 +42,10 @@ async def test_series_are_listed_and_read_after_a_step(app_client: httpx.AsyncCl
 
     assert r.status_code == 204, r.text
     assert {(m["metric"], m["layer"], m["count"], m["last_step"]) for m in listing["data"]} == {
-        ("effective_rank", "fc1", 3, 30), ("weight_histogram", "all", 1, 10),
-        ("jacobian_radius", "model", 1, 10)}  # fmt: skip
+        ("effective_rank", "fc1", 3, 30),
+        ("weight_histogram", "all", 1, 10),
+        ("jacobian_radius", "model", 1, 10),
+    }
     assert [p["step"] for p in series["data"]] == [20, 30] and series["last_step"] == 30
     assert [p["value"] for p in series["data"]] == [2.8, 2.7]
     assert single["layer"] == "all" and single["data"][0]["value"] == [1, 2, 3]

@@ -66,14 +66,26 @@ def test_settings_refuse_braces_in_the_prefix_and_wait_on_a_cluster() -> None:
 def test_every_key_of_a_federation_hashes_to_one_slot() -> None:
     keys = Keys("tetherfed:")
     per_fed = [
-        keys.federation("f1"), keys.workers("f1"), keys.tokens("f1"), keys.decision_seq("f1"),
-        keys.decisions("f1"), keys.acks("f1"), keys.fence("f1"), keys.worker("f1", "w-1"), keys.alive("f1", "w-1"),
-        keys.segment("f1", "w-1", "tag", 3), keys.legacy_snapshot("f1", "w-1"),
-        keys.snapshot_meta("f1", "w-1"), keys.worker_decisions("f1", "w-1"),
-        keys.merges("f1", "w-1"), keys.cooldowns("f1", "w-1"), keys.applied("f1", "w-1"),
-        keys.generations("f1", "w-1", "enc.{x}"), keys.retained("f1", "w-1", "fc"),
+        keys.federation("f1"),
+        keys.workers("f1"),
+        keys.tokens("f1"),
+        keys.decision_seq("f1"),
+        keys.decisions("f1"),
+        keys.acks("f1"),
+        keys.fence("f1"),
+        keys.worker("f1", "w-1"),
+        keys.alive("f1", "w-1"),
+        keys.segment("f1", "w-1", "tag", 3),
+        keys.legacy_snapshot("f1", "w-1"),
+        keys.snapshot_meta("f1", "w-1"),
+        keys.worker_decisions("f1", "w-1"),
+        keys.merges("f1", "w-1"),
+        keys.cooldowns("f1", "w-1"),
+        keys.applied("f1", "w-1"),
+        keys.generations("f1", "w-1", "enc.{x}"),
+        keys.retained("f1", "w-1", "fc"),
         keys.generation_tensor("f1", "w-1", "fc", 2),
-    ]  # fmt: skip
+    ]
     slots = {key_slot(k.encode()) for k in per_fed}
     assert slots == {key_slot(b"f1")}, "a federation's keys span several slots"
     assert key_slot(keys.federation("f2").encode()) != key_slot(b"f1")
@@ -82,10 +94,16 @@ def test_every_key_of_a_federation_hashes_to_one_slot() -> None:
 # ---------------------------------------------------------------- a real Cluster
 def _settings(url: str, **extra: Any) -> Settings:
     return Settings(
-        redis_url=url, key_prefix=f"tftest:{uuid.uuid4().hex[:12]}:", heartbeat_ttl_s=30.0,
-        scoring_block_ms=50, reclaim_idle_ms=300, long_poll_max_s=10.0,
-        consumer_name=f"test-{uuid.uuid4().hex[:6]}", scorer_processes=0, **extra,
-    )  # fmt: skip
+        redis_url=url,
+        key_prefix=f"tftest:{uuid.uuid4().hex[:12]}:",
+        heartbeat_ttl_s=30.0,
+        scoring_block_ms=50,
+        reclaim_idle_ms=300,
+        long_poll_max_s=10.0,
+        consumer_name=f"test-{uuid.uuid4().hex[:6]}",
+        scorer_processes=0,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -237,8 +255,10 @@ def _assert_kept(url: str, prefix: str, acked: dict[int, dict]) -> None:
     (worker, snapshot version) was decided twice."""
     keys, client = Keys(prefix), sync_client(url, decode_responses=True)
     try:
-        stream = {int(sid.split("-")[0]): json.loads(f["d"])
-                  for sid, f in client.xrange(keys.decisions("f"))}  # fmt: skip
+        stream = {
+            int(sid.split("-")[0]): json.loads(f["d"])
+            for sid, f in client.xrange(keys.decisions("f"))
+        }
         acks = client.hgetall(keys.acks("f"))
     finally:
         close(client)

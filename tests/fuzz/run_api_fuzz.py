@@ -28,10 +28,23 @@ def coordinator(redis_url: str) -> Iterator[str]:
     """A coordinator process on a free port; its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    env |= {"TETHER_KEY_PREFIX": f"fuzz:{uuid.uuid4().hex[:8]}:", "TETHER_SCORER_PROCESSES": "0",
-            "TETHER_LONG_POLL_MAX_S": "0.5", "TETHER_SSE_KEEPALIVE_S": "0.5"}  # fmt: skip
-    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1",
-           "--port", str(port), "--redis-url", redis_url]  # fmt: skip
+    env |= {
+        "TETHER_KEY_PREFIX": f"fuzz:{uuid.uuid4().hex[:8]}:",
+        "TETHER_SCORER_PROCESSES": "0",
+        "TETHER_LONG_POLL_MAX_S": "0.5",
+        "TETHER_SSE_KEEPALIVE_S": "0.5",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -50,21 +63,45 @@ def coordinator(redis_url: str) -> Iterator[str]:
 # Every check but positive_data_acceptance / negative_data_rejection: a few rules live in model
 # validators JSON Schema cannot state (unique layer names, ordered policy thresholds), so
 # schema-valid bodies that break them get a 422 — by design, named in the detail.
-CHECKS = ",".join([
-    "not_a_server_error", "status_code_conformance", "content_type_conformance",
-    "response_headers_conformance", "response_schema_conformance", "missing_required_header",
-    "unsupported_method", "allow_header_conformance", "use_after_free",
-    "ensure_resource_availability",
-])  # fmt: skip
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+        "response_schema_conformance",
+        "missing_required_header",
+        "unsupported_method",
+        "allow_header_conformance",
+        "use_after_free",
+        "ensure_resource_availability",
+    ]
+)
 
 
 def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> int:
     """schemathesis over every operation; its exit code."""
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
-           "--checks", CHECKS, "--phases", "examples,coverage,fuzzing,stateful",
-           "--max-examples", str(examples), "--seed", str(seed), "--workers", "2",
-           "--max-response-time", "30",
-           "--exclude-path-regex", "/decisions/stream|/ui/"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        CHECKS,
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--max-examples",
+        str(examples),
+        "--seed",
+        str(seed),
+        "--workers",
+        "2",
+        "--max-response-time",
+        "30",
+        "--exclude-path-regex",
+        "/decisions/stream|/ui/",
+    ]
     if max_time_s is not None:
         cmd += ["--max-time", str(max_time_s)]
     return subprocess.run(cmd, check=False).returncode

@@ -25,8 +25,16 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    names = ["scoring", "ingest", "latency", "overhead", "overhead-diagnostics", "load", "round",
-             "load-1000"]  # fmt: skip
+    names = [
+        "scoring",
+        "ingest",
+        "latency",
+        "overhead",
+        "overhead-diagnostics",
+        "load",
+        "round",
+        "load-1000",
+    ]
     assert [line["name"] for line in lines] == names
     for line in lines:
         assert line.keys() >= KEYS, f"{line['name']} lacks {KEYS - line.keys()}"

@@ -29,8 +29,18 @@ def test_worker_writes_every_metric_and_the_coordinator_serves_them(
         api.create_federation("diag")
     out = tmp_path / "w0"
     # sin: 157 steps an epoch; runs every 80 steps and the final one at step 200.
-    proc = worker(coordinator.url, "diag", 0, out, "--task", "sin", "--steps", "200",
-                  "--diagnostics", "every=80,budget=1")  # fmt: skip
+    proc = worker(
+        coordinator.url,
+        "diag",
+        0,
+        out,
+        "--task",
+        "sin",
+        "--steps",
+        "200",
+        "--diagnostics",
+        "every=80,budget=1",
+    )
     summary = finish(proc)
 
     records = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]

@@ -67,10 +67,16 @@ def step_until(fed: Federation, done: Any, timeout_s: float = 30.0) -> list[Any]
 
 def test_gate_rolls_back_a_bad_partner_and_keeps_a_good_one(api: Client, coordinator: Any) -> None:
     policy = {
-        "measure": "dot", "merge_threshold": 0.0, "drift_threshold": None, "pairing": "all",
-        "trigger": "every_publish", "cooldown_steps": 1000, "max_staleness_steps": None,
-        "layers": ["fc2"], "gate": {"probe_loss_rise": 0.01},
-    }  # fmt: skip
+        "measure": "dot",
+        "merge_threshold": 0.0,
+        "drift_threshold": None,
+        "pairing": "all",
+        "trigger": "every_publish",
+        "cooldown_steps": 1000,
+        "max_staleness_steps": None,
+        "layers": ["fc2"],
+        "gate": {"probe_loss_rise": 0.01},
+    }
     api.create_federation("gated", policy=policy)  # type: ignore[arg-type]
     model, task = trained_sin_model()
     own = {n: tp.current().detach().numpy().copy() for n, tp in tethered_layers(model).items()}
@@ -105,8 +111,14 @@ def test_gate_rolls_back_a_bad_partner_and_keeps_a_good_one(api: Client, coordin
 
 
 def test_workers_publish_probe_grams_scored_by_cka(api: Client, coordinator: Any) -> None:
-    policy = {"measure": "cka", "trigger": "every_publish", "relative": "rank",
-              "merge_threshold": 0.9, "drift_threshold": 0.1, "probe_size": 32}  # fmt: skip
+    policy = {
+        "measure": "cka",
+        "trigger": "every_publish",
+        "relative": "rank",
+        "merge_threshold": 0.9,
+        "drift_threshold": 0.1,
+        "probe_size": 32,
+    }
     api.create_federation("cka", policy=policy)  # type: ignore[arg-type]
     task = load_task("sin", seed=0)
     models = [tether(build_model("relu-chain-888", task, seed=s), "static", seed=s) for s in (1, 2)]

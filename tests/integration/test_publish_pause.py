@@ -42,8 +42,15 @@ def test_a_slow_publish_pauses_publishing_at_most_the_cap(
     torch.manual_seed(0)
     model = tether(nn.Sequential(nn.Linear(4, 3)))
     # A 4 s publish at a 5 % budget would pause publishing for 76 s; the cap makes it 1 s.
-    fed = Federation(coordinator.url, "pause", model, name="w", publish_every=1,
-                     transport=FirstPublishLate(4.0), io_budget=0.05)  # fmt: skip
+    fed = Federation(
+        coordinator.url,
+        "pause",
+        model,
+        name="w",
+        publish_every=1,
+        transport=FirstPublishLate(4.0),
+        io_budget=0.05,
+    )
     try:
         assert fed.wait_registered(60), "the worker did not register"
         step_until(fed, lambda: fed.stats.published >= 1, timeout_s=60)

@@ -68,14 +68,40 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = tempfile.mkdtemp(prefix="tfray", dir="/tmp")  # short: socket paths
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        cmd = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1",
-               "--port", str(self.port), "--num-cpus", "2", "--num-gpus", "0",
-               "--include-dashboard", "false", "--object-store-memory", "100000000",
-               "--temp-dir", self.temp_dir, "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(free_port()),
-               "--min-worker-port", "0", "--max-worker-port", "0"]  # fmt: skip
-        self.starter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, env=env, start_new_session=True)  # fmt: skip
+        cmd = [
+            str(RAY),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--object-store-memory",
+            "100000000",
+            "--temp-dir",
+            self.temp_dir,
+            "--disable-usage-stats",
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+        ]
+        self.starter = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
 
     def wait(self, timeout_s: float = 180.0) -> None:
         """Until `ray start` returned (the head runs); fails with its output otherwise."""
@@ -112,16 +138,21 @@ def ray_cluster() -> Iterator[RayCluster]:
 def ray_script(address: str, body: str, timeout_s: float = 120) -> Any:
     """Run `body` in a Ray driver connected to `address` (namespace tetherfed); it prints one
     JSON value, returned here. In a subprocess: the test process never imports ray."""
-    code = ("import json, ray, time\n"
-            f"ray.init(address={address!r}, namespace='tetherfed', log_to_driver=False)\n"
-            f"{body}\nray.shutdown()\n")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout_s, check=False)  # fmt: skip
+    code = (
+        "import json, ray, time\n"
+        f"ray.init(address={address!r}, namespace='tetherfed', log_to_driver=False)\n"
+        f"{body}\nray.shutdown()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[str]) -> Any:  # fmt: skip
+def wait_for(
+    what: str, check: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[str]
+) -> Any:
     """`check()` once truthy; fails after `timeout_s` or when `proc` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -147,9 +178,14 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 def layout(out: Path) -> set[str]:
     """The run folder's file names, worker folders included (report.html aside, and the temporary
     file of a checkpoint write that a kill cut short: `latest.tmp`)."""
-    return {str(p.relative_to(out)) for p in out.rglob("*")
-            if p.is_file() and p.name != "report.html" and not p.name.startswith(".")
-            and p.suffix != ".tmp"}  # fmt: skip
+    return {
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file()
+        and p.name != "report.html"
+        and not p.name.startswith(".")
+        and p.suffix != ".tmp"
+    }
 
 
 @pytest.fixture
@@ -159,11 +195,23 @@ def up() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
 
     def start(out: Path, *args: str) -> subprocess.Popen[str]:
-        cmd = [sys.executable, "-m", "tetherfed.cli", "up", "--out", str(out), "--device", "cpu",
-               "--workers", "2", *SMALL, *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed.cli",
+            "up",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+            *SMALL,
+            *args,
+        ]
         out.parent.mkdir(parents=True, exist_ok=True)
         with (out.parent / f"{out.name}.out").open("w") as log:  # never a pipe left unread
-            started.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+            started.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True))
         return started[-1]
 
     yield start
@@ -190,13 +238,34 @@ def test_workers_on_ray_decide_survive_an_actor_kill_and_tear_down(
     up: Callable[..., subprocess.Popen[str]],
 ) -> None:
     # A short local run for the layout, while the Ray head starts.
-    local = up(tmp_path / "local", "--steps", "40", "--redis-url", redis_url,
-               "--federation", f"local-{os.getpid()}")  # fmt: skip
+    local = up(
+        tmp_path / "local",
+        "--steps",
+        "40",
+        "--redis-url",
+        redis_url,
+        "--federation",
+        f"local-{os.getpid()}",
+    )
     ray_cluster.wait()
     out = tmp_path / "ray"
-    proc = up(out, "--engine", "ray", "--address", ray_cluster.address, "--coordinators", "1",
-              "--redis-url", redis_url, "--cpus-per-worker", "0.5",
-              "--federation", f"ray-{os.getpid()}", "--steps", "1000000")  # fmt: skip
+    proc = up(
+        out,
+        "--engine",
+        "ray",
+        "--address",
+        ray_cluster.address,
+        "--coordinators",
+        "1",
+        "--redis-url",
+        redis_url,
+        "--cpus-per-worker",
+        "0.5",
+        "--federation",
+        f"ray-{os.getpid()}",
+        "--steps",
+        "1000000",
+    )
 
     # Decisions made and acknowledged (status.json counts the workers' applied acks).
     def acked() -> bool:
@@ -207,7 +276,7 @@ def test_workers_on_ray_decide_survive_an_actor_kill_and_tear_down(
     wait_for("acknowledged decisions", acked, 240, proc)
     metrics = out / "worker-0" / "metrics.jsonl"
     wait_for("worker-0's checkpoint", (out / "worker-0" / "latest.pt").exists, 120, proc)
-    worker_id = wait_for("worker-0's id", lambda: _json_lines(metrics)[-1]["worker_id"], 60, proc)  # fmt: skip
+    worker_id = wait_for("worker-0's id", lambda: _json_lines(metrics)[-1]["worker_id"], 60, proc)
 
     # Kill worker-0's actor as a failed node would; Ray restarts it and it resumes.
     killed = ray_script(
@@ -222,7 +291,9 @@ print(json.dumps({"name": name, "pid": pid}))""",
     )
     before = len(_json_lines(metrics))
     log = out / "worker-0.log"
-    wait_for("worker-0 resumed", lambda: f"resumed as worker {worker_id}" in log.read_text(), 180, proc)  # fmt: skip
+    wait_for(
+        "worker-0 resumed", lambda: f"resumed as worker {worker_id}" in log.read_text(), 180, proc
+    )
 
     def steps_after() -> list[dict[str, Any]]:  # step events carry the registered id
         return [x for x in _json_lines(metrics)[before:] if x.get("event") == "step"]

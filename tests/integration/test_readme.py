@@ -94,8 +94,13 @@ def test_the_curl_session_works_as_written(
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", session.replace("localhost:8420", host)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert '"measure":"pearson"' in out.stdout
     assert '"action":"merge"' in out.stdout, out.stdout

@@ -67,8 +67,17 @@ def coordinator(redis_url: str) -> Iterator[Server]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env |= {"TETHER_KEY_PREFIX": prefix, "TETHER_SCORING_BLOCK_MS": "50"}
-    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1",
-           "--port", str(port), "--redis-url", redis_url]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+    ]
     server = Server(f"http://127.0.0.1:{port}", subprocess.Popen(cmd, env=env))
     try:
         wait_ready(server.url, server.proc)
@@ -163,11 +172,23 @@ def test_the_coordinator_refuses_an_out_of_range_tether_naming_the_layer(
 def partner_decision(fed: Federation, layer: str) -> Decision:
     wid = str(fed.worker_id)
     return Decision(
-        id=10**6, federation=fed.federation, layer=layer, worker_id=wid, partner_id="peer-1",
-        action="merge", score=0.9, measure="pearson", merge_threshold=0.5, drift_threshold=None,
-        operator="average", params={}, partner_snapshot=None,
-        own_snapshot=SnapshotRef(worker_id=wid, version=1, step=0), epoch=0, reason="test",
-    )  # fmt: skip
+        id=10**6,
+        federation=fed.federation,
+        layer=layer,
+        worker_id=wid,
+        partner_id="peer-1",
+        action="merge",
+        score=0.9,
+        measure="pearson",
+        merge_threshold=0.5,
+        drift_threshold=None,
+        operator="average",
+        params={},
+        partner_snapshot=None,
+        own_snapshot=SnapshotRef(worker_id=wid, version=1, step=0),
+        epoch=0,
+        reason="test",
+    )
 
 
 @pytest.mark.parametrize(
@@ -340,8 +361,20 @@ def test_a_tethered_root_module_has_a_name(api: Client, coordinator: Server, fed
 def test_a_worker_for_an_unknown_federation_exits_at_once_with_the_refused_code(
     coordinator: Server,
 ) -> None:
-    cmd = [sys.executable, "-m", "tetherfed.cli", "worker", "--coordinator", coordinator.url,
-           "--federation", "nosuch", "--steps", "1000000", "--log-every", "1000000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed.cli",
+        "worker",
+        "--coordinator",
+        coordinator.url,
+        "--federation",
+        "nosuch",
+        "--steps",
+        "1000000",
+        "--log-every",
+        "1000000",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     from tetherfed.cli import EXIT_REFUSED
 
@@ -583,9 +616,11 @@ def anew_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_a_federation_created_anew_is_noticed_even_when_the_worker_id_still_resolves(
-    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
+    coordinator_process: Callable[..., Any],
+    redis_url: str,
+    key_prefix: str,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     server = coordinator_process()
     with Client(server.url) as admin:
         admin.create_federation("g", policy=EVERY)  # type: ignore[arg-type]
@@ -611,9 +646,12 @@ def test_a_federation_created_anew_is_noticed_even_when_the_worker_id_still_reso
 
 @pytest.mark.parametrize("id_resolves", [True, False], ids=["id-resolves", "id-unknown"])
 def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_anew(
-    id_resolves: bool, coordinator_process: Callable[..., Any], redis_url: str,
-    key_prefix: str, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    id_resolves: bool,
+    coordinator_process: Callable[..., Any],
+    redis_url: str,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     server = coordinator_process(TETHER_TOKEN="admin-secret")
     with Client(server.url, token="admin-secret") as admin:
         admin.create_federation("r", policy=EVERY)  # type: ignore[arg-type]
@@ -630,9 +668,14 @@ def test_a_resumed_worker_whose_checkpoint_names_an_old_incarnation_registers_an
             admin.delete_federation("r")
             admin.create_federation("r", policy=EVERY)  # type: ignore[arg-type]
         resumed = Federation(
-            server.url, "r", tether(mlp(0)), token="admin-secret", resume=checkpoint,
-            heartbeat_s=0.2, poll_wait_s=0.1,
-        )  # fmt: skip
+            server.url,
+            "r",
+            tether(mlp(0)),
+            token="admin-secret",
+            resume=checkpoint,
+            heartbeat_s=0.2,
+            poll_wait_s=0.1,
+        )
         try:
             assert resumed.wait_registered(30), "the resumed worker never registered anew"
             assert resumed.worker_id != old, "resumed under an id of the old incarnation"
@@ -688,8 +731,12 @@ def test_workers_recover_and_apply_new_decisions_after_the_coordinator_lost_ever
         both(lambda: a.worker_id is None or b.worker_id is None or a.stats.failures > 0)
         with Client(server.url) as admin:
             admin.create_federation("h", policy=EVERY)  # type: ignore[arg-type]
-            both(lambda: old.isdisjoint({a.worker_id, b.worker_id}) and None not in {
-                a.worker_id, b.worker_id})  # fmt: skip
+            both(
+                lambda: (
+                    old.isdisjoint({a.worker_id, b.worker_id})
+                    and None not in {a.worker_id, b.worker_id}
+                )
+            )
             applied.clear()  # only decisions of the new federation from here
             both(lambda: any(i <= before for i in applied))
             low = min(applied)
@@ -855,9 +902,11 @@ def test_a_worker_that_gets_no_decision_sees_why_once(
 
 
 def test_decisions_redis_lost_below_a_workers_cursor_are_noticed_and_new_ones_applied(
-    coordinator_process: Callable[..., Any], redis_url: str, key_prefix: str,
+    coordinator_process: Callable[..., Any],
+    redis_url: str,
+    key_prefix: str,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     server = coordinator_process()
     with Client(server.url) as admin:
         admin.create_federation("d", policy=EVERY)  # type: ignore[arg-type]

@@ -16,10 +16,16 @@ from tetherfed_coordinator.keys import Keys
 
 pytestmark = pytest.mark.integration
 
-POLICY = {"measure": "pearson", "trigger": "every_publish", "cooldown_steps": 0,
-          "merge_threshold": 0.5, "drift_threshold": -0.5, "max_merges_per_epoch": 1000,
-          "max_staleness_steps": None,
-          "sketch": {"k": 256, "seed": 5, "min_values": 4096, "full_every": 3}}  # fmt: skip
+POLICY = {
+    "measure": "pearson",
+    "trigger": "every_publish",
+    "cooldown_steps": 0,
+    "merge_threshold": 0.5,
+    "drift_threshold": -0.5,
+    "max_merges_per_epoch": 1000,
+    "max_staleness_steps": None,
+    "sketch": {"k": 256, "seed": 5, "min_values": 4096, "full_every": 3},
+}
 
 
 def model(seed: int) -> nn.Module:

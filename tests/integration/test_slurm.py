@@ -28,9 +28,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize(
     ("text", "minutes"),
-    [("90", 90), ("1:30", 2), ("02:15:00", 135), ("1-0", 1440), ("2-03:30", 3090),
-     ("0:10", 1)],
-)  # fmt: skip
+    [("90", 90), ("1:30", 2), ("02:15:00", 135), ("1-0", 1440), ("2-03:30", 3090), ("0:10", 1)],
+)
 def test_slurm_times_in_minutes(text: str, minutes: int) -> None:
     assert parse_time(text) == minutes
 
@@ -44,21 +43,48 @@ def test_bad_slurm_times_are_refused(text: str) -> None:
 def test_dry_run_prints_the_coordinator_and_array_scripts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main([
-        "submit", "slurm", "--workers", "3", "--gpus-per-worker", "2", "--partition", "gpu",
-        "--time", "1:30:00", "--account", "proj", "--redis-url", "redis://db.example:6379/0",
-        "--folder", str(tmp_path), "--steps", "500", "--dry-run",
-    ])  # fmt: skip
+    code = main(
+        [
+            "submit",
+            "slurm",
+            "--workers",
+            "3",
+            "--gpus-per-worker",
+            "2",
+            "--partition",
+            "gpu",
+            "--time",
+            "1:30:00",
+            "--account",
+            "proj",
+            "--redis-url",
+            "redis://db.example:6379/0",
+            "--folder",
+            str(tmp_path),
+            "--steps",
+            "500",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     coordinator, workers = out.split("# ---- workers ----")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=90",
-                 "#SBATCH --job-name=tetherfed-coordinator", "#SBATCH --signal=USR2@90"):  # fmt: skip
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=90",
+        "#SBATCH --job-name=tetherfed-coordinator",
+        "#SBATCH --signal=USR2@90",
+    ):
         assert line in coordinator, f"expected {line!r} in the coordinator script"
     assert "--array" not in coordinator and "--gpus" not in coordinator
-    for line in ("#SBATCH --array=0-2%3", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --job-name=tetherfed-workers", "#SBATCH --time=90",
-                 "#SBATCH --cpus-per-task=4"):  # fmt: skip
+    for line in (
+        "#SBATCH --array=0-2%3",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --job-name=tetherfed-workers",
+        "#SBATCH --time=90",
+        "#SBATCH --cpus-per-task=4",
+    ):
         assert line in workers, f"expected {line!r} in the worker array script"
     assert "-m submitit.core._submit" in workers
     assert not (tmp_path / "submitit").exists(), "a dry run submitted something"
@@ -67,8 +93,22 @@ def test_dry_run_prints_the_coordinator_and_array_scripts(
 def test_an_unknown_redis_url_is_refused_before_submitting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["submit", "slurm", "--workers", "1", "--partition", "p", "--time", "5",
-                 "--redis-url", "mysql://x", "--folder", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "submit",
+            "slurm",
+            "--workers",
+            "1",
+            "--partition",
+            "p",
+            "--time",
+            "5",
+            "--redis-url",
+            "mysql://x",
+            "--folder",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and "unknown Redis URL scheme" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -79,9 +119,22 @@ def test_counts_below_one_are_refused_before_submitting(
 ) -> None:
     argv = {"--workers": "1", "--cpus-per-worker": "4"} | {option: "0"}
     with pytest.raises(SystemExit) as exited:
-        main(["submit", "slurm", "--partition", "p", "--time", "5", "--dry-run",
-              "--redis-url", "redis://127.0.0.1:6379/9", "--folder", str(tmp_path),
-              *(x for kv in argv.items() for x in kv)])  # fmt: skip
+        main(
+            [
+                "submit",
+                "slurm",
+                "--partition",
+                "p",
+                "--time",
+                "5",
+                "--dry-run",
+                "--redis-url",
+                "redis://127.0.0.1:6379/9",
+                "--folder",
+                str(tmp_path),
+                *(x for kv in argv.items() for x in kv),
+            ]
+        )
     assert exited.value.code == 2
     assert f"{option}: must be at least 1, got 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -123,10 +176,17 @@ def test_local_executor_runs_coordinator_and_array_and_requeues_a_worker(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # three processes share this machine's cores
     steps = 4000  # on a quiet machine 400 steps end before the requeue signal lands
     plan = SlurmPlan(
-        folder=tmp_path, redis_url=redis_url, workers=2, time_min=10, federation="slurm-test",
-        policy="demo", host="127.0.0.1", port=free_port(), cpus_per_worker=1,
+        folder=tmp_path,
+        redis_url=redis_url,
+        workers=2,
+        time_min=10,
+        federation="slurm-test",
+        policy="demo",
+        host="127.0.0.1",
+        port=free_port(),
+        cpus_per_worker=1,
         worker_args=["--steps", str(steps), "--eval-every", "200", "--publish-every", "10"],
-    )  # fmt: skip
+    )
     done = submit(plan, cluster="local")
     coordinator, first, second = done.jobs
     try:

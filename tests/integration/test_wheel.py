@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert done.returncode == 0, (
         f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
@@ -33,14 +35,41 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/ of a fresh venv with the wheel installed. Its dependencies come from this
     environment through a .pth file (no network); the package itself only from the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist")], tmp)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+        ],
+        tmp,
+    )
     wheel = next((tmp / "dist").glob("tetherfed-*.whl"))
     run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], tmp)
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(tmp / "venv")}))
     deps = [*site.getsitepackages(), sysconfig.get_path("purelib")]
     (purelib / "_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
     python = tmp / "venv" / "bin" / "python"
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], tmp)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
+        tmp,
+    )
     return python.parent
 
 
@@ -63,12 +92,34 @@ def test_bench_quick_runs_from_the_wheel(installed: Path, tmp_path: Path) -> Non
 @pytest.mark.timeout(300)
 def test_a_built_in_example_and_up_run_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     tetherfed = str(installed / "tetherfed")
-    sets = ["--set", "experiment.repeats=1", "--set", "experiment.steps=6", "--set", 'arms=["federated"]',
-            "--set", "experiment.device='cpu'"]  # fmt: skip
+    sets = [
+        "--set",
+        "experiment.repeats=1",
+        "--set",
+        "experiment.steps=6",
+        "--set",
+        'arms=["federated"]',
+        "--set",
+        "experiment.device='cpu'",
+    ]
     done = run(
         [tetherfed, "experiment", "run", "tiny", "--out", str(tmp_path / "exp"), *sets], tmp_path
     )
-    up = run([tetherfed, "up", "--workers", "2", "--steps", "6", "--device", "cpu", "--out", str(tmp_path / "up")], tmp_path)  # fmt: skip
+    up = run(
+        [
+            tetherfed,
+            "up",
+            "--workers",
+            "2",
+            "--steps",
+            "6",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "up"),
+        ],
+        tmp_path,
+    )
     assert "1 finished" in done.stdout, done.stdout
     assert (tmp_path / "exp" / "results.csv").exists()
     assert "finished ok" in up.stdout, up.stdout

@@ -20,10 +20,28 @@ pytestmark = pytest.mark.integration
 
 def worker(url: str, fed: str, seed: int, out: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [
-        sys.executable, "-m", "tetherfed.cli", "worker", "--coordinator", url, "--federation", fed,
-        "--seed", str(seed), "--name", f"w{seed}", "--device", "cpu", "--checkpoint-dir", str(out),
-        "--log-every", "50", "--eval-every", "50", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "tetherfed.cli",
+        "worker",
+        "--coordinator",
+        url,
+        "--federation",
+        fed,
+        "--seed",
+        str(seed),
+        "--name",
+        f"w{seed}",
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(out),
+        "--log-every",
+        "50",
+        "--eval-every",
+        "50",
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -114,12 +132,30 @@ def test_resume_from_a_checkpoint_keeps_id_generation_and_applied_ids(
 
 def test_threads_option_sets_torch_threads(tmp_path: Path) -> None:
     """`--threads N` is what the worker's torch uses (launchers pass cores / workers)."""
-    cmd = [sys.executable, "-m", "tetherfed.cli", "worker", "--steps", "2", "--device", "cpu",
-           "--threads", "1", "--checkpoint-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed.cli",
+        "worker",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=True)
     start = next(json.loads(x) for x in done.stdout.splitlines() if '"start"' in x)
     assert start["threads"] == 1
-    refused = subprocess.run([*cmd[:-4], "--threads", "0"], capture_output=True, text=True, check=False,
-                             timeout=120, env=env)  # fmt: skip
+    refused = subprocess.run(
+        [*cmd[:-4], "--threads", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
     assert refused.returncode != 0 and "threads" in refused.stderr

@@ -28,9 +28,16 @@ from tetherfed_coordinator.keys import glob_escape
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = os.environ.get("TETHERFED_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--enable-unsafe-swiftshader"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--enable-unsafe-swiftshader",
+]
 
 
 def _unavailable(why: str) -> None:
@@ -108,13 +115,32 @@ def ensemble(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """A token-protected coordinator on a free port with its own key prefix (deleted afterwards)."""
     port, prefix = free_port(), f"tftest:{secrets.token_hex(6)}:"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    env |= {"TETHER_TOKEN": secrets.token_urlsafe(16), "TETHER_READ_TOKEN": secrets.token_urlsafe(16),
-            "TETHER_KEY_PREFIX": prefix, "TETHER_SSE_KEEPALIVE_S": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1", "--port", str(port),
-           "--redis-url", redis_url]  # fmt: skip
+    env |= {
+        "TETHER_TOKEN": secrets.token_urlsafe(16),
+        "TETHER_READ_TOKEN": secrets.token_urlsafe(16),
+        "TETHER_KEY_PREFIX": prefix,
+        "TETHER_SSE_KEEPALIVE_S": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed_coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+    ]
     proc = subprocess.Popen(cmd, env=env)
-    ens = Ensemble(f"http://127.0.0.1:{port}", env["TETHER_TOKEN"], env["TETHER_READ_TOKEN"],
-                   f"pics-{secrets.token_hex(3)}", tmp_path_factory.mktemp("pictures") / "run", proc)  # fmt: skip
+    ens = Ensemble(
+        f"http://127.0.0.1:{port}",
+        env["TETHER_TOKEN"],
+        env["TETHER_READ_TOKEN"],
+        f"pics-{secrets.token_hex(3)}",
+        tmp_path_factory.mktemp("pictures") / "run",
+        proc,
+    )
     try:
         _wait_ready(ens.url, proc)
         yield ens

@@ -10,8 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-UP_ARGS = ["--workers", "2", "--device", "cpu", "--steps", "120", "--publish-every", "5",
-           "--log-every", "5", "--eval-every", "25", "--diagnostics", "every=40"]  # fmt: skip
+UP_ARGS = [
+    "--workers",
+    "2",
+    "--device",
+    "cpu",
+    "--steps",
+    "120",
+    "--publish-every",
+    "5",
+    "--log-every",
+    "5",
+    "--eval-every",
+    "25",
+    "--diagnostics",
+    "every=40",
+]
 UP_TIMEOUT_S = 150.0
 
 FIGURE = re.compile(
@@ -50,8 +64,21 @@ class Ensemble:
     def start_up(self) -> None:
         """Start `tetherfed up` (once)."""
         if self.up is None:
-            cmd = [sys.executable, "-m", "tetherfed.cli", "up", "--coordinator", self.url, "--token", self.token,
-                   "--federation", self.federation, "--out", str(self.out), *UP_ARGS]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "tetherfed.cli",
+                "up",
+                "--coordinator",
+                self.url,
+                "--token",
+                self.token,
+                "--federation",
+                self.federation,
+                "--out",
+                str(self.out),
+                *UP_ARGS,
+            ]
             self.up = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )

@@ -89,11 +89,30 @@ def _bad_frames() -> dict[str, tuple[bytes, type[FrameError]]]:
         "not json": (struct.pack("<Q", 8) + b"not json", HeaderError),
         "not object": (struct.pack("<Q", 8) + b"[1,2,3] ", HeaderError),
         "no metadata": (encode_frame(tensors()), MetadataError),
-        "bad metadata": (_raw_frame({"__metadata__": {"tetherfed.snapshot": "{}"}}, b""), MetadataError),
-        "bad offsets": (_raw_frame({"__metadata__": {"tetherfed.snapshot": meta_json},
-                                    "a": {"dtype": "F32", "shape": [1], "data_offsets": [4]}}, b"xxxx"), HeaderError),
-        "bad dtype": (_raw_frame({"__metadata__": {"tetherfed.snapshot": meta_json},
-                                  "a": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]}}, b"x"), DTypeError),
+        "bad metadata": (
+            _raw_frame({"__metadata__": {"tetherfed.snapshot": "{}"}}, b""),
+            MetadataError,
+        ),
+        "bad offsets": (
+            _raw_frame(
+                {
+                    "__metadata__": {"tetherfed.snapshot": meta_json},
+                    "a": {"dtype": "F32", "shape": [1], "data_offsets": [4]},
+                },
+                b"xxxx",
+            ),
+            HeaderError,
+        ),
+        "bad dtype": (
+            _raw_frame(
+                {
+                    "__metadata__": {"tetherfed.snapshot": meta_json},
+                    "a": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]},
+                },
+                b"x",
+            ),
+            DTypeError,
+        ),
         "truncated": (good[:-3], ByteLengthError),
         "padded": (good + b"\x00" * 4, ByteLengthError),
         "missing layer": (encode_frame({"a": tensors()["a"]}, meta()), LayerMismatchError),
@@ -102,7 +121,7 @@ def _bad_frames() -> dict[str, tuple[bytes, type[FrameError]]]:
         "wire dtype": (encode_frame(tensors(), meta(wire_dtype="float16")), DTypeError),
         "nan": (encode_frame(nan, meta()), NonFiniteError),
         "inf": (encode_frame(inf, meta()), NonFiniteError),
-    }  # fmt: skip
+    }
 
 
 def _decode_error(body: bytes, layers: list[LayerSpec]) -> FrameError:
@@ -123,8 +142,12 @@ def test_malformed_raises_what_decode_raises(label: str, sizes: list[int]) -> No
     assert str(caught.value) == str(expected), "the message is decode_frame's"
 
 
-@given(sizes=st.lists(st.integers(1, 13), min_size=1, max_size=6), row=st.integers(0, 2),
-       col=st.integers(0, 4), dtype=st.sampled_from(["float32", "float16", "bfloat16"]))  # fmt: skip
+@given(
+    sizes=st.lists(st.integers(1, 13), min_size=1, max_size=6),
+    row=st.integers(0, 2),
+    col=st.integers(0, 4),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+)
 @settings(max_examples=100, deadline=None)
 def test_nan_anywhere_names_its_layer(sizes: list[int], row: int, col: int, dtype: str) -> None:
     data = tensors()

@@ -22,15 +22,25 @@ from tether_protocol.policy import (
 ME = "w050"
 
 
-def reference(policy: Policy, row: dict[str, float], peers: dict[str, PeerState],
-              cooldowns: dict[str, int], step: int) -> list[tuple[str, str]]:  # fmt: skip
+def reference(
+    policy: Policy,
+    row: dict[str, float],
+    peers: dict[str, PeerState],
+    cooldowns: dict[str, int],
+    step: int,
+) -> list[tuple[str, str]]:
     """(partner, action) per the docstring, one layer, with plain loops."""
     fresh = {
-        p: s for p, s in row.items()
-        if p != ME and p in peers and not math.isnan(s)
-        and (policy.max_staleness_steps is None
-             or abs(peers[p].step - step) <= policy.max_staleness_steps)
-    }  # fmt: skip
+        p: s
+        for p, s in row.items()
+        if p != ME
+        and p in peers
+        and not math.isnan(s)
+        and (
+            policy.max_staleness_steps is None
+            or abs(peers[p].step - step) <= policy.max_staleness_steps
+        )
+    }
     values = list(fresh.values())
     n = len(values)
     if policy.relative == "rank":
@@ -55,10 +65,16 @@ def reference(policy: Policy, row: dict[str, float], peers: dict[str, PeerState]
         return []
     ranked = sorted(ok, key=lambda p: (-standing[p], -fresh[p], p))
     floor = policy.min_merge_score
-    merges = [p for p in ranked if standing[p] > policy.merge_threshold
-              and (floor is None or fresh[p] > floor)]  # fmt: skip
-    drifts = [p for p in reversed(ranked) if policy.drift_threshold is not None
-              and standing[p] < policy.drift_threshold]  # fmt: skip
+    merges = [
+        p
+        for p in ranked
+        if standing[p] > policy.merge_threshold and (floor is None or fresh[p] > floor)
+    ]
+    drifts = [
+        p
+        for p in reversed(ranked)
+        if policy.drift_threshold is not None and standing[p] < policy.drift_threshold
+    ]
     if policy.pairing == "best":
         merges, drifts = merges[:1], drifts[:1]
     merges = merges[: policy.max_merges_per_epoch]
@@ -78,16 +94,22 @@ def test_array_rows_decide_as_the_rules_say(relative: str, pairing: str) -> None
         peers = {w: PeerState(w, int(rng.integers(90, 111)), 1) for w in ids if rng.random() < 0.9}
         cooldowns = {w: 100 - int(rng.integers(0, 5)) for w in ids if rng.random() < 0.2}
         policy = Policy(
-            trigger="every_publish", relative=relative, pairing=pairing,
-            merge_threshold=thresholds[0], drift_threshold=thresholds[1],
-            min_merge_score=0.2 if relative != "none" else None, max_staleness_steps=6,
-            cooldown_steps=3, max_merges_per_epoch=1 + trial % 4,
-        )  # fmt: skip
+            trigger="every_publish",
+            relative=relative,
+            pairing=pairing,
+            merge_threshold=thresholds[0],
+            drift_threshold=thresholds[1],
+            min_merge_score=0.2 if relative != "none" else None,
+            max_staleness_steps=6,
+            cooldown_steps=3,
+            max_merges_per_epoch=1 + trial % 4,
+        )
         state = FederationState(
-            layer_order=["fc"], peers=PeerTable(peers.values()),
+            layer_order=["fc"],
+            peers=PeerTable(peers.values()),
             scores={"fc": ScoreRow(ids, values, own=ME)},
             cooldowns={("fc", p): s for p, s in cooldowns.items()},
-        )  # fmt: skip
+        )
         snap = SnapshotMeta(worker_id=ME, step=100, epoch=0, loss=1.0)
         got = [(d.partner_id, d.action) for d in decide(policy, state, snap).decisions]
         row = {w: float(v) for w, v in zip(ids, values, strict=True)}

@@ -56,9 +56,12 @@ def test_zscore_is_standardised_over_the_row() -> None:
 
 def test_rank_rule_merges_with_the_closest_and_drifts_from_the_farthest() -> None:
     policy = Policy(
-        trigger="every_publish", relative="rank", merge_threshold=0.9, drift_threshold=0.1,
+        trigger="every_publish",
+        relative="rank",
+        merge_threshold=0.9,
+        drift_threshold=0.1,
         cooldown_steps=0,
-    )  # fmt: skip
+    )
     result = decide(policy, state(HIGH), SNAP)
     assert [(d.action, d.partner_id) for d in result.decisions] == [
         ("merge", "same"),
@@ -72,18 +75,25 @@ def test_rank_rule_merges_with_the_closest_and_drifts_from_the_farthest() -> Non
 
 def test_zscore_rule_separates_one_close_partner_from_a_high_crowd() -> None:
     policy = Policy(
-        trigger="every_publish", relative="zscore", merge_threshold=1.0, drift_threshold=None,
-        pairing="all", cooldown_steps=0,
-    )  # fmt: skip
+        trigger="every_publish",
+        relative="zscore",
+        merge_threshold=1.0,
+        drift_threshold=None,
+        pairing="all",
+        cooldown_steps=0,
+    )
     merges = [d.partner_id for d in decide(policy, state(HIGH), SNAP).decisions]
     assert merges == ["same"]
 
 
 def test_a_cooling_partner_still_shapes_the_row_but_is_not_chosen() -> None:
     policy = Policy(
-        trigger="every_publish", relative="rank", merge_threshold=0.9, drift_threshold=None,
+        trigger="every_publish",
+        relative="rank",
+        merge_threshold=0.9,
+        drift_threshold=None,
         cooldown_steps=50,
-    )  # fmt: skip
+    )
     cooling = state(HIGH, cooldowns={("fc1", "same"): 90})
     result = decide(policy, cooling, SNAP)
     # x3 ranks 2 of 4 (2/3): not close enough to merge just because "same" is cooling down.
@@ -92,9 +102,13 @@ def test_a_cooling_partner_still_shapes_the_row_but_is_not_chosen() -> None:
 
 def test_min_merge_score_keeps_a_raw_floor_under_a_relative_rule() -> None:
     policy = Policy(
-        trigger="every_publish", relative="rank", merge_threshold=0.9, drift_threshold=None,
-        cooldown_steps=0, min_merge_score=0.98,
-    )  # fmt: skip
+        trigger="every_publish",
+        relative="rank",
+        merge_threshold=0.9,
+        drift_threshold=None,
+        cooldown_steps=0,
+        min_merge_score=0.98,
+    )
     result = decide(policy, state(HIGH), SNAP)
     assert [d.action for d in result.decisions] == ["hold"]
     assert "min_merge_score" in result.decisions[0].reason

@@ -91,8 +91,9 @@ def test_sketch_and_full_scoring_agree_on_decisions_for_well_separated_pairs() -
     policy = Policy(trigger="every_publish", pairing="all", sketch=spec)
     full = {w: pair_score(base, t, "pearson") for w, t in partners.items()}
     own = sketch_layer(base, spec, "fc")
-    est = sketch_row_scores(own, {w: sketch_layer(t, spec, "fc") for w, t in partners.items()},
-                            spec, "fc", "pearson")  # fmt: skip
+    est = sketch_row_scores(
+        own, {w: sketch_layer(t, spec, "fc") for w, t in partners.items()}, spec, "fc", "pearson"
+    )
     peers = {w: PeerState(w, 1, 1) for w in partners}
     meta = SnapshotMeta(worker_id="me", step=1, epoch=0)
 
@@ -113,8 +114,9 @@ def test_all_pairs_on_sketches_match_rows_and_mark_other_shapes_not_comparable()
     sk = {f"w{i}": sketch_layer(rng.random((64, 64)), spec, "fc") for i in range(3)}
     sk["odd"] = sketch_layer(rng.random((32, 128)), spec, "fc")
     matrix = sketch_scores(sk, spec, "fc", "pearson", order=sorted(sk))
-    rows = sketch_row_scores(sk["w0"], {w: s for w, s in sk.items() if w != "w0"}, spec, "fc",
-                             "pearson")  # fmt: skip
+    rows = sketch_row_scores(
+        sk["w0"], {w: s for w, s in sk.items() if w != "w0"}, spec, "fc", "pearson"
+    )
     order = sorted(sk)
     assert np.isnan(matrix[order.index("odd"), order.index("w0")]) and math.isnan(rows["odd"])
     assert matrix[order.index("w0"), order.index("w1")] == pytest.approx(rows["w1"], abs=1e-6)
@@ -128,8 +130,9 @@ def test_a_policy_with_thresholds_inside_the_noise_is_refused_unless_forced() ->
         Policy(merge_threshold=0.5, drift_threshold=-band / 2, sketch=SketchPolicy(k=K))
     assert Policy(merge_threshold=band / 2, sketch=SketchPolicy(k=K, force=True)).sketch
     assert Policy(merge_threshold=2 * band, drift_threshold=-2 * band, sketch=SketchPolicy(k=K))
-    assert Policy(measure="dot", merge_threshold=0.0, drift_threshold=None,
-                  sketch=SketchPolicy(k=K))  # fmt: skip
+    assert Policy(
+        measure="dot", merge_threshold=0.0, drift_threshold=None, sketch=SketchPolicy(k=K)
+    )
     # A larger sketch narrows the band: the same threshold passes with k = 16,384.
     assert Policy(merge_threshold=band / 2, sketch=SketchPolicy(k=16_384))
     # Turning sketches on by PATCH revalidates the whole policy.
@@ -162,5 +165,8 @@ def test_sketch_frame_round_trip_and_validation() -> None:
     with pytest.raises(LayerMismatchError):
         decode_sketch_frame(frame, table[:1], spec)
     with pytest.raises(ShapeError, match="sketch"):
-        decode_sketch_frame(frame, [table[0], LayerSpec(name="small", shape=[32])], spec.model_copy(
-            update={"min_values": 32}))  # fmt: skip
+        decode_sketch_frame(
+            frame,
+            [table[0], LayerSpec(name="small", shape=[32])],
+            spec.model_copy(update={"min_values": 32}),
+        )

@@ -306,9 +306,15 @@ class Diagnostics:
             if summary is not _NONE:
                 scalars.setdefault(metric, {})[layer] = summary
         cost = time.perf_counter() - started
-        record = {"event": "diagnostics", "step": step, "epoch": epoch, "time": time.time(),
-                  "cost_s": round(cost, 6), "metrics": scalars,
-                  "jacobian_kind": getattr(self, "_jacobian_kind", None)}  # fmt: skip
+        record = {
+            "event": "diagnostics",
+            "step": step,
+            "epoch": epoch,
+            "time": time.time(),
+            "cost_s": round(cost, 6),
+            "metrics": scalars,
+            "jacobian_kind": getattr(self, "_jacobian_kind", None),
+        }
         self._write(record)
         if self.sink is not None:
             self.sink([{**p, "step": step, "epoch": epoch} for p in points])
@@ -441,10 +447,13 @@ class Diagnostics:
         tensors = {}
         for key, items in self._arrays.items():
             tensors[key] = np.ascontiguousarray(items[0] if _single(key) else np.stack(items))
-        meta = {"format": "tetherfed-diagnostics/1", "tracked": json.dumps(self._tracked_names()),
-                "histogram_range": json.dumps(list(self._range)),
-                "histogram_normalized": str(self.normalize).lower(),
-                "tracked_weights_columns": "step,loss,w1,w2"}  # fmt: skip
+        meta = {
+            "format": "tetherfed-diagnostics/1",
+            "tracked": json.dumps(self._tracked_names()),
+            "histogram_range": json.dumps(list(self._range)),
+            "histogram_normalized": str(self.normalize).lower(),
+            "tracked_weights_columns": "step,loss,w1,w2",
+        }
         path = self.out_dir / "diagnostics.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)

@@ -395,10 +395,11 @@ class Federation:
         if check.kept:
             report.applied.append(decision)
             ack = AckCreate(
-                outcome="applied", generation=self.generations[decision.layer],
+                outcome="applied",
+                generation=self.generations[decision.layer],
                 probe_loss_before=_finite_or_none(before),
                 probe_loss_after=_finite_or_none(after),
-            )  # fmt: skip
+            )
         else:
             with torch.no_grad():
                 storage.copy_(previous)  # the exact previous tether (also learned logits)
@@ -409,10 +410,11 @@ class Federation:
             )
             report.rejected.append((decision, reason))
             ack = AckCreate(
-                outcome="rejected", reason=reason,
+                outcome="rejected",
+                reason=reason,
                 probe_loss_before=_finite_or_none(before),
                 probe_loss_after=_finite_or_none(after),
-            )  # fmt: skip
+            )
         self._queue_ack(decision.id, ack)
         return None
 
@@ -698,9 +700,13 @@ class Federation:
     def _heartbeat(self, ending: bool = False) -> None:
         assert self.worker_id is not None
         beat = Heartbeat(
-            step=self._step, epoch=self._epoch, loss=self._loss, grad_norm=self._grad_norm,
-            session=self._session, ending=ending,
-        )  # fmt: skip
+            step=self._step,
+            epoch=self._epoch,
+            loss=self._loss,
+            grad_norm=self._grad_norm,
+            session=self._session,
+            ending=ending,
+        )
         self._client.heartbeat(self.federation, self.worker_id, beat)
 
     def _poll(self) -> None:
@@ -737,8 +743,11 @@ class Federation:
         log.warning(
             "federation %r has decisions up to id %d only, below this worker's cursor %d: the "
             "coordinator lost decisions; polling again from %d",
-            self.federation, last, cursor, last,
-        )  # fmt: skip
+            self.federation,
+            last,
+            cursor,
+            last,
+        )
         self._cursor, self._era = last, self._era + 1
         self.applied_ids = {i for i in self.applied_ids if i <= last}
 
@@ -757,9 +766,11 @@ class Federation:
         ref = decision.partner_snapshot
         try:
             partner = self._client.tether(
-                self.federation, decision.partner_id, decision.layer,
+                self.federation,
+                decision.partner_id,
+                decision.layer,
                 version=None if ref is None else ref.version,
-            )  # fmt: skip
+            )
         except NotFoundError as error:
             return _Ready(decision, None, f"partner tether unavailable: {error.detail}")
         except FrameError as error:  # the partner's bytes are not a usable tether

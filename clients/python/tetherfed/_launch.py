@@ -110,8 +110,14 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
     (`Policy.fedavg_every`; see `tether_protocol.policy`).
     """
     if arm == "independent":
-        return policy.model_copy(update={"trigger": "plateau", "loss_epsilon": 0.0,
-                                         "grad_epsilon": 0.0, "fedavg_every": None})  # fmt: skip
+        return policy.model_copy(
+            update={
+                "trigger": "plateau",
+                "loss_epsilon": 0.0,
+                "grad_epsilon": 0.0,
+                "fedavg_every": None,
+            }
+        )
     if arm == "fedavg":
         return policy.model_copy(update={"fedavg_every": fedavg_every})
     return policy
@@ -157,21 +163,44 @@ def plan_workers(
     plans, i = [], 0
     for group, count, options in groups:
         for _ in range(count):
-            plans.append(WorkerPlan(name=f"worker-{i}", group=group, data_seed=seed + i,
-                                    init_seed=seed if init == "shared" else seed + i,
-                                    device=f"cuda:{i % devices}" if devices else "cpu",
-                                    options=options))  # fmt: skip
+            plans.append(
+                WorkerPlan(
+                    name=f"worker-{i}",
+                    group=group,
+                    data_seed=seed + i,
+                    init_seed=seed if init == "shared" else seed + i,
+                    device=f"cuda:{i % devices}" if devices else "cpu",
+                    options=options,
+                )
+            )
             i += 1
     return plans
 
 
 def worker_argv(plan: WorkerPlan, url: str, federation: str, out: Path, peers: int) -> list[str]:
     """`tetherfed worker` arguments of one planned worker (who waits for `peers` workers)."""
-    return ["worker", "--coordinator", url, "--federation", federation, "--name", plan.name,
-            "--wait-peers", str(peers),
-            "--group", plan.group, "--init-seed", str(plan.init_seed),
-            "--data-seed", str(plan.data_seed), "--device", plan.device,
-            "--checkpoint-dir", str(out / plan.name), *options_argv(plan.options)]  # fmt: skip
+    return [
+        "worker",
+        "--coordinator",
+        url,
+        "--federation",
+        federation,
+        "--name",
+        plan.name,
+        "--wait-peers",
+        str(peers),
+        "--group",
+        plan.group,
+        "--init-seed",
+        str(plan.init_seed),
+        "--data-seed",
+        str(plan.data_seed),
+        "--device",
+        plan.device,
+        "--checkpoint-dir",
+        str(out / plan.name),
+        *options_argv(plan.options),
+    ]
 
 
 # -- engines -------------------------------------------------------------------------------------
@@ -234,9 +263,13 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], grace_s: float = GRAC
 
 def _spawn(cmd: list[str], stdout: IO[Any] | int, stderr: IO[Any] | int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        cmd, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+        cmd,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,  # Ctrl-C goes to the launcher only; it stops children itself
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -260,8 +293,15 @@ class LocalEngine:
     def start_coordinator(self, out: Path, port: int, redis_url: str | None) -> Process:
         """`python -m tetherfed_coordinator`, embedded Redis under out/redis unless redis_url
         (or the engine's)."""
-        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "127.0.0.1",
-               "--port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed_coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         redis_url = redis_url or self.redis_url
         cmd += ["--redis-url", redis_url] if redis_url else ["--data-dir", str(out / "redis")]
         with (out / "coordinator.log").open("a") as log:
@@ -319,9 +359,12 @@ class Coordinator:
 
 
 def start_coordinator(
-    engine: Engine, out: Path, ready_timeout: float, redis_url: str | None = None,
+    engine: Engine,
+    out: Path,
+    ready_timeout: float,
+    redis_url: str | None = None,
     on_start: Callable[[Process], None] | None = None,
-) -> Coordinator:  # fmt: skip
+) -> Coordinator:
     """Start a coordinator and wait until it is ready (CoordinatorUnreachable otherwise; the
     process is then stopped). `on_start` sees the process first (to record its PID)."""
     port = free_port()
@@ -391,8 +434,18 @@ class WorkerRow:
         self.worker_id = event.get("worker_id") or self.worker_id
         if event.get("event") == "step":
             self.status = "running"
-            for key in ("step", "total", "epoch", "loss", "val_loss", "generation", "merges",
-                        "drifts", "rejected", "steps_per_s"):  # fmt: skip
+            for key in (
+                "step",
+                "total",
+                "epoch",
+                "loss",
+                "val_loss",
+                "generation",
+                "merges",
+                "drifts",
+                "rejected",
+                "steps_per_s",
+            ):
                 setattr(self, key, event.get(key, getattr(self, key)))
         elif event.get("event") == "done":
             self.val_loss = event.get("val_loss", self.val_loss)
@@ -506,8 +559,11 @@ class Launcher:
     def write_pids(self) -> None:
         """pids.json: every PID started (tests check that none outlives the launcher)."""
         proc = self.coordinator.process if self.coordinator else None
-        pids = {"launcher": os.getpid(), "coordinator": proc.pid if proc else None,
-                "workers": {name: p.pid for name, p in self.workers.items()}}  # fmt: skip
+        pids = {
+            "launcher": os.getpid(),
+            "coordinator": proc.pid if proc else None,
+            "workers": {name: p.pid for name, p in self.workers.items()},
+        }
         write_json_atomic(self.out / "pids.json", pids)
 
     def write_status(self, force: bool = False) -> None:
@@ -515,11 +571,16 @@ class Launcher:
         if not force and time.monotonic() - self._last_status < STATUS_EVERY_S:
             return
         self._last_status = time.monotonic()
-        status = {"state": self.state, "run_id": self.plan.run_id, "updated_at": _now(),
-                  "elapsed_s": round(time.monotonic() - self.started, 2),
-                  "federation": self.plan.federation, "failures": self.failures,
-                  "decisions": dict(self.tally.by_action),
-                  "workers": [asdict(r) for r in self.rows.values()]}  # fmt: skip
+        status = {
+            "state": self.state,
+            "run_id": self.plan.run_id,
+            "updated_at": _now(),
+            "elapsed_s": round(time.monotonic() - self.started, 2),
+            "federation": self.plan.federation,
+            "failures": self.failures,
+            "decisions": dict(self.tally.by_action),
+            "workers": [asdict(r) for r in self.rows.values()],
+        }
         write_json_atomic(self.out / "status.json", status)
 
     def write_decisions(self, client: Client) -> None:
@@ -555,7 +616,9 @@ class Launcher:
             proc = self.engine.start_worker(argv, self.out / f"{plan.name}.log")
             self.workers[plan.name] = proc
             if proc.stdout is not None:
-                reader = threading.Thread(target=_read_events, args=(proc.stdout, self.rows[plan.name]), daemon=True)  # fmt: skip
+                reader = threading.Thread(
+                    target=_read_events, args=(proc.stdout, self.rows[plan.name]), daemon=True
+                )
                 reader.start()
                 self.readers.append(reader)
         self.write_pids()
@@ -579,7 +642,9 @@ class Launcher:
             row.exit_code = code
             row.status = "done" if code == 0 else f"failed (exit {code})"
             if code != 0:
-                self.failures.append(f"{name} exited with code {code}; see {self.out / f'{name}.log'}")  # fmt: skip
+                self.failures.append(
+                    f"{name} exited with code {code}; see {self.out / f'{name}.log'}"
+                )
         proc = self.coordinator.process if self.coordinator else None
         if proc is not None and not _alive(proc):
             self.failures.append(f"the coordinator exited with code {proc.returncode}")
@@ -619,27 +684,42 @@ class Launcher:
     def summary(self, outcome: str, code: int) -> dict[str, Any]:
         """Everything the summary prints, as JSON-ready data."""
         names = {r.worker_id: r.name for r in self.rows.values() if r.worker_id}
-        edges = [{"worker": names.get(a, a), "partner": names.get(b, b), "merges": n}
-                 for (a, b), n in sorted(self.tally.edges.items())]  # fmt: skip
+        edges = [
+            {"worker": names.get(a, a), "partner": names.get(b, b), "merges": n}
+            for (a, b), n in sorted(self.tally.edges.items())
+        ]
         rows = list(self.rows.values())
         out = self.out
         return {
-            "outcome": outcome, "state": self.state, "exit_code": code, "failures": self.failures,
-            "run_id": self.plan.run_id, "arm": self.plan.arm,
+            "outcome": outcome,
+            "state": self.state,
+            "exit_code": code,
+            "failures": self.failures,
+            "run_id": self.plan.run_id,
+            "arm": self.plan.arm,
             "coordinator": self.coordinator.url if self.coordinator else None,
             "federation": self.plan.federation,
             "wall_s": round(time.monotonic() - self.started, 2),
             "workers": [asdict(r) for r in rows],
-            "decisions": {"total": self.tally.total, "by_action": dict(self.tally.by_action),
-                          "per_s": round(self.tally.rate(), 3)},
-            "acknowledged": {"applied": sum(r.merges + r.drifts for r in rows),
-                             "rejected": sum(r.rejected for r in rows)},
+            "decisions": {
+                "total": self.tally.total,
+                "by_action": dict(self.tally.by_action),
+                "per_s": round(self.tally.rate(), 3),
+            },
+            "acknowledged": {
+                "applied": sum(r.merges + r.drifts for r in rows),
+                "rejected": sum(r.rejected for r in rows),
+            },
             "merge_graph": edges,
-            "paths": {"logs": str(out / "worker-*.log"), "coordinator_log": str(out / "coordinator.log"),
-                      "metrics": str(out / "worker-*" / "metrics.jsonl"),
-                      "checkpoints": str(out / "worker-*"), "decisions": str(out / "decisions.jsonl"),
-                      "summary": str(out / "summary.json")},
-        }  # fmt: skip
+            "paths": {
+                "logs": str(out / "worker-*.log"),
+                "coordinator_log": str(out / "coordinator.log"),
+                "metrics": str(out / "worker-*" / "metrics.jsonl"),
+                "checkpoints": str(out / "worker-*"),
+                "decisions": str(out / "decisions.jsonl"),
+                "summary": str(out / "summary.json"),
+            },
+        }
 
     def finish(self, outcome: str, code: int, state: RunState) -> dict[str, Any]:
         """Stop the workers, record decisions and acks, write summary.json and status.json."""
@@ -719,8 +799,15 @@ def _boot(launcher: Launcher, url: str | None, token: str | None, timeout: float
     return start_coordinator(launcher.engine, launcher.out, timeout, on_start=record)
 
 
-def _go(launcher: Launcher, coordinator: Coordinator | None, url: str | None, token: str | None,
-        ready_timeout: float, view: View | None, stop: threading.Event | None) -> None:  # fmt: skip
+def _go(
+    launcher: Launcher,
+    coordinator: Coordinator | None,
+    url: str | None,
+    token: str | None,
+    ready_timeout: float,
+    view: View | None,
+    stop: threading.Event | None,
+) -> None:
     coordinator = coordinator or _boot(launcher, url, token, ready_timeout)
     launcher.coordinator = coordinator
     with coordinator.client() as client:

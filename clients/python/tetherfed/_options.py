@@ -123,11 +123,18 @@ def _add_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> 
     default = info.get_default(call_default_factory=True)
     help_text = info.description or name.replace("_", " ")
     if name == "layer_lr":
-        parser.add_argument(_flag(name), action="append", type=_layer_lr, default=[],
-                            metavar="PREFIX=FACTOR", help=help_text)  # fmt: skip
+        parser.add_argument(
+            _flag(name),
+            action="append",
+            type=_layer_lr,
+            default=[],
+            metavar="PREFIX=FACTOR",
+            help=help_text,
+        )
     elif typing.get_origin(kind) is Literal:
-        parser.add_argument(_flag(name), choices=list(typing.get_args(kind)), default=default,
-                            help=help_text)  # fmt: skip
+        parser.add_argument(
+            _flag(name), choices=list(typing.get_args(kind)), default=default, help=help_text
+        )
     else:
         parser.add_argument(_flag(name), type=kind, default=default, help=help_text)
 

@@ -36,9 +36,13 @@ class Probe:
     """Probe computations for one tethered model on one task (call on the training thread)."""
 
     def __init__(
-        self, model: nn.Module, task: Task, device: torch.device, seed: int,
+        self,
+        model: nn.Module,
+        task: Task,
+        device: torch.device,
+        seed: int,
         gate_batch: int = GATE_BATCH,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model, self.task, self.device = model, task, device
         modules = dict(model.named_modules())
         self.modules = {name: modules[name] for name in tethered_layers(model)}

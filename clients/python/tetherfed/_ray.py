@@ -114,10 +114,17 @@ class WorkerActor:
                 "on storage every node of the Ray cluster sees"
             )
         argv = [*self.argv, "--resume"] if self.restarted else self.argv
-        with self.log.open("a") as err, contextlib.redirect_stderr(err), \
-                contextlib.redirect_stdout(_LineSink(self.lines)):  # fmt: skip
-            logging.basicConfig(level=logging.INFO, stream=err, force=True,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+        with (
+            self.log.open("a") as err,
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(_LineSink(self.lines)),
+        ):
+            logging.basicConfig(
+                level=logging.INFO,
+                stream=err,
+                force=True,
+                format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            )
             if self.restarted:
                 logging.getLogger("tetherfed.ray").warning(
                     "actor restarted in process %d: resuming from the checkpoint", os.getpid()
@@ -278,8 +285,12 @@ class RayEngine:
         cluster answers at `address`)."""
         ray = _ray()
         try:
-            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
-                     logging_level=logging.WARNING)  # fmt: skip
+            ray.init(
+                address=self.address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise EngineFailed(f"no Ray cluster at --address {self.address}: {exc}") from exc
         self._ray = ray
@@ -306,8 +317,10 @@ class RayEngine:
         try:
             ray.get(group.ready(), timeout=self.start_timeout_s)
         except Exception as exc:
-            raise EngineFailed(f"the cluster cannot place {self.coordinators} coordinator "
-                               f"replicas of 1 CPU each: {exc}") from exc  # fmt: skip
+            raise EngineFailed(
+                f"the cluster cannot place {self.coordinators} coordinator "
+                f"replicas of 1 CPU each: {exc}"
+            ) from exc
         from tetherfed_coordinator.replica import CoordinatorReplica  # noqa: PLC0415
 
         actor = ray.remote(CoordinatorReplica)
@@ -315,10 +328,15 @@ class RayEngine:
         for k in range(self.coordinators):
             log = out / ("coordinator.log" if k == 0 else f"coordinator-{k}.log")
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k)
-            handles.append(actor.options(
-                num_cpus=1, scheduling_strategy=strategy, max_restarts=MAX_RESTARTS,
-                max_task_retries=MAX_RESTARTS, name=self._label(f"coordinator-{k}"),
-            ).remote(redis_url or self.redis_url, port, str(log), self.start_timeout_s))  # fmt: skip
+            handles.append(
+                actor.options(
+                    num_cpus=1,
+                    scheduling_strategy=strategy,
+                    max_restarts=MAX_RESTARTS,
+                    max_task_retries=MAX_RESTARTS,
+                    name=self._label(f"coordinator-{k}"),
+                ).remote(redis_url or self.redis_url, port, str(log), self.start_timeout_s)
+            )
         try:
             answers = ray.get([h.address.remote() for h in handles], timeout=self.start_timeout_s)
         except Exception as exc:
@@ -337,11 +355,18 @@ class RayEngine:
         times, each time resuming from its checkpoint."""
         ray = self._ray
         name = argv[argv.index("--name") + 1] if "--name" in argv else "worker"
-        handle = ray.remote(WorkerActor).options(
-            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, max_concurrency=2,
-            name=self._label(name),
-        ).remote(argv, str(log))  # fmt: skip
+        handle = (
+            ray.remote(WorkerActor)
+            .options(
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self.gpus_per_worker,
+                max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RESTARTS,
+                max_concurrency=2,
+                name=self._label(name),
+            )
+            .remote(argv, str(log))
+        )
         worker = RayWorker(ray, handle, name, log)
         self._started.append(worker)
         return worker
@@ -380,17 +405,25 @@ class RayEngine:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """--engine and the Ray engine's options (for `up` and `experiment run`)."""
     group = parser.add_argument_group("engine (where processes run)")
-    group.add_argument("--engine", choices=["local", "ray"], default="local",
-                       help="local: processes on this machine; ray: actors on a Ray cluster")  # fmt: skip
-    group.add_argument("--address", default="auto",
-                       help="ray: the cluster (auto, or HOST:PORT of the head's GCS)")  # fmt: skip
-    group.add_argument("--redis-url", default=None,
-                       help="Redis the coordinator uses (required with --engine ray)")  # fmt: skip
-    group.add_argument("--coordinators", type=int, default=1,
-                       help="ray: coordinator replicas, spread over nodes")  # fmt: skip
+    group.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: processes on this machine; ray: actors on a Ray cluster",
+    )
+    group.add_argument(
+        "--address", default="auto", help="ray: the cluster (auto, or HOST:PORT of the head's GCS)"
+    )
+    group.add_argument(
+        "--redis-url", default=None, help="Redis the coordinator uses (required with --engine ray)"
+    )
+    group.add_argument(
+        "--coordinators", type=int, default=1, help="ray: coordinator replicas, spread over nodes"
+    )
     group.add_argument("--gpus-per-worker", type=int, default=0, help="ray: whole GPUs per worker")
-    group.add_argument("--cpus-per-worker", type=float, default=1.0,
-                       help="ray: logical CPUs per worker actor")  # fmt: skip
+    group.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="ray: logical CPUs per worker actor"
+    )
 
 
 def engine_from_args(args: argparse.Namespace) -> Any:
@@ -398,9 +431,13 @@ def engine_from_args(args: argparse.Namespace) -> Any:
     The caller closes a Ray engine with `close_engine`."""
     if args.engine == "local":
         return LocalEngine(redis_url=args.redis_url)
-    engine = RayEngine(address=args.address, redis_url=args.redis_url,
-                       coordinators=args.coordinators, gpus_per_worker=args.gpus_per_worker,
-                       cpus_per_worker=args.cpus_per_worker)  # fmt: skip
+    engine = RayEngine(
+        address=args.address,
+        redis_url=args.redis_url,
+        coordinators=args.coordinators,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+    )
     engine.connect()
     return engine
 

@@ -36,10 +36,24 @@ def preload() -> None:
 
 
 METRICS = (
-    "val_loss", "train_loss", "merges", "drifts", "rejected", "ari", "ari_kept",
-    "merges_within", "merges_across", "kept_within", "kept_across", "merges_unacked",
-    "gate_checked", "gate_rolled_back", "gate_max_kept_rise", "steps_per_s", "wall_s",
-)  # fmt: skip
+    "val_loss",
+    "train_loss",
+    "merges",
+    "drifts",
+    "rejected",
+    "ari",
+    "ari_kept",
+    "merges_within",
+    "merges_across",
+    "kept_within",
+    "kept_across",
+    "merges_unacked",
+    "gate_checked",
+    "gate_rolled_back",
+    "gate_max_kept_rise",
+    "steps_per_s",
+    "wall_s",
+)
 CONTROL = "independent"
 
 
@@ -111,25 +125,36 @@ def _mean(values: Iterable[float | None]) -> float | None:
 def identity_columns(run: RunRecord) -> dict[str, Any]:
     """run_id, cell, arm, repeat, state, and the cell's parameters (flattened dotted keys)."""
     status = run.json("status.json") or {}
-    return {"run_id": run.run_id, "cell": run.cell, "arm": run.arm, "repeat": run.repeat,
-            "state": status.get("state", "pending"), **dict(run.params)}  # fmt: skip
+    return {
+        "run_id": run.run_id,
+        "cell": run.cell,
+        "arm": run.arm,
+        "repeat": run.repeat,
+        "state": status.get("state", "pending"),
+        **dict(run.params),
+    }
 
 
 def loss_columns(run: RunRecord) -> dict[str, Any]:
     """Final train and validation loss, averaged over the workers; steps/s likewise."""
     events = run.final_events()
-    return {"train_loss": _mean(e.get("loss") for e in events),
-            "val_loss": _mean(e.get("val_loss") for e in events),
-            "steps_per_s": _mean(e.get("steps_per_s") for e in events)}  # fmt: skip
+    return {
+        "train_loss": _mean(e.get("loss") for e in events),
+        "val_loss": _mean(e.get("val_loss") for e in events),
+        "steps_per_s": _mean(e.get("steps_per_s") for e in events),
+    }
 
 
 def decision_columns(run: RunRecord) -> dict[str, Any]:
     """Merges and drifts issued by the coordinator, acks rejected by workers, wall time."""
     summary = run.json("summary.json") or {}
     by_action = summary.get("decisions", {}).get("by_action", {})
-    return {"merges": by_action.get("merge", 0), "drifts": by_action.get("drift", 0),
-            "rejected": summary.get("acknowledged", {}).get("rejected", 0),
-            "wall_s": summary.get("wall_s")}  # fmt: skip
+    return {
+        "merges": by_action.get("merge", 0),
+        "drifts": by_action.get("drift", 0),
+        "rejected": summary.get("acknowledged", {}).get("rejected", 0),
+        "wall_s": summary.get("wall_s"),
+    }
 
 
 def merge_communities(workers: Sequence[str], edges: Iterable[Mapping[str, Any]]) -> list[int]:
@@ -160,7 +185,9 @@ def cluster_columns(run: RunRecord) -> dict[str, Any]:
     exactly, ≈0 = chance. `communities`: how many there were."""
     summary = run.json("summary.json")
     found = _ari(run, summary.get("merge_graph", [])) if summary else None
-    return {"ari": found[0], "communities": found[1]} if found else {"ari": None, "communities": None}  # fmt: skip
+    return (
+        {"ari": found[0], "communities": found[1]} if found else {"ari": None, "communities": None}
+    )
 
 
 def _ari(run: RunRecord, edges: Iterable[Mapping[str, Any]]) -> tuple[float, int] | None:
@@ -194,11 +221,31 @@ def merge_columns(run: RunRecord) -> dict[str, Any]:
     group = {w.get("worker_id"): w.get("group") for w in summary.get("workers", [])}
     name = {w.get("worker_id"): w.get("name") for w in summary.get("workers", [])}
     if not group:
-        return dict.fromkeys(("merges_within", "merges_across", "kept_within", "kept_across",
-                              "merges_unacked", "ari_kept", "gate_checked", "gate_rolled_back",
-                              "gate_max_kept_rise"))  # fmt: skip
-    counts = dict.fromkeys(("merges_within", "merges_across", "kept_within", "kept_across",
-                            "merges_unacked", "gate_checked", "gate_rolled_back"), 0)  # fmt: skip
+        return dict.fromkeys(
+            (
+                "merges_within",
+                "merges_across",
+                "kept_within",
+                "kept_across",
+                "merges_unacked",
+                "ari_kept",
+                "gate_checked",
+                "gate_rolled_back",
+                "gate_max_kept_rise",
+            )
+        )
+    counts = dict.fromkeys(
+        (
+            "merges_within",
+            "merges_across",
+            "kept_within",
+            "kept_across",
+            "merges_unacked",
+            "gate_checked",
+            "gate_rolled_back",
+        ),
+        0,
+    )
     kept_edges: dict[tuple[str, str], int] = {}
     rises: list[float] = []
     for d in decisions:
@@ -211,7 +258,10 @@ def merge_columns(run: RunRecord) -> dict[str, Any]:
         counts["merges_unacked"] += not ack
         if applied:
             counts[f"kept_{where}"] += 1
-            edge = (name.get(d["worker_id"], d["worker_id"]), name.get(d["partner_id"], d["partner_id"]))  # fmt: skip
+            edge = (
+                name.get(d["worker_id"], d["worker_id"]),
+                name.get(d["partner_id"], d["partner_id"]),
+            )
             kept_edges[edge] = kept_edges.get(edge, 0) + 1
         before, after = ack.get("probe_loss_before"), ack.get("probe_loss_after")
         if before is None or after is None:
@@ -220,7 +270,7 @@ def merge_columns(run: RunRecord) -> dict[str, Any]:
         counts["gate_rolled_back"] += not applied
         if applied:
             rises.append((after - before) / before if before > 0 else 0.0)
-    kept = _ari(run, [{"worker": a, "partner": b, "merges": n} for (a, b), n in kept_edges.items()])  # fmt: skip
+    kept = _ari(run, [{"worker": a, "partner": b, "merges": n} for (a, b), n in kept_edges.items()])
     return {
         **counts,
         "ari_kept": kept[0] if kept else None,
@@ -241,16 +291,22 @@ def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
     if not found:
         return {}
     firsts = [f["jacobian_first_epoch_over_1"] for f in found]
-    return {"effective_rank": _mean(f["effective_rank_mean"] for f in found),
-            "gzip_ratio": _mean(f["gzip_ratio"] for f in found),
-            "jacobian_radius": _mean(f["jacobian_radius"] for f in found),
-            "jacobian_first_epoch_over_1": min((e for e in firsts if e is not None), default=None)}  # fmt: skip
+    return {
+        "effective_rank": _mean(f["effective_rank_mean"] for f in found),
+        "gzip_ratio": _mean(f["gzip_ratio"] for f in found),
+        "jacobian_radius": _mean(f["jacobian_radius"] for f in found),
+        "jacobian_first_epoch_over_1": min((e for e in firsts if e is not None), default=None),
+    }
 
 
 COLUMNS: list[ColumnProvider] = [
-    identity_columns, loss_columns, decision_columns, cluster_columns, merge_columns,
+    identity_columns,
+    loss_columns,
+    decision_columns,
+    cluster_columns,
+    merge_columns,
     diagnostics_columns,
-]  # fmt: skip
+]
 
 
 def build_row(run: RunRecord, providers: Sequence[ColumnProvider] = COLUMNS) -> dict[str, Any]:
@@ -276,9 +332,11 @@ def ci95(values: Sequence[float]) -> float | None:
 def describe(values: Sequence[float]) -> dict[str, float | None]:
     """mean, std (sample) and 95 % CI half-width of finite values."""
     kept = [v for v in values if v is not None and math.isfinite(v)]
-    return {"mean": statistics.fmean(kept) if kept else None,
-            "std": statistics.stdev(kept) if len(kept) > 1 else None,
-            "ci95": ci95(kept)}  # fmt: skip
+    return {
+        "mean": statistics.fmean(kept) if kept else None,
+        "std": statistics.stdev(kept) if len(kept) > 1 else None,
+        "ci95": ci95(kept),
+    }
 
 
 def _paired_diffs(rows: Sequence[Mapping[str, Any]], cell: int, arm: str) -> list[float]:
@@ -308,10 +366,17 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for stat, value in describe([r.get(metric) for r in group]).items():  # type: ignore[misc]
                 summary[f"{metric}_{stat}"] = value
         if arm != CONTROL:
-            diffs = _paired_diffs(group + [r for r in rows if r["arm"] == CONTROL and r["state"] == "finished"], cell, arm)  # fmt: skip
+            diffs = _paired_diffs(
+                group + [r for r in rows if r["arm"] == CONTROL and r["state"] == "finished"],
+                cell,
+                arm,
+            )
             d = describe(diffs)
-            summary |= {"val_loss_diff_n": len(diffs), "val_loss_diff_mean": d["mean"],
-                        "val_loss_diff_ci95": d["ci95"]}  # fmt: skip
+            summary |= {
+                "val_loss_diff_n": len(diffs),
+                "val_loss_diff_mean": d["mean"],
+                "val_loss_diff_ci95": d["ci95"],
+            }
         out.append(summary)
     return out
 

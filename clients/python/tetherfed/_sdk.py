@@ -400,9 +400,12 @@ class Client:
         self.incarnation: str | None = None
         self.last_decision: int | None = None
         self._http = httpx.Client(
-            base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
-            transport=transport, **({} if transport else http_options(self.endpoints.url)),
-        )  # fmt: skip
+            base_url=self.endpoints.url,
+            headers=_headers(token),
+            timeout=timeout,
+            transport=transport,
+            **({} if transport else http_options(self.endpoints.url)),
+        )
 
     def authorize(self, token: str | None) -> None:
         """Send `token` as the bearer token from now on (a worker's own token after registering)."""
@@ -603,9 +606,12 @@ class AsyncClient:
         self.incarnation: str | None = None  # as Client's
         self.last_decision: int | None = None
         self._http = httpx.AsyncClient(
-            base_url=self.endpoints.url, headers=_headers(token), timeout=timeout,
-            transport=transport, **({} if transport else http_options(self.endpoints.url)),
-        )  # fmt: skip
+            base_url=self.endpoints.url,
+            headers=_headers(token),
+            timeout=timeout,
+            transport=transport,
+            **({} if transport else http_options(self.endpoints.url)),
+        )
 
     def authorize(self, token: str | None) -> None:
         """Send `token` as the bearer token from now on."""

@@ -104,8 +104,17 @@ class CoordinatorJob:
         plan = self.plan
         port = plan.port or free_port()
         url = advertised_url(plan.host, port)
-        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", plan.host,
-               "--port", str(port), "--redis-url", plan.redis_url]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed_coordinator",
+            "--host",
+            plan.host,
+            "--port",
+            str(port),
+            "--redis-url",
+            plan.redis_url,
+        ]
         with (plan.folder / "coordinator.log").open("ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=die_with_parent)  # noqa: PLW1509
         try:
@@ -150,12 +159,22 @@ class WorkerJob:
         """The `tetherfed worker` command line of task `index`."""
         plan = self.plan
         return [
-            "worker", "--coordinator", url, "--federation", plan.federation,
-            "--name", f"worker-{index}", "--seed", str(index),
-            "--device", "cuda" if plan.gpus_per_worker else "cpu",
-            "--checkpoint-dir", str(plan.folder / f"worker-{index}"), "--resume",
+            "worker",
+            "--coordinator",
+            url,
+            "--federation",
+            plan.federation,
+            "--name",
+            f"worker-{index}",
+            "--seed",
+            str(index),
+            "--device",
+            "cuda" if plan.gpus_per_worker else "cpu",
+            "--checkpoint-dir",
+            str(plan.folder / f"worker-{index}"),
+            "--resume",
             *plan.worker_args,
-        ]  # fmt: skip
+        ]
 
     def __call__(self, index: int) -> int:
         from .cli import main  # noqa: PLC0415 (the task runs `tetherfed worker` in-process)
@@ -176,9 +195,13 @@ class WorkerJob:
 def job_parameters(plan: SlurmPlan, role: str) -> dict[str, Any]:
     """sbatch parameters (submitit's SlurmExecutor names) of the coordinator or the workers."""
     params: dict[str, Any] = {
-        "job_name": f"tetherfed-{role}", "time": plan.time_min, "nodes": 1,
-        "ntasks_per_node": 1, "partition": plan.partition, "account": plan.account,
-    }  # fmt: skip
+        "job_name": f"tetherfed-{role}",
+        "time": plan.time_min,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "partition": plan.partition,
+        "account": plan.account,
+    }
     if role == "workers":
         params |= {"cpus_per_task": plan.cpus_per_worker, "array_parallelism": plan.workers}
         if plan.gpus_per_worker:
@@ -242,12 +265,22 @@ def submit(plan: SlurmPlan, cluster: str = "slurm") -> Submitted:
 
 def _config(plan: SlurmPlan) -> dict[str, Any]:
     return {
-        "engine": "slurm", "federation": plan.federation, "policy": plan.policy,
-        "redis_url": plan.redis_url, "time_min": plan.time_min,
-        "workers": [{"index": i, "name": f"worker-{i}", "seed": i, "group": plan.federation,
-                     "argv": WorkerJob(plan).argv(i, "<coordinator>")}
-                    for i in range(plan.workers)],
-    }  # fmt: skip
+        "engine": "slurm",
+        "federation": plan.federation,
+        "policy": plan.policy,
+        "redis_url": plan.redis_url,
+        "time_min": plan.time_min,
+        "workers": [
+            {
+                "index": i,
+                "name": f"worker-{i}",
+                "seed": i,
+                "group": plan.federation,
+                "argv": WorkerJob(plan).argv(i, "<coordinator>"),
+            }
+            for i in range(plan.workers)
+        ],
+    }
 
 
 # ---------------------------------------------------------------- command line
@@ -256,17 +289,25 @@ def add_submit_parser(sub: Any) -> None:
     submit_parser = sub.add_parser("submit", help="submit a federation to a batch scheduler")
     engines = submit_parser.add_subparsers(dest="engine", required=True)
     p = engines.add_parser("slurm", help="a coordinator job and a worker job array (submitit)")
-    p.add_argument("--workers", type=at_least_one, required=True,
-                   help="array tasks (one worker each)")  # fmt: skip
+    p.add_argument(
+        "--workers", type=at_least_one, required=True, help="array tasks (one worker each)"
+    )
     p.add_argument("--gpus-per-worker", type=int, default=0)
     p.add_argument("--cpus-per-worker", type=at_least_one, default=4)
     p.add_argument("--partition", required=True)
     p.add_argument("--time", required=True, help="each job's limit: minutes, H:M:S or D-H:M:S")
     p.add_argument("--account", default=None)
-    p.add_argument("--redis-url", required=True,
-                   help="Redis all jobs share (a job cannot host it: it ends with the job)")  # fmt: skip
-    p.add_argument("--folder", type=Path, required=True,
-                   help="shared folder every node sees: URL file, checkpoints, logs")  # fmt: skip
+    p.add_argument(
+        "--redis-url",
+        required=True,
+        help="Redis all jobs share (a job cannot host it: it ends with the job)",
+    )
+    p.add_argument(
+        "--folder",
+        type=Path,
+        required=True,
+        help="shared folder every node sees: URL file, checkpoints, logs",
+    )
     p.add_argument("--federation", default="slurm")
     p.add_argument("--policy", default="default", help="preset (default, seed, demo) or JSON")
     p.add_argument("--port", type=int, default=8420, help="coordinator port on its node")
@@ -280,12 +321,19 @@ def plan_from_args(args: argparse.Namespace) -> SlurmPlan:
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: need at least one")
     return SlurmPlan(
-        folder=args.folder.resolve(), redis_url=args.redis_url, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, partition=args.partition,
-        time_min=parse_time(args.time), account=args.account, federation=args.federation,
-        policy=args.policy, worker_args=worker_argv(args), cpus_per_worker=args.cpus_per_worker,
+        folder=args.folder.resolve(),
+        redis_url=args.redis_url,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        partition=args.partition,
+        time_min=parse_time(args.time),
+        account=args.account,
+        federation=args.federation,
+        policy=args.policy,
+        worker_args=worker_argv(args),
+        cpus_per_worker=args.cpus_per_worker,
         port=args.port,
-    )  # fmt: skip
+    )
 
 
 def run_submit_slurm(args: argparse.Namespace) -> int:

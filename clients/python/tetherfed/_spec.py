@@ -72,7 +72,9 @@ class GroupSpec(WorkerOptions):
         from ._tasks import task_names  # noqa: PLC0415 (torch, only when checking)
 
         if task not in task_names() and ":" not in task:
-            raise ValueError(f"unknown task {task!r}; built-in: {', '.join(task_names())}, or module:function")  # fmt: skip
+            raise ValueError(
+                f"unknown task {task!r}; built-in: {', '.join(task_names())}, or module:function"
+            )
         return task
 
 
@@ -110,7 +112,9 @@ class Spec(BaseModel):
         for i, block in enumerate(self.zip):
             lengths = {len(v) for v in block.values()}
             if len(lengths) > 1:
-                raise ValueError(f"zip[{i}]: every list must have the same length, got {sorted(lengths)}")  # fmt: skip
+                raise ValueError(
+                    f"zip[{i}]: every list must have the same length, got {sorted(lengths)}"
+                )
         for key, values in [*self.grid.items(), *(kv for b in self.zip for kv in b.items())]:
             if not values:
                 raise ValueError(f"axis {key!r} has no values")
@@ -118,8 +122,11 @@ class Spec(BaseModel):
 
     def group_options(self, group: GroupSpec) -> WorkerOptions:
         """A group's worker options, with steps/epochs/publish_every inherited when unset."""
-        inherited = {"steps": self.experiment.steps, "epochs": self.experiment.epochs,
-                     "publish_every": self.experiment.publish_every}  # fmt: skip
+        inherited = {
+            "steps": self.experiment.steps,
+            "epochs": self.experiment.epochs,
+            "publish_every": self.experiment.publish_every,
+        }
         own = group.model_dump(exclude={"name", "count"}, exclude_unset=True)
         base = group.model_dump(exclude={"name", "count"})
         return WorkerOptions(**(base | inherited | own))
@@ -134,7 +141,11 @@ def _path(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
     node: Any = raw
     for item in loc:
         if isinstance(item, int) and isinstance(node, list):
-            name = node[item].get("name") if item < len(node) and isinstance(node[item], dict) else None  # fmt: skip
+            name = (
+                node[item].get("name")
+                if item < len(node) and isinstance(node[item], dict)
+                else None
+            )
             parts[-1] += f"[{item}]" if name is None else f"[{item}]({name})"
             node = node[item] if item < len(node) else None
         else:
@@ -243,9 +254,16 @@ def _plan(spec: Spec, arm: Arm, repeat: int, params: dict[str, Any], devices: in
     seed = spec.experiment.seed + REPEAT_SEED_STRIDE * repeat
     groups = [(g.name, g.count, spec.group_options(g)) for g in spec.groups]
     policy = arm_policy(spec.policy.resolve(), arm, spec.experiment.fedavg_every)
-    plan = RunPlan(federation="pending", policy=policy, arm=arm, init=spec.init, seed=seed,
-                   workers=plan_workers(groups, seed, spec.init, devices), repeat=repeat,
-                   params=params)  # fmt: skip
+    plan = RunPlan(
+        federation="pending",
+        policy=policy,
+        arm=arm,
+        init=spec.init,
+        seed=seed,
+        workers=plan_workers(groups, seed, spec.init, devices),
+        repeat=repeat,
+        params=params,
+    )
     rid = run_id(plan)
     return plan.model_copy(update={"run_id": rid, "federation": f"{spec.experiment.name}-{rid}"})
 

@@ -118,9 +118,15 @@ def _random_classification(seed: int) -> Task:
     train, val = draw(_CLASSIFICATION_TRAIN), draw(_CLASSIFICATION_VAL)
     loss = nn.CrossEntropyLoss()
     return Task(
-        "random-classification", train, val, loss, "classification", (128,), 10,
+        "random-classification",
+        train,
+        val,
+        loss,
+        "classification",
+        (128,),
+        10,
         sample_inputs=lambda n, gen: torch.rand((n, 128), generator=gen),
-    )  # fmt: skip
+    )
 
 
 def _piecewise(x: Tensor) -> Tensor:

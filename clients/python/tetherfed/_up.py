@@ -58,11 +58,19 @@ def add_up_parsers(sub: Any) -> None:
         "--policy", default="demo", help="preset (demo, default, seed, cka) or JSON file"
     )
     up.add_argument("--out", type=Path, default=None, help="results folder (default runs/<time>)")
-    up.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                    help="auto: one CUDA device per worker, round-robin, when any exist")  # fmt: skip
+    up.add_argument(
+        "--device",
+        choices=["auto", "cpu"],
+        default="auto",
+        help="auto: one CUDA device per worker, round-robin, when any exist",
+    )
     up.add_argument("--seed", type=int, default=0, help="worker i gets data seed seed+i")
-    up.add_argument("--init", choices=["independent", "shared"], default="independent",
-                    help="shared: every worker starts from the init of --seed")  # fmt: skip
+    up.add_argument(
+        "--init",
+        choices=["independent", "shared"],
+        default="independent",
+        help="shared: every worker starts from the init of --seed",
+    )
     up.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /readyz")
     add_engine_args(up)
     add_worker_args(up)
@@ -90,19 +98,42 @@ def _fmt(value: float | None) -> str:
 def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
     """The per-worker table (shared by `up`, `status` and experiments)."""
     table = Table(title=title)
-    for column in ("worker", "group", "status", "step", "epoch", "loss", "val loss", "gen",
-                   "merges", "drifts"):  # fmt: skip
+    for column in (
+        "worker",
+        "group",
+        "status",
+        "step",
+        "epoch",
+        "loss",
+        "val loss",
+        "gen",
+        "merges",
+        "drifts",
+    ):
         table.add_column(column, no_wrap=True)
     for r in rows:
         step = f"{r.step}/{r.total}" if r.total else str(r.step)
-        table.add_row(r.name, r.group or "-", r.status, step, str(r.epoch if r.epoch is not None else "-"),
-                      _fmt(r.loss), _fmt(r.val_loss), str(r.generation), str(r.merges), str(r.drifts))  # fmt: skip
+        table.add_row(
+            r.name,
+            r.group or "-",
+            r.status,
+            step,
+            str(r.epoch if r.epoch is not None else "-"),
+            _fmt(r.loss),
+            _fmt(r.val_loss),
+            str(r.generation),
+            str(r.merges),
+            str(r.drifts),
+        )
     return table
 
 
 def plain_line(launcher: Launcher, elapsed: float, label: str = "up") -> str:
     """One progress line for non-terminals (CI, tests)."""
-    workers = "; ".join(f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {_fmt(r.loss)}" for r in launcher.rows.values())  # fmt: skip
+    workers = "; ".join(
+        f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {_fmt(r.loss)}"
+        for r in launcher.rows.values()
+    )
     return f"[{label} {elapsed:5.1f}s] {launcher.tally.line()} | {workers}"
 
 
@@ -114,7 +145,9 @@ class LiveView:
         self.console, self.label = console, label
         self.started = self.last_plain = time.monotonic()
         # M/N shows "0/?" until every worker has reported its total (it read "0/None")
-        self.progress = Progress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())  # fmt: skip
+        self.progress = Progress(
+            TextColumn("steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
         self.task = self.progress.add_task("steps", total=None)
         self.live = Live(console=console, refresh_per_second=4) if console.is_terminal else None
 
@@ -148,8 +181,10 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
         yield f"  FAILED: {failure}"
     yield "final loss per worker:"
     for w in s["workers"]:
-        yield (f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}  loss {_fmt(w['loss'])}"
-               f"  val_loss {_fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}")  # fmt: skip
+        yield (
+            f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}  loss {_fmt(w['loss'])}"
+            f"  val_loss {_fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}"
+        )
     d, ack = s["decisions"], s["acknowledged"]
     actions = ", ".join(f"{a} {n}" for a, n in sorted(d["by_action"].items())) or "none"
     yield f"decisions: {d['total']} ({actions}), {d['per_s']}/s"
@@ -170,8 +205,9 @@ def up_plan(args: argparse.Namespace, policy: Policy | str, engine: Engine) -> R
     devices = engine.device_count(args.device)
     resolved = policy if isinstance(policy, Policy) else preset_policy(policy)
     workers = plan_workers([("default", args.workers, options)], args.seed, args.init, devices)
-    return RunPlan(federation=args.federation, policy=resolved, init=args.init, seed=args.seed,
-                   workers=workers)  # fmt: skip
+    return RunPlan(
+        federation=args.federation, policy=resolved, init=args.init, seed=args.seed, workers=workers
+    )
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -195,9 +231,15 @@ def run_up(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:
         with LiveView(Console()) as view:
-            result = launch(up_plan(args, policy, engine), out, url=args.coordinator,
-                            token=args.token, ready_timeout=args.ready_timeout, view=view,
-                            engine=engine)  # fmt: skip
+            result = launch(
+                up_plan(args, policy, engine),
+                out,
+                url=args.coordinator,
+                token=args.token,
+                ready_timeout=args.ready_timeout,
+                view=view,
+                engine=engine,
+            )
     finally:
         close_engine(engine)
     print("\n".join(summary_lines(result.summary)), flush=True)
@@ -212,11 +254,20 @@ def _rows_from_rest(client: Client, fed: str, tally: Tally) -> list[WorkerRow]:
     rows = []
     for w in client.list_workers(fed).data:
         group = w.meta.get("group")
-        rows.append(WorkerRow(name=w.name, status=w.status, worker_id=w.worker_id, step=w.step or 0,
-                              epoch=w.epoch, loss=w.loss, generation=w.generation,
-                              group=str(group) if group is not None else None,
-                              merges=tally.per_worker[(w.worker_id, "merge")],
-                              drifts=tally.per_worker[(w.worker_id, "drift")]))  # fmt: skip
+        rows.append(
+            WorkerRow(
+                name=w.name,
+                status=w.status,
+                worker_id=w.worker_id,
+                step=w.step or 0,
+                epoch=w.epoch,
+                loss=w.loss,
+                generation=w.generation,
+                group=str(group) if group is not None else None,
+                merges=tally.per_worker[(w.worker_id, "merge")],
+                drifts=tally.per_worker[(w.worker_id, "drift")],
+            )
+        )
     return rows
 
 

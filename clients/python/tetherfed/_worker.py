@@ -288,8 +288,12 @@ def _diagnostics(run: _Run) -> Diagnostics | None:
 
 
 def _meta(cfg: WorkerConfig, device: torch.device) -> dict[str, Any]:
-    meta = {"task": cfg.task, "device": str(device), "init_seed": cfg.resolved_init_seed,
-            "data_seed": cfg.resolved_data_seed}  # fmt: skip
+    meta = {
+        "task": cfg.task,
+        "device": str(device),
+        "init_seed": cfg.resolved_init_seed,
+        "data_seed": cfg.resolved_data_seed,
+    }
     return meta | ({"group": cfg.group} if cfg.group else {})
 
 
@@ -317,21 +321,38 @@ def _count(run: _Run, report: StepReport) -> None:
     check is a `gate` event."""
     for decision in report.applied:
         run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
-        run.metrics.emit(event="decision", step=report.step, decision_id=decision.id,
-                         action=decision.action, layer=decision.layer, outcome="applied")  # fmt: skip
+        run.metrics.emit(
+            event="decision",
+            step=report.step,
+            decision_id=decision.id,
+            action=decision.action,
+            layer=decision.layer,
+            outcome="applied",
+        )
     run.counts["rejected"] += len(report.rejected)
     for decision, reason in report.rejected:
-        run.metrics.emit(event="decision", step=report.step, decision_id=decision.id,
-                         action=decision.action, layer=decision.layer, outcome="rejected",
-                         reason=reason)  # fmt: skip
+        run.metrics.emit(
+            event="decision",
+            step=report.step,
+            decision_id=decision.id,
+            action=decision.action,
+            layer=decision.layer,
+            outcome="rejected",
+            reason=reason,
+        )
     for check in report.gate:
         run.counts["gate_rejected"] += not check.kept
         run.metrics.emit(
-            event="gate", step=report.step, decision_id=check.decision.id,
-            layer=check.decision.layer, partner_id=check.decision.partner_id,
-            loss_before=_round(check.loss_before), loss_after=_round(check.loss_after),
-            rise=_round(check.rise), kept=check.kept,
-        )  # fmt: skip
+            event="gate",
+            step=report.step,
+            decision_id=check.decision.id,
+            layer=check.decision.layer,
+            partner_id=check.decision.partner_id,
+            loss_before=_round(check.loss_before),
+            loss_after=_round(check.loss_after),
+            rise=_round(check.rise),
+            kept=check.kept,
+        )
 
 
 def _evaluate(run: _Run, step: int) -> None:
@@ -393,10 +414,12 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final summary (also emitted as the last metrics line)."""
     run = _setup(cfg)
     run.metrics.emit(
-        event="start", step=run.start, resumed=run.start > 0,
+        event="start",
+        step=run.start,
+        resumed=run.start > 0,
         worker_id=run.fed.worker_id if run.fed is not None else None,
         threads=torch.get_num_threads(),
-    )  # fmt: skip
+    )
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)
     try:

@@ -96,7 +96,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         from .report import ReportError, write_report
     except ImportError as error:  # plotly missing: the `report` extra
-        print(f"tetherfed report needs the report extra (pip install 'tetherfed[report]'): {error}", file=sys.stderr)  # fmt: skip
+        print(
+            f"tetherfed report needs the report extra (pip install 'tetherfed[report]'): {error}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         path = write_report(args.folder, out=args.out, png_dir=args.png)
@@ -130,10 +133,18 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         else:
             engine = engine_from_args(args)
             try:
-                rows = experiment.run(args.spec, out=args.out, resume=args.resume, force=args.force,
-                                      coordinator=args.coordinator, token=args.token,
-                                      overrides=args.set, jobs=args.jobs, console=console,
-                                      engine=engine)  # fmt: skip
+                rows = experiment.run(
+                    args.spec,
+                    out=args.out,
+                    resume=args.resume,
+                    force=args.force,
+                    coordinator=args.coordinator,
+                    token=args.token,
+                    overrides=args.set,
+                    jobs=args.jobs,
+                    console=console,
+                    engine=engine,
+                )
             finally:
                 close_engine(engine)
             console.print(experiment.summary_table(rows, experiment.summarize(rows)))
@@ -164,8 +175,13 @@ def _add_experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--coordinator", default=None, help="coordinator URL (none: start our own)")
     run.add_argument("--token", default=None, help="bearer token of that coordinator")
     run.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: spec's)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a spec key, e.g. --set experiment.steps=50")  # fmt: skip
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. --set experiment.steps=50",
+    )
     add_engine_args(run)
     actions.add_parser("schema", help="print the spec's JSON Schema")
     actions.add_parser("list", help="list the built-in example specs")
@@ -193,11 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
     worker.add_argument("--data-seed", type=int, default=None, help="data and its order seed")
     worker.add_argument("--group", default=None, help="experiment group (worker meta)")
-    worker.add_argument("--wait-peers", type=int, default=0, metavar="N",
-                        help="before training, wait until N workers are active (max 120 s)")  # fmt: skip
-    worker.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's, every core; `up` and "
-                             "experiments give each worker cores / workers)")  # fmt: skip
+    worker.add_argument(
+        "--wait-peers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before training, wait until N workers are active (max 120 s)",
+    )
+    worker.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's, every core; `up` and "
+        "experiments give each worker cores / workers)",
+    )
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--checkpoint-dir", type=Path, default=None)
     worker.add_argument(
@@ -251,8 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "coordinator":
         return _cmd_coordinator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    handlers = {"worker": _cmd_worker, "bench": _cmd_bench, "federation": _cmd_federation,
-                "report": _cmd_report, "experiment": _cmd_experiment}  # fmt: skip
+    handlers = {
+        "worker": _cmd_worker,
+        "bench": _cmd_bench,
+        "federation": _cmd_federation,
+        "report": _cmd_report,
+        "experiment": _cmd_experiment,
+    }
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args))

@@ -78,7 +78,11 @@ class ExperimentError(RuntimeError):
 def examples() -> dict[str, Path]:
     """Built-in example specs by name (shipped inside the package)."""
     folder = resources.files("tetherfed") / "examples"
-    return {p.name.removesuffix(".toml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}  # fmt: skip
+    return {
+        p.name.removesuffix(".toml"): Path(str(p))
+        for p in folder.iterdir()
+        if p.name.endswith(".toml")
+    }
 
 
 def _source(spec: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -119,8 +123,9 @@ def plan(
 
 def _git_commit() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=False)  # fmt: skip
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         if done.returncode == 0:
             return done.stdout.strip()
     return None
@@ -138,9 +143,22 @@ def _versions() -> dict[str, str | None]:
 
 
 def _resolved(spec: Spec, runs: Sequence[PlannedRun]) -> dict[str, Any]:
-    return {"name": spec.experiment.name, "versions": _versions(), "git_commit": _git_commit(),
-            "runs": [{"run_id": r.run_id, "cell": r.cell, "arm": r.arm, "repeat": r.repeat,
-                      "params": r.params, "plan": r.plan.model_dump(mode="json")} for r in runs]}  # fmt: skip
+    return {
+        "name": spec.experiment.name,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "cell": r.cell,
+                "arm": r.arm,
+                "repeat": r.repeat,
+                "params": r.params,
+                "plan": r.plan.model_dump(mode="json"),
+            }
+            for r in runs
+        ],
+    }
 
 
 def prepare_folder(
@@ -158,7 +176,7 @@ def prepare_folder(
             raise ExperimentError(
                 f"{out} holds a different experiment ({len(old - new)} runs gone, {len(new - old)} new); "
                 "use --force to run this spec there, or another --out"
-            )  # fmt: skip
+            )
         if not resume and not force:
             raise ExperimentError(f"{out} exists: --resume continues it, --force runs it again")
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +199,13 @@ class SweepView:
 
     def __init__(self, console: Console, total: int, done: int) -> None:
         self.console = console
-        self.progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+        self.progress = Progress(
+            TextColumn("runs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
         self.task = self.progress.add_task("runs", total=total, completed=done)
         self.current: dict[str, Launcher] = {}
         self.lock = threading.Lock()
@@ -206,18 +230,24 @@ class SweepView:
         with self.lock:
             self.current[rid] = launcher
             if self.live is not None:
-                tables = [worker_table(x.rows.values(), title=f"run {k} ({x.plan.arm})") for k, x in self.current.items()]  # fmt: skip
+                tables = [
+                    worker_table(x.rows.values(), title=f"run {k} ({x.plan.arm})")
+                    for k, x in self.current.items()
+                ]
                 self.live.update(Group(self.progress, *tables))
             elif force or time.monotonic() - self.last_plain.get(rid, 0) >= PLAIN_EVERY_S:
                 self.last_plain[rid] = time.monotonic()
-                print(plain_line(launcher, time.monotonic() - launcher.started, f"run {rid}"), flush=True)  # fmt: skip
+                print(
+                    plain_line(launcher, time.monotonic() - launcher.started, f"run {rid}"),
+                    flush=True,
+                )
 
     def finished(self, planned: PlannedRun, result: RunResult, done: int, total: int) -> None:
         """A run ended: advance the bar and say so."""
         with self.lock:
             self.current.pop(planned.run_id, None)
             self.progress.update(self.task, completed=done)
-            line = f"[{done}/{total}] run {planned.run_id} {planned.arm} repeat {planned.repeat} cell {planned.cell}: {result.state} in {result.summary.get('wall_s')}s"  # fmt: skip
+            line = f"[{done}/{total}] run {planned.run_id} {planned.arm} repeat {planned.repeat} cell {planned.cell}: {result.state} in {result.summary.get('wall_s')}s"
             self.console.print(line) if self.live is not None else print(line, flush=True)
 
 
@@ -257,15 +287,29 @@ class Sweep:
         folder = self.folder(r)
         if not self.resume and folder.exists():
             shutil.rmtree(folder)
-        result = launch(r.plan, folder, coordinator=coordinator, view=view, stop=self.stop,
-                        resume=self.resume, engine=self.engine, runs_at_once=self.jobs)  # fmt: skip
+        result = launch(
+            r.plan,
+            folder,
+            coordinator=coordinator,
+            view=view,
+            stop=self.stop,
+            resume=self.resume,
+            engine=self.engine,
+            runs_at_once=self.jobs,
+        )
         if result.state == "failed" and self.fail_fast:
             self.stop.set()
         return result
 
     def rows(self) -> list[dict[str, Any]]:
         """results.csv rows of every planned run (pending ones with their identity only)."""
-        return [build_row(RunRecord(r.run_id, r.cell, r.arm, r.repeat, r.params, self.folder(r)), self.providers) for r in self.runs]  # fmt: skip
+        return [
+            build_row(
+                RunRecord(r.run_id, r.cell, r.arm, r.repeat, r.params, self.folder(r)),
+                self.providers,
+            )
+            for r in self.runs
+        ]
 
     def write_results(self) -> list[dict[str, Any]]:
         """Rewrite results.csv and summary.csv from the run folders."""
@@ -276,7 +320,9 @@ class Sweep:
             return rows
 
 
-def _execute(sweep: Sweep, todo: list[PlannedRun], coordinator: Coordinator, view: SweepView, jobs: int) -> None:  # fmt: skip
+def _execute(
+    sweep: Sweep, todo: list[PlannedRun], coordinator: Coordinator, view: SweepView, jobs: int
+) -> None:
     total = len(sweep.runs)
     done = total - len(todo)
     pending = iter(todo)
@@ -340,15 +386,21 @@ def run(
     folder = (out or parsed.experiment.out or Path("runs") / parsed.experiment.name).resolve()
     prepare_folder(folder, _resolved(parsed, runs), text, resume, force)
     jobs = jobs or parsed.experiment.jobs
-    sweep = Sweep(folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine,
-                  jobs=jobs)  # fmt: skip
+    sweep = Sweep(
+        folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine, jobs=jobs
+    )
     todo = sweep.todo()
     preload_results()  # an interrupt must not land in a first import (see `preload`)
-    console.print(f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}")  # fmt: skip
+    console.print(
+        f"experiment {parsed.experiment.name}: {len(runs)} runs, {len(todo)} to run, results in {folder}"
+    )
     try:
         if todo:
-            with sigterm_as_interrupt(), coordinator_for(engine, folder, coordinator, token, 30.0) as coord, \
-                    SweepView(console, len(runs), len(runs) - len(todo)) as view:  # fmt: skip
+            with (
+                sigterm_as_interrupt(),
+                coordinator_for(engine, folder, coordinator, token, 30.0) as coord,
+                SweepView(console, len(runs), len(runs) - len(todo)) as view,
+            ):
                 _record_coordinator(folder, coord)
                 _execute(sweep, todo, coord, view, jobs)
     finally:
@@ -360,7 +412,9 @@ def run(
 
 def _record_coordinator(folder: Path, coord: Coordinator) -> None:
     pid = coord.process.pid if coord.process is not None else None
-    write_json_atomic(folder / "pids.json", {"experiment": os.getpid(), "coordinator": pid, "url": coord.url})  # fmt: skip
+    write_json_atomic(
+        folder / "pids.json", {"experiment": os.getpid(), "coordinator": pid, "url": coord.url}
+    )
 
 
 # -- reading a folder ----------------------------------------------------------------------------
@@ -372,7 +426,17 @@ def status(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if not resolved_path.exists():
         raise ExperimentError(f"{folder} is not an experiment folder (no resolved.json)")
     resolved = json.loads(resolved_path.read_text())
-    records = [RunRecord(r["run_id"], r["cell"], r["arm"], r["repeat"], r["params"], folder / "runs" / r["run_id"]) for r in resolved["runs"]]  # fmt: skip
+    records = [
+        RunRecord(
+            r["run_id"],
+            r["cell"],
+            r["arm"],
+            r["repeat"],
+            r["params"],
+            folder / "runs" / r["run_id"],
+        )
+        for r in resolved["runs"]
+    ]
     rows = [build_row(record) for record in records]
     return rows, summarize(rows)
 
@@ -396,13 +460,37 @@ def summary_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
     title = "experiment: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     table = Table(title=title)
     params = [k for k in (summary[0] if summary else {}) if "." in k]
-    for column in ["cell", *params, "arm", "n", "val loss", "Δ val vs indep. (95% CI)", "merges", "drifts", "ARI", "steps/s"]:  # fmt: skip
+    for column in [
+        "cell",
+        *params,
+        "arm",
+        "n",
+        "val loss",
+        "Δ val vs indep. (95% CI)",
+        "merges",
+        "drifts",
+        "ARI",
+        "steps/s",
+    ]:
         table.add_column(column, no_wrap=True)
     for s in summary:
-        diff = "-" if s.get("val_loss_diff_mean") is None else f"{_cell(s['val_loss_diff_mean'])} ± {_cell(s.get('val_loss_diff_ci95'), 2)}"  # fmt: skip
-        table.add_row(str(s["cell"]), *[_cell(s.get(p)) for p in params], s["arm"], str(s["n"]),
-                      _pm(s, "val_loss"), diff, _pm(s, "merges"), _pm(s, "drifts"), _pm(s, "ari"),
-                      _pm(s, "steps_per_s"))  # fmt: skip
+        diff = (
+            "-"
+            if s.get("val_loss_diff_mean") is None
+            else f"{_cell(s['val_loss_diff_mean'])} ± {_cell(s.get('val_loss_diff_ci95'), 2)}"
+        )
+        table.add_row(
+            str(s["cell"]),
+            *[_cell(s.get(p)) for p in params],
+            s["arm"],
+            str(s["n"]),
+            _pm(s, "val_loss"),
+            diff,
+            _pm(s, "merges"),
+            _pm(s, "drifts"),
+            _pm(s, "ari"),
+            _pm(s, "steps_per_s"),
+        )
     return table
 
 
@@ -414,7 +502,14 @@ def print_dry_run(runs: Sequence[PlannedRun], console: Console) -> None:
         table.add_column(column, no_wrap=True)
     for r in runs:
         groups = ", ".join(f"{w.group}" for w in r.plan.workers)
-        table.add_row(r.run_id, str(r.cell), *[_cell(r.params.get(p)) for p in params], r.arm,
-                      str(r.repeat), str(r.plan.seed), groups)  # fmt: skip
+        table.add_row(
+            r.run_id,
+            str(r.cell),
+            *[_cell(r.params.get(p)) for p in params],
+            r.arm,
+            str(r.repeat),
+            str(r.plan.seed),
+            groups,
+        )
     console.print(table)
     print(f"{len(runs)} runs", flush=True)

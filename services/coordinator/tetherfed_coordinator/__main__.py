@@ -45,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {
         k: v
-        for k, v in {"host": args.host, "port": args.port, "redis_url": args.redis_url,
-                     "data_dir": args.data_dir}.items()
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "redis_url": args.redis_url,
+            "data_dir": args.data_dir,
+        }.items()
         if v is not None
-    }  # fmt: skip
+    }
     settings = Settings(**overrides)
     tune_malloc()
     app = create_app(settings)

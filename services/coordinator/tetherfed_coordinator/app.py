@@ -104,8 +104,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     routers = (
-        health, federations, workers, tethers, sketches, compatibility, decisions, telemetry, ui,
-    )  # fmt: skip
+        health,
+        federations,
+        workers,
+        tethers,
+        sketches,
+        compatibility,
+        decisions,
+        telemetry,
+        ui,
+    )
     for module in routers:
         app.include_router(module.router, responses=edges.ERROR_RESPONSES)
     edges.install(app)

@@ -102,9 +102,13 @@ def streams_raw(method: str, path: str) -> bool:
     """The requests whose bodies `rawbody.SegmentProtocol` hands over as segments: publishes."""
     parts = path.split("/")
     return (
-        method == "PUT" and len(parts) == 7 and parts[1:3] == ["v1", "federations"]
-        and parts[4] == "workers" and parts[6] == "tethers" and all(parts[3:6])
-    )  # fmt: skip
+        method == "PUT"
+        and len(parts) == 7
+        and parts[1:3] == ["v1", "federations"]
+        and parts[4] == "workers"
+        and parts[6] == "tethers"
+        and all(parts[3:6])
+    )
 
 
 class PublishProtocol(SegmentProtocol):
@@ -173,9 +177,14 @@ class Upload:
     leaves each more than a minute when the upload completes, and the commit checks them all."""
 
     def __init__(
-        self, store: Store, conn: Connection, fed: str, wid: str, tag: str,
+        self,
+        store: Store,
+        conn: Connection,
+        fed: str,
+        wid: str,
+        tag: str,
         release: Callable[[], Awaitable[None]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.client, self.conn, self.tag, self._release = store.rb, conn, tag, release
         self.key = functools.partial(store.keys.segment, fed, wid, tag)
         self.meta_key, self.abort_script = store.keys.snapshot_meta(fed, wid), store.abort_script
@@ -243,22 +252,30 @@ class Upload:
         await self._release()
 
 
-def _changed(meta: SnapshotMeta | None, entries: Mapping[str, Any], prev: dict[str, str]) -> dict[
-    str, int]:  # fmt: skip
+def _changed(
+    meta: SnapshotMeta | None, entries: Mapping[str, Any], prev: dict[str, str]
+) -> dict[str, int]:
     """Layers whose generation moved past the previous snapshot's (they get generation records)."""
     if meta is None:
         return {}
     old = json.loads(prev["meta"])["generations"] if prev else {}
     return {
-        layer: g for layer, g in meta.generations.items()
+        layer: g
+        for layer, g in meta.generations.items()
         if layer in entries and g > old.get(layer, 0)
-    }  # fmt: skip
+    }
 
 
 async def receive_publish(
-    store: Store, request: Request, limit: int, fed: str, wid: str, policy: Policy,
-    layers: list[LayerSpec], prev: dict[str, str],
-) -> Published:  # fmt: skip
+    store: Store,
+    request: Request,
+    limit: int,
+    fed: str,
+    wid: str,
+    policy: Policy,
+    layers: list[LayerSpec],
+    prev: dict[str, str],
+) -> Published:
     """Stream, validate and store one publish; 400/413/422 with nothing written on failure.
 
     `prev` is the worker's snapshot metadata hash as read before the body (empty if none)."""
@@ -331,9 +348,15 @@ def publishers_frame(frame: Frame, wid: str) -> Frame:
 
 
 async def _commit(
-    store: Store, fed: str, wid: str, policy: Policy, prev: dict[str, str], frame: Frame,
-    tag: str, segments: Sequence[Buffer] | int,
-) -> int:  # fmt: skip
+    store: Store,
+    fed: str,
+    wid: str,
+    policy: Policy,
+    prev: dict[str, str],
+    frame: Frame,
+    tag: str,
+    segments: Sequence[Buffer] | int,
+) -> int:
     """Make the frame's segments the snapshot and write its bookkeeping, in one transaction,
     then queue it for scoring (the global scoring stream stays out of the federation's slot).
 
@@ -349,18 +372,30 @@ async def _commit(
         for i, part in enumerate(inline):
             pipe.set(keys.segment(fed, wid, tag, i), memoryview(part), px=UPLOAD_TTL_MS)
         names = [
-            keys.worker(fed, wid), keys.snapshot_meta(fed, wid), keys.alive(fed, wid),
-            keys.federation(fed), keys.legacy_snapshot(fed, wid),
+            keys.worker(fed, wid),
+            keys.snapshot_meta(fed, wid),
+            keys.alive(fed, wid),
+            keys.federation(fed),
+            keys.legacy_snapshot(fed, wid),
             keys.pin(fed, wid, int(prev.get("version") or 0)),
             *(keys.segment(fed, wid, tag, i) for i in range(count)),
             *(frame_keys(keys, fed, wid, prev) if "tag" in prev else []),
-        ]  # fmt: skip
+        ]
         pipe.eval(
-            store.publish_script, len(names), *names,
-            meta.step, meta.epoch, _blank(meta.loss), _blank(meta.grad_norm),
-            meta.model_dump_json(), utcnow().isoformat(), store._ttl_ms(), tag, count,
+            store.publish_script,
+            len(names),
+            *names,
+            meta.step,
+            meta.epoch,
+            _blank(meta.loss),
+            _blank(meta.grad_norm),
+            meta.model_dump_json(),
+            utcnow().isoformat(),
+            store._ttl_ms(),
+            tag,
+            count,
             prev.get("tag", ""),
-        )  # fmt: skip
+        )
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
         try:
             results = await pipe.execute()
@@ -393,9 +428,14 @@ def _blank(value: float | None) -> str | float:
 
 
 async def _queue_generations(
-    store: Store, pipe: object, fed: str, wid: str, policy: Policy, prev: dict[str, str],
+    store: Store,
+    pipe: object,
+    fed: str,
+    wid: str,
+    policy: Policy,
+    prev: dict[str, str],
     frame: Frame,
-) -> None:  # fmt: skip
+) -> None:
     changed = _changed(frame.meta, frame.entries, prev)
     if not changed:
         return
@@ -414,15 +454,24 @@ async def _queue_generations(
 
 
 async def _queue_record(
-    store: Store, pipe: object, fed: str, wid: str, own: SnapshotRef | None, layer: str,
-    generation: int, retained: bool,
-) -> None:  # fmt: skip
+    store: Store,
+    pipe: object,
+    fed: str,
+    wid: str,
+    own: SnapshotRef | None,
+    layer: str,
+    generation: int,
+    retained: bool,
+) -> None:
     """Queue one generation's lineage record (its decision and partner, when acked)."""
     keys = store.keys
     applied = await store.r.hget(keys.applied(fed, wid), f"{layer}{FIELD_SEP}{generation}")
     decision = json.loads(applied) if applied else None
-    partner = SnapshotRef.model_validate(decision["partner_snapshot"]) if decision and decision[
-        "partner_snapshot"] else None  # fmt: skip
+    partner = (
+        SnapshotRef.model_validate(decision["partner_snapshot"])
+        if decision and decision["partner_snapshot"]
+        else None
+    )
     record = GenerationRecord(
         generation=generation,
         parents=[own, partner],
@@ -435,9 +484,16 @@ async def _queue_record(
 
 
 async def _queue_generation(
-    store: Store, pipe: object, fed: str, wid: str, policy: Policy, own: SnapshotRef | None,
-    frame: Frame, layer: str, generation: int,
-) -> None:  # fmt: skip
+    store: Store,
+    pipe: object,
+    fed: str,
+    wid: str,
+    policy: Policy,
+    own: SnapshotRef | None,
+    frame: Frame,
+    layer: str,
+    generation: int,
+) -> None:
     keys = store.keys
     retained = policy.retain_generations > 0
     await _queue_record(store, pipe, fed, wid, own, layer, generation, retained)

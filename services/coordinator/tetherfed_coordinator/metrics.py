@@ -37,9 +37,11 @@ class ApiMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "tetherfed_requests", "HTTP requests by method and status.", ["method", "status"],
+            "tetherfed_requests",
+            "HTTP requests by method and status.",
+            ["method", "status"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.publishes = Counter(
             "tetherfed_publishes", "Publishes accepted (full and sketch).", registry=registry
         )
@@ -50,8 +52,10 @@ class ApiMetrics:
             "tetherfed_publish_seconds",
             "Publish handling, from the request reaching the handler to its 202 (body received, "
             "validated and stored included).",
-            ["kind"], buckets=BUCKETS, registry=registry,
-        )  # fmt: skip
+            ["kind"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
         self.backlog = Gauge(
             "tetherfed_scoring_backlog", "Entries in the scoring stream.", registry=registry
         )
@@ -68,31 +72,37 @@ class ScoringMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = registry if registry is not None else CollectorRegistry()
         self.rounds = Counter(
-            "tetherfed_scoring_rounds", "Publishers scored (one policy round each).",
+            "tetherfed_scoring_rounds",
+            "Publishers scored (one policy round each).",
             registry=registry,
-        )  # fmt: skip
+        )
         self.seconds = Counter(
-            "tetherfed_scoring_seconds", "Time spent computing scores and decisions.",
+            "tetherfed_scoring_seconds",
+            "Time spent computing scores and decisions.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.round_seconds = Histogram(
             "tetherfed_scoring_round_seconds",
             "One scoring pass over a batch of a federation's publishes: snapshots loaded, "
             "scored, decided and committed.",
-            buckets=BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.decisions = Counter(
-            "tetherfed_decisions", "Decisions committed, by action.", ["action"],
+            buckets=BUCKETS,
             registry=registry,
-        )  # fmt: skip
+        )
+        self.decisions = Counter(
+            "tetherfed_decisions",
+            "Decisions committed, by action.",
+            ["action"],
+            registry=registry,
+        )
         for action in ("merge", "drift", "hold"):
             self.decisions.labels(action)
         self.publish_to_decision = Histogram(
             "tetherfed_publish_to_decision_seconds",
             "From a publish's commit in Redis (its scoring entry's id) to the commit of the "
             "round that scored it.",
-            buckets=BUCKETS, registry=registry,
-        )  # fmt: skip
+            buckets=BUCKETS,
+            registry=registry,
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -52,13 +52,25 @@ class CoordinatorReplica:
     def __init__(self, redis_url: str, port: int, log: str, ready_timeout_s: float) -> None:
         import ray  # noqa: PLC0415 (only inside a Ray actor)
 
-        cmd = [sys.executable, "-m", "tetherfed_coordinator", "--host", "0.0.0.0",
-               "--port", str(port), "--redis-url", redis_url]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tetherfed_coordinator",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+        ]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,  # noqa: PLW1509 (prctl only, before exec)
-            )  # fmt: skip
+            )
         self.url = f"http://{node_address(ray)}:{port}"
         problem = wait_ready(port, self.proc, ready_timeout_s)
         if problem is not None:

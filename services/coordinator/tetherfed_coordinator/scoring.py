@@ -165,9 +165,12 @@ def matrices(
 
 
 def layer_row(
-    layer: str, views: Mapping[str, View], wid: str, measure: Measure,
+    layer: str,
+    views: Mapping[str, View],
+    wid: str,
+    measure: Measure,
     sketch: SketchPolicy | None,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Scores of `wid` against every other worker on one layer: one pass over the M tethers
     (or sketches), not the M² pairs of the full matrix. Mixed tether/sketch pairs: NaN."""
     own = views[wid]
@@ -206,9 +209,11 @@ def size_blas_threads(snaps: Mapping[str, Snapshot]) -> None:
 
 
 def batch_scores(
-    snaps: Mapping[str, Snapshot], publishers: list[str], measure: Measure,
+    snaps: Mapping[str, Snapshot],
+    publishers: list[str],
+    measure: Measure,
     sketch: SketchPolicy | None = None,
-) -> dict[str, dict[str, Mapping[str, float]]]:  # fmt: skip
+) -> dict[str, dict[str, Mapping[str, float]]]:
     """Publisher → layer → partner → score. Few publishers: their rows; many: the full
     matrix of each layer once (one Gram), each publisher's row a `ScoreRow` view of it."""
     out: dict[str, dict[str, Mapping[str, float]]] = {wid: {} for wid in publishers}
@@ -299,9 +304,12 @@ class Scorer:
 
     async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
         claimed = await self.store.r.xautoclaim(
-            self.store.keys.scoring(), GROUP, self.consumer,
-            min_idle_time=self.settings.reclaim_idle_ms, count=BATCH,
-        )  # fmt: skip
+            self.store.keys.scoring(),
+            GROUP,
+            self.consumer,
+            min_idle_time=self.settings.reclaim_idle_ms,
+            count=BATCH,
+        )
         return [e for e in claimed[1] if e and e[1]]
 
     async def handle(self, entries: list[tuple[str, dict[str, str]]]) -> None:
@@ -364,9 +372,13 @@ class Scorer:
         return out
 
     async def _score_todo(
-        self, fed: str, policy: Policy, snaps: dict[str, Snapshot], todo: list[str],
+        self,
+        fed: str,
+        policy: Policy,
+        snaps: dict[str, Snapshot],
+        todo: list[str],
         scored: dict[str, int],
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """Score, decide and commit `todo`'s rounds; each worker's commit reply."""
         started = time.perf_counter()
         states = await self._states(fed, todo, snaps)
@@ -381,9 +393,9 @@ class Scorer:
             fed, snaps, [rounds[w] for w, r in replies.items() if isinstance(r, list)]
         )
         committed = {w: [int(i) for i in r] for w, r in replies.items() if isinstance(r, list)}
-        self._count(seconds, len(committed), [
-            d for wid in committed for d in rounds[wid].decisions
-        ])  # fmt: skip
+        self._count(
+            seconds, len(committed), [d for wid in committed for d in rounds[wid].decisions]
+        )
         return replies
 
     async def _want_full(
@@ -395,9 +407,11 @@ class Scorer:
             d.partner_id
             for r in rounds
             for d in r.decisions
-            if d.action != "hold" and d.partner_id in snaps and d.partner_snapshot is not None
+            if d.action != "hold"
+            and d.partner_id in snaps
+            and d.partner_snapshot is not None
             and d.partner_snapshot.version < snaps[d.partner_id].version
-        }  # fmt: skip
+        }
         for partner in sorted(p for p in partners if p is not None):
             await self.store.want_full(fed, partner)
 
@@ -426,9 +440,12 @@ class Scorer:
 
     @staticmethod
     def _state(
-        wid: str, snaps: Mapping[str, Snapshot], peers: PeerTable, merges_raw: dict[str, str],
+        wid: str,
+        snaps: Mapping[str, Snapshot],
+        peers: PeerTable,
+        merges_raw: dict[str, str],
         cool_raw: dict[str, str],
-    ) -> FederationState:  # fmt: skip
+    ) -> FederationState:
         own = snaps[wid]
         same_epoch = merges_raw.pop("__epoch", None) == str(own.epoch)
         cooldowns = {}
@@ -459,9 +476,13 @@ class Scorer:
         }
 
     async def _commit_batch(
-        self, fed: str, policy: Policy, snaps: Mapping[str, Snapshot],
-        rounds: Mapping[str, Round], scored: Mapping[str, int],
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        fed: str,
+        policy: Policy,
+        snaps: Mapping[str, Snapshot],
+        rounds: Mapping[str, Round],
+        scored: Mapping[str, int],
+    ) -> dict[str, Any]:
         """Each worker's commit reply: its decision ids, or -1 (scored already), -2 (gone),
         RACED (state changed since it was read)."""
         async with self.store.r.pipeline(transaction=False) as pipe:
@@ -496,10 +517,14 @@ class Scorer:
         args += [version for _, version in pins]
         args.append(read_at)
         names = [
-            keys.worker(fed, wid), keys.decision_seq(fed), keys.decisions(fed),
-            keys.worker_decisions(fed, wid), keys.merges(fed, wid), keys.cooldowns(fed, wid),
+            keys.worker(fed, wid),
+            keys.decision_seq(fed),
+            keys.decisions(fed),
+            keys.worker_decisions(fed, wid),
+            keys.merges(fed, wid),
+            keys.cooldowns(fed, wid),
             keys.federation(fed),
-        ]  # fmt: skip
+        ]
         for partner, version in pins:
             names += [keys.snapshot_meta(fed, partner), keys.pin(fed, partner, version)]
         pipe.eval(self.store.commit_script, len(names), *names, *args)
@@ -511,20 +536,28 @@ class Scorer:
         if result.hold is None:
             return ""
         hold = Hold(
-            code=result.hold.code, reason=result.hold.reason, layer=result.hold.layer,
-            step=own.step, version=own.version, at=now,
-        )  # fmt: skip
+            code=result.hold.code,
+            reason=result.hold.reason,
+            layer=result.hold.layer,
+            step=own.step,
+            version=own.version,
+            at=now,
+        )
         return hold.model_dump_json()
 
     @staticmethod
     def _pins(result: Round) -> list[tuple[str, int]]:
         """(partner, snapshot version) each merge or drift of the round applies: kept readable
         after the partner publishes again (`Keys.pin`), so the worker applies what was scored."""
-        return sorted({
-            (d.partner_snapshot.worker_id, d.partner_snapshot.version)
-            for d in result.decisions
-            if d.action != "hold" and d.operator != "decouple" and d.partner_snapshot is not None
-        })  # fmt: skip
+        return sorted(
+            {
+                (d.partner_snapshot.worker_id, d.partner_snapshot.version)
+                for d in result.decisions
+                if d.action != "hold"
+                and d.operator != "decouple"
+                and d.partner_snapshot is not None
+            }
+        )
 
     @staticmethod
     def _body(fed: str, policy: Policy, own: Snapshot, draft: DecisionDraft, now: datetime) -> str:
@@ -640,10 +673,15 @@ class ScoringProcesses:
         return self
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
-        env = os.environ | self.env | settings_env(self.settings) | {
-            "TETHER_REDIS_URL": self.url,
-            "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
-        }  # fmt: skip
+        env = (
+            os.environ
+            | self.env
+            | settings_env(self.settings)
+            | {
+                "TETHER_REDIS_URL": self.url,
+                "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
+            }
+        )
         cmd = [sys.executable, "-m", "tetherfed_coordinator.scorer"]
         return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
 
@@ -659,8 +697,12 @@ class ScoringProcesses:
             self._delay[i] = (
                 min(2 * self._delay[i], self.RESTART_MAX_S) if short else self.RESTART_MIN_S
             )
-            log.warning("scoring process %d (pid %d) exited with code %s; starting it again",
-                        i, proc.pid, proc.returncode)  # fmt: skip
+            log.warning(
+                "scoring process %d (pid %d) exited with code %s; starting it again",
+                i,
+                proc.pid,
+                proc.returncode,
+            )
             self.procs[i], self._started[i] = self._spawn(i), now
             self.restarts, started = self.restarts + 1, started + 1
         return started

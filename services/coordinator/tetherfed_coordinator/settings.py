@@ -36,14 +36,18 @@ class Settings(BaseSettings):
         default=None, description="Embedded Redis: directory for its AOF (None: in memory only)."
     )
     key_prefix: str = Field(
-        default="tetherfed:", min_length=1, pattern=r"^[^{}]+$",
+        default="tetherfed:",
+        min_length=1,
+        pattern=r"^[^{}]+$",
         description="Prefix of every key; no braces (federation names are the hash tags).",
-    )  # fmt: skip
+    )
     wait_replicas: int = Field(
-        default=0, ge=0, le=16,
+        default=0,
+        ge=0,
+        le=16,
         description="Replicas that must hold a decision or ack before it counts as written "
         "(Redis WAIT; one server or Sentinel). 0: do not wait.",
-    )  # fmt: skip
+    )
     wait_timeout_ms: int = Field(default=2000, ge=1, description="How long WAIT waits.")
     token: str | None = Field(
         default=None, description="Bearer token; None (or empty) turns auth off."
@@ -76,11 +80,12 @@ class Settings(BaseSettings):
     )
     long_poll_max_s: float = Field(default=30.0, ge=0)
     snapshot_pin_s: float = Field(
-        default=60.0, gt=0,
+        default=60.0,
+        gt=0,
         description="A partner snapshot a merge or drift decision names stays readable "
         "(`?version=`) this long after a newer publish replaced it; a worker applying the "
         "decision later acks it rejected.",
-    )  # fmt: skip
+    )
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     telemetry_maxlen: int = Field(
         default=2000, ge=1, description="Telemetry points kept per worker, metric and layer."

@@ -183,9 +183,12 @@ class Store:
     """
 
     def __init__(
-        self, r: aioredis.Redis, rb: aioredis.Redis, blocking: aioredis.Redis,
+        self,
+        r: aioredis.Redis,
+        rb: aioredis.Redis,
+        blocking: aioredis.Redis,
         settings: Settings,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.r, self.rb, self.blocking = r, rb, blocking
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
@@ -404,9 +407,16 @@ class Store:
         return out
 
     async def heartbeat(
-        self, fed: str, wid: str, step: int, epoch: int, loss: float | None,
-        grad_norm: float | None, session: str | None = None, ending: bool = False,
-    ) -> dict[str, str]:  # fmt: skip
+        self,
+        fed: str,
+        wid: str,
+        step: int,
+        epoch: int,
+        loss: float | None,
+        grad_norm: float | None,
+        session: str | None = None,
+        ending: bool = False,
+    ) -> dict[str, str]:
         """Record progress and renew the liveness TTL (a lost worker becomes active again); 409
         when another process (`session`) heartbeat under this worker id within the TTL. Returns
         the worker record as it was before."""
@@ -515,14 +525,17 @@ class Store:
                 continue
             base = lo * size
             return Snapshot(
-                worker_id=wid, version=int(meta["version"]), step=int(meta["step"]),
-                epoch=int(meta["epoch"]), prev_loss=_opt_float(meta.get("prev_loss")),
+                worker_id=wid,
+                version=int(meta["version"]),
+                step=int(meta["step"]),
+                epoch=int(meta["epoch"]),
+                prev_loss=_opt_float(meta.get("prev_loss")),
                 meta=SnapshotMeta.model_validate_json(meta["meta"]),
                 buf=parts[0] if len(parts) == 1 else b"".join(parts),  # type: ignore[arg-type]
                 entries={}
                 if entry is None
                 else {layer: replace(entry, start=entry.start - base, end=entry.end - base)},
-            )  # fmt: skip
+            )
         found = await self._snapshots(fed, [wid])
         if wid not in found:
             raise no_snapshot(fed, wid)
@@ -577,12 +590,21 @@ class Store:
         404 when the federation or worker was deleted meanwhile."""
         k = self.keys
         reply = await self.rb.eval(  # type: ignore[misc]
-            self.sketch_script, 4,
-            k.worker(fed, wid), k.sketch(fed, wid), k.alive(fed, wid), k.federation(fed),
-            meta.step, meta.epoch, "" if meta.loss is None else meta.loss,
-            "" if meta.grad_norm is None else meta.grad_norm, meta.model_dump_json(),
-            utcnow().isoformat(), self._ttl_ms(), frame,
-        )  # fmt: skip
+            self.sketch_script,
+            4,
+            k.worker(fed, wid),
+            k.sketch(fed, wid),
+            k.alive(fed, wid),
+            k.federation(fed),
+            meta.step,
+            meta.epoch,
+            "" if meta.loss is None else meta.loss,
+            "" if meta.grad_norm is None else meta.grad_norm,
+            meta.model_dump_json(),
+            utcnow().isoformat(),
+            self._ttl_ms(),
+            frame,
+        )
         if reply == -2:
             raise federation_not_found(fed)
         version = int(reply[0])
@@ -640,10 +662,16 @@ class Store:
         k, probe = self.keys, "w"
         base = k.worker(fed, probe)
         reply = await self.r.eval(  # type: ignore[misc]
-            self.active_script, 1, k.workers(fed), base[: -len(probe)],
-            k.alive(fed, probe)[len(base) :], k.snapshot_meta(fed, probe)[len(base) :],
-            k.sketch(fed, probe)[len(base) :] if sketches else "", int(ended), *include,
-        )  # fmt: skip
+            self.active_script,
+            1,
+            k.workers(fed),
+            base[: -len(probe)],
+            k.alive(fed, probe)[len(base) :],
+            k.snapshot_meta(fed, probe)[len(base) :],
+            k.sketch(fed, probe)[len(base) :] if sketches else "",
+            int(ended),
+            *include,
+        )
         rows = {reply[i]: (int(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)}
         return dict(sorted(rows.items()))
 
@@ -763,9 +791,11 @@ class Store:
         script or transaction; a retried XADD only makes a redundant entry, which the scorer's
         `scored_version` guard turns into nothing)."""
         await self.r.xadd(
-            self.keys.scoring(), {"fed": fed, "worker": wid, "version": version},
-            maxlen=self.settings.stream_maxlen, approximate=True,
-        )  # fmt: skip
+            self.keys.scoring(),
+            {"fed": fed, "worker": wid, "version": version},
+            maxlen=self.settings.stream_maxlen,
+            approximate=True,
+        )
 
     async def migrate_legacy(self) -> int:
         """Rename the keys of federations stored before hash tags (`<prefix>fed:<name>…`) to

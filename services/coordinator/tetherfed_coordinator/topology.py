@@ -108,10 +108,15 @@ def parse_redis_url(url: str) -> RedisTarget:
         )
     query = parse_qs(parts.query)
     return RedisTarget(
-        "sentinel", url, _nodes(parts.netloc, 26379), service=path[0],
-        db=int(path[1]) if len(path) == 2 else 0, username=username, password=password,
+        "sentinel",
+        url,
+        _nodes(parts.netloc, 26379),
+        service=path[0],
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=username,
+        password=password,
         sentinel_password=query.get("sentinel_password", [None])[0],
-    )  # fmt: skip
+    )
 
 
 class PrimaryConnection(SentinelManagedConnection):
@@ -133,9 +138,12 @@ class PrimaryConnection(SentinelManagedConnection):
 
 
 def async_client(
-    url: str, *, decode_responses: bool = False, max_connections: int | None = None,
+    url: str,
+    *,
+    decode_responses: bool = False,
+    max_connections: int | None = None,
     block_s: float = 0.0,
-) -> Any:  # fmt: skip
+) -> Any:
     """An asyncio client for the deployment `url` names (`redis.asyncio.Redis`, or
     `RedisCluster`), retrying transient errors (module docstring). `block_s`: the longest
     blocking command it will send (XREAD BLOCK), added to the read timeout."""
@@ -145,9 +153,13 @@ def async_client(
         pool["connection_class"] = PrimaryConnection
     classes = (aioredis.Redis, AsyncRedisCluster, AsyncClusterNode, AsyncSentinel)
     return _client(
-        url, classes, decode_responses=decode_responses, retry=retry,
-        socket_timeout=READ_TIMEOUT_S + block_s, **pool,
-    )  # fmt: skip
+        url,
+        classes,
+        decode_responses=decode_responses,
+        retry=retry,
+        socket_timeout=READ_TIMEOUT_S + block_s,
+        **pool,
+    )
 
 
 def sync_client(url: str, *, decode_responses: bool = False) -> Any:
@@ -163,16 +175,22 @@ def _client(url: str, classes: tuple[Any, Any, Any, Any], **kwargs: Any) -> Any:
     target = parse_redis_url(url)
     if target.kind == "server":
         return server.from_url(url, **kwargs)
-    kwargs |= {"socket_connect_timeout": CONNECT_TIMEOUT_S, "username": target.username,
-               "password": target.password}  # fmt: skip
+    kwargs |= {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "username": target.username,
+        "password": target.password,
+    }
     if target.kind == "cluster":
         nodes = [node(host, port) for host, port in target.nodes]
         return cluster(startup_nodes=nodes, **kwargs)
     sentinel = sentinel_class(
-        list(target.nodes), socket_connect_timeout=CONNECT_TIMEOUT_S,
-        sentinel_kwargs={"password": target.sentinel_password,
-                         "socket_connect_timeout": CONNECT_TIMEOUT_S},
-    )  # fmt: skip
+        list(target.nodes),
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        sentinel_kwargs={
+            "password": target.sentinel_password,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        },
+    )
     assert target.service is not None
     return sentinel.master_for(target.service, db=target.db, **kwargs)
 

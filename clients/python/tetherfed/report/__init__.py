@@ -56,7 +56,12 @@ def _run_facts(run: RunData) -> dict[str, str]:
     found = {"run": run.title, "folder": str(run.folder), "workers": str(len(run.workers))}
     if s:
         found["outcome"] = str(s.get("outcome", "?"))
-        found["decisions"] = ", ".join(f"{a} {n}" for a, n in sorted(s.get("decisions", {}).get("by_action", {}).items())) or "none"  # fmt: skip
+        found["decisions"] = (
+            ", ".join(
+                f"{a} {n}" for a, n in sorted(s.get("decisions", {}).get("by_action", {}).items())
+            )
+            or "none"
+        )
     if run.config.get("policy"):
         p = run.config["policy"]
         found["policy"] = (

@@ -168,9 +168,16 @@ def decision_marks(decisions: list[dict[str, Any]], worker_id: str | None) -> li
         ack = d.get("ack") if "ack" in d else None
         outcome = (ack or {}).get("outcome") or "issued"
         step = (d.get("own_snapshot") or {}).get("step", 0)
-        marks.append(Mark(step=int(step), action=d["action"], outcome=outcome,
-                          layer=d.get("layer", ""), partner=d.get("partner_id") or "",
-                          decision_id=d.get("id")))  # fmt: skip
+        marks.append(
+            Mark(
+                step=int(step),
+                action=d["action"],
+                outcome=outcome,
+                layer=d.get("layer", ""),
+                partner=d.get("partner_id") or "",
+                decision_id=d.get("id"),
+            )
+        )
     return marks
 
 

@@ -57,9 +57,13 @@ def _points_of(worker: str, record: dict[str, Any]) -> list[Point]:
     if record.get("event", "diagnostics") != "diagnostics":
         return []
     step, epoch = int(record.get("step") or 0), int(record.get("epoch") or 0)
-    return [Point(worker, metric, str(layer), step, epoch, value)
-            for metric, layers in (record.get("metrics") or {}).items() if isinstance(layers, dict)
-            for layer, value in layers.items() if _scalar(value) is not None]  # fmt: skip
+    return [
+        Point(worker, metric, str(layer), step, epoch, value)
+        for metric, layers in (record.get("metrics") or {}).items()
+        if isinstance(layers, dict)
+        for layer, value in layers.items()
+        if _scalar(value) is not None
+    ]
 
 
 def _read_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -83,7 +87,10 @@ def _array_points(
             points.append(Point(worker, metric, layer, -1, -1, array))
         elif array.ndim == 2 and f"{key}/step" in arrays:
             steps = arrays[f"{key}/step"].astype(int)
-            points += [Point(worker, metric, layer, int(s), epochs.get(int(s), -1), row) for s, row in zip(steps, array, strict=False)]  # fmt: skip
+            points += [
+                Point(worker, metric, layer, int(s), epochs.get(int(s), -1), row)
+                for s, row in zip(steps, array, strict=False)
+            ]
     return points, meta
 
 
@@ -134,8 +141,19 @@ def scalar_figure(
     for (worker, layer), (x, y, _) in sorted(series.items()):
         keep = decimate_index(len(x))
         dash = "dot" if layer in ("all", "model") else None
-        fig.add_trace(go.Scatter(x=x[keep], y=y[keep], mode="lines+markers", name=f"{worker} {layer}", legendgroup=worker,
-                                 line={"color": color(workers.index(worker)) if worker in workers else None, "dash": dash}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=x[keep],
+                y=y[keep],
+                mode="lines+markers",
+                name=f"{worker} {layer}",
+                legendgroup=worker,
+                line={
+                    "color": color(workers.index(worker)) if worker in workers else None,
+                    "dash": dash,
+                },
+            )
+        )
     fig.update_layout(height=380, xaxis_title="step", yaxis_title=yaxis)
     return Figure(metric, title, fig)
 
@@ -153,9 +171,16 @@ def jacobian_figure(points: list[Point], workers: list[str]) -> Figure:
         above = np.flatnonzero(y > 1.0)
         if above.size:
             k = int(above[0])
-            fig.figure.add_trace(go.Scatter(x=[x[k]], y=[y[k]], mode="markers", name=f"{worker}: first > 1 at epoch {int(epochs[k])}",
-                                            marker={"symbol": "star", "size": 14, "color": "#d62728"},
-                                            meta={"kind": "first_over_1", "worker": worker, "epoch": int(epochs[k])}))  # fmt: skip
+            fig.figure.add_trace(
+                go.Scatter(
+                    x=[x[k]],
+                    y=[y[k]],
+                    mode="markers",
+                    name=f"{worker}: first > 1 at epoch {int(epochs[k])}",
+                    marker={"symbol": "star", "size": 14, "color": "#d62728"},
+                    meta={"kind": "first_over_1", "worker": worker, "epoch": int(epochs[k])},
+                )
+            )
     fig.caption = "Largest |eigenvalue| of the input→output Jacobian (largest singular value when the map is not square); the star marks the first pass above 1."
     return fig
 
@@ -268,8 +293,14 @@ def array_figures(diag: Diagnostics, view: ArrayView) -> list[Figure]:
         else:
             fig.update_layout(xaxis_title=view.xlabel, yaxis_title="step")
         slug = "".join(c if c.isalnum() else "-" for c in layer)
-        figures.append(Figure(f"{view.metric}-{slug}", f"{view.title}, layer {layer}", fig.update_layout(height=460),
-                              caption=view.caption))  # fmt: skip
+        figures.append(
+            Figure(
+                f"{view.metric}-{slug}",
+                f"{view.title}, layer {layer}",
+                fig.update_layout(height=460),
+                caption=view.caption,
+            )
+        )
     return figures
 
 
@@ -286,8 +317,13 @@ def _mark_peaks(figures: list[Figure], diag: Diagnostics) -> None:
         layer = fig.title.rsplit("layer ", 1)[-1]
         worker = next((w for (w, name) in sorted(tables) if name == layer), None)
         for freq, _, phase in tables.get((worker, layer), np.zeros((0, 3)))[:8] if worker else []:
-            fig.figure.add_vline(x=float(freq), line_dash="dot", line_color="white",
-                                 annotation_text=f"peak, phase {phase:.2f}", annotation_font_color="white")  # fmt: skip
+            fig.figure.add_vline(
+                x=float(freq),
+                line_dash="dot",
+                line_color="white",
+                annotation_text=f"peak, phase {phase:.2f}",
+                annotation_font_color="white",
+            )
 
 
 def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
@@ -309,9 +345,22 @@ def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
             if w is not None and w.step.size
             else np.zeros(len(rows))
         )
-        fig.add_trace(go.Scatter3d(x=rows[:, 2], y=rows[:, 1], z=rows[:, 3], mode="markers", name=name,
-                                   marker={"size": 2, "color": epochs, "colorscale": "Viridis", "showscale": len(fig.data) == 0,
-                                           "colorbar": {"title": "epoch"}}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter3d(
+                x=rows[:, 2],
+                y=rows[:, 1],
+                z=rows[:, 3],
+                mode="markers",
+                name=name,
+                marker={
+                    "size": 2,
+                    "color": epochs,
+                    "colorscale": "Viridis",
+                    "showscale": len(fig.data) == 0,
+                    "colorbar": {"title": "epoch"},
+                },
+            )
+        )
         merges = np.array(
             sorted(
                 {
@@ -323,9 +372,17 @@ def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
         )
         hit = table[np.isin(table[:, 0].astype(int), merges)] if merges.size else table[:0]
         if len(hit):
-            fig.add_trace(go.Scatter3d(x=hit[:, 2], y=hit[:, 1], z=hit[:, 3], mode="markers", name=f"{name} merges",
-                                       marker={"symbol": "diamond", "size": 4, "color": "red"},
-                                       meta={"kind": "mark", "action": "merge", "worker": name}))  # fmt: skip
+            fig.add_trace(
+                go.Scatter3d(
+                    x=hit[:, 2],
+                    y=hit[:, 1],
+                    z=hit[:, 3],
+                    mode="markers",
+                    name=f"{name} merges",
+                    marker={"symbol": "diamond", "size": 4, "color": "red"},
+                    meta={"kind": "mark", "action": "merge", "worker": name},
+                )
+            )
     names = [
         *json.loads(next(iter(diag.meta.values()), {}).get("tracked", "[]") or "[]"),
         "weight 1",
@@ -338,14 +395,40 @@ def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
 
 
 VIEWS = [
-    ArrayView("weight_histogram", "Weight histogram over training (seed 002)", "surface", "weight value", "count"),
-    ArrayView("singular_values", "Singular values over training (seed 002)", "heatmap", "SV index", "σ"),
-    ArrayView("delta_corr_by_distance", "|ΔW from init| correlation vs layer distance (seed 002)", "heatmap",
-              "layer distance", "corr", "QQ-aligned correlation of |ΔW| between layers, averaged by distance."),
-    ArrayView("update_fft", "Weight-update FFT magnitude (seed 000)", "heatmap", "frequency (cycles / step)", "dB",
-              "Magnitude in dB, one row per diagnostics pass; dotted: persistent peaks."),
-    ArrayView("update_wavelet", "Weight-update db4 wavelet details, 5 levels (seed 000)", "heatmap", "coefficient", "value"),
-]  # fmt: skip
+    ArrayView(
+        "weight_histogram",
+        "Weight histogram over training (seed 002)",
+        "surface",
+        "weight value",
+        "count",
+    ),
+    ArrayView(
+        "singular_values", "Singular values over training (seed 002)", "heatmap", "SV index", "σ"
+    ),
+    ArrayView(
+        "delta_corr_by_distance",
+        "|ΔW from init| correlation vs layer distance (seed 002)",
+        "heatmap",
+        "layer distance",
+        "corr",
+        "QQ-aligned correlation of |ΔW| between layers, averaged by distance.",
+    ),
+    ArrayView(
+        "update_fft",
+        "Weight-update FFT magnitude (seed 000)",
+        "heatmap",
+        "frequency (cycles / step)",
+        "dB",
+        "Magnitude in dB, one row per diagnostics pass; dotted: persistent peaks.",
+    ),
+    ArrayView(
+        "update_wavelet",
+        "Weight-update db4 wavelet details, 5 levels (seed 000)",
+        "heatmap",
+        "coefficient",
+        "value",
+    ),
+]
 
 
 def diagnostics_figures(run: RunData) -> list[Figure]:
@@ -354,10 +437,22 @@ def diagnostics_figures(run: RunData) -> list[Figure]:
     m = diag.by_metric
     figures = [
         trajectory_figure(run, diag),
-        scalar_figure(m["effective_rank"], "effective_rank", "Effective rank (Roy & Vetterli 2007)", "effective rank", workers),
-        scalar_figure(m["gzip_ratio"], "gzip_ratio", "Gzip ratio of the weights (seed 002; lower = more structure)", "compressed / raw", workers),
+        scalar_figure(
+            m["effective_rank"],
+            "effective_rank",
+            "Effective rank (Roy & Vetterli 2007)",
+            "effective rank",
+            workers,
+        ),
+        scalar_figure(
+            m["gzip_ratio"],
+            "gzip_ratio",
+            "Gzip ratio of the weights (seed 002; lower = more structure)",
+            "compressed / raw",
+            workers,
+        ),
         jacobian_figure(m["jacobian_radius"], workers),
-    ]  # fmt: skip
+    ]
     for view in VIEWS:
         found = array_figures(diag, view)
         if view.metric == "update_fft":

@@ -96,8 +96,14 @@ def load_experiment(folder: Path) -> ExperimentData:
     for path in sorted(p for p in (folder / "runs").glob("*") if worker_folders(p)):
         run = load_run(path)
         cfg = run.config
-        runs.append(ExperimentRun(run, cell_label(cfg.get("params") or {}), str(cfg.get("arm") or "federated"),
-                                  int(cfg.get("repeat") or 0)))  # fmt: skip
+        runs.append(
+            ExperimentRun(
+                run,
+                cell_label(cfg.get("params") or {}),
+                str(cfg.get("arm") or "federated"),
+                int(cfg.get("repeat") or 0),
+            )
+        )
     return ExperimentData(
         folder, runs, read_csv(folder / "results.csv"), read_csv(folder / "summary.csv")
     )
@@ -149,8 +155,12 @@ def table_figure(exp: ExperimentData) -> Figure:
     if not exp.summary:
         return nodata("summary-table", "Summary", "the folder has no summary.csv")
     header, rows = _summary_rows(exp)
-    fig = go.Figure(go.Table(header={"values": header, "fill_color": "#e8eef7", "align": "left"},
-                             cells={"values": [list(col) for col in zip(*rows, strict=True)], "align": "left"}))  # fmt: skip
+    fig = go.Figure(
+        go.Table(
+            header={"values": header, "fill_color": "#e8eef7", "align": "left"},
+            cells={"values": [list(col) for col in zip(*rows, strict=True)], "align": "left"},
+        )
+    )
     fig.update_layout(
         height=min(130 + 44 * len(rows), 900), margin={"l": 10, "r": 10, "t": 10, "b": 10}
     )
@@ -173,11 +183,30 @@ def bands_figure(exp: ExperimentData) -> Figure:
         ys = np.array([np.interp(grid, x, y) for x, y in curves])
         mean, std = ys.mean(axis=0), ys.std(axis=0)
         name, c = f"{cell} · {arm} (n={len(curves)})", color(k)
-        fig.add_trace(go.Scatter(x=np.concatenate([grid, grid[::-1]]), y=np.concatenate([mean + std, (mean - std)[::-1]]),
-                                 fill="toself", fillcolor=c, opacity=0.2, line={"width": 0}, legendgroup=name,
-                                 showlegend=False, hoverinfo="skip"))  # fmt: skip
-        fig.add_trace(go.Scatter(x=grid, y=mean, mode="lines", name=name, legendgroup=name, line={"color": c},
-                                 meta={"kind": "band", "cell": cell, "arm": arm, "n": len(curves)}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=np.concatenate([grid, grid[::-1]]),
+                y=np.concatenate([mean + std, (mean - std)[::-1]]),
+                fill="toself",
+                fillcolor=c,
+                opacity=0.2,
+                line={"width": 0},
+                legendgroup=name,
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=mean,
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                line={"color": c},
+                meta={"kind": "band", "cell": cell, "arm": arm, "n": len(curves)},
+            )
+        )
     fig.update_layout(
         height=480, xaxis_title="step", yaxis_title="validation loss (mean over workers)"
     )
@@ -189,8 +218,12 @@ def _dimension(label: str, values: list[Any]) -> dict[str, Any]:
         return {"label": label, "values": [float(v) for v in values]}
     except (TypeError, ValueError):
         levels = sorted({str(v) for v in values})
-        return {"label": label, "values": [levels.index(str(v)) for v in values],
-                "tickvals": list(range(len(levels))), "ticktext": levels}  # fmt: skip
+        return {
+            "label": label,
+            "values": [levels.index(str(v)) for v in values],
+            "tickvals": list(range(len(levels))),
+            "ticktext": levels,
+        }
 
 
 def parcoords_figure(exp: ExperimentData) -> Figure:
@@ -241,8 +274,15 @@ def cluster_figure(exp: ExperimentData) -> Figure:
     fig = go.Figure()
     for k, arm in enumerate(sorted({a for _, a, _ in points})):
         mine = [(c, v) for c, a, v in points if a == arm]
-        fig.add_trace(go.Box(x=[c for c, _ in mine], y=[v for _, v in mine], name=arm, boxpoints="all",
-                             marker_color=color(k)))  # fmt: skip
+        fig.add_trace(
+            go.Box(
+                x=[c for c, _ in mine],
+                y=[v for _, v in mine],
+                name=arm,
+                boxpoints="all",
+                marker_color=color(k),
+            )
+        )
     fig.update_layout(
         height=420,
         boxmode="group",
@@ -280,18 +320,35 @@ def paired_figure(exp: ExperimentData) -> Figure:
         return nodata("paired", "Federated − independent", NO_PAIRS)
     cells = sorted(diffs)
     stats_ = [ci95(diffs[c]) for c in cells]
-    fig = go.Figure(go.Scatter(
-        x=[m for m, _ in stats_], y=cells, mode="markers", marker={"size": 12},
-        error_x={"type": "data", "array": [0 if math.isnan(h) else h for _, h in stats_], "visible": True},
-        hovertext=[f"n={len(diffs[c])}, mean {m:.4g} ± {h:.3g}" for c, (m, h) in zip(cells, stats_, strict=True)],
-        meta={"kind": "paired", "n": [len(diffs[c]) for c in cells]}))  # fmt: skip
+    fig = go.Figure(
+        go.Scatter(
+            x=[m for m, _ in stats_],
+            y=cells,
+            mode="markers",
+            marker={"size": 12},
+            error_x={
+                "type": "data",
+                "array": [0 if math.isnan(h) else h for _, h in stats_],
+                "visible": True,
+            },
+            hovertext=[
+                f"n={len(diffs[c])}, mean {m:.4g} ± {h:.3g}"
+                for c, (m, h) in zip(cells, stats_, strict=True)
+            ],
+            meta={"kind": "paired", "n": [len(diffs[c]) for c in cells]},
+        )
+    )
     fig.add_vline(x=0, line_dash="dot")
     fig.update_layout(
         height=max(240, 60 * len(cells) + 120),
         xaxis_title="final val loss: federated − independent",
     )
-    return Figure("paired", "Paired difference federated − independent (mean, 95 % CI over repeats)", fig,
-                  caption="Left of 0: the federation lowered the final validation loss.")  # fmt: skip
+    return Figure(
+        "paired",
+        "Paired difference federated − independent (mean, 95 % CI over repeats)",
+        fig,
+        caption="Left of 0: the federation lowered the final validation loss.",
+    )
 
 
 def experiment_figures(exp: ExperimentData) -> list[Figure]:
@@ -314,5 +371,10 @@ def facts(exp: ExperimentData) -> dict[str, str]:
         except json.JSONDecodeError:
             resolved = {}
     name = resolved.get("name") if isinstance(resolved, dict) else None
-    return {"experiment": str(name or exp.folder.name), "folder": str(exp.folder), "runs": str(len(exp.runs)),
-            "cells": str(len({r.cell for r in exp.runs})), "arms": ", ".join(sorted({r.arm for r in exp.runs}))}  # fmt: skip
+    return {
+        "experiment": str(name or exp.folder.name),
+        "folder": str(exp.folder),
+        "runs": str(len(exp.runs)),
+        "cells": str(len({r.cell for r in exp.runs})),
+        "arms": ", ".join(sorted({r.arm for r in exp.runs})),
+    }

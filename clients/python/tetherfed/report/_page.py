@@ -32,8 +32,15 @@ def decode(values: Any) -> np.ndarray:
         shape = [int(n) for n in str(values.get("shape", len(flat))).split(",")]
         return flat.reshape(shape)
     try:
-        return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list) else
-                         (np.nan if row is None else row) for row in values], dtype=float)  # fmt: skip
+        return np.array(
+            [
+                [np.nan if v is None else v for v in row]
+                if isinstance(row, list)
+                else (np.nan if row is None else row)
+                for row in values
+            ],
+            dtype=float,
+        )
     except (TypeError, ValueError):
         return np.array(values, dtype=object)
 
@@ -135,17 +142,26 @@ def render_page(title: str, facts: dict[str, str], sections: list[Section]) -> s
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in facts.items()
     )
-    body = [f"<h1>{html.escape(title)}</h1>", f'<p class="meta">tetherfed report, written {stamp}</p>',
-            f'<table class="kv">{rows}</table>', _toc(sections)]  # fmt: skip
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">tetherfed report, written {stamp}</p>',
+        f'<table class="kv">{rows}</table>',
+        _toc(sections),
+    ]
     for i, section in enumerate(sections):
         body.append(f'<section id="s-{i}"><h2>{html.escape(section.title)}</h2>')
         body += [_figure_html(fig) for fig in section.figures]
         body.append("</section>")
-    return "\n".join([
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>',
-        *body,
-        _json_script(_template(), 'id="tf-template"'), _json_script(PLOT_CONFIG, 'id="tf-config"'),
-        f"<script>{RENDER}</script>", "</body></html>",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>',
+            *body,
+            _json_script(_template(), 'id="tf-template"'),
+            _json_script(PLOT_CONFIG, 'id="tf-config"'),
+            f"<script>{RENDER}</script>",
+            "</body></html>",
+        ]
+    )

@@ -16,8 +16,12 @@ from ._page import Figure, nodata
 
 COLORS = qualitative.Plotly
 ACTION_COLORS = {"merge": "#2ca02c", "drift": "#d62728", "hold": "#9e9e9e"}
-MARK_SYMBOLS = {("merge", "applied"): "triangle-up", ("drift", "applied"): "triangle-down",
-                ("merge", "issued"): "triangle-up-open", ("drift", "issued"): "triangle-down-open"}  # fmt: skip
+MARK_SYMBOLS = {
+    ("merge", "applied"): "triangle-up",
+    ("drift", "applied"): "triangle-down",
+    ("merge", "issued"): "triangle-up-open",
+    ("drift", "issued"): "triangle-down-open",
+}
 HEATMAP_FRAMES = 12
 BOUNDED = ("pearson", "cosine", "cka")  # measures in [-1, 1]: one colour scale for every frame
 MAX_LAYERS = 8
@@ -39,14 +43,32 @@ def _mark_trace(
 ) -> go.Scatter:
     steps = np.array([m.step for m in marks], dtype=float)
     keep = decimate_index(len(steps), MAX_POINTS // 4)
-    text = [f"{w.name} {m.action} {m.outcome} (layer {m.layer or '?'}, partner {m.partner or '?'})" for m in marks]  # fmt: skip
+    text = [
+        f"{w.name} {m.action} {m.outcome} (layer {m.layer or '?'}, partner {m.partner or '?'})"
+        for m in marks
+    ]
     symbol = MARK_SYMBOLS.get((action, outcome), "x")
     return go.Scatter(
-        x=steps[keep], y=[w.loss_at(s) for s in steps[keep]], mode="markers",
-        name=f"{w.name} {action} ({outcome})", legendgroup=w.name, hovertext=[text[k] for k in keep],
-        marker={"symbol": symbol, "size": 9, "color": ACTION_COLORS[action], "line": {"color": color(i), "width": 1}},
-        meta={"kind": "mark", "action": action, "outcome": outcome, "worker": w.name, "count": len(marks)},
-    )  # fmt: skip
+        x=steps[keep],
+        y=[w.loss_at(s) for s in steps[keep]],
+        mode="markers",
+        name=f"{w.name} {action} ({outcome})",
+        legendgroup=w.name,
+        hovertext=[text[k] for k in keep],
+        marker={
+            "symbol": symbol,
+            "size": 9,
+            "color": ACTION_COLORS[action],
+            "line": {"color": color(i), "width": 1},
+        },
+        meta={
+            "kind": "mark",
+            "action": action,
+            "outcome": outcome,
+            "worker": w.name,
+            "count": len(marks),
+        },
+    )
 
 
 def loss_figure(run: RunData) -> Figure:
@@ -62,8 +84,15 @@ def loss_figure(run: RunData) -> Figure:
             )
         )
         if w.val_step.size:
-            fig.add_trace(_line(w.val_step, w.val_loss, name=f"{w.name} val loss", legendgroup=w.name,
-                                line={"color": color(i), "dash": "dash"}))  # fmt: skip
+            fig.add_trace(
+                _line(
+                    w.val_step,
+                    w.val_loss,
+                    name=f"{w.name} val loss",
+                    legendgroup=w.name,
+                    line={"color": color(i), "dash": "dash"},
+                )
+            )
         by_kind: dict[tuple[str, str], list[Mark]] = defaultdict(list)
         for m in w.marks:
             by_kind[(m.action, m.outcome)].append(m)
@@ -73,15 +102,31 @@ def loss_figure(run: RunData) -> Figure:
         {"label": scale, "method": "relayout", "args": [{"yaxis.type": scale}]}
         for scale in ("linear", "log")
     ]
-    fig.update_layout(xaxis_title="step", yaxis_title="loss", hovermode="closest", height=480,
-                      updatemenus=[{"buttons": scales, "type": "buttons", "direction": "right", "x": 0, "y": 1.12, "xanchor": "left"}])  # fmt: skip
+    fig.update_layout(
+        xaxis_title="step",
+        yaxis_title="loss",
+        hovermode="closest",
+        height=480,
+        updatemenus=[
+            {
+                "buttons": scales,
+                "type": "buttons",
+                "direction": "right",
+                "x": 0,
+                "y": 1.12,
+                "xanchor": "left",
+            }
+        ],
+    )
     return Figure("loss", "Loss and validation loss, with merge (▲) and drift (▼) marks", fig)
 
 
 def _pair_scores(run: RunData, layer: str) -> list[tuple[int, str, str, float]]:
-    return [(int(d.get("id") or 0), d["worker_id"], d["partner_id"], float(d["score"]))
-            for d in run.decisions
-            if d.get("layer") == layer and d.get("score") is not None and d.get("partner_id")]  # fmt: skip
+    return [
+        (int(d.get("id") or 0), d["worker_id"], d["partner_id"], float(d["score"]))
+        for d in run.decisions
+        if d.get("layer") == layer and d.get("score") is not None and d.get("partner_id")
+    ]
 
 
 def _frames(
@@ -116,17 +161,31 @@ def compatibility_figure(run: RunData, layer: str) -> Figure:
     names = [run.names[wid] for wid in order]
     measure = next((d.get("measure") for d in run.decisions if d.get("layer") == layer), "score")
     bounded = {"zmin": -1.0, "zmax": 1.0} if measure in BOUNDED else {"zmid": 0}
-    heat = go.Heatmap(z=frames[-1][1], x=names, y=names, colorscale="RdBu", **bounded,
-                      colorbar={"title": measure}, hoverongaps=False)  # fmt: skip
+    heat = go.Heatmap(
+        z=frames[-1][1],
+        x=names,
+        y=names,
+        colorscale="RdBu",
+        **bounded,
+        colorbar={"title": measure},
+        hoverongaps=False,
+    )
     steps = [
         {"label": label, "method": "restyle", "args": [{"z": [z]}, [0]]} for label, z in frames
     ]
     fig = go.Figure(heat)
-    fig.update_layout(height=460, yaxis={"autorange": "reversed"},
-                      sliders=[{"active": len(steps) - 1, "steps": steps, "currentvalue": {"prefix": "after "}}])  # fmt: skip
+    fig.update_layout(
+        height=460,
+        yaxis={"autorange": "reversed"},
+        sliders=[{"active": len(steps) - 1, "steps": steps, "currentvalue": {"prefix": "after "}}],
+    )
     name = "compat-" + "".join(c if c.isalnum() else "-" for c in layer)
-    return Figure(name, f"Compatibility over time, layer {layer} ({measure})", fig,
-                  caption="Slide to see the matrix after each slice of the decision log.")  # fmt: skip
+    return Figure(
+        name,
+        f"Compatibility over time, layer {layer} ({measure})",
+        fig,
+        caption="Slide to see the matrix after each slice of the decision log.",
+    )
 
 
 def compatibility_figures(run: RunData) -> list[Figure]:
@@ -148,10 +207,18 @@ def timeline_figure(run: RunData) -> Figure:
         ds = [ds[k] for k in keep]
         if not ds:
             continue
-        fig.add_trace(go.Scatter(
-            x=[d.get("created_at") for d in ds], y=[run.names.get(d.get("worker_id"), d.get("worker_id")) for d in ds],
-            mode="markers", name=action, marker={"color": ACTION_COLORS[action], "size": 7, "opacity": 0.7},
-            hovertext=[f"#{d.get('id')} {action} {d.get('layer')} score {d.get('score')}" for d in ds]))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[d.get("created_at") for d in ds],
+                y=[run.names.get(d.get("worker_id"), d.get("worker_id")) for d in ds],
+                mode="markers",
+                name=action,
+                marker={"color": ACTION_COLORS[action], "size": 7, "opacity": 0.7},
+                hovertext=[
+                    f"#{d.get('id')} {action} {d.get('layer')} score {d.get('score')}" for d in ds
+                ],
+            )
+        )
     fig.update_layout(height=360, xaxis_title="time", yaxis_title="worker")
     return Figure("timeline", "Decision timeline by action", fig)
 
@@ -185,17 +252,33 @@ def merge_graph_figure(run: RunData) -> Figure:
     for (a, b), count in edges.items():
         if a in pos and b in pos:
             (x0, y0), (x1, y1) = pos[a], pos[b]
-            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="skip",
-                                     line={"width": 1 + 9 * count / top, "color": "#7f7f7f"}))  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=[x0, x1],
+                    y=[y0, y1],
+                    mode="lines",
+                    showlegend=False,
+                    hoverinfo="skip",
+                    line={"width": 1 + 9 * count / top, "color": "#7f7f7f"},
+                )
+            )
             fig.add_annotation(
                 x=(x0 + x1) / 2, y=(y0 + y1) / 2, text=str(count), showarrow=False, bgcolor="white"
             )
     groups = sorted({w.group for w in run.workers})
     for g, group in enumerate(groups):
         ws = [w for w in run.workers if w.group == group]
-        fig.add_trace(go.Scatter(x=[pos[w.name][0] for w in ws], y=[pos[w.name][1] for w in ws],
-                                 mode="markers+text", text=[w.name for w in ws], textposition="top center",
-                                 name=f"group {group}", marker={"size": 22, "color": color(g)}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[pos[w.name][0] for w in ws],
+                y=[pos[w.name][1] for w in ws],
+                mode="markers+text",
+                text=[w.name for w in ws],
+                textposition="top center",
+                name=f"group {group}",
+                marker={"size": 22, "color": color(g)},
+            )
+        )
     axis = {"visible": False, "range": [-1.4, 1.4]}
     fig.update_layout(height=460, xaxis=axis, yaxis={**axis, "scaleanchor": "x"})
     return Figure("merge-graph", "Merge graph (merges applied per pair)", fig)

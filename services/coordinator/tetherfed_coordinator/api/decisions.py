@@ -38,9 +38,14 @@ def page(data: list[Decision], after: int) -> DecisionsPublic:
 
 @router.get("/decisions", dependencies=[ReaderAuth])
 async def list_decisions(
-    fed: str, store: StoreDep, worker: str | None = None, layer: str | None = None,
-    action: Action | None = None, after: After = 0, limit: Limit = 100,
-) -> DecisionsPublic:  # fmt: skip
+    fed: str,
+    store: StoreDep,
+    worker: str | None = None,
+    layer: str | None = None,
+    action: Action | None = None,
+    after: After = 0,
+    limit: Limit = 100,
+) -> DecisionsPublic:
     """Decisions in id order, filtered by worker, layer and action."""
     await store.policy(fed)
     data = await store.decisions(fed, after, limit, worker_id=worker, layer=layer, action=action)
@@ -84,9 +89,12 @@ async def _events(
     responses={200: {"content": {"text/event-stream": {}}, "description": "decision events"}},
 )
 async def stream_decisions(
-    fed: str, store: StoreDep, settings: SettingsDep, after: After = 0,
+    fed: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    after: After = 0,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:  # fmt: skip
+) -> EventSourceResponse:
     """Server-Sent Events of new decisions (`event: decision`, `id:` the decision id); resumes
     after `Last-Event-ID` (or `?after=`); `: keep-alive` comments while idle; a last
     `event: end` when the federation is deleted."""
@@ -102,9 +110,15 @@ async def stream_decisions(
 
 @router.get("/workers/{wid}/decisions", dependencies=[WorkerOrAdminAuth])
 async def worker_decisions(
-    fed: str, wid: str, store: StoreDep, settings: SettingsDep, response: Response,
-    after: After = 0, wait: Annotated[float, Query(ge=0)] = 0.0, limit: Limit = 100,
-) -> DecisionsPublic:  # fmt: skip
+    fed: str,
+    wid: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+    after: After = 0,
+    wait: Annotated[float, Query(ge=0)] = 0.0,
+    limit: Limit = 100,
+) -> DecisionsPublic:
     """Merge/drift decisions for this worker after `after`; waits up to `wait` s (long poll,
     capped by the server) when there are none yet. `hold`: why the worker's latest scoring
     round gave it nothing to apply. `X-Tether-Last-Decision`: the federation's last decision id
@@ -118,9 +132,13 @@ async def worker_decisions(
 
 @router.post("/decisions/{decision_id}/ack", responses={200: {"model": AckPublic}})
 async def ack(
-    fed: str, decision_id: DecisionId, body: AckCreate, store: StoreDep, owner: ActingWorker,
+    fed: str,
+    decision_id: DecisionId,
+    body: AckCreate,
+    store: StoreDep,
+    owner: ActingWorker,
     response: Response,
-) -> AckPublic:  # fmt: skip
+) -> AckPublic:
     """Ack a decision as applied or rejected: 201 first time, 200 for the same ack again, 409 for
     a different one; 403 when the decision is addressed to another worker."""
     decision = await store.decision(fed, decision_id)

@@ -21,9 +21,13 @@ MAX_SKETCH_BYTES = 64 << 20  # a sketch frame is small: k floats per large layer
 
 @router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
 async def publish_sketch(
-    fed: str, wid: str, request: Request, store: StoreDep, metrics: MetricsDep,
+    fed: str,
+    wid: str,
+    request: Request,
+    store: StoreDep,
+    metrics: MetricsDep,
     response: Response,
-) -> SketchAccepted:  # fmt: skip
+) -> SketchAccepted:
     """Publish a sketch frame (`tether_protocol.encode_sketch_frame`): scored like a publish,
     on sketches, while the full tether a decision applies stays the last full publish. 409 when
     the federation's policy has no `sketch`; 400/413/422 naming what is wrong; nothing written.
@@ -49,9 +53,13 @@ async def publish_sketch(
     metrics.api.bytes_in.inc(len(body))
     metrics.api.publish_seconds.labels("sketch").observe(time.perf_counter() - started)
     return SketchAccepted(
-        worker_id=wid, version=version, step=frame.meta.step, layers=len(frame.entries),
-        bytes=len(body), full_requested=wanted,
-    )  # fmt: skip
+        worker_id=wid,
+        version=version,
+        step=frame.meta.step,
+        layers=len(frame.entries),
+        bytes=len(body),
+        full_requested=wanted,
+    )
 
 
 async def _body(request: Request) -> bytes:

@@ -37,9 +37,14 @@ SAFETENSORS = {200: {"content": {"application/octet-stream": {}}, "description":
 
 @router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
 async def publish(
-    fed: str, wid: str, request: Request, store: StoreDep, settings: SettingsDep,
-    metrics: MetricsDep, response: Response,
-) -> PublishAccepted:  # fmt: skip
+    fed: str,
+    wid: str,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    response: Response,
+) -> PublishAccepted:
     """Publish a snapshot (413 over the size cap; 400/422 naming what is wrong; nothing written)."""
     started = time.perf_counter()
     policy, record, prev = await store.publish_context(fed, wid)
@@ -53,9 +58,12 @@ async def publish(
     metrics.api.publish_seconds.labels("full").observe(time.perf_counter() - started)
     assert done.frame.meta is not None
     return PublishAccepted(
-        worker_id=wid, version=done.version, step=done.frame.meta.step,
-        layers=len(split_probe_grams(done.frame.entries)[0]), bytes=done.nbytes,
-    )  # fmt: skip
+        worker_id=wid,
+        version=done.version,
+        step=done.frame.meta.step,
+        layers=len(split_probe_grams(done.frame.entries)[0]),
+        bytes=done.nbytes,
+    )
 
 
 def tether_stats(snap: Snapshot, layer: str) -> TetherStats:
@@ -65,11 +73,19 @@ def tether_stats(snap: Snapshot, layer: str) -> TetherStats:
     lo, hi = float(values.min()), float(values.max())
     hist, edges = np.histogram(values, bins=32, range=(lo, hi) if hi > lo else (lo, lo + 1.0))
     return TetherStats(
-        layer=layer, shape=list(entry.shape), dtype=entry.dtype, version=snap.version,
-        generation=snap.meta.generations.get(layer, 0), step=snap.step,
-        mean=float(values.mean()), std=float(values.std()), min=lo, max=hi,
-        histogram=[int(h) for h in hist], bin_edges=[float(e) for e in edges],
-    )  # fmt: skip
+        layer=layer,
+        shape=list(entry.shape),
+        dtype=entry.dtype,
+        version=snap.version,
+        generation=snap.meta.generations.get(layer, 0),
+        step=snap.step,
+        mean=float(values.mean()),
+        std=float(values.std()),
+        min=lo,
+        max=hi,
+        histogram=[int(h) for h in hist],
+        bin_edges=[float(e) for e in edges],
+    )
 
 
 @router.get("", dependencies=[ReaderAuth])
@@ -123,11 +139,14 @@ GENERATIONS = "/generations"
 
 @router.get("/{layer:path}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
 async def layer(
-    fed: str, wid: str, layer: str, store: StoreDep,
+    fed: str,
+    wid: str,
+    layer: str,
+    store: StoreDep,
     format: Literal["safetensors", "stats"] = "safetensors",
     generation: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
     version: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-) -> Response | TetherStats | GenerationsPublic:  # fmt: skip
+) -> Response | TetherStats | GenerationsPublic:
     """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
     `?generation=g`: a retained generation's tensor; `?version=v`: snapshot v exactly, the
     latest or one a decision names (kept `snapshot_pin_s` after a newer publish), else 410);
