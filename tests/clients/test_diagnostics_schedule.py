@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from tether_protocol.telemetry import METRICS, TelemetryPoint
 from tetherfed import build_model, load_task, tether
-from tetherfed._diagnostics import Diagnostics, parse_spec
 from tetherfed.diagnostics import summarize
+from tetherfed.diagnostics._recorder import Diagnostics, parse_spec
 
 
 def train(diag: Diagnostics, model: torch.nn.Module, steps: int, per_epoch: int = 10) -> None:
@@ -131,7 +131,7 @@ def test_the_final_run_has_update_spectra_even_over_budget(tmp_path: Path) -> No
 
 
 def test_results_rows_get_final_diagnostics_and_the_first_epoch_over_1(tmp_path: Path) -> None:
-    from tetherfed._results import RunRecord, diagnostics_columns
+    from tetherfed.experiment._results import RunRecord, diagnostics_columns
 
     workers = [{"name": "worker-0"}, {"name": "worker-1"}, {"name": "worker-2"}]
     (tmp_path / "config.json").write_text(json.dumps({"workers": workers}))

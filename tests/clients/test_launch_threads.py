@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tether_protocol.messages import Policy
-from tetherfed._launch import Launcher, LocalEngine, RunPlan, plan_workers
-from tetherfed._options import WorkerOptions
+from tetherfed.launch._launch import Launcher, LocalEngine, RunPlan, plan_workers
+from tetherfed.worker._options import WorkerOptions
 
 
 def launcher(

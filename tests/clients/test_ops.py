@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tether_protocol import operators as reference
-from tetherfed._ops import OPERATOR_NAMES, OperatorError, apply_operator_
+from tetherfed.tethers._ops import OPERATOR_NAMES, OperatorError, apply_operator_
 
 unit_floats = st.floats(0.0, 1.0, width=32, allow_subnormal=False)
 coefficients = st.floats(0.0, 1.0, exclude_min=True)

@@ -1,4 +1,4 @@
-"""`tetherfed._results` columns from a run folder: merges within/across groups and the gate."""
+"""`tetherfed.experiment._results` columns from a run folder: merges within/across groups and the gate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tetherfed._results import RunRecord, cluster_columns, merge_columns, summarize
+from tetherfed.experiment._results import RunRecord, cluster_columns, merge_columns, summarize
 
 GROUPS = {"w0": "sin", "w1": "sin", "w2": "pw", "w3": "pw"}
 
@@ -139,7 +139,7 @@ def test_preload_imports_every_module_writing_results_imports_lazily() -> None:
     imports them all before its sweep starts. Checked in a fresh interpreter."""
     code = (
         "import sys\n"
-        "from tetherfed import _results\n"
+        "from tetherfed.experiment import _results\n"
         "assert 'networkx' not in sys.modules and 'sklearn.metrics' not in sys.modules\n"
         "_results.preload()\n"
         "print([m for m in _results.LAZY_MODULES if m not in sys.modules])\n"

@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import tetherfed
+import tetherfed.client._sdk
 from tetherfed import Client, RetryPolicy
-from tetherfed._errors import (
+from tetherfed.client._errors import (
     APIError,
     AuthError,
     BadRequestError,
@@ -192,7 +193,7 @@ def test_several_urls_fail_over_to_a_replica_that_answers(
         # Refused connections sent nothing: even a non-idempotent call may go to the next one.
         api.endpoints.current = 0
         api._http.base_url = dead  # type: ignore[assignment]
-        api.call(tetherfed._sdk.Call("POST", "/v1/federations", idempotent=False, json={}))
+        api.call(tetherfed.client._sdk.Call("POST", "/v1/federations", idempotent=False, json={}))
         assert hits == {"GET": 1, "POST": 1}
     with Client([dead, dead], retry=RetryPolicy(tries=1)) as api, pytest.raises(TransportError):
         api.healthz()

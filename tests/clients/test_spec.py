@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tetherfed import experiment
-from tetherfed._spec import SpecError, expand, parse_override, set_dotted
+from tetherfed.experiment._spec import SpecError, expand, parse_override, set_dotted
 
 pytestmark = pytest.mark.torch  # the task check imports the task table
 

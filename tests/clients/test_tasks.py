@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tetherfed._tasks import (
+from tetherfed.tethers._tethering import tether, tethered_layers
+from tetherfed.worker._tasks import (
     Task,
     build_model,
     default_model,
@@ -17,7 +18,6 @@ from tetherfed._tasks import (
     resolve_reference,
     task_names,
 )
-from tetherfed._tethering import tether, tethered_layers
 
 EXPECTED = {
     # name: (kind, input_shape, n_outputs, n_train, n_val)

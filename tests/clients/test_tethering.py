@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tetherfed._tethering import (
+from tetherfed.tethers._tethering import (
     ROOT_LAYER,
     TetherMode,
     TetherParametrization,

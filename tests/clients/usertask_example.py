@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tetherfed._tasks import Task
+from tetherfed.worker._tasks import Task
 
 NOT_CALLABLE = 42
 

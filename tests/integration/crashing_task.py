@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
-from tetherfed._tasks import Task, load_task
+from tetherfed.worker._tasks import Task, load_task
 
 CRASH_AFTER = 30
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tetherfed import Client, Federation, tether
-from tetherfed import _federation as federation_module
+from tetherfed.federation import _federation as federation_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
 

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 import tetherfed
+import tetherfed.federation._federation
 from tether_protocol.frame import encode_frame
 from tether_protocol.messages import Decision, LayerSpec, SnapshotMeta, SnapshotRef
 from tetherfed import Client, Federation, tether
-from tetherfed._errors import BadRequestError, TransportError
-from tetherfed._federation import _Ready, layer_specs
-from tetherfed._tethering import tethered_layers
+from tetherfed.client._errors import BadRequestError, TransportError
+from tetherfed.federation._federation import _Ready, layer_specs
+from tetherfed.tethers._tethering import tethered_layers
 from tetherfed_coordinator.embedded import free_port
 from tetherfed_coordinator.keys import Keys, glob_escape
 from tetherfed_coordinator.settings import Settings
@@ -879,7 +880,7 @@ def test_a_leaving_worker_acks_the_decisions_it_will_not_apply(
     resumed.close()  # no step: nothing was applied
     for merge in staged.merges:
         ack = api.get_ack(fed_name, merge.id)
-        assert ack.outcome == "rejected" and ack.reason == tetherfed._federation.FINISHED
+        assert ack.outcome == "rejected" and ack.reason == tetherfed.federation._federation.FINISHED
 
 
 def test_a_worker_that_gets_no_decision_sees_why_once(

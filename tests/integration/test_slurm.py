@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tetherfed._slurm import (
+from tetherfed.cli import main
+from tetherfed.launch._slurm import (
     SlurmPlan,
     parse_time,
     submit,
     wait_for_coordinator,
 )
-from tetherfed.cli import main
 from tetherfed_coordinator.embedded import free_port
 
 pytestmark = pytest.mark.integration

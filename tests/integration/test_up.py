@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tetherfed import Client
-from tetherfed._up import worker_argv
 from tetherfed.cli import build_parser
+from tetherfed.cli._up import worker_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
 

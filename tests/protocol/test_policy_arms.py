@@ -8,7 +8,7 @@ import numpy as np
 from tether_protocol.messages import Policy, SnapshotMeta
 from tether_protocol.operators import apply_operator
 from tether_protocol.policy import FederationState, PeerState, decide
-from tetherfed._launch import arm_policy
+from tetherfed.launch._launch import arm_policy
 
 LAYERS = ["fc1", "out"]
 

@@ -8,45 +8,143 @@
             fed.step(loss=loss.item(), epoch=epoch)              # never blocks on the network
 
 The SDK (`Client`, `AsyncClient`) covers every REST call of the coordinator.
+
+The package by concern (each imports only those below it):
+
+    cli/          the `tetherfed` command (argparse, console output)
+    experiment/   specs, the sweep runner, results tables      report/   the HTML report
+    launch/       run plans and folders; local, Ray and Slurm engines
+    worker/       `tetherfed worker`: options, built-in tasks, the training loop
+    federation/   `Federation`, a model's link to the coordinator while it trains
+    diagnostics/  weight diagnostics: pure metrics and their recorder
+    tethers/      `tether()`, operators and probe batches (torch)
+    client/       the REST SDK (httpx; no torch)
+
+`import tetherfed` imports none of them: the names below load on first use (PEP 562), so the SDK
+and the coordinator's commands work without torch installed.
 """
 
-from ._diagnostics import Diagnostics
-from ._errors import (
-    APIError,
-    AuthError,
-    BadRequestError,
-    ConflictError,
-    NotFoundError,
-    RefusedError,
-    ServerError,
-    TetherError,
-    TransportError,
-)
-from ._federation import Federation, GateCheck, StepReport
-from ._ops import OperatorError, apply_operator_
-from ._probe import Probe
-from ._retry import RetryPolicy
-from ._sdk import AsyncClient, Client
-from ._tasks import Task, build_model, default_model, load_task
-from ._tethering import (
-    ROOT_LAYER,
-    TetherMode,
-    TetherParametrization,
-    get_tether,
-    layer_table,
-    load_plain_state_dict,
-    set_tether_,
-    tether,
-    tethered_layers,
-    untether,
-    update_importance,
-)
-from ._worker import WorkerConfig, run_worker
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .client import (
+        APIError,
+        AsyncClient,
+        AuthError,
+        BadRequestError,
+        Client,
+        ConflictError,
+        NotFoundError,
+        RefusedError,
+        RetryPolicy,
+        ServerError,
+        TetherError,
+        TransportError,
+    )
+    from .diagnostics import (
+        Diagnostics,
+    )
+    from .federation import (
+        Federation,
+        GateCheck,
+        StepReport,
+    )
+    from .tethers import (
+        ROOT_LAYER,
+        OperatorError,
+        Probe,
+        Task,
+        TetherMode,
+        TetherParametrization,
+        apply_operator_,
+        get_tether,
+        layer_table,
+        load_plain_state_dict,
+        set_tether_,
+        tether,
+        tethered_layers,
+        untether,
+        update_importance,
+    )
+    from .worker import (
+        WorkerConfig,
+        build_model,
+        default_model,
+        load_task,
+        run_worker,
+    )
 
 __version__ = "0.1.0"
 
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "APIError",
+            "AsyncClient",
+            "AuthError",
+            "BadRequestError",
+            "Client",
+            "ConflictError",
+            "NotFoundError",
+            "RefusedError",
+            "RetryPolicy",
+            "ServerError",
+            "TetherError",
+            "TransportError",
+        ],
+        ".client",
+    ),
+    **dict.fromkeys(
+        [
+            "OperatorError",
+            "Probe",
+            "ROOT_LAYER",
+            "Task",
+            "TetherMode",
+            "TetherParametrization",
+            "apply_operator_",
+            "get_tether",
+            "layer_table",
+            "load_plain_state_dict",
+            "set_tether_",
+            "tether",
+            "tethered_layers",
+            "untether",
+            "update_importance",
+        ],
+        ".tethers",
+    ),
+    **dict.fromkeys(
+        [
+            "Diagnostics",
+        ],
+        ".diagnostics",
+    ),
+    **dict.fromkeys(
+        [
+            "Federation",
+            "GateCheck",
+            "StepReport",
+        ],
+        ".federation",
+    ),
+    **dict.fromkeys(
+        [
+            "WorkerConfig",
+            "build_model",
+            "default_model",
+            "load_task",
+            "run_worker",
+        ],
+        ".worker",
+    ),
+}
+
 __all__ = [
-    "ROOT_LAYER",
     "APIError",
     "AsyncClient",
     "AuthError",
@@ -57,9 +155,10 @@ __all__ = [
     "Federation",
     "GateCheck",
     "NotFoundError",
-    "RefusedError",
     "OperatorError",
     "Probe",
+    "ROOT_LAYER",
+    "RefusedError",
     "RetryPolicy",
     "ServerError",
     "StepReport",
@@ -76,11 +175,18 @@ __all__ = [
     "get_tether",
     "layer_table",
     "load_plain_state_dict",
-    "untether",
     "load_task",
     "run_worker",
     "set_tether_",
     "tether",
     "tethered_layers",
+    "untether",
     "update_importance",
 ]
+
+
+__getattr__ = lazy_exports(__name__, _LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,7 +2,7 @@
 ratio, Jacobian radius, histogram surfaces, singular-value and |ΔW|-correlation heat maps, update
 spectra with persistent peaks, and the prototype's 3-D scatter of two tracked weights vs loss.
 
-Input (the worker folder, as `tetherfed._diagnostics` writes it): `diagnostics.jsonl` holds a
+Input (the worker folder, as `tetherfed.diagnostics` writes it): `diagnostics.jsonl` holds a
 record per diagnostics pass (`event: diagnostics`, `step`, `epoch`, `metrics: {metric: {layer:
 value}}`) whose numbers are the scalars drawn here; `diagnostics.safetensors` holds the arrays,
 `metric/layer` stacked over passes with their steps in `metric/layer/step`, and the latest

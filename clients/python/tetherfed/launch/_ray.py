@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ._exits import EXIT_FAILED
+from tetherfed._exits import EXIT_FAILED
+
 from ._launch import LocalEngine
 
 NAMESPACE = "tetherfed"
@@ -106,7 +107,7 @@ class WorkerActor:
     def run(self) -> int:
         """Run the worker to its end; its exit code. RuntimeError when the run folder is not
         visible on this node."""
-        from .cli import main  # noqa: PLC0415 (torch only inside the actor)
+        from tetherfed.worker import main  # noqa: PLC0415 (torch only inside the actor)
 
         if not self.log.parent.is_dir():
             raise RuntimeError(
@@ -129,7 +130,7 @@ class WorkerActor:
                 logging.getLogger("tetherfed.ray").warning(
                     "actor restarted in process %d: resuming from the checkpoint", os.getpid()
                 )
-            return int(main(argv))
+            return int(main(argv[1:]))  # argv: `worker …`, as `tetherfed` takes it
 
 
 # -- driver-side handles (the launcher's `Process`) ----------------------------------------------

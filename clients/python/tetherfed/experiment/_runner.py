@@ -11,8 +11,8 @@ The results folder (`[experiment] out`, default `runs/<name>`):
     resolved.json     every run (id, cell, arm, repeat, its full RunPlan), versions, git commit
     pids.json         the experiment's coordinator (runs/<id>/pids.json has the workers)
     coordinator.log   that coordinator's log; redis/ its embedded Redis
-    runs/<id>/        one run folder per run (the launcher's layout, see `tetherfed._launch`)
-    results.csv       one row per run (`tetherfed._results.COLUMNS`)
+    runs/<id>/        one run folder per run (the launcher's layout, see `tetherfed.launch`)
+    results.csv       one row per run (`tetherfed.experiment._results.COLUMNS`)
     summary.csv       per cell and arm: n, mean/std/95 % CI, paired difference vs independent
 """
 
@@ -38,7 +38,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._launch import (
+from tetherfed.launch._console import plain_line, worker_table
+from tetherfed.launch._launch import (
     Coordinator,
     Engine,
     Launcher,
@@ -46,10 +47,11 @@ from ._launch import (
     RunResult,
     coordinator_for,
     launch,
-    report_hook,
     sigterm_as_interrupt,
     write_json_atomic,
 )
+from tetherfed.report import report_hook
+
 from ._results import COLUMNS, ColumnProvider, RunRecord, build_row, summarize, write_csv
 from ._results import preload as preload_results
 from ._spec import (
@@ -63,8 +65,6 @@ from ._spec import (
     validate,
 )
 
-__all__ = ["ExperimentError", "Spec", "SpecError", "examples", "plan", "run", "status", "summarize"]
-
 PLAIN_EVERY_S = 5.0
 
 
@@ -77,7 +77,7 @@ class ExperimentError(RuntimeError):
 
 def examples() -> dict[str, Path]:
     """Built-in example specs by name (shipped inside the package)."""
-    folder = resources.files("tetherfed") / "examples"
+    folder = resources.files("tetherfed.experiment") / "examples"
     return {
         p.name.removesuffix(".toml"): Path(str(p))
         for p in folder.iterdir()
@@ -132,7 +132,7 @@ def _git_commit() -> str | None:
 
 
 def _versions() -> dict[str, str | None]:
-    from . import __version__  # noqa: PLC0415
+    from tetherfed import __version__  # noqa: PLC0415
 
     torch_version = None
     with contextlib.suppress(ImportError):
@@ -224,7 +224,6 @@ class SweepView:
 
     def refresh(self, launcher: Launcher, force: bool = False) -> None:
         """Called by each run's launcher while it supervises."""
-        from ._up import plain_line, worker_table  # noqa: PLC0415 (rendering lives with `up`)
 
         rid = launcher.plan.run_id or "?"
         with self.lock:

@@ -63,7 +63,7 @@ class WorkerOptions(BaseModel):
     @classmethod
     def _diagnostics_spec(cls, value: str | None) -> str | None:
         if value is not None:
-            from ._diagnostics import parse_spec  # noqa: PLC0415 (torch, only when set)
+            from tetherfed.diagnostics._recorder import parse_spec  # noqa: PLC0415 (torch, only when set)
 
             parse_spec(value)
         return value

@@ -37,8 +37,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 
-from . import diagnostics as dx
-from ._tethering import TETHERABLE
+from tetherfed.tethers._tethering import TETHERABLE
+
+from . import _metrics as dx
 
 log = logging.getLogger("tetherfed.diagnostics")
 

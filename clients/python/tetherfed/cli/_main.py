@@ -11,45 +11,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._exits import (
+from tetherfed._exits import (
     EXIT_CODES,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
-from ._options import add_worker_args, options_from_args
 
 __doc__ += "\n".join(f"    {code:>3}  {name}" for name, code in EXIT_CODES)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from ._errors import RefusedError
-    from ._worker import WorkerConfig, main_worker
+    from tetherfed.worker import run_from_args
 
-    cfg = WorkerConfig(
-        **options_from_args(args).model_dump(),
-        coordinator=args.coordinator,
-        federation=args.federation,
-        token=args.token,
-        name=args.name,
-        seed=args.seed,
-        init_seed=args.init_seed,
-        data_seed=args.data_seed,
-        group=args.group,
-        wait_peers=args.wait_peers,
-        threads=args.threads,
-        device=args.device,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-    )
-    try:
-        return main_worker(cfg)
-    except RefusedError as error:  # permanent: fail fast, say why
-        print(f"tetherfed worker: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+    return run_from_args(args)
 
 
 def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
@@ -70,9 +47,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_federation(args: argparse.Namespace) -> int:
-    from ._errors import TetherError, TransportError
-    from ._launch import create_federation, resolve_policy
-    from ._sdk import Client
+    from tetherfed.client._errors import TetherError, TransportError
+    from tetherfed.client._sdk import Client
+    from tetherfed.launch._launch import create_federation, resolve_policy
 
     try:
         policy = resolve_policy(args.policy)
@@ -94,7 +71,7 @@ def _cmd_federation(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
-        from .report import ReportError, write_report
+        from tetherfed.report import ReportError, write_report
     except ImportError as error:  # plotly missing: the `report` extra
         print(
             f"tetherfed report needs the report extra (pip install 'tetherfed[report]'): {error}",
@@ -113,9 +90,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from . import experiment
-    from ._launch import CoordinatorUnreachable
-    from ._ray import EngineFailed, EngineRefused, close_engine, engine_from_args
+    from tetherfed import experiment
+    from tetherfed.launch._launch import CoordinatorUnreachable
+    from tetherfed.launch._ray import EngineFailed, EngineRefused, close_engine, engine_from_args
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
@@ -162,7 +139,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _add_experiment_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ._ray import add_engine_args
+    from tetherfed.launch._ray import add_engine_args
 
     exp = sub.add_parser("experiment", help="run a spec: sweeps, arms, repeats, results folder")
     actions = exp.add_subparsers(dest="action", required=True)
@@ -200,36 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    worker = sub.add_parser("worker", help="train one federated worker")
-    worker.add_argument("--coordinator", default=None, help="coordinator URL (none: train alone)")
-    worker.add_argument("--federation", default="default")
-    worker.add_argument("--token", default=None, help="bearer token when the coordinator has one")
-    worker.add_argument("--name", default=None)
-    worker.add_argument("--seed", type=int, default=0, help="sets both seeds below")
-    worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
-    worker.add_argument("--data-seed", type=int, default=None, help="data and its order seed")
-    worker.add_argument("--group", default=None, help="experiment group (worker meta)")
-    worker.add_argument(
-        "--wait-peers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="before training, wait until N workers are active (max 120 s)",
-    )
-    worker.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch CPU threads (default: torch's, every core; `up` and "
-        "experiments give each worker cores / workers)",
-    )
-    worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    worker.add_argument("--checkpoint-dir", type=Path, default=None)
-    worker.add_argument(
-        "--resume", action="store_true", help="continue from checkpoint-dir/latest.pt"
-    )
-    add_worker_args(worker)
+    from tetherfed.worker._main import add_worker_parser_args
+
+    add_worker_parser_args(sub.add_parser("worker", help="train one federated worker"))
 
     federation = sub.add_parser("federation", help="create a federation (idempotent)")
     fed_sub = federation.add_subparsers(dest="action", required=True)
@@ -264,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_up_parsers(sub)
-    from ._slurm import add_submit_parser
+    from tetherfed.launch._slurm import add_submit_parser
 
     add_submit_parser(sub)
     return parser

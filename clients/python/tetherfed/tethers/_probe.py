@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tether_protocol.compat import probe_gram
 
-from ._tasks import Task, probe_inputs
+from ._task import Task, probe_inputs
 from ._tethering import tethered_layers
 
 GATE_BATCH = 256  # training examples in a worker's own probe batch

@@ -24,14 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tetherfed._exits import EXIT_OK, EXIT_USAGE
+from tetherfed.client._sdk import Client
+from tetherfed.worker._options import (
+    add_worker_args,
+    at_least_one,
+    options_argv,
+    options_from_args,
+)
 from tetherfed_coordinator.embedded import die_with_parent, free_port
 from tetherfed_coordinator.topology import parse_redis_url
 
-from ._exits import EXIT_OK, EXIT_USAGE
 from ._launch import create_federation, resolve_policy, wait_ready
-from ._options import add_worker_args, at_least_one
-from ._sdk import Client
-from ._up import worker_argv
 
 COORDINATOR_FILE = "coordinator.json"
 SUBMITIT_DIR = "submitit"  # submitit's own files (pickles, logs), per job id
@@ -177,9 +181,10 @@ class WorkerJob:
         ]
 
     def __call__(self, index: int) -> int:
-        from .cli import main  # noqa: PLC0415 (the task runs `tetherfed worker` in-process)
+        from tetherfed.worker import main  # noqa: PLC0415 (the task runs the worker in-process)
 
-        code = main(self.argv(index, wait_for_coordinator(self.plan.folder)))
+        argv = self.argv(index, wait_for_coordinator(self.plan.folder))
+        code = main(argv[1:])  # argv: `worker …`, as `tetherfed` takes it
         if code:
             raise RuntimeError(f"worker {index} exited with code {code}")
         return code
@@ -330,7 +335,7 @@ def plan_from_args(args: argparse.Namespace) -> SlurmPlan:
         account=args.account,
         federation=args.federation,
         policy=args.policy,
-        worker_args=worker_argv(args),
+        worker_args=options_argv(options_from_args(args)),
         cpus_per_worker=args.cpus_per_worker,
         port=args.port,
     )

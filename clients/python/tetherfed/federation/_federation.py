@@ -48,8 +48,7 @@ from tether_protocol.messages import (
 from tether_protocol.policy import plateau
 from tether_protocol.sketch import encode_sketch_frame
 from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
-
-from ._errors import (
+from tetherfed.client._errors import (
     APIError,
     AuthError,
     BadRequestError,
@@ -58,11 +57,11 @@ from ._errors import (
     RefusedError,
     TetherError,
 )
-from ._ops import apply_operator_
-from ._probe import Probe
-from ._retry import RetryPolicy
-from ._sdk import Client
-from ._tethering import TetherParametrization, tethered_layers
+from tetherfed.client._retry import RetryPolicy
+from tetherfed.client._sdk import Client
+from tetherfed.tethers._ops import apply_operator_
+from tetherfed.tethers._probe import Probe
+from tetherfed.tethers._tethering import TetherParametrization, tethered_layers
 
 log = logging.getLogger("tetherfed.federation")
 TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable

@@ -28,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic import model_validator as _model_validator
 
 from tether_protocol.messages import Name, Policy, PolicyPatch
-
-from ._launch import Arm, Init, RunPlan, arm_policy, plan_workers, preset_policy
-from ._options import WorkerOptions
+from tetherfed.launch._launch import Arm, Init, RunPlan, arm_policy, plan_workers, preset_policy
+from tetherfed.worker._options import WorkerOptions
 
 ARMS: tuple[Arm, ...] = ("federated", "independent", "fedavg")
 REPEAT_SEED_STRIDE = 1000  # repeat r runs with seeds seed + 1000·r + worker index
@@ -69,7 +68,7 @@ class GroupSpec(WorkerOptions):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        from ._tasks import task_names  # noqa: PLC0415 (torch, only when checking)
+        from tetherfed.worker._tasks import task_names  # noqa: PLC0415 (torch, only when checking)
 
         if task not in task_names() and ":" not in task:
             raise ValueError(

@@ -24,15 +24,16 @@ from pydantic import ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._diagnostics import Diagnostics, parse_spec
-from ._errors import TetherError
-from ._federation import Federation, StepReport
+from tetherfed.client._errors import TetherError
+from tetherfed.client._retry import RetryPolicy
+from tetherfed.client._sdk import Client
+from tetherfed.diagnostics._recorder import Diagnostics, parse_spec
+from tetherfed.federation._federation import Federation, StepReport
+from tetherfed.tethers._probe import Probe
+from tetherfed.tethers._tethering import tether, tethered_layers, update_importance
+
 from ._options import WorkerOptions
-from ._probe import Probe
-from ._retry import RetryPolicy
-from ._sdk import Client
 from ._tasks import Task, build_model, default_model, load_task
-from ._tethering import tether, tethered_layers, update_importance
 
 log = logging.getLogger("tetherfed.worker")
 PEER_TIMEOUT_S = 120.0

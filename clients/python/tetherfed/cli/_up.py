@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,13 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from tether_protocol.messages import Policy
-
-from ._errors import NotFoundError, TransportError
-from ._exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from ._launch import (
+from tetherfed._exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from tetherfed.client._errors import NotFoundError, TransportError
+from tetherfed.client._sdk import Client
+from tetherfed.launch._console import fmt, plain_line, worker_table
+from tetherfed.launch._launch import (
     QUICK,
     Engine,
     Launcher,
@@ -34,12 +34,17 @@ from ._launch import (
     launch,
     plan_workers,
     preset_policy,
-    report_hook,
     resolve_policy,
 )
-from ._options import add_worker_args, at_least_one, options_argv, options_from_args
-from ._ray import EngineFailed, EngineRefused, add_engine_args, close_engine, engine_from_args
-from ._sdk import Client
+from tetherfed.launch._ray import (
+    EngineFailed,
+    EngineRefused,
+    add_engine_args,
+    close_engine,
+    engine_from_args,
+)
+from tetherfed.report import report_hook
+from tetherfed.worker._options import add_worker_args, at_least_one, options_argv, options_from_args
 
 PLAIN_EVERY_S = 2.0
 
@@ -91,52 +96,6 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 # -- rendering -----------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
-    """The per-worker table (shared by `up`, `status` and experiments)."""
-    table = Table(title=title)
-    for column in (
-        "worker",
-        "group",
-        "status",
-        "step",
-        "epoch",
-        "loss",
-        "val loss",
-        "gen",
-        "merges",
-        "drifts",
-    ):
-        table.add_column(column, no_wrap=True)
-    for r in rows:
-        step = f"{r.step}/{r.total}" if r.total else str(r.step)
-        table.add_row(
-            r.name,
-            r.group or "-",
-            r.status,
-            step,
-            str(r.epoch if r.epoch is not None else "-"),
-            _fmt(r.loss),
-            _fmt(r.val_loss),
-            str(r.generation),
-            str(r.merges),
-            str(r.drifts),
-        )
-    return table
-
-
-def plain_line(launcher: Launcher, elapsed: float, label: str = "up") -> str:
-    """One progress line for non-terminals (CI, tests)."""
-    workers = "; ".join(
-        f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {_fmt(r.loss)}"
-        for r in launcher.rows.values()
-    )
-    return f"[{label} {elapsed:5.1f}s] {launcher.tally.line()} | {workers}"
-
-
 class LiveView:
     """A rich Live table with a progress bar on a terminal; plain lines every few seconds
     otherwise. Use as a context manager around `launch(view=...)`."""
@@ -182,8 +141,8 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
     yield "final loss per worker:"
     for w in s["workers"]:
         yield (
-            f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}  loss {_fmt(w['loss'])}"
-            f"  val_loss {_fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}"
+            f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}  loss {fmt(w['loss'])}"
+            f"  val_loss {fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}"
         )
     d, ack = s["decisions"], s["acknowledged"]
     actions = ", ".join(f"{a} {n}" for a, n in sorted(d["by_action"].items())) or "none"

@@ -283,7 +283,7 @@ def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
     `effective_rank` (mean over layers), `gzip_ratio` (all layers) and `jacobian_radius`,
     averaged over the workers; `jacobian_first_epoch_over_1`: the first epoch any worker's
     Jacobian radius exceeded 1 (empty when none did). No columns when no worker had diagnostics."""
-    from .diagnostics import summarize as summarize_worker  # noqa: PLC0415 (worker extra)
+    from tetherfed.diagnostics import summarize as summarize_worker  # noqa: PLC0415 (worker extra)
 
     config = run.json("config.json") or {"workers": []}
     found = [summarize_worker(run.folder / w["name"]) for w in config["workers"]]

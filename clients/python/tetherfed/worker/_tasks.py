@@ -26,41 +26,18 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-TaskKind = Literal["classification", "regression"]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from tetherfed.tethers import Task
 
 _CLASSIFICATION_TRAIN, _CLASSIFICATION_VAL = 3200, 640
 _REGRESSION_TRAIN, _REGRESSION_VAL = 5000, 1000
 _DIGITS_VAL_FRACTION = 0.2
-
-
-@dataclass(frozen=True)
-class Task:
-    """A dataset with its loss: what a worker trains on.
-
-    ``input_shape`` excludes the batch dimension; ``n_outputs`` is the number of classes
-    (classification, integer targets) or of regression targets (float targets of shape (N, n)).
-    ``sample_inputs(n, generator)``, when given, draws n fresh inputs from the task's input
-    distribution (the federation's shared probe batch for ``cka``); without it the probe batch is
-    a seeded sample of the task's own inputs (see :func:`probe_inputs`).
-    """
-
-    name: str
-    train: TensorDataset
-    val: TensorDataset
-    loss_fn: LossFn
-    kind: TaskKind
-    input_shape: tuple[int, ...]
-    n_outputs: int
-    sample_inputs: Callable[[int, torch.Generator], Tensor] | None = None
 
 
 class MLP(nn.Module):
@@ -237,16 +214,6 @@ def load_task(name: str, seed: int = 0) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task function {name!r} returned {type(task).__name__}, not a Task")
     return task
-
-
-def probe_inputs(task: Task, size: int, seed: int) -> Tensor:
-    """The probe batch of a federation with probe seed ``seed``: ``size`` inputs from the task's
-    ``sample_inputs``, else drawn (with replacement) from its training and validation inputs."""
-    generator = torch.Generator().manual_seed(seed)
-    if task.sample_inputs is not None:
-        return task.sample_inputs(size, generator)
-    pool = torch.cat([task.train.tensors[0], task.val.tensors[0]])
-    return pool[torch.randint(0, len(pool), (size,), generator=generator)]
 
 
 def build_model(name: str, task: Task, seed: int = 0) -> nn.Module:

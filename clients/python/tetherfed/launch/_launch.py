@@ -40,12 +40,11 @@ from typing import IO, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether_protocol.messages import PRESETS, Policy, policy_preset
-
-from ._errors import ConflictError, NotFoundError, TetherError
-from ._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
-from ._options import WorkerOptions, options_argv
-from ._retry import RetryPolicy
-from ._sdk import Client
+from tetherfed._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
+from tetherfed.client._errors import ConflictError, NotFoundError, TetherError
+from tetherfed.client._retry import RetryPolicy
+from tetherfed.client._sdk import Client
+from tetherfed.worker._options import WorkerOptions, options_argv
 
 GRACE_S = 10.0  # SIGTERM → SIGKILL
 TICK_S = 0.25
@@ -733,14 +732,6 @@ class Launcher:
         write_json_atomic(self.out / "summary.json", summary)
         self.write_status(force=True)
         return summary
-
-
-def report_hook(folder: Path) -> None:
-    """Write folder/report.html (`tetherfed report`, #14) and print its path, or why there is
-    none; `up` and experiments call this at the end. A failing report never fails a run."""
-    from ._pictures import report_line  # noqa: PLC0415 (plotly only when reporting)
-
-    print(report_line(folder), flush=True)
 
 
 # -- one run, start to end -----------------------------------------------------------------------

@@ -1,0 +1,7 @@
+"""`python -m tetherfed.cli …`: the same as `tetherfed …`."""
+
+import sys
+
+from ._main import main
+
+sys.exit(main())

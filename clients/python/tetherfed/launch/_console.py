@@ -1,0 +1,58 @@
+"""Console rendering of a launcher's state: the per-worker table and the one-line progress that
+`tetherfed up`, `tetherfed status` and experiments print (rich tables on a terminal, plain lines
+elsewhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.table import Table
+
+from ._launch import Launcher, WorkerRow
+
+
+def fmt(value: float | None) -> str:
+    """A loss for a table cell: four decimals, or "-" when there is none yet."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
+    """The per-worker table (shared by `up`, `status` and experiments)."""
+    table = Table(title=title)
+    for column in (
+        "worker",
+        "group",
+        "status",
+        "step",
+        "epoch",
+        "loss",
+        "val loss",
+        "gen",
+        "merges",
+        "drifts",
+    ):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        step = f"{r.step}/{r.total}" if r.total else str(r.step)
+        table.add_row(
+            r.name,
+            r.group or "-",
+            r.status,
+            step,
+            str(r.epoch if r.epoch is not None else "-"),
+            fmt(r.loss),
+            fmt(r.val_loss),
+            str(r.generation),
+            str(r.merges),
+            str(r.drifts),
+        )
+    return table
+
+
+def plain_line(launcher: Launcher, elapsed: float, label: str = "up") -> str:
+    """One progress line for non-terminals (CI, tests)."""
+    workers = "; ".join(
+        f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {fmt(r.loss)}"
+        for r in launcher.rows.values()
+    )
+    return f"[{label} {elapsed:5.1f}s] {launcher.tally.line()} | {workers}"

@@ -1,0 +1,38 @@
+"""Tethers in torch: `tether()` a model (W_eff = W ⊙ T on every tethered layer), apply the
+federation's operators to its tethers, and compute the probe batches `cka` and the gate use."""
+
+from ._ops import OperatorError, apply_operator_
+from ._probe import Probe
+from ._task import Task, probe_inputs
+from ._tethering import (
+    ROOT_LAYER,
+    TetherMode,
+    TetherParametrization,
+    get_tether,
+    layer_table,
+    load_plain_state_dict,
+    set_tether_,
+    tether,
+    tethered_layers,
+    untether,
+    update_importance,
+)
+
+__all__ = [
+    "ROOT_LAYER",
+    "OperatorError",
+    "Probe",
+    "Task",
+    "TetherMode",
+    "TetherParametrization",
+    "apply_operator_",
+    "get_tether",
+    "layer_table",
+    "load_plain_state_dict",
+    "probe_inputs",
+    "set_tether_",
+    "tether",
+    "tethered_layers",
+    "untether",
+    "update_importance",
+]

@@ -1,0 +1,100 @@
+"""`tetherfed worker`: the worker's own command line, and its entry for the engines.
+
+The Ray and Slurm engines start a worker by calling :func:`main` with the argv a local launcher
+would pass to `tetherfed worker`, so every engine runs the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tetherfed._exits import EXIT_INTERRUPTED, EXIT_REFUSED
+from tetherfed.client import RefusedError
+
+from ._options import add_worker_args, options_from_args
+
+if TYPE_CHECKING:
+    from ._worker import WorkerConfig
+
+
+def add_worker_parser_args(worker: argparse.ArgumentParser) -> None:
+    """Add every `tetherfed worker` option to `worker`."""
+    worker.add_argument("--coordinator", default=None, help="coordinator URL (none: train alone)")
+    worker.add_argument("--federation", default="default")
+    worker.add_argument("--token", default=None, help="bearer token when the coordinator has one")
+    worker.add_argument("--name", default=None)
+    worker.add_argument("--seed", type=int, default=0, help="sets both seeds below")
+    worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
+    worker.add_argument("--data-seed", type=int, default=None, help="data and its order seed")
+    worker.add_argument("--group", default=None, help="experiment group (worker meta)")
+    worker.add_argument(
+        "--wait-peers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before training, wait until N workers are active (max 120 s)",
+    )
+    worker.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's, every core; `up` and "
+        "experiments give each worker cores / workers)",
+    )
+    worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    worker.add_argument("--checkpoint-dir", type=Path, default=None)
+    worker.add_argument(
+        "--resume", action="store_true", help="continue from checkpoint-dir/latest.pt"
+    )
+    add_worker_args(worker)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    """The :class:`WorkerConfig` of parsed `tetherfed worker` arguments."""
+    from ._worker import WorkerConfig  # noqa: PLC0415 (torch: not for `--help`)
+
+    return WorkerConfig(
+        **options_from_args(args).model_dump(),
+        coordinator=args.coordinator,
+        federation=args.federation,
+        token=args.token,
+        name=args.name,
+        seed=args.seed,
+        init_seed=args.init_seed,
+        data_seed=args.data_seed,
+        group=args.group,
+        wait_peers=args.wait_peers,
+        threads=args.threads,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Train one worker from parsed arguments; its exit code (refusals fail fast with the reason)."""
+    from ._worker import main_worker  # noqa: PLC0415 (torch: not for `--help`)
+
+    try:
+        return main_worker(config_from_args(args))
+    except RefusedError as error:  # permanent: fail fast, say why
+        print(f"tetherfed worker: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tetherfed worker` (argv without the subcommand); its exit code."""
+    parser = argparse.ArgumentParser(
+        prog="tetherfed worker", description="Train one federated worker."
+    )
+    add_worker_parser_args(parser)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run_from_args(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
