@@ -17,3 +17,12 @@ EXIT_CODES: list[tuple[str, int]] = [
     ("refused by the coordinator", EXIT_REFUSED),
     ("interrupted", EXIT_INTERRUPTED),
 ]
+
+
+class CliError(Exception):
+    """A command cannot go on: `message` goes to stderr, prefixed with the command, and the
+    process exits with `code` (one of the codes above)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code

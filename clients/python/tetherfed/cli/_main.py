@@ -16,8 +16,10 @@ from tetherfed._exits import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    CliError,
 )
 
 __doc__ += "\n".join(f"    {code:>3}  {name}" for name, code in EXIT_CODES)
@@ -38,51 +40,34 @@ def _cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         from tetherfed_bench.run import main as bench_main  # the wheel ships bench/ under this name
-    except ImportError:
-        print(
-            "tetherfed bench: the benchmarks are not installed (tetherfed_bench)", file=sys.stderr
-        )
-        return EXIT_USAGE
+    except ImportError as error:
+        raise CliError("the benchmarks are not installed (tetherfed_bench)") from error
     return bench_main(args.names, quick=args.quick, json_path=args.json)
 
 
 def _cmd_federation(args: argparse.Namespace) -> int:
-    from tetherfed.client._errors import TetherError, TransportError
-    from tetherfed.client._sdk import Client
+    from tetherfed.client import Client
     from tetherfed.launch._launch import create_federation, resolve_policy
 
     try:
         policy = resolve_policy(args.policy)
     except (KeyError, ValueError, OSError) as error:
-        print(f"invalid --policy {args.policy!r}: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise CliError(f"invalid --policy {args.policy!r}: {error}") from error
     with Client(args.coordinator, token=args.token) as client:
-        try:
-            create_federation(client, args.name, policy)
-            print(client.get_federation(args.name).model_dump_json(indent=2))
-        except TransportError as error:
-            print(f"coordinator unreachable: {error}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        except TetherError as error:
-            print(str(error), file=sys.stderr)
-            return EXIT_FAILED
+        create_federation(client, args.name, policy)
+        print(client.get_federation(args.name).model_dump_json(indent=2))
     return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
-        from tetherfed.report import ReportError, write_report
-    except ImportError as error:  # plotly missing: the `report` extra
-        print(
-            f"tetherfed report needs the report extra (pip install 'tetherfed[report]'): {error}",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    try:
+        from tetherfed.report import write_report
+
         path = write_report(args.folder, out=args.out, png_dir=args.png)
-    except ReportError as error:
-        print(f"tetherfed report: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except ImportError as error:  # plotly missing: the `report` extra
+        raise CliError(
+            f"needs the report extra (pip install 'tetherfed[report]'): {error}"
+        ) from error
     print(path)
     return EXIT_OK
 
@@ -91,50 +76,39 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tetherfed import experiment
-    from tetherfed.launch._launch import CoordinatorUnreachable
-    from tetherfed.launch._ray import EngineFailed, EngineRefused, close_engine, engine_from_args
+    from tetherfed.launch._ray import close_engine, engine_from_args
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    try:
-        if args.action == "schema":
-            print(json.dumps(experiment.Spec.model_json_schema(), indent=2))
-        elif args.action == "list":
-            for name, path in sorted(experiment.examples().items()):
-                print(f"{name:<20} {path}")
-        elif args.action == "status":
-            rows, summary = experiment.status(args.dir)
-            console.print(experiment.summary_table(rows, summary))
-        elif args.dry_run:
-            _spec, runs, _text = experiment.plan(args.spec, args.set)
-            experiment.print_dry_run(runs, console)
-        else:
-            engine = engine_from_args(args)
-            try:
-                rows = experiment.run(
-                    args.spec,
-                    out=args.out,
-                    resume=args.resume,
-                    force=args.force,
-                    coordinator=args.coordinator,
-                    token=args.token,
-                    overrides=args.set,
-                    jobs=args.jobs,
-                    console=console,
-                    engine=engine,
-                )
-            finally:
-                close_engine(engine)
-            console.print(experiment.summary_table(rows, experiment.summarize(rows)))
-            return EXIT_FAILED if any(r["state"] != "finished" for r in rows) else EXIT_OK
-    except (experiment.SpecError, experiment.ExperimentError, EngineRefused) as error:
-        print(f"tetherfed experiment: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except EngineFailed as error:
-        print(f"tetherfed experiment: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except CoordinatorUnreachable as error:
-        print(f"tetherfed experiment: coordinator unreachable: {error}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    if args.action == "schema":
+        print(json.dumps(experiment.Spec.model_json_schema(), indent=2))
+    elif args.action == "list":
+        for name, path in sorted(experiment.examples().items()):
+            print(f"{name:<20} {path}")
+    elif args.action == "status":
+        rows, summary = experiment.status(args.dir)
+        console.print(experiment.summary_table(rows, summary))
+    elif args.dry_run:
+        _spec, runs, _text = experiment.plan(args.spec, args.set)
+        experiment.print_dry_run(runs, console)
+    else:
+        engine = engine_from_args(args)
+        try:
+            rows = experiment.run(
+                args.spec,
+                out=args.out,
+                resume=args.resume,
+                force=args.force,
+                coordinator=args.coordinator,
+                token=args.token,
+                overrides=args.set,
+                jobs=args.jobs,
+                console=console,
+                engine=engine,
+            )
+        finally:
+            close_engine(engine)
+        console.print(experiment.summary_table(rows, experiment.summarize(rows)))
+        return EXIT_FAILED if any(r["state"] != "finished" for r in rows) else EXIT_OK
     return EXIT_OK
 
 
@@ -239,6 +213,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as error:
+        code, message = _exit_for(error)
+        if code is None:
+            raise
+        print(f"tetherfed {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def _exit_for(error: Exception) -> tuple[int | None, str]:
+    """The exit code of an error a command ended with, and the line to print: the first row of
+    the table that matches (None: not an expected error, let it raise)."""
+    from tetherfed import experiment
+    from tetherfed.client import RefusedError, TetherError, TransportError
+    from tetherfed.launch._launch import CoordinatorUnreachable
+    from tetherfed.launch._ray import EngineFailed, EngineRefused
+    from tetherfed.report._data import ReportError
+
+    if isinstance(error, CliError):
+        return error.code, str(error)
+    if isinstance(error, TransportError | CoordinatorUnreachable):
+        return EXIT_UNREACHABLE, f"coordinator unreachable: {error}"
+    table: list[tuple[tuple[type[Exception], ...], int]] = [
+        (
+            (experiment.SpecError, experiment.ExperimentError, EngineRefused, ReportError),
+            EXIT_USAGE,
+        ),
+        ((RefusedError,), EXIT_REFUSED),
+        ((EngineFailed, TetherError), EXIT_FAILED),
+    ]
+    for kinds, code in table:
+        if isinstance(error, kinds):
+            return code, str(error)
+    return None, str(error)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tether_protocol.messages import Policy
-from tetherfed._exits import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
-from tetherfed.client._errors import NotFoundError, TransportError
+from tetherfed._exits import EXIT_OK, EXIT_UNREACHABLE, CliError
+from tetherfed.client._errors import TransportError
 from tetherfed.client._sdk import Client
 from tetherfed.launch._console import fmt, plain_line, worker_table
 from tetherfed.launch._launch import (
@@ -37,8 +37,6 @@ from tetherfed.launch._launch import (
     resolve_policy,
 )
 from tetherfed.launch._ray import (
-    EngineFailed,
-    EngineRefused,
     add_engine_args,
     close_engine,
     engine_from_args,
@@ -174,20 +172,11 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         policy = resolve_policy(args.policy)
     except (KeyError, OSError, ValueError) as exc:
-        print(f"tetherfed up: bad --policy: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise CliError(f"bad --policy: {exc}") from exc
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
-        print(f"tetherfed up: --out {out} is a file, not a folder", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        engine = engine_from_args(args)
-    except EngineRefused as exc:
-        print(f"tetherfed up: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except EngineFailed as exc:
-        print(f"tetherfed up: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        raise CliError(f"--out {out} is a file, not a folder")
+    engine = engine_from_args(args)
     try:
         with LiveView(Console()) as view:
             result = launch(
@@ -254,9 +243,5 @@ def run_status(args: argparse.Namespace) -> int:
             if not feds:
                 console.print("no federations")
     except TransportError as exc:
-        print(f"tetherfed status: cannot reach {args.coordinator}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except NotFoundError as exc:
-        print(f"tetherfed status: {exc.detail}", file=sys.stderr)
-        return EXIT_FAILED
+        raise CliError(f"cannot reach {args.coordinator}: {exc}", EXIT_UNREACHABLE) from exc
     return EXIT_OK

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tetherfed._exits import EXIT_OK, EXIT_USAGE
+from tetherfed._exits import EXIT_OK, CliError
 from tetherfed.client._sdk import Client
 from tetherfed.worker._options import (
     add_worker_args,
@@ -245,12 +245,12 @@ def _executor(plan: SlurmPlan, role: str, cluster: str) -> Any:
 
     folder = plan.folder / SUBMITIT_DIR / "%j"
     if cluster == "local":  # this machine (tests, a try-out): no sbatch parameters apply
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=plan.time_min)
-        return executor
-    executor = submitit.SlurmExecutor(folder=folder)
-    executor.update_parameters(**job_parameters(plan, role))
-    return executor
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=plan.time_min)
+        return local
+    slurm = submitit.SlurmExecutor(folder=folder)
+    slurm.update_parameters(**job_parameters(plan, role))
+    return slurm
 
 
 def submit(plan: SlurmPlan, cluster: str = "slurm") -> Submitted:
@@ -347,8 +347,7 @@ def run_submit_slurm(args: argparse.Namespace) -> int:
         parse_redis_url(args.redis_url)
         plan = plan_from_args(args)
     except ValueError as error:
-        print(f"tetherfed submit slurm: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise CliError(str(error)) from error
     if args.dry_run:
         for role, text in sbatch_scripts(plan).items():
             print(f"# ---- {role} ----\n{text}")
