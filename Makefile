@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy tether_protocol
+	$(PY) -m mypy tether_protocol services/coordinator/tetherfed_coordinator clients/python/tetherfed
 	# import-linter's contracts (pyproject.toml): the client package's concerns import one way,
 	# the coordinator imports no client code, and the SDK needs no torch.
 	$(PY) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"

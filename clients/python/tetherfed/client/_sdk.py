@@ -728,9 +728,8 @@ class AsyncClient:
     async def tether(
         self, fed: str, wid: str, layer: str, version: int | None = None
     ) -> npt.NDArray[np.floating[Any]]:
-        frame = decode_frame(
-            await self.call(CALLS.tether_bytes(fed, wid, layer, version)), require_meta=False
-        )
+        data = await self.call(CALLS.tether_bytes(fed, wid, layer, version))
+        frame = decode_frame(data, require_meta=False)
         return frame.tensors[layer]
 
     async def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:

@@ -64,7 +64,7 @@ def as_matrix(weight: ArrayLike) -> Array:
 def singular_values(weight: ArrayLike) -> Array:
     """Singular values of `as_matrix(weight)`, largest first: shape (min(out, in·k…),), in the
     weight's units (seed 002's "singular value magnitudes per layer")."""
-    return np.linalg.svd(as_matrix(weight), compute_uv=False)
+    return np.linalg.svd(as_matrix(weight), compute_uv=False).astype(np.float64, copy=False)
 
 
 def effective_rank(weight: ArrayLike) -> float:
@@ -209,7 +209,7 @@ def update_spectrum(updates: ArrayLike, wavelet: str = "db4", level: int = 5) ->
         raise ValueError(f"{u.shape[1]} values are too few for one {wavelet} wavelet level")
     details = [pywt.wavedec(row, wavelet, level=levels)[1:] for row in u]
     return UpdateSpectrum(
-        freqs=np.fft.rfftfreq(u.shape[1]),
+        freqs=np.fft.rfftfreq(u.shape[1]).astype(np.float64, copy=False),
         fft=np.fft.rfft(u, axis=1),
         wavelet=np.array([np.concatenate(d) for d in details]),
         level=levels,
@@ -322,10 +322,10 @@ def jacobian_spectral_radius(
     input unit). Seeded start vectors: the same model and probe give the same value.
     """
     x = probe.detach()
-    out, vjp_fn = torch.func.vjp(model, x)  # u ↦ Jᵀu
+    out, vjp_fn = torch.func.vjp(model, x)[:2]  # u ↦ Jᵀu
     # J v as the vjp of that linear map (the "double-vjp" trick): reverse-mode kernels only.
     # torch.func.jvp gives the same values but decomposes Linear layers in Python (4× slower).
-    _, jvp_fn = torch.func.vjp(vjp_fn, torch.zeros_like(out))
+    jvp_fn = torch.func.vjp(vjp_fn, torch.zeros_like(out))[1]
     square = x[0].numel() == out[0].numel()
     gen = torch.Generator().manual_seed(seed)
     v = _unit(torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x))
@@ -346,7 +346,8 @@ def jacobian_spectral_radius(
 
 
 def _norms(v: Tensor) -> Tensor:
-    return v.detach().flatten(1).norm(dim=1)
+    norms: Tensor = torch.linalg.vector_norm(v.detach().flatten(1), dim=1)
+    return norms
 
 
 def _unit(v: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -113,6 +113,8 @@ class Diagnostics:
     its diagnostics arm trains).
     """
 
+    _window_for: int  # the last step of the run that ends the current window
+
     def __init__(
         self,
         model: nn.Module,
@@ -145,7 +147,7 @@ class Diagnostics:
         self.probe, self.seed, self.bins, self.updates = probe, seed, bins, updates_per_epoch
         self.normalize, self.steps_per_epoch = normalize_histograms, steps_per_epoch
         self.last_step = last_step
-        self.tracked = tracked or tuple(list(self.layers)[:2])  # type: ignore[assignment]
+        self.tracked = tracked or tuple(list(self.layers)[:2])
         self._init = self._effective()
         self._range = self._histogram_range()
         self._setup_ring(coords_per_layer, seed)
@@ -416,7 +418,7 @@ class Diagnostics:
     @torch.no_grad()
     def _effective(self) -> dict[str, np.ndarray]:
         return {
-            n: m.weight.detach().to("cpu", torch.float64).numpy().copy()
+            n: cast(Tensor, m.weight).detach().to("cpu", torch.float64).numpy().copy()
             for n, m in self.layers.items()
         }
 
@@ -436,7 +438,7 @@ class Diagnostics:
 
     def _keep(self, key: str, step: int, array: Any) -> None:
         self._arrays.setdefault(key, []).append(np.asarray(array))
-        self._arrays.setdefault(f"{key}/step", []).append(np.int64(step))
+        self._arrays.setdefault(f"{key}/step", []).append(np.asarray(step, dtype=np.int64))
 
     def _latest(self, key: str, array: np.ndarray) -> None:
         self._arrays[key] = [array]

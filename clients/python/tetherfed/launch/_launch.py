@@ -644,9 +644,9 @@ class Launcher:
                 self.failures.append(
                     f"{name} exited with code {code}; see {self.out / f'{name}.log'}"
                 )
-        proc = self.coordinator.process if self.coordinator else None
-        if proc is not None and not _alive(proc):
-            self.failures.append(f"the coordinator exited with code {proc.returncode}")
+        coordinator = self.coordinator.process if self.coordinator else None
+        if coordinator is not None and not _alive(coordinator):
+            self.failures.append(f"the coordinator exited with code {coordinator.returncode}")
         return not self.failures and any(_alive(p) for p in self.workers.values())
 
     def supervise(self, view: View | None, stop: threading.Event | None) -> None:

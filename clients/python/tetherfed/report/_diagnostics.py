@@ -124,10 +124,11 @@ def _series(
         v = _scalar(p.value)
         if v is not None:
             grouped[(p.worker, p.layer)].append((p.step, v, p.epoch))
-    return {
-        k: tuple(np.array(col, float) for col in zip(*sorted(v), strict=True))
-        for k, v in grouped.items()
-    }  # type: ignore[misc]
+    series = {}
+    for k, rows in grouped.items():
+        steps, values, epochs = zip(*sorted(rows), strict=True)
+        series[k] = (np.array(steps, float), np.array(values, float), np.array(epochs, float))
+    return series
 
 
 def scalar_figure(

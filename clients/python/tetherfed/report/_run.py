@@ -30,7 +30,7 @@ NO_DECISIONS = "the run folder has no decisions.jsonl with scored decisions"
 
 def color(i: int) -> str:
     """The i-th worker's colour."""
-    return COLORS[i % len(COLORS)]
+    return str(COLORS[i % len(COLORS)])
 
 
 def _line(x: np.ndarray, y: np.ndarray, **kwargs: Any) -> go.Scatter:
@@ -210,7 +210,7 @@ def timeline_figure(run: RunData) -> Figure:
         fig.add_trace(
             go.Scatter(
                 x=[d.get("created_at") for d in ds],
-                y=[run.names.get(d.get("worker_id"), d.get("worker_id")) for d in ds],
+                y=[run.names.get(str(d.get("worker_id")), d.get("worker_id")) for d in ds],
                 mode="markers",
                 name=action,
                 marker={"color": ACTION_COLORS[action], "size": 7, "opacity": 0.7},

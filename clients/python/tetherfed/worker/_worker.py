@@ -29,11 +29,12 @@ from tetherfed.client._retry import RetryPolicy
 from tetherfed.client._sdk import Client
 from tetherfed.diagnostics._recorder import Diagnostics, parse_spec
 from tetherfed.federation._federation import Federation, StepReport
+from tetherfed.tethers import Task
 from tetherfed.tethers._probe import Probe
 from tetherfed.tethers._tethering import tether, tethered_layers, update_importance
 
 from ._options import WorkerOptions
-from ._tasks import Task, build_model, default_model, load_task
+from ._tasks import build_model, default_model, load_task
 
 log = logging.getLogger("tetherfed.worker")
 PEER_TIMEOUT_S = 120.0
@@ -120,7 +121,10 @@ def build_optimizer(model: nn.Module, cfg: WorkerConfig) -> torch.optim.Optimize
         if params
     ]
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    return kinds[cfg.optimizer](param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # type: ignore[operator]
+    optimizer: torch.optim.Optimizer = kinds[cfg.optimizer](
+        param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: WorkerConfig, total: int) -> Any:
@@ -303,7 +307,7 @@ def _train_step(run: _Run) -> tuple[int, float, float]:
     out = run.model(x.to(run.device, non_blocking=True))
     loss = run.task.loss_fn(out, y.to(run.device, non_blocking=True))
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     grad_norm = float(nn.utils.clip_grad_norm_(run.model.parameters(), math.inf))
     if run.cfg.tether_mode == "importance":
         update_importance(run.model)
