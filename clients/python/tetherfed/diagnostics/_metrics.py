@@ -63,13 +63,13 @@ def as_matrix(weight: ArrayLike) -> Array:
 
 def singular_values(weight: ArrayLike) -> Array:
     """Singular values of `as_matrix(weight)`, largest first: shape (min(out, in·k…),), in the
-    weight's units (seed 002's "singular value magnitudes per layer")."""
+    weight's units (one magnitude per singular direction)."""
     return np.linalg.svd(as_matrix(weight), compute_uv=False).astype(np.float64, copy=False)
 
 
 def effective_rank(weight: ArrayLike) -> float:
     """exp of the Shannon entropy of the normalised singular values p_k = σ_k / Σσ (Roy &
-    Vetterli 2007; seed 002): 1 when all energy is in one value, n when spread evenly over n.
+    Vetterli 2007): 1 when all energy is in one value, n when spread evenly over n.
 
     Conv kernels are reshaped to (out, in·k…) first (`as_matrix`). An all-zero weight has no
     energy to spread and gives 0.0. Dimensionless, in [1, min(out, in·k…)] otherwise.
@@ -108,7 +108,7 @@ def weight_histogram(
     range: tuple[float, float] = (-1.0, 1.0),
     norm: float | None = None,
 ) -> NDArray[np.int64]:
-    """Counts of weight values in `bins` equal bins over the fixed `range` (seed 002's weight
+    """Counts of weight values in `bins` equal bins over the fixed `range` (a weight
     histograms over training: fixed bins, so checkpoints stack into a surface).
 
     Values outside `range` are counted in the edge bins, so the counts sum to the number of
@@ -170,7 +170,7 @@ def delta_correlation_by_distance(deltas: Sequence[ArrayLike], quantiles: int = 
 
 @dataclass(frozen=True)
 class UpdateSpectrum:
-    """Spectra of flattened weight-update vectors, one row per epoch (seed 000).
+    """Spectra of flattened weight-update vectors, one row per epoch.
 
     `freqs` (F,): cycles per sample of the flattened vector (F = n // 2 + 1).
     `fft` (E, F) complex128: `numpy.fft.rfft` of each epoch's vector; its magnitude is the
@@ -196,7 +196,7 @@ def update_spectrum(updates: ArrayLike, wavelet: str = "db4", level: int = 5) ->
     """FFT magnitude spectra and wavelet detail coefficients of weight-update vectors per epoch.
 
     `updates`: shape (E, n) — one flattened update vector per epoch — or (E, U, K), U update
-    vectors of K sampled coordinates per epoch, flattened row-major to n = U·K as seed 000 does;
+    vectors of K sampled coordinates per epoch, flattened row-major to n = U·K;
     a 1-D vector is one epoch. The wavelet decomposition uses `level` levels (5 by default),
     fewer when n is too short for them (`pywt.dwt_max_level`).
     """
@@ -246,7 +246,7 @@ def persistent_peaks(
     freqs: ArrayLike | None = None,
     found: Sequence[NDArray[np.intp]] | None = None,
 ) -> list[Peak]:
-    """Peaks present in every epoch's spectrum within ±`tolerance` bins (seed 000: "flag peaks
+    """Peaks present in every epoch's spectrum within ±`tolerance` bins ("flag peaks
     that persist across all epochs and check their phase alignment").
 
     `spectra` (E, F): complex FFTs (e.g. `UpdateSpectrum.fft`), or magnitudes (phase agreement
@@ -309,7 +309,7 @@ def jacobian_spectral_radius(
     seed: int = 0,
 ) -> JacobianRadius:
     """Largest |eigenvalue| of the input→output Jacobian J(x) of `model` at each probe sample,
-    by power iteration with `torch.func` vjps (seed 004: "the Jacobian of the network mapping and its
+    by power iteration with `torch.func` vjps ("the Jacobian of the network mapping and its
     spectral radius"; "flag the first epoch where that value exceeds 1").
 
     `probe`: (B, *input_shape); every sample gets its own iteration, batched: one Jacobian-vector

@@ -104,7 +104,7 @@ class Diagnostics:
     `probe`: inputs (B, *input_shape) for the Jacobian radius (none: that metric is skipped).
     `tracked`: two layer names whose first weight element is tracked every step with the loss
     (default: the first two layers — `fc1.weight[0,0]`, `fc2.weight[0,0]` for the MLPs).
-    `normalize_histograms`: histogram weights divided by the total weight norm (seed 002's note).
+    `normalize_histograms`: histogram weights divided by the total weight norm.
     `steps_per_epoch`: with `every="epoch"`, run after each epoch's last step; without it, at the
     first step of the next epoch (labelled with the epoch that ended).
     `last_step`: the run's last step, so the final run (`close`) has update spectra too.

@@ -1,4 +1,4 @@
-"""Scripted experiments (DESIGN §9): a spec expanded into runs, run through the launcher, results
+"""Scripted experiments: a spec expanded into runs, run through the launcher, results
 collected into one folder.
 
     import tetherfed.experiment

@@ -1,4 +1,4 @@
-"""The experiment spec (DESIGN §9): a TOML file checked by pydantic, expanded into runs.
+"""The experiment spec: a TOML file checked by pydantic, expanded into runs.
 
     [experiment]   name, out, repeats, seed, steps | epochs, publish_every, jobs, fail_fast,
                    fedavg_every, device

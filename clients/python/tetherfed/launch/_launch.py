@@ -101,7 +101,7 @@ def resolve_policy(spec: str) -> Policy | str:
 
 
 def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
-    """The policy a run of `arm` gives its federation (DESIGN §9).
+    """The policy a run of `arm` gives its federation.
 
     federated: `policy` as is. independent: the same workers publish, but no round ever fires
     (plateau trigger with both epsilons 0), so no decision is made or applied: the control.

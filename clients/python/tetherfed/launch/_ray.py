@@ -1,5 +1,4 @@
-"""The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`; DESIGN
-§11, the `tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
+"""The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`, the `tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
 
 - Coordinator replicas are actors (`tetherfed_coordinator.replica`), one per bundle of a
   placement group with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the

@@ -1,5 +1,5 @@
 """`tetherfed submit slurm`: a coordinator job and a job array of workers on Slurm, through
-submitit (DESIGN §11; the `tetherfed[slurm]` extra).
+submitit (the `tetherfed[slurm]` extra).
 
 The coordinator job starts `tetherfed coordinator` on its node (Redis is the one given: a job
 cannot host state that outlives it), creates the federation and writes its URL to

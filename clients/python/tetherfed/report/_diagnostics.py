@@ -1,4 +1,4 @@
-"""Figures of the §8 weight diagnostics a worker records (`--diagnostics`): effective rank, gzip
+"""Figures of the weight diagnostics a worker records (`--diagnostics`): effective rank, gzip
 ratio, Jacobian radius, histogram surfaces, singular-value and |ΔW|-correlation heat maps, update
 spectra with persistent peaks, and the prototype's 3-D scatter of two tracked weights vs loss.
 
@@ -161,10 +161,8 @@ def scalar_figure(
 
 def jacobian_figure(points: list[Point], workers: list[str]) -> Figure:
     """Jacobian spectral radius per worker and diagnostics pass, the line at 1, and a star at
-    the first pass (its epoch in the legend) each worker went above 1 (seed 004)."""
-    fig = scalar_figure(
-        points, "jacobian_radius", "Jacobian spectral radius (seed 004)", "radius", workers
-    )
+    the first pass (its epoch in the legend) each worker went above 1."""
+    fig = scalar_figure(points, "jacobian_radius", "Jacobian spectral radius", "radius", workers)
     if fig.figure is None:
         return fig
     fig.figure.add_hline(y=1.0, line_dash="dot", line_color="#d62728")
@@ -246,7 +244,7 @@ class ArrayView:
 
 def _surface(view: ArrayView, layer: str) -> bool:
     # WebGL contexts are few, and slow when software-rendered: one surface per metric (layer
-    # `all`), a density heat map per layer (both views are seed 002's).
+    # `all`), a density heat map per layer (both views).
     return view.kind == "surface" and layer == "all"
 
 
@@ -328,9 +326,9 @@ def _mark_peaks(figures: list[Figure], diag: Diagnostics) -> None:
 
 
 def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
-    """The prototype's view (seed 001): two tracked weights against the loss at each step,
+    """The prototype's view: two tracked weights against the loss at each step,
     coloured by epoch, with the steps where the worker applied a merge marked."""
-    title = "Two tracked weights vs loss (seed 001)"
+    title = "Two tracked weights vs loss"
     tables = {
         p.worker: np.asarray(p.value, dtype=float).reshape(-1, 4)
         for p in diag.by_metric["tracked_weights"]
@@ -398,17 +396,15 @@ def trajectory_figure(run: RunData, diag: Diagnostics) -> Figure:
 VIEWS = [
     ArrayView(
         "weight_histogram",
-        "Weight histogram over training (seed 002)",
+        "Weight histogram over training",
         "surface",
         "weight value",
         "count",
     ),
-    ArrayView(
-        "singular_values", "Singular values over training (seed 002)", "heatmap", "SV index", "σ"
-    ),
+    ArrayView("singular_values", "Singular values over training", "heatmap", "SV index", "σ"),
     ArrayView(
         "delta_corr_by_distance",
-        "|ΔW from init| correlation vs layer distance (seed 002)",
+        "|ΔW from init| correlation vs layer distance",
         "heatmap",
         "layer distance",
         "corr",
@@ -416,7 +412,7 @@ VIEWS = [
     ),
     ArrayView(
         "update_fft",
-        "Weight-update FFT magnitude (seed 000)",
+        "Weight-update FFT magnitude",
         "heatmap",
         "frequency (cycles / step)",
         "dB",
@@ -424,7 +420,7 @@ VIEWS = [
     ),
     ArrayView(
         "update_wavelet",
-        "Weight-update db4 wavelet details, 5 levels (seed 000)",
+        "Weight-update db4 wavelet details, 5 levels",
         "heatmap",
         "coefficient",
         "value",
@@ -433,7 +429,7 @@ VIEWS = [
 
 
 def diagnostics_figures(run: RunData) -> list[Figure]:
-    """Every §8 figure, each a note when its metric was not recorded."""
+    """Every diagnostics figure, each a note when its metric was not recorded."""
     diag, workers = collect(run), [w.name for w in run.workers]
     m = diag.by_metric
     figures = [
@@ -448,7 +444,7 @@ def diagnostics_figures(run: RunData) -> list[Figure]:
         scalar_figure(
             m["gzip_ratio"],
             "gzip_ratio",
-            "Gzip ratio of the weights (seed 002; lower = more structure)",
+            "Gzip ratio of the weights (lower = more structure)",
             "compressed / raw",
             workers,
         ),

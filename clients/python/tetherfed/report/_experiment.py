@@ -1,4 +1,4 @@
-"""Figures of an experiment folder (DESIGN §9): the summary table, mean ± std bands over repeats
+"""Figures of an experiment folder: the summary table, mean ± std bands over repeats
 per cell and arm, parallel coordinates of the grid against the final metric, cluster recovery
 per cell, and the paired federated − independent difference with 95 % confidence intervals.
 

@@ -1,5 +1,5 @@
 """Figures of one run: loss with decision marks, compatibility over time, decision timeline,
-merge graph and generations (DESIGN §10)."""
+merge graph and generations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tethered layers: ``W_eff = W ⊙ T`` through ``torch.nn.utils.parametrize`` (DESIGN §3, §5).
+"""Tethered layers: ``W_eff = W ⊙ T`` through ``torch.nn.utils.parametrize``.
 
 ``tether(model, mode=...)`` registers a :class:`TetherParametrization` on the ``weight`` of every
 selected ``nn.Linear`` / ``nn.Conv{1,2,3}d``. The raw weight stays the trainable parameter

@@ -55,7 +55,7 @@ class WorkerOptions(BaseModel):
     eval_every: int = Field(default=100, ge=1, description="validation + checkpoint every K steps")
     diagnostics: str | None = Field(
         default=None,
-        description="weight diagnostics into the worker folder and to the coordinator (DESIGN §8): "
+        description="weight diagnostics into the worker folder and to the coordinator: "
         "every=epoch|N[,budget=F]; None: off",
     )
 

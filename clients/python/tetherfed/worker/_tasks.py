@@ -1,18 +1,18 @@
-"""Built-in offline tasks and models (DESIGN §5); a user's own as a ``module:function`` reference.
+"""Built-in offline tasks and models; a user's own as a ``module:function`` reference.
 
 Tasks (``load_task(name, seed)``):
 
 * ``random-classification``: the prototype's data, 128 U[0,1) inputs, 10 uniformly random labels,
   3,200 training samples (plus 640 for validation). Labels carry no signal: models can only
   memorise, as in the prototype.
-* ``piecewise``, ``sin``, ``sinc``: 1-D regression on 5,000 samples (seed 002), x ~ U[-3, 3]
+* ``piecewise``, ``sin``, ``sinc``: 1-D regression on 5,000 samples, x ~ U[-3, 3]
   (``sinc`` = sin(x)/x on x ~ U[-32, 32]); ``piecewise`` is the seed's step function, 1 on
   [-2, -1) and [0, 2), else 0. Validation: 1,000 further draws.
 * ``digits``: scikit-learn's bundled 8x8 digits as 1x8x8 images scaled to [0, 1], split 80/20.
 
 Models (``build_model(name, task, seed)``) adapt their input and output sizes to the task:
 ``mlp`` (the prototype's fc1-fc2-out with 64 hidden units: 128-64-10 on random-classification),
-``relu-chain-5555`` / ``relu-chain-888`` (seed 002's ReLU chains), ``digits-mlp`` and
+``relu-chain-5555`` / ``relu-chain-888`` (ReLU chains of 5-5-5-5 and 8-8-8 units), ``digits-mlp`` and
 ``digits-cnn`` (two Conv2d layers).
 
 A user task is ``"package.module:function"``; the function returns a :class:`Task` and is called
