@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv test lint unit demo bench bench-quick clean fuzz fuzz-ci chaos browser
+.PHONY: venv test lint unit notorch demo bench bench-quick clean fuzz fuzz-ci chaos browser
 
 venv: $(STAMP)
 
@@ -41,7 +41,18 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is not installed and could not be: the page tests will not run" >&2
 
-test: lint unit
+# The package without its worker extra, in a fresh venv with no torch: `import tetherfed`, the SDK
+# and the commands that need no model (tests/notorch, skipped where torch is installed).
+NOTORCH ?= .venv-notorch
+notorch:
+	rm -rf $(NOTORCH)
+	python3 -m venv $(NOTORCH)
+	$(NOTORCH)/bin/python -m pip install -q --upgrade pip
+	$(NOTORCH)/bin/python -m pip install -q '.[report]' 'pytest>=8' 'pytest-timeout>=2.3'
+	! $(NOTORCH)/bin/python -c "import torch" 2>/dev/null
+	$(NOTORCH)/bin/python -m pytest -q -p no:cacheprovider tests/notorch
+
+test: lint unit notorch
 
 demo: venv
 	$(PY) -m tetherfed.cli up --workers 3 --task digits --steps 300 --eval-every 50 --log-every 25 \
@@ -54,7 +65,7 @@ bench-quick: venv
 	$(PY) -m tetherfed.cli bench --quick --json bench-quick.jsonl
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
+	rm -rf $(VENV) $(NOTORCH) .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
 
 # Fuzzing (issue 12): hypothesis on the frame decoders (CI runs 100 examples per test inside
 # `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful
