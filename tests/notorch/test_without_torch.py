@@ -9,6 +9,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +40,9 @@ def coordinator(tmp_path: Path) -> Iterator[str]:
     """`tetherfed coordinator` on embedded Redis, on a free loopback port; its URL once ready."""
     port = free_port()
     log = (tmp_path / "coordinator.log").open("w")
+    argv = ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "redis")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tetherfed.cli", "coordinator", "--host", "127.0.0.1"]
-        + ["--port", str(port), "--data-dir", str(tmp_path / "redis")],
+        [sys.executable, "-m", "tetherfed.cli", "coordinator", *argv],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -60,8 +61,6 @@ def coordinator(tmp_path: Path) -> Iterator[str]:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import time
-
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the coordinator exited: {log.read_text()[-2000:]}"
