@@ -9,9 +9,17 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 PROTOCOL_VERSION = 1
 
@@ -350,40 +358,41 @@ def policy_preset(name: str) -> Policy:
         raise KeyError(f"unknown policy preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-class PolicyPatch(WireModel):
-    """A partial policy update (PATCH): the given fields change, then the whole is validated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    measure: Measure | None = None
-    merge_threshold: float | None = None
-    drift_threshold: float | None = None
-    trigger: Trigger | None = None
-    loss_epsilon: float | None = None
-    grad_epsilon: float | None = None
-    max_merges_per_epoch: int | None = None
-    cooldown_steps: int | None = None
-    max_staleness_steps: int | None = None
-    pairing: Pairing | None = None
-    layers: LayerScope | None = None
-    merge_operator: MergeOperator | None = None
-    merge_alpha: float | None = None
-    drift_operator: DriftOperator | None = None
-    drift_beta: float | None = None
-    retain_generations: int | None = None
-    warmup_steps: int | None = None
-    relative: Relative | None = None
-    min_merge_score: float | None = None
-    probe_seed: int | None = None
-    probe_size: int | None = None
-    gate: MergeGate | None = None
-    sketch: SketchPolicy | None = None
-    fedavg_every: int | None = None
+class _PolicyPatchBase(WireModel):
+    """What `PolicyPatch` adds to its fields (which are derived from `Policy`'s below)."""
 
     def apply(self, policy: Policy) -> Policy:
         """The patched policy; raises pydantic.ValidationError if the result is invalid."""
         merged = policy.model_dump() | self.model_dump(exclude_unset=True)
         return Policy.model_validate(merged)
+
+
+def _optional(field: FieldInfo) -> tuple[Any, Any]:
+    """A `Policy` field as a patch field: the same type, constraints and validators for a value
+    that is given, None (unchanged) by default, the same description."""
+    given: Any = (
+        Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    )
+    return given | None, Field(default=None, description=field.description)
+
+
+# Built from `Policy.model_fields`, so a field added to `Policy` can be patched at once. Type
+# checkers see a class declaration instead: create_model's result is a value, not a type.
+if TYPE_CHECKING:
+
+    class PolicyPatch(_PolicyPatchBase):
+        """A partial policy update (PATCH): the given fields change, then the whole is
+        validated. Every field of `Policy`, optional."""
+
+else:
+    PolicyPatch = create_model(
+        "PolicyPatch",
+        __base__=_PolicyPatchBase,
+        __module__=__name__,
+        __doc__="A partial policy update (PATCH): the given fields change, then the whole is "
+        "validated.",
+        **{name: _optional(field) for name, field in Policy.model_fields.items()},
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,15 +74,23 @@ def test_cpu_meter_counts_the_coordinators_children_as_the_coordinators() -> Non
         deadline = time.monotonic() + 20
         while not psutil.Process(coordinator.pid).children() and time.monotonic() < deadline:
             time.sleep(0.01)
+        (scorer,) = psutil.Process(coordinator.pid).children()
         meter = CpuMeter(coordinator.pid)
+        before, began = sum(scorer.cpu_times()[:2]), time.perf_counter()
         meter.start()
         time.sleep(1.5)
         cpu = meter.stop()
+        # what the stand-in scorer really got: a whole core on a quiet machine, less on a busy one
+        got = (sum(scorer.cpu_times()[:2]) - before) / (time.perf_counter() - began)
     finally:
         for proc in psutil.Process(coordinator.pid).children(recursive=True):
             proc.kill()
         coordinator.kill()
         coordinator.wait(timeout=10)
-    assert cpu["cores_used"]["scorers"] >= 0.5, cpu
+    assert cpu["cores_used"]["scorers"] == pytest.approx(got, abs=0.15), (got, cpu)
     assert cpu["cores_used"]["bench"] < 0.3, cpu
-    assert "scorers" in cpu["limit"], cpu
+    if got >= CpuMeter.SATURATED + 0.05:  # the scorer held a core: it is the limit
+        assert "scorers" in cpu["limit"], (got, cpu)
+    else:  # other processes kept it from a core (a loaded machine): never blamed on the bench
+        assert "benchmark's own" not in cpu["limit"], (got, cpu)
+        assert "scorers" in cpu["limit"] or "machine CPU" in cpu["limit"], (got, cpu)

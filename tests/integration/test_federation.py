@@ -61,6 +61,22 @@ def train(
     return done
 
 
+# How long a test steps its workers waiting for a decision to come back: a bound on the wall
+# clock (generous for a loaded machine), never a number of steps: decisions come at the
+# coordinator's pace, not the training loop's.
+DECISION_TIMEOUT_S = 90.0
+
+
+def step_until(what: str, step: Callable[[], None], done: Callable[[], bool]) -> None:
+    """Call `step` (one training step of every worker) until `done()`; fail naming `what` after
+    DECISION_TIMEOUT_S."""
+    deadline = time.monotonic() + DECISION_TIMEOUT_S
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not within {DECISION_TIMEOUT_S:.0f} s"
+        step()
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def coordinator(coordinator_process: Callable[..., Any]) -> Any:
     return coordinator_process()
@@ -94,13 +110,14 @@ def test_identical_static_tethers_merge_and_acks_are_visible(
     feds = federations(coordinator.url, "same", models)
     try:
         applied: list[int] = []
-        for _ in range(200):
+
+        def step() -> None:
             for f in feds:
-                applied += [d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied]
-            if applied:
-                break
-            time.sleep(0.05)
-        assert applied, "no merge was applied although the tethers are identical"
+                applied.extend(d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied)
+
+        step_until(
+            "no merge was applied although the tethers are identical", step, lambda: bool(applied)
+        )
         merges = api.decisions("same", action="merge")
         assert merges.count >= 1
         assert all(
@@ -124,13 +141,14 @@ def test_anti_correlated_tethers_drift_under_pearson(api: Client, coordinator: A
     before = tetherfed.tethered_layers(a)["fc1"].current().clone()
     try:
         drifted: list[Any] = []
-        for _ in range(200):
-            drifted += [d for d in feds[0].step(loss=1.0, epoch=0).applied if d.action == "drift"]
+
+        def step() -> None:
+            drifted.extend(
+                d for d in feds[0].step(loss=1.0, epoch=0).applied if d.action == "drift"
+            )
             feds[1].step(loss=1.0, epoch=0)
-            if drifted:
-                break
-            time.sleep(0.05)
-        assert drifted, "anti-correlated tethers did not drift"
+
+        step_until("anti-correlated tethers did not drift", step, lambda: bool(drifted))
         after = tetherfed.tethered_layers(a)[drifted[0].layer].current()
         layer_before = before if drifted[0].layer == "fc1" else after
         assert drifted[0].score is not None and drifted[0].score < -0.99
@@ -148,22 +166,44 @@ def test_a_decision_delivered_twice_is_applied_once(api: Client, coordinator: An
     feds = federations(coordinator.url, "twice", models)
     try:
         first: list[int] = []
-        for _ in range(200):  # one merge per layer is all the policy allows this epoch
-            first += [d.id for d in feds[0].step(loss=1.0, epoch=0).applied]
+
+        def step() -> None:
+            first.extend(d.id for d in feds[0].step(loss=1.0, epoch=0).applied)
             feds[1].step(loss=1.0, epoch=0)
-            if set(feds[0].generations.values()) == {1}:
-                break
-            time.sleep(0.05)
-        assert set(feds[0].generations.values()) == {1}, feds[0].generations
+
+        # one merge per layer is all the policy allows this epoch
+        merged = lambda: set(feds[0].generations.values()) == {1}  # noqa: E731
+        step_until(f"a merge on every layer: {feds[0].generations}", step, merged)
         generations = dict(feds[0].generations)
         tethers = {
             n: tp.current().clone() for n, tp in tetherfed.tethered_layers(models[0]).items()
         }
-        feds[0]._cursor = 0  # the next poll delivers every decision again
-        for _ in range(40):
-            report = feds[0].step(loss=1.0, epoch=0)
-            assert not [d for d in report.applied if d.id in first], "a decision was applied twice"
-            time.sleep(0.05)
+        # Record what each poll of feds[0] returns, to know when every decision came again.
+        delivered: set[int] = set()
+        poll = feds[0]._client.worker_decisions
+
+        def poll_and_note(*args: Any, **kwargs: Any) -> Any:
+            page = poll(*args, **kwargs)
+            delivered.update(d.id for d in page.data)
+            return page
+
+        feds[0]._client.worker_decisions = poll_and_note  # type: ignore[method-assign]
+        again: list[int] = []
+
+        def step_again() -> None:
+            if not set(first) <= delivered:
+                # the next poll delivers every decision again (set until it has: a poll already
+                # under way when it is set may move the cursor on)
+                feds[0]._cursor = 0
+            again.extend(d.id for d in feds[0].step(loss=1.0, epoch=0).applied)
+
+        step_until(
+            "the applied decisions were not delivered again",
+            step_again,
+            lambda: set(first) <= delivered,
+        )
+        step_again()  # whatever the poll queued is taken (or skipped) at this step
+        assert not [i for i in again if i in first], "a decision was applied twice"
         assert feds[0].generations == generations
         for n, tp in tetherfed.tethered_layers(models[0]).items():
             assert torch.equal(tp.current(), tethers[n])
@@ -211,11 +251,19 @@ def test_resume_keeps_id_generation_and_applied_ids(api: Client, coordinator: An
     api.create_federation("resume", policy=EVERY | {"max_merges_per_epoch": 1})  # type: ignore[arg-type]
     models = [tether(mlp(i), "static", seed=5) for i in range(2)]
     feds = federations(coordinator.url, "resume", models)
-    for _ in range(200):
-        if feds[0].step(loss=1.0, epoch=0).applied:
-            break
-        feds[1].step(loss=1.0, epoch=0)
-        time.sleep(0.05)
+    applied: list[int] = []
+
+    def step() -> None:
+        applied.extend(d.id for d in feds[0].step(loss=1.0, epoch=0).applied)
+        if not applied:
+            feds[1].step(loss=1.0, epoch=0)
+
+    try:
+        step_until("nothing was applied before the checkpoint", step, lambda: bool(applied))
+    except AssertionError:
+        for f in feds:
+            f.close(leave=False)
+        raise
     state = feds[0].state_dict()
     for f in feds:
         f.close(leave=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from events import MANY_STEPS, applied, finish_workers, started, wait_for
 
 from tetherfed import Client
 
@@ -64,12 +66,19 @@ def test_two_processes_under_the_seed_preset_merge_the_middle_layer_only(
     coordinator = coordinator_process()
     with Client(coordinator.url) as api:
         api.create_federation("seed", policy="seed")
-    procs = [
-        worker(
-            coordinator.url, "seed", s, tmp_path / f"w{s}", "--steps", "300", "--publish-every", "1"
-        )
-        for s in (1, 2)
-    ]
+    # Both train until one has applied a merge, then end as finished runs: a fixed step budget
+    # ends before the first plateau round on a fast machine. Few stdout lines (nobody reads the
+    # pipes meanwhile): a step line and an evaluation at the end only.
+    quiet = ["--log-every", MANY_STEPS, "--eval-every", MANY_STEPS]
+    args = ["--steps", MANY_STEPS, "--publish-every", "1", *quiet]
+    procs = [worker(coordinator.url, "seed", s, tmp_path / f"w{s}", *args) for s in (1, 2)]
+    dirs = [tmp_path / f"w{s}" for s in (1, 2)]
+    wait_for(
+        "a merge applied by one of two running workers",
+        lambda: all(started(d) for d in dirs) and any(applied(d) for d in dirs),
+        procs=procs,
+    )
+    finish_workers(p.pid for p in procs)
     summaries = [finish(p) for p in procs]
     with Client(coordinator.url) as api:
         decisions = api.decisions("seed", limit=1000).data
@@ -78,7 +87,8 @@ def test_two_processes_under_the_seed_preset_merge_the_middle_layer_only(
     assert {d.layer for d in decisions} == {"fc2"}, "the seed preset scores the middle layer only"
     assert all(d.measure == "dot" and d.operator == "average" for d in merges)
     assert sum(s["merge"] for s in summaries) >= 1, "no worker applied a merge"
-    assert max(s["merge"] for s in summaries) <= 5 * 3, "more than 5 merges an epoch"
+    per_epoch = collections.Counter((d.worker_id, d.epoch) for d in merges)
+    assert max(per_epoch.values()) <= 5, f"more than 5 merges an epoch: {per_epoch}"
 
 
 def test_resume_from_a_checkpoint_keeps_id_generation_and_applied_ids(

@@ -10,13 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from events import (
+    MANY_STEPS,
+    applied,
+    diagnostics_runs,
+    finish_workers,
+    logged_val_loss,
+    started,
+    up_worker_pids,
+    wait_for,
+)
+
+# The workers train until what the page tests draw has happened (`Ensemble.finished`), then end
+# as finished runs: a fixed step budget can end before any decision reaches a fast worker.
 UP_ARGS = [
     "--workers",
     "2",
     "--device",
     "cpu",
     "--steps",
-    "120",
+    MANY_STEPS,
     "--publish-every",
     "5",
     "--log-every",
@@ -26,7 +39,8 @@ UP_ARGS = [
     "--diagnostics",
     "every=40",
 ]
-UP_TIMEOUT_S = 150.0
+UP_TIMEOUT_S = 150.0  # from the workers' end to `up`'s (the report written)
+DIAGNOSTICS_RUNS = 3  # per worker before the run ends (the trajectory needs several)
 
 FIGURE = re.compile(
     r'<script type="application/json" class="tf-figure" data-target="fig-([^"]+)">(.*?)</script>',
@@ -84,10 +98,28 @@ class Ensemble:
             )
 
     def finished(self) -> Path:
-        """The run folder once `up` has exited 0 (started if needed)."""
+        """The run folder once `up` has exited 0 (started if needed): the workers are ended as
+        finished runs once each has started, logged a validation loss and written
+        DIAGNOSTICS_RUNS diagnostics records, and one has applied a merge."""
         self.start_up()
         assert self.up is not None
         if self.up.returncode is None:
+            workers = [self.out / f"worker-{i}" for i in range(2)]
+            wait_for(
+                f"two workers with a validation loss and {DIAGNOSTICS_RUNS} diagnostics records "
+                "each, and a merge one of them applied",
+                lambda: (
+                    all(
+                        started(w)
+                        and logged_val_loss(w)
+                        and diagnostics_runs(w) >= DIAGNOSTICS_RUNS
+                        for w in workers
+                    )
+                    and any(applied(w) for w in workers)
+                ),
+                procs=[self.up],
+            )
+            finish_workers(up_worker_pids(self.out))
             self.stdout, _ = self.up.communicate(timeout=UP_TIMEOUT_S)
         assert self.up.returncode == 0, f"tetherfed up failed:\n{self.stdout}"
         return self.out

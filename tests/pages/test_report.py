@@ -15,7 +15,8 @@ from tetherfed.report import figures as report_figures
 from tetherfed.report._page import decode
 from tetherfed.report._png import write_pngs
 
-pytestmark = [pytest.mark.integration, pytest.mark.torch]
+# the first test also waits for the shared ensemble's run (`Ensemble.finished`)
+pytestmark = [pytest.mark.integration, pytest.mark.torch, pytest.mark.timeout(420)]
 
 
 def _traces(spec: dict[str, Any], kind: str) -> list[dict[str, Any]]:

@@ -49,6 +49,20 @@ def test_policy_patch_revalidates_the_whole_policy() -> None:
         PolicyPatch(drift_threshold=0.9).apply(Policy())
 
 
+def test_policy_patch_has_every_policy_field_optional_and_constrained() -> None:
+    assert list(PolicyPatch.model_fields) == list(Policy.model_fields)
+    assert all(f.default is None for f in PolicyPatch.model_fields.values())
+    schema = PolicyPatch.model_json_schema()
+    assert schema["title"] == "PolicyPatch" and schema["additionalProperties"] is False
+    assert PolicyPatch(max_staleness_steps=None).model_dump(exclude_unset=True) == {
+        "max_staleness_steps": None
+    }
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        PolicyPatch(merge_alpha=2.0)
+    with pytest.raises(ValidationError, match="extra"):
+        PolicyPatch.model_validate({"merge_treshold": 0.5})
+
+
 def test_snapshot_meta_rejects_non_finite_loss() -> None:
     with pytest.raises(ValidationError, match="finite"):
         SnapshotMeta(worker_id="w", step=0, epoch=0, loss=float("nan"))

@@ -14,6 +14,16 @@ from starlette.routing import BaseRoute, Match
 
 from tether_protocol.messages import ErrorBody
 
+from .errors import (
+    BadInput,
+    Conflict,
+    CoordinatorError,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+
 _WHY = {
     400: "Malformed request: the detail says what is wrong.",
     401: "Missing or unknown bearer token (when the coordinator has one).",
@@ -58,6 +68,28 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
+# The status code of each kind of domain error (`errors`); a subclass answers its base's code.
+STATUS: dict[type[CoordinatorError], int] = {
+    BadInput: 400,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    Invalid: 422,
+    Unavailable: 503,
+}
+
+
+def status_of(exc: CoordinatorError) -> int:
+    """The status code `STATUS` gives the error's kind (500 for a kind it does not list)."""
+    return next((STATUS[k] for k in type(exc).__mro__ if k in STATUS), 500)
+
+
+async def coordinator_error(request: Request, exc: Exception) -> JSONResponse:
+    """A domain error as JSON: its kind's status code, its detail unchanged."""
+    assert isinstance(exc, CoordinatorError)
+    return JSONResponse({"detail": exc.detail}, status_code=status_of(exc))
+
+
 async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     """503 while Redis cannot be reached or answers too slowly."""
     return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
@@ -66,5 +98,6 @@ async def redis_down(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers above on `app`."""
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(CoordinatorError, coordinator_error)
     for exc_type in (aioredis.ConnectionError, aioredis.TimeoutError):
         app.add_exception_handler(exc_type, redis_down)

@@ -12,7 +12,7 @@ without waiting for replies, so receiving, checking and storing overlap. The TTL
 coordinator leaks nothing. On success one transaction runs `publish.lua`, which makes the
 segments permanent, unlinks the previous snapshot's and writes the bookkeeping (version,
 metadata, liveness, scoring entry, generation records); on any failure the segments are
-unlinked before the 4xx goes out, so a bad frame leaves no trace. Frames of one segment are SET
+unlinked before the error is raised, so a bad frame leaves no trace. Frames of one segment are SET
 inside that transaction.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from fastapi import HTTPException, Request
+from fastapi import Request
 from redis.asyncio.connection import Connection
 
 from tether_protocol.frame import (
@@ -53,11 +53,12 @@ from tether_protocol.messages import (
     utcnow,
 )
 
+from .errors import BadInput, CoordinatorError, FederationNotFound, Invalid, TooLarge, Unavailable
 from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
 from .store import FIELD_SEP, Store, frame_keys
 from .topology import borrow_connection
 
-# Frame errors about the registered table or the values are 422; malformed frames are 400.
+# Frame errors about the registered table or the values are Invalid; malformed frames BadInput.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError, RangeError)
 # An upload's segments expire this long after their last renewal (renewed every RENEW_S).
 UPLOAD_TTL_MS = 120_000
@@ -67,14 +68,15 @@ UNLINK_BATCH = 512
 Buffer = bytes | bytearray | memoryview
 
 
-def too_large(limit: int) -> HTTPException:
-    """413 naming the configured limit."""
-    return HTTPException(413, f"frame exceeds the maximum of {limit} bytes")
+def too_large(limit: int) -> TooLarge:
+    """The error for a frame over the configured limit, naming it."""
+    return TooLarge(f"frame exceeds the maximum of {limit} bytes")
 
 
-def frame_http_error(exc: FrameError) -> HTTPException:
-    """400 for a malformed frame, 422 for one that disagrees with the table or holds NaN/Inf."""
-    return HTTPException(422 if isinstance(exc, _UNPROCESSABLE) else 400, str(exc))
+def frame_error(exc: FrameError) -> CoordinatorError:
+    """BadInput for a malformed frame; Invalid for one that disagrees with the table or holds
+    NaN/Inf."""
+    return (Invalid if isinstance(exc, _UNPROCESSABLE) else BadInput)(str(exc))
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,12 @@ class Published:
 
 
 def declared_size(request: Request, limit: int) -> int | None:
-    """The Content-Length (None when absent); 400 when malformed, 413 over `limit`."""
+    """The Content-Length (None when absent); BadInput when malformed, TooLarge over `limit`."""
     declared = request.headers.get("content-length")
     if declared is None:
         return None
     if not declared.isdigit():
-        raise HTTPException(400, "Content-Length is not a number")
+        raise BadInput("Content-Length is not a number")
     if int(declared) > limit:
         raise too_large(limit)
     return int(declared)
@@ -118,7 +120,7 @@ class PublishProtocol(SegmentProtocol):
 
 
 async def body_segments(request: Request, size: int) -> AsyncIterator[Buffer]:
-    """The body as `SEGMENT`-sized pieces (the last shorter); 400 when it ends early."""
+    """The body as `SEGMENT`-sized pieces (the last shorter); BadInput when it ends early."""
     raw: BodySegments | None = request.scope.get("extensions", {}).get(BODY_EXTENSION)
     if raw is None:  # another ASGI server: regroup its messages
         async for segment in _regrouped(_sized_body(request, size)):
@@ -153,11 +155,11 @@ async def _sized_body(request: Request, size: int) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         pos += len(chunk)
         if pos > size:
-            raise HTTPException(400, "body is longer than its Content-Length")
+            raise BadInput("body is longer than its Content-Length")
         if chunk:
             yield chunk
     if pos != size:
-        raise HTTPException(400, f"body ended after {pos} of {size} bytes")
+        raise BadInput(f"body ended after {pos} of {size} bytes")
 
 
 async def _read_chunked(request: Request, limit: int) -> bytes:
@@ -214,15 +216,15 @@ class Upload:
         return [("PEXPIRE", self.key(i), UPLOAD_TTL_MS) for i in range(self.count)]
 
     async def complete(self) -> None:
-        """Read every pending reply; 503 if Redis refused a segment or one had expired."""
+        """Read every pending reply; Unavailable if Redis refused a segment or one had expired."""
         while self.pending:
             self.pending -= 1
             try:
                 reply = await self.conn.read_response()
             except aioredis.ResponseError as exc:  # e.g. maxmemory; abort() reads the rest
-                raise HTTPException(503, f"redis refused the frame upload: {exc}") from None
+                raise Unavailable(f"redis refused the frame upload: {exc}") from None
             if reply in (0, b"0"):
-                raise HTTPException(503, "frame upload was interrupted (a segment expired)")
+                raise Unavailable("frame upload was interrupted (a segment expired)")
 
     async def abort(self) -> None:
         """Unlink every segment sent, unless the commit ran after all (its reply lost): after
@@ -276,7 +278,8 @@ async def receive_publish(
     layers: list[LayerSpec],
     prev: dict[str, str],
 ) -> Published:
-    """Stream, validate and store one publish; 400/413/422 with nothing written on failure.
+    """Stream, validate and store one publish; BadInput, TooLarge or Invalid with nothing written on
+    failure.
 
     `prev` is the worker's snapshot metadata hash as read before the body (empty if none)."""
     size = declared_size(request, limit)
@@ -325,25 +328,23 @@ def _feed(stream: FrameStream, chunk: Buffer) -> None:
     try:
         stream.feed(chunk)
     except FrameError as exc:
-        raise frame_http_error(exc) from None
+        raise frame_error(exc) from None
 
 
 def _finish(stream: FrameStream, wid: str) -> Frame:
-    """The validated frame; 400/422 naming the problem, or naming another publisher."""
+    """The validated frame; BadInput/Invalid naming the problem, or naming another publisher."""
     try:
         frame = stream.finish()
     except FrameError as exc:
-        raise frame_http_error(exc) from None
+        raise frame_error(exc) from None
     return publishers_frame(frame, wid)
 
 
 def publishers_frame(frame: Frame, wid: str) -> Frame:
-    """The frame, once its metadata names `wid` as the publisher (400 otherwise)."""
+    """The frame, once its metadata names `wid` as the publisher (BadInput otherwise)."""
     assert frame.meta is not None
     if frame.meta.worker_id != wid:
-        raise HTTPException(
-            400, f"snapshot metadata names worker {frame.meta.worker_id!r}, not {wid!r}"
-        )
+        raise BadInput(f"snapshot metadata names worker {frame.meta.worker_id!r}, not {wid!r}")
     return frame
 
 
@@ -400,13 +401,13 @@ async def _commit(
         try:
             results = await pipe.execute()
         except aioredis.WatchError:
-            raise HTTPException(503, CONCURRENT_PUBLISH) from None
+            raise Unavailable(CONCURRENT_PUBLISH) from None
     version = int(results[len(inline)])
     if version == -2:  # deleted while this frame streamed in: remove what the MULTI wrote
         await store.unlink_worker(fed, wid)
-        raise HTTPException(404, f"federation {fed!r} not found")
+        raise FederationNotFound(fed)
     if version == -3:  # a segment vanished before the commit (Redis evicted it?)
-        raise HTTPException(503, "frame upload was interrupted (a segment expired); publish again")
+        raise Unavailable("frame upload was interrupted (a segment expired); publish again")
     await store.queue_scoring(fed, wid, version)
     return version
 
@@ -416,11 +417,12 @@ CONCURRENT_PUBLISH = "another publish of this worker committed meanwhile; publis
 
 async def _watch_previous(pipe: Any, meta_key: str, prev: Mapping[str, str]) -> None:
     """WATCH the snapshot meta hash and check it still names the frame `prev` describes, so the
-    previous segments the commit declares (and unlinks) are the stored ones; 503 otherwise."""
+    previous segments the commit declares (and unlinks) are the stored ones; Unavailable
+    otherwise."""
     await pipe.watch(meta_key)
     tag = await pipe.hget(meta_key, "tag")
     if (tag.decode() if tag else "") != prev.get("tag", ""):
-        raise HTTPException(503, CONCURRENT_PUBLISH)
+        raise Unavailable(CONCURRENT_PUBLISH)
 
 
 def _blank(value: float | None) -> str | float:

@@ -16,7 +16,6 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import HTTPException
 
 from tether_protocol.frame import TensorEntry, parse_entries, read_header, split_probe_grams
 from tether_protocol.messages import (
@@ -35,7 +34,17 @@ from tether_protocol.messages import (
 )
 from tether_protocol.sketch import SKETCH_KEY, decode_sketch_frame
 
-from .errors import federation_not_found, no_snapshot, worker_not_found
+from .errors import (
+    Conflict,
+    DecisionNotFound,
+    FederationExists,
+    FederationNotFound,
+    NoSnapshot,
+    Unavailable,
+    WorkerBusy,
+    WorkerLeft,
+    WorkerNotFound,
+)
 from .keys import Keys, glob_escape
 from .settings import Settings
 from .topology import async_client, is_cluster
@@ -202,9 +211,9 @@ class Store:
 
     # ---------------------------------------------------------------- federations
     async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
-        """Create a federation; 409 if the name is taken."""
+        """Create a federation; FederationExists if the name is taken."""
         if not await self.r.sadd(self.keys.federations(), name):
-            raise HTTPException(409, f"federation {name!r} already exists")
+            raise FederationExists(name)
         now = utcnow().isoformat()
         record = {"policy": policy.model_dump_json(), "created_at": now}
         await self.r.hset(
@@ -213,10 +222,10 @@ class Store:
         return await self.federation(name)
 
     async def policy(self, fed: str) -> Policy:
-        """The federation's policy; 404 if the federation is unknown."""
+        """The federation's policy; FederationNotFound if the federation is unknown."""
         raw = await self.r.hget(self.keys.federation(fed), "policy")
         if raw is None:
-            raise federation_not_found(fed)
+            raise FederationNotFound(fed)
         return Policy.model_validate_json(raw)
 
     async def federation(self, fed: str) -> FederationPublic:
@@ -227,7 +236,7 @@ class Store:
             pipe.get(self.keys.decision_seq(fed))
             record, workers, seq = await pipe.execute()
         if not record:
-            raise federation_not_found(fed)
+            raise FederationNotFound(fed)
         return FederationPublic(
             name=fed,
             policy=Policy.model_validate_json(record["policy"]),
@@ -238,10 +247,10 @@ class Store:
         )
 
     async def incarnation(self, fed: str) -> tuple[Policy, str]:
-        """The federation's policy and incarnation; 404 if the federation is unknown."""
+        """The federation's policy and incarnation; FederationNotFound if it is unknown."""
         raw = await self.r.hgetall(self.keys.federation(fed))
         if not raw:
-            raise federation_not_found(fed)
+            raise FederationNotFound(fed)
         return Policy.model_validate_json(raw["policy"]), incarnation(raw)
 
     async def federations(self) -> list[FederationPublic]:
@@ -251,7 +260,7 @@ class Store:
         for name in names:
             try:
                 out.append(await self.federation(name))
-            except HTTPException:
+            except FederationNotFound:
                 continue  # deleted meanwhile
         return out
 
@@ -314,23 +323,23 @@ class Store:
         return max(1, int(self.settings.heartbeat_ttl_s * 1000))
 
     async def worker_record(self, fed: str, wid: str) -> dict[str, str]:
-        """The raw worker hash; 404 for an unknown federation or worker."""
+        """The raw worker hash; FederationNotFound / WorkerNotFound for an unknown one."""
         record = await self.r.hgetall(self.keys.worker(fed, wid))
         if not record:
             await self.policy(fed)
-            raise worker_not_found(fed, wid)
+            raise WorkerNotFound(fed, wid)
         return record
 
     async def poll_context(self, fed: str, wid: str) -> tuple[dict[str, str], int]:
         """A long poll's worker record and the federation's last decision id, in one round
-        trip; 404 for an unknown federation or worker."""
+        trip; FederationNotFound / WorkerNotFound for an unknown federation or worker."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.worker(fed, wid))
             pipe.get(self.keys.decision_seq(fed))
             record, seq = await pipe.execute()
         if not record:
             await self.policy(fed)
-            raise worker_not_found(fed, wid)
+            raise WorkerNotFound(fed, wid)
         return record, int(seq or 0)
 
     async def publish_context(
@@ -338,16 +347,16 @@ class Store:
     ) -> tuple[Policy, dict[str, str], dict[str, str]]:
         """What a publish needs before its body, in one round trip: the federation's policy, the
         worker's record and its current snapshot metadata (empty before its first publish);
-        404 for an unknown federation or worker."""
+        FederationNotFound / WorkerNotFound for an unknown federation or worker."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.federation(fed), "policy")
             pipe.hgetall(self.keys.worker(fed, wid))
             pipe.hgetall(self.keys.snapshot_meta(fed, wid))
             policy, record, prev = await pipe.execute()
         if policy is None:
-            raise federation_not_found(fed)
+            raise FederationNotFound(fed)
         if not record:
-            raise worker_not_found(fed, wid)
+            raise WorkerNotFound(fed, wid)
         return Policy.model_validate_json(policy), record, prev
 
     @staticmethod
@@ -417,12 +426,13 @@ class Store:
         session: str | None = None,
         ending: bool = False,
     ) -> dict[str, str]:
-        """Record progress and renew the liveness TTL (a lost worker becomes active again); 409
-        when another process (`session`) heartbeat under this worker id within the TTL. Returns
-        the worker record as it was before."""
+        """Record progress and renew the liveness TTL (a lost worker becomes active again);
+        WorkerLeft for a worker that left, WorkerBusy when another process (`session`)
+        heartbeat under this worker id within the TTL. Returns the worker record as it was
+        before."""
         record = await self.worker_record(fed, wid)
         if record["status"] == "left":
-            raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")
+            raise WorkerLeft(fed, wid)
         self._fence(wid, record, session)
         ttl = self.settings.heartbeat_ttl_s  # an ending session is recorded as already lapsed
         fields: dict[str, str | int | float] = {
@@ -444,11 +454,7 @@ class Store:
         held, at = record.get("session"), float(record.get("session_at") or 0)
         ttl = self.settings.heartbeat_ttl_s
         if session and held and held != session and time.time() - at < ttl:
-            raise HTTPException(
-                409,
-                f"worker {wid!r} is already running in another process (session {held[:8]}): "
-                f"stop that one, or wait {ttl:g} s after it stopped",
-            )
+            raise WorkerBusy(wid, held, ttl)
 
     async def leave(self, fed: str, wid: str) -> None:
         """Mark a worker as left: out of scoring for good; its history stays readable."""
@@ -481,18 +487,18 @@ class Store:
 
     # ---------------------------------------------------------------- snapshots
     async def snapshot(self, fed: str, wid: str) -> Snapshot:
-        """The worker's latest snapshot; 404 when it has none."""
+        """The worker's latest snapshot; NoSnapshot when it has none."""
         await self.worker_record(fed, wid)
         found = await self._snapshots(fed, [wid])
         if wid not in found:
-            raise no_snapshot(fed, wid)
+            raise NoSnapshot(fed, wid)
         return found[wid]
 
     async def snapshot_layer(self, fed: str, wid: str, layer: str) -> Snapshot:
         """The worker's latest snapshot with only the segments holding `layer` read: its `buf`
         covers that tensor's bytes and `entries` has that layer alone (offsets into `buf`), or
         no layer when the frame lacks it. Fetching a partner's layer to apply a merge then reads
-        that layer, not the whole frame (a 4 MB layer of a 16 MB frame: a quarter). 404 when
+        that layer, not the whole frame (a 4 MB layer of a 16 MB frame: a quarter). NoSnapshot when
         the worker has no snapshot; the caller checks that the worker exists."""
         for _ in range(SNAPSHOT_READ_TRIES):
             meta = await self.r.hgetall(self.keys.snapshot_meta(fed, wid))
@@ -538,7 +544,7 @@ class Store:
             )
         found = await self._snapshots(fed, [wid])
         if wid not in found:
-            raise no_snapshot(fed, wid)
+            raise NoSnapshot(fed, wid)
         return found[wid]
 
     async def pinned_snapshot(self, fed: str, wid: str, version: int) -> Snapshot | None:
@@ -587,7 +593,7 @@ class Store:
     ) -> tuple[int, bool]:
         """Store a validated sketch publish as the worker's latest and queue it for scoring;
         returns (its version, whether a full publish was asked for since the last sketch).
-        404 when the federation or worker was deleted meanwhile."""
+        FederationNotFound when the federation or worker was deleted meanwhile."""
         k = self.keys
         reply = await self.rb.eval(  # type: ignore[misc]
             self.sketch_script,
@@ -606,7 +612,7 @@ class Store:
             frame,
         )
         if reply == -2:
-            raise federation_not_found(fed)
+            raise FederationNotFound(fed)
         version = int(reply[0])
         await self.queue_scoring(fed, wid, version)
         return version, bool(int(reply[1]))
@@ -697,13 +703,13 @@ class Store:
         return out[:limit]
 
     async def decision(self, fed: str, decision_id: int) -> Decision:
-        """One decision by id; 404 when unknown or trimmed."""
+        """One decision by id; DecisionNotFound when unknown or trimmed."""
         rows = await self.r.xrange(
             self.keys.decisions(fed), min=f"{decision_id}-0", max=f"{decision_id}-0"
         )
         if not rows:
             await self.policy(fed)
-            raise HTTPException(404, f"decision {decision_id} not found in federation {fed!r}")
+            raise DecisionNotFound(fed, decision_id)
         return Decision.model_validate_json(rows[0][1]["d"])
 
     async def worker_decisions(
@@ -728,7 +734,7 @@ class Store:
 
     async def replicated_so_far(self, fed: str, what: str) -> None:
         """With `wait_replicas`: return once every write the primary has taken so far is on
-        that many replicas, else 503. A worker is handed decisions only then, so a failover
+        that many replicas, else Unavailable. A worker is handed decisions only then, so a failover
         cannot take back one it has seen (and may ack). WAIT covers the writes of its own
         connection, so one write (the federation's fence counter) goes first on it."""
         if not self.settings.wait_replicas or is_cluster(self.r):
@@ -740,7 +746,7 @@ class Store:
         self.check_replicated(waited, what)
 
     async def ack(self, fed: str, decision: Decision, body: AckCreate) -> tuple[AckPublic, bool]:
-        """Record an ack; returns (ack, created). 409 when a different outcome was recorded."""
+        """Record an ack; returns (ack, created); Conflict when a different outcome was recorded."""
         ack = AckPublic(
             decision_id=decision.id,
             worker_id=decision.worker_id,
@@ -760,9 +766,7 @@ class Store:
             previous = await self.acked(fed, decision.id)
             assert previous is not None
             if (previous.outcome, previous.generation) != (body.outcome, body.generation):
-                raise HTTPException(
-                    409, f"decision {decision.id} was already acked as {previous.outcome}"
-                )
+                raise Conflict(f"decision {decision.id} was already acked as {previous.outcome}")
             return previous, False
         if body.outcome == "applied":
             field = f"{decision.layer}{FIELD_SEP}{body.generation}"
@@ -779,11 +783,11 @@ class Store:
             pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
 
     def check_replicated(self, waited: list[Any], what: str) -> None:
-        """503 when the WAIT queued by `wait_for_replicas` saw too few replicas take the write
-        (the caller retries; the writes it retries are idempotent)."""
+        """Unavailable when the WAIT queued by `wait_for_replicas` saw too few replicas take the
+        write (the caller retries; the writes it retries are idempotent)."""
         if waited and int(waited[-1]) < self.settings.wait_replicas:
-            raise HTTPException(
-                503, f"{what} reached {waited[-1]} of {self.settings.wait_replicas} replicas; retry"
+            raise Unavailable(
+                f"{what} reached {waited[-1]} of {self.settings.wait_replicas} replicas; retry"
             )
 
     async def queue_scoring(self, fed: str, wid: str, version: int) -> None:

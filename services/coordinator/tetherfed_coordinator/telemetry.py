@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastapi import HTTPException
-
 from tether_protocol.telemetry import (
     TelemetryMetric,
     TelemetryMetrics,
@@ -18,6 +16,7 @@ from tether_protocol.telemetry import (
     TelemetrySeries,
 )
 
+from .errors import Invalid, NotFound
 from .store import FIELD_SEP, Store
 
 MAX_READ = 10_000  # points one GET returns at most (the series is trimmed shorter by default)
@@ -60,20 +59,20 @@ async def listing(store: Store, fed: str, wid: str) -> TelemetryMetrics:
 async def series(
     store: Store, fed: str, wid: str, metric: str, layer: str | None, after: int | None
 ) -> TelemetrySeries:
-    """Points of one series with step > `after`, oldest first. 404 naming the series the
-    worker has when the metric or layer has none; 422 when the layer is needed but missing."""
+    """Points of one series with step > `after`, oldest first. NotFound naming the series the
+    worker has when the metric or layer has none; Invalid when the layer is needed but missing."""
     index = await store.r.hgetall(store.keys.telemetry_index(fed, wid))
     layers = sorted(f.split(FIELD_SEP, 1)[1] for f in index if f.split(FIELD_SEP, 1)[0] == metric)
     if not layers:
         have = sorted({f.split(FIELD_SEP, 1)[0] for f in index})
-        raise HTTPException(404, f"worker {wid!r} has no {metric!r} telemetry; it has {have}")
+        raise NotFound(f"worker {wid!r} has no {metric!r} telemetry; it has {have}")
     if layer is None:
         if len(layers) > 1:
-            raise HTTPException(422, f"{metric!r} has several layers, pass layer= one of {layers}")
+            raise Invalid(f"{metric!r} has several layers, pass layer= one of {layers}")
         layer = layers[0]
     if layer not in layers:
-        raise HTTPException(
-            404, f"worker {wid!r} has no {metric!r} telemetry for layer {layer!r}; layers: {layers}"
+        raise NotFound(
+            f"worker {wid!r} has no {metric!r} telemetry for layer {layer!r}; layers: {layers}"
         )
     low = f"({after}" if after is not None else "-inf"
     key = store.keys.telemetry(fed, wid, metric, layer)

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -415,8 +417,31 @@ def wait_for_peers(cfg: WorkerConfig, fed: Federation, timeout_s: float = PEER_T
     return False
 
 
+@contextlib.contextmanager
+def finish_on_sigusr1() -> Iterator[threading.Event]:
+    """An event SIGUSR1 sets: the worker then ends at the next step boundary as if its step
+    budget ended there (final evaluation, checkpoint and diagnostics, acks sent, federation left,
+    exit 0), so a run can be ended once what one waits for has happened. Only the main thread
+    may set handlers: elsewhere (a Ray actor) the event is never set."""
+    finish = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield finish
+        return
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: finish.set())
+    try:
+        yield finish
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
-    """Train per `cfg`; returns the final summary (also emitted as the last metrics line)."""
+    """Train per `cfg`; returns the final summary (also emitted as the last metrics line).
+    SIGUSR1 ends the training early, as a finished run (`finish_on_sigusr1`)."""
+    with finish_on_sigusr1() as finish:
+        return _run_worker(cfg, finish)
+
+
+def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
     run = _setup(cfg)
     run.metrics.emit(
         event="start",
@@ -427,18 +452,23 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     )
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)
+    last = run.total
     try:
         for step in range(run.start + 1, run.total + 1):
             epoch, loss, grad_norm = _train_step(run)
             run.epoch = epoch
+            ending = step == run.total or finish.is_set()
             if run.diag is not None:
                 run.diag.step(step, epoch, loss)
-            if step % cfg.eval_every == 0 or step == run.total:
+            if step % cfg.eval_every == 0 or ending:
                 _evaluate(run, step)
-            if step % cfg.log_every == 0 or step == run.total:
+            if step % cfg.log_every == 0 or ending:
                 _log(run, step, epoch, loss, grad_norm)
+            if ending:
+                last = step
+                break
         if run.diag is not None:
-            run.diag.close(run.total, run.epoch)  # final values, before telemetry is flushed
+            run.diag.close(last, run.epoch)  # final values, before telemetry is flushed
     finally:
         if run.fed is not None:
             run.fed.close()
@@ -446,7 +476,7 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         summary = {
             "event": "done",
             "worker_id": worker_id,
-            "steps": run.total,
+            "steps": last,
             "val_loss": _round(run.val_loss),
             **run.counts,
         }

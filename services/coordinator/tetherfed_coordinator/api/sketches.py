@@ -10,7 +10,7 @@ from tether_protocol.frame import FrameError
 from tether_protocol.messages import SketchAccepted
 from tether_protocol.sketch import decode_sketch_frame
 
-from ..ingest import frame_http_error, publishers_frame
+from ..ingest import frame_error, publishers_frame
 from .deps import MetricsDep, StoreDep, WorkerAuth
 from .tethers import FRAME_BODY
 from .workers import ensure_member, incarnation_header
@@ -45,7 +45,7 @@ async def publish_sketch(
     try:
         frame, _ = decode_sketch_frame(body, store.layers_of(record), policy.sketch)
     except FrameError as exc:
-        raise frame_http_error(exc) from None
+        raise frame_error(exc) from None
     frame = publishers_frame(frame, wid)
     assert frame.meta is not None
     version, wanted = await store.publish_sketch(fed, wid, frame.meta, body)

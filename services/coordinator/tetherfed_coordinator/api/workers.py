@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 
 from tether_protocol.messages import (
     INCARNATION_HEADER,
@@ -13,6 +13,7 @@ from tether_protocol.messages import (
     WorkersPublic,
 )
 
+from ..errors import WorkerLeft
 from .deps import AdminAuth, ReaderAuth, StoreDep, WorkerAuth, WorkerOrAdminAuth
 
 router = APIRouter(prefix="/v1/federations/{fed}/workers", tags=["workers"])
@@ -75,4 +76,4 @@ def incarnation_header(record: dict[str, str]) -> dict[str, str]:
 def ensure_member(record: dict[str, str], fed: str, wid: str) -> None:
     """409 when the worker has left (it may no longer publish)."""
     if record.get("status") == "left":
-        raise HTTPException(409, f"worker {wid!r} has left federation {fed!r}")
+        raise WorkerLeft(fed, wid)
