@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy tether_protocol
+	$(PY) -m mypy tether_protocol services/coordinator/tetherfed_coordinator
 
 unit: venv browser
 	$(PY) -m pytest -q
