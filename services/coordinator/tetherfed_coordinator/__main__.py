@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        http=PublishProtocol,
+        # uvicorn annotates `http` as an asyncio.Protocol class but instantiates any protocol
+        # class; this one is a BufferedProtocol on purpose (rawbody.SegmentProtocol).
+        http=PublishProtocol,  # type: ignore[arg-type]
         loop="auto",
         log_level=args.log_level,
         timeout_graceful_shutdown=3,

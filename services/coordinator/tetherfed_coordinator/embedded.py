@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -31,6 +32,7 @@ def server_binary() -> Path:
     return path
 
 
+_prctl: Callable[..., int] | None
 try:  # resolved before any fork: the child only makes the call
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux

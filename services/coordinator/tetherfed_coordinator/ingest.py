@@ -116,12 +116,17 @@ def streams_raw(method: str, path: str) -> bool:
 class PublishProtocol(SegmentProtocol):
     """The coordinator's HTTP protocol: uvicorn's, with publish bodies received as segments."""
 
-    streams_raw = staticmethod(streams_raw)
+    @staticmethod
+    def streams_raw(method: str, path: str) -> bool:
+        """Publishes (the module's `streams_raw`)."""
+        return streams_raw(method, path)
 
 
 async def body_segments(request: Request, size: int) -> AsyncIterator[Buffer]:
     """The body as `SEGMENT`-sized pieces (the last shorter); BadInput when it ends early."""
-    raw: BodySegments | None = request.scope.get("extensions", {}).get(BODY_EXTENSION)
+    extension = request.scope.get("extensions", {}).get(BODY_EXTENSION)
+    raw: BodySegments | None = extension["segments"] if extension else None
+    segment: Buffer
     if raw is None:  # another ASGI server: regroup its messages
         async for segment in _regrouped(_sized_body(request, size)):
             yield segment
@@ -243,7 +248,7 @@ class Upload:
         except Exception:
             await self.conn.disconnect()
             for batch in self._batches(keys):  # may race with in-flight SETs; their TTL covers it
-                await self.client.eval(self.abort_script, len(batch), *batch, self.tag)  # type: ignore[misc]
+                await self.client.eval(self.abort_script, len(batch), *batch, self.tag)
 
     def _batches(self, keys: list[str]) -> Iterator[list[str]]:
         for at in range(0, len(keys), UNLINK_BATCH):
@@ -369,7 +374,7 @@ async def _commit(
     count = segments if isinstance(segments, int) else len(inline)
     async with store.rb.pipeline(transaction=True) as pipe:
         await _watch_previous(pipe, keys.snapshot_meta(fed, wid), prev)
-        pipe.multi()
+        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves Pipeline.multi unannotated
         for i, part in enumerate(inline):
             pipe.set(keys.segment(fed, wid, tag, i), memoryview(part), px=UPLOAD_TTL_MS)
         names = [

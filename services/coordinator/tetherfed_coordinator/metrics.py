@@ -162,5 +162,6 @@ class Metrics:
             return text + generate_latest(self._scoring_registry)
         merged = CollectorRegistry()
         if os.path.isdir(self.multiproc_dir):
-            MultiProcessCollector(merged, path=self.multiproc_dir)
+            # prometheus_client does not annotate this constructor.
+            MultiProcessCollector(merged, path=self.multiproc_dir)  # type: ignore[no-untyped-call]
         return text + generate_latest(merged)

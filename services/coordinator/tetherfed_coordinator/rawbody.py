@@ -10,11 +10,11 @@ machine, against 1 GB/s for a raw `SET` of the same bytes).
 request that `streams_raw(method, path)` accepts are complete and it declares a Content-Length,
 the rest of its body is read with `recv_into` (asyncio's buffered protocol) directly into
 segments of `SEGMENT` bytes, bypassing the parser, and the app receives them whole through the
-scope extension `BODY_EXTENSION`. Each segment is a fresh buffer handed over once full, so the
+scope extension `BODY_EXTENSION` (its `segments`, a `BodySegments`). Each segment is a fresh buffer handed over once full, so the
 app may keep it (a Redis write still in flight, say) without copying. Other routes, chunked
 bodies and parser errors are uvicorn's; keep-alive, pipelining and `Expect: 100-continue` behave
-as they do there (tests over raw sockets). A raw route's `receive()` sees an empty body, so only routes that read the extension
-may be declared raw. A response sent before the body was read (an auth or size error) discards
+as they do there (tests over raw sockets). A raw route's `receive()` sees an empty body, so only
+routes that read the extension may be declared raw. A response sent before the body was read (an auth or size error) discards
 the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is left or the client still waits
 for `100 Continue`: then the connection closes after the response (httpx and curl read a response
 even when the server stops their upload).
@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import httptools
 import numpy as np
@@ -76,7 +76,7 @@ class BodySegments:
         if self._discard is not None:
             return self._discard[: self.remaining]
         if self._current is None:  # uninitialised: every byte is read into before it is used
-            self._current = memoryview(np.empty(min(SEGMENT, self.remaining), np.uint8))
+            self._current = np.empty(min(SEGMENT, self.remaining), np.uint8).data
             self._fill = 0
         return self._current[self._fill :]
 
@@ -155,7 +155,10 @@ class SegmentProtocol(asyncio.BufferedProtocol):
     the protocol's buffers only when it is not also an `asyncio.Protocol`.
     """
 
-    streams_raw: ClassVar[Callable[[str, str], bool]] = staticmethod(lambda method, path: False)
+    @staticmethod
+    def streams_raw(method: str, path: str) -> bool:
+        """Whether a request's body arrives as segments: none here; subclasses name theirs."""
+        return False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.http = _HttpProtocol(*args, streams_raw=type(self).streams_raw, **kwargs)
@@ -235,7 +238,9 @@ class _HttpProtocol(HttpToolsProtocol):
                     cycle.waiting_for_100_continue = False
 
             body = self._body = BodySegments(length, self.flow, send_continue)
-            cycle.scope.setdefault("extensions", {})[BODY_EXTENSION] = body  # type: ignore[typeddict-item]
+            # ASGI: an extension's value is a dict of extension-specific data.
+            extension: dict[object, object] = {"segments": body}
+            cycle.scope.setdefault("extensions", {})[BODY_EXTENSION] = extension
             responded = cycle.on_response
 
             def on_response() -> None:  # this request is answered: what is left of its body

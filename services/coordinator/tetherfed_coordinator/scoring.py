@@ -64,8 +64,10 @@ from tether_protocol.sketch import (
     sketched,
 )
 
+from . import replies
 from .embedded import die_with_parent
 from .metrics import ScoringMetrics
+from .replies import Entries
 from .settings import Settings
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
 from .topology import aclose
@@ -140,14 +142,14 @@ def layer_matrix(
     order = sorted(views)
     sk, full = _split(views)
     if not sk:
-        return all_pairs(full, measure, order=order)  # type: ignore[arg-type]
+        return all_pairs(full, measure, order=order)
     matrix = np.full((len(order), len(order)), np.nan)
     idx = [order.index(w) for w in sorted(sk)]
     assert sketch is not None, "sketch views without a sketch policy"
     matrix[np.ix_(idx, idx)] = sketch_scores(sk, sketch, layer, measure, order=sorted(sk))
     if full:
         fidx = [order.index(w) for w in sorted(full)]
-        sub = all_pairs(full, measure, order=sorted(full))  # type: ignore[arg-type]
+        sub = all_pairs(full, measure, order=sorted(full))
         matrix[np.ix_(fidx, fidx)] = sub.matrix
     return CompatibilityMatrix(measure=measure, workers=order, matrix=matrix)
 
@@ -286,10 +288,11 @@ class Scorer:
         entries = await self._reclaim() if self._reclaim_due() else []
         if not entries:
             block = self.settings.scoring_block_ms if block_ms is None else block_ms
-            got = await self.store.blocking.xreadgroup(
-                GROUP, self.consumer, {key: ">"}, count=BATCH, block=block
+            entries = replies.read_entries(
+                await self.store.blocking.xreadgroup(
+                    GROUP, self.consumer, {key: ">"}, count=BATCH, block=block
+                )
             )
-            entries = got[0][1] if got else []
         await self.handle(entries)
         return len(entries)
 
@@ -302,7 +305,7 @@ class Scorer:
         self._last_reclaim = now
         return True
 
-    async def _reclaim(self) -> list[tuple[str, dict[str, str]]]:
+    async def _reclaim(self) -> Entries:
         claimed = await self.store.r.xautoclaim(
             self.store.keys.scoring(),
             GROUP,
@@ -312,7 +315,7 @@ class Scorer:
         )
         return [e for e in claimed[1] if e and e[1]]
 
-    async def handle(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def handle(self, entries: Entries) -> None:
         """Score a batch (each federation's snapshots loaded once, each worker scored once at
         its latest version), then XACK and XDEL every entry."""
         todo: dict[str, set[str]] = {}
@@ -408,11 +411,12 @@ class Scorer:
             for r in rounds
             for d in r.decisions
             if d.action != "hold"
+            and d.partner_id is not None
             and d.partner_id in snaps
             and d.partner_snapshot is not None
             and d.partner_snapshot.version < snaps[d.partner_id].version
         }
-        for partner in sorted(p for p in partners if p is not None):
+        for partner in sorted(partners):
             await self.store.want_full(fed, partner)
 
     def _count(self, seconds: float, rounds: int, decisions: list[DecisionDraft]) -> None:

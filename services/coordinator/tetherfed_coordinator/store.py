@@ -9,11 +9,11 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -34,6 +34,7 @@ from tether_protocol.messages import (
 )
 from tether_protocol.sketch import SKETCH_KEY, decode_sketch_frame
 
+from . import replies
 from .errors import (
     Conflict,
     DecisionNotFound,
@@ -46,6 +47,7 @@ from .errors import (
     WorkerNotFound,
 )
 from .keys import Keys, glob_escape
+from .replies import Fields
 from .settings import Settings
 from .topology import async_client, is_cluster
 
@@ -157,6 +159,13 @@ def frame_keys(keys: Keys, fed: str, wid: str, meta: Mapping[str, str]) -> list[
     return [keys.legacy_snapshot(fed, wid)] if meta else []
 
 
+def all_present(parts: Sequence[bytes | None]) -> list[bytes] | None:
+    """The segments of a frame as read, or None when one is missing (it expired, or a publish
+    replaced the frame between the reads)."""
+    present = [part for part in parts if part is not None]
+    return present if len(present) == len(parts) else None
+
+
 def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, list[bytes]] | None:
     """(frame, its keys) of the worker's latest snapshot as stored, read with a synchronous
     redis-py client (tools and tests); None when it has none."""
@@ -215,10 +224,12 @@ class Store:
         if not await self.r.sadd(self.keys.federations(), name):
             raise FederationExists(name)
         now = utcnow().isoformat()
-        record = {"policy": policy.model_dump_json(), "created_at": now}
-        await self.r.hset(
-            self.keys.federation(name), mapping=record | {"incarnation": secrets.token_hex(8)}
-        )
+        fields: Fields = {
+            "policy": policy.model_dump_json(),
+            "created_at": now,
+            "incarnation": secrets.token_hex(8),
+        }
+        await self.r.hset(self.keys.federation(name), mapping=fields)
         return await self.federation(name)
 
     async def policy(self, fed: str) -> Policy:
@@ -248,14 +259,14 @@ class Store:
 
     async def incarnation(self, fed: str) -> tuple[Policy, str]:
         """The federation's policy and incarnation; FederationNotFound if it is unknown."""
-        raw = await self.r.hgetall(self.keys.federation(fed))
+        raw = replies.record(await self.r.hgetall(self.keys.federation(fed)))
         if not raw:
             raise FederationNotFound(fed)
         return Policy.model_validate_json(raw["policy"]), incarnation(raw)
 
     async def federations(self) -> list[FederationPublic]:
         """Every federation, sorted by name."""
-        names = sorted(await self.r.smembers(self.keys.federations()))
+        names = sorted(replies.texts(await self.r.smembers(self.keys.federations())))
         out = []
         for name in names:
             try:
@@ -299,7 +310,7 @@ class Store:
         while await self.r.sismember(self.keys.workers(fed), wid):
             wid = f"{body.name}-{secrets.token_hex(3)}"
         token = secrets.token_urlsafe(32)
-        record = {
+        fields: Fields = {
             "name": body.name,
             "layers": json.dumps([layer.model_dump() for layer in body.layers]),
             "meta": json.dumps(body.meta),
@@ -310,7 +321,7 @@ class Store:
             "incarnation": made,
         }
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.worker(fed, wid), mapping=record)
+            pipe.hset(self.keys.worker(fed, wid), mapping=fields)
             pipe.sadd(self.keys.workers(fed), wid)
             pipe.hset(self.keys.tokens(fed), hash_token(token), wid)
             pipe.set(self.keys.alive(fed, wid), "1", px=self._ttl_ms())
@@ -324,11 +335,11 @@ class Store:
 
     async def worker_record(self, fed: str, wid: str) -> dict[str, str]:
         """The raw worker hash; FederationNotFound / WorkerNotFound for an unknown one."""
-        record = await self.r.hgetall(self.keys.worker(fed, wid))
-        if not record:
+        found = replies.record(await self.r.hgetall(self.keys.worker(fed, wid)))
+        if not found:
             await self.policy(fed)
             raise WorkerNotFound(fed, wid)
-        return record
+        return found
 
     async def poll_context(self, fed: str, wid: str) -> tuple[dict[str, str], int]:
         """A long poll's worker record and the federation's last decision id, in one round
@@ -366,13 +377,13 @@ class Store:
 
     async def worker_incarnation(self, fed: str, wid: str) -> str:
         """The incarnation a worker was registered in ('' for records older than them)."""
-        return await self.r.hget(self.keys.worker(fed, wid), "incarnation") or ""
+        return replies.opt_text(await self.r.hget(self.keys.worker(fed, wid), "incarnation")) or ""
 
     async def worker_public(self, fed: str, wid: str) -> WorkerPublic:
         """One worker as REST shows it."""
         record = await self.worker_record(fed, wid)
         alive = await self.r.exists(self.keys.alive(fed, wid))
-        generations = await self.r.hget(self.keys.snapshot_meta(fed, wid), "meta")
+        generations = replies.opt_text(await self.r.hget(self.keys.snapshot_meta(fed, wid), "meta"))
         return self._public(fed, wid, record, bool(alive), generations)
 
     def _public(
@@ -401,7 +412,7 @@ class Store:
     async def workers(self, fed: str) -> list[WorkerPublic]:
         """Every worker of a federation, sorted by id."""
         await self.policy(fed)
-        wids = sorted(await self.r.smembers(self.keys.workers(fed)))
+        wids = sorted(replies.texts(await self.r.smembers(self.keys.workers(fed))))
         async with self.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hgetall(self.keys.worker(fed, wid))
@@ -435,7 +446,7 @@ class Store:
             raise WorkerLeft(fed, wid)
         self._fence(wid, record, session)
         ttl = self.settings.heartbeat_ttl_s  # an ending session is recorded as already lapsed
-        fields: dict[str, str | int | float] = {
+        fields: Fields = {
             "step": step,
             "epoch": epoch,
             "loss": "" if loss is None else loss,
@@ -482,8 +493,7 @@ class Store:
 
     async def token_owner(self, fed: str, token: str) -> str | None:
         """The worker id a bearer token belongs to in this federation, if any."""
-        owner: str | None = await self.r.hget(self.keys.tokens(fed), hash_token(token))
-        return owner
+        return replies.opt_text(await self.r.hget(self.keys.tokens(fed), hash_token(token)))
 
     # ---------------------------------------------------------------- snapshots
     async def snapshot(self, fed: str, wid: str) -> Snapshot:
@@ -501,13 +511,14 @@ class Store:
         that layer, not the whole frame (a 4 MB layer of a 16 MB frame: a quarter). NoSnapshot when
         the worker has no snapshot; the caller checks that the worker exists."""
         for _ in range(SNAPSHOT_READ_TRIES):
-            meta = await self.r.hgetall(self.keys.snapshot_meta(fed, wid))
+            meta = replies.record(await self.r.hgetall(self.keys.snapshot_meta(fed, wid)))
             names = frame_keys(self.keys, fed, wid, meta)
             if len(names) < 2:  # one segment, or a frame stored whole: read it all
                 break
             async with self.rb.pipeline(transaction=False) as pipe:
                 pipe.get(names[0])
                 pipe.strlen(names[-1])
+                first: bytes | None
                 first, last_len = await pipe.execute()
             if first is None or not last_len:
                 continue  # a publish replaced the segments between the reads
@@ -526,8 +537,8 @@ class Store:
                 for name in names[max(lo, 1) : hi + 1]:
                     pipe.get(name)
                 rest: list[bytes | None] = await pipe.execute()
-            parts = ([first] if lo == 0 else []) + rest
-            if any(part is None for part in parts):
+            parts = all_present(([first] if lo == 0 else []) + rest)
+            if parts is None:
                 continue
             base = lo * size
             return Snapshot(
@@ -537,7 +548,7 @@ class Store:
                 epoch=int(meta["epoch"]),
                 prev_loss=_opt_float(meta.get("prev_loss")),
                 meta=SnapshotMeta.model_validate_json(meta["meta"]),
-                buf=parts[0] if len(parts) == 1 else b"".join(parts),  # type: ignore[arg-type]
+                buf=parts[0] if len(parts) == 1 else b"".join(parts),
                 entries={}
                 if entry is None
                 else {layer: replace(entry, start=entry.start - base, end=entry.end - base)},
@@ -550,12 +561,12 @@ class Store:
     async def pinned_snapshot(self, fed: str, wid: str, version: int) -> Snapshot | None:
         """Snapshot `version` of a worker while a decision's pin keeps it (`Keys.pin`), else
         None (never pinned, or the pin and its segments expired)."""
-        meta: dict[str, str] = await self.r.hgetall(self.keys.pin(fed, wid, version))
+        meta = replies.record(await self.r.hgetall(self.keys.pin(fed, wid, version)))
         names = frame_keys(self.keys, fed, wid, meta) if "tag" in meta else []
-        parts: list[bytes | None] = await self.rb.mget(names) if names else []
-        if not names or any(part is None for part in parts):
+        if not names:
             return None
-        return snapshot_from(wid, meta, parts)  # type: ignore[arg-type]
+        parts = all_present(cast(list[bytes | None], await self.rb.mget(names)))
+        return None if parts is None else snapshot_from(wid, meta, parts)
 
     async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
         """Read metadata, then the segments it names; a worker whose segments were replaced
@@ -576,11 +587,11 @@ class Store:
                 segments: list[bytes | None] = await pipe.execute()
             raced, at = [], 0
             for wid, meta, keys in zip(todo, metas, names, strict=True):
-                parts = segments[at : at + len(keys)]
+                parts = all_present(segments[at : at + len(keys)])
                 at += len(keys)
-                if any(part is None for part in parts):
+                if parts is None:
                     raced.append(wid)
-                elif (snap := snapshot_from(wid, meta, parts)) is not None:  # type: ignore[arg-type]
+                elif (snap := snapshot_from(wid, meta, parts)) is not None:
                     out[wid] = snap
             if not raced:
                 return out
@@ -595,7 +606,7 @@ class Store:
         returns (its version, whether a full publish was asked for since the last sketch).
         FederationNotFound when the federation or worker was deleted meanwhile."""
         k = self.keys
-        reply = await self.rb.eval(  # type: ignore[misc]
+        reply = await self.rb.eval(
             self.sketch_script,
             4,
             k.worker(fed, wid),
@@ -619,7 +630,7 @@ class Store:
 
     async def want_full(self, fed: str, wid: str) -> None:
         """Flag a worker (if it still exists) to publish its full tether next."""
-        await self.r.eval(WANT_FULL, 1, self.keys.worker(fed, wid))  # type: ignore[misc]
+        await self.r.eval(WANT_FULL, 1, self.keys.worker(fed, wid))
 
     async def sketch_snapshots(
         self, fed: str, wids: list[str], full: Mapping[str, int]
@@ -646,7 +657,7 @@ class Store:
     ) -> list[str]:
         """Active workers of a federation (alive, not left), plus `include` unless they left;
         with `ended`, every worker it ever had (lost and left ones too)."""
-        wids = sorted(await self.r.smembers(self.keys.workers(fed)))
+        wids = sorted(replies.texts(await self.r.smembers(self.keys.workers(fed))))
         if ended:
             return wids
         async with self.r.pipeline(transaction=False) as pipe:
@@ -667,7 +678,7 @@ class Store:
         or 0 without `sketches`), in one script call; ids sorted."""
         k, probe = self.keys, "w"
         base = k.worker(fed, probe)
-        reply = await self.r.eval(  # type: ignore[misc]
+        reply = await self.r.eval(
             self.active_script,
             1,
             k.workers(fed),
@@ -690,8 +701,10 @@ class Store:
         out: list[Decision] = []
         cursor = after + 1
         while len(out) < limit:
-            rows = await self.r.xrange(
-                self.keys.decisions(fed), min=f"{cursor}-0", count=max(limit, 256)
+            rows = replies.entries(
+                await self.r.xrange(
+                    self.keys.decisions(fed), min=f"{cursor}-0", count=max(limit, 256)
+                )
             )
             for sid, fields in rows:
                 decision = Decision.model_validate_json(fields["d"])
@@ -704,8 +717,10 @@ class Store:
 
     async def decision(self, fed: str, decision_id: int) -> Decision:
         """One decision by id; DecisionNotFound when unknown or trimmed."""
-        rows = await self.r.xrange(
-            self.keys.decisions(fed), min=f"{decision_id}-0", max=f"{decision_id}-0"
+        rows = replies.entries(
+            await self.r.xrange(
+                self.keys.decisions(fed), min=f"{decision_id}-0", max=f"{decision_id}-0"
+            )
         )
         if not rows:
             await self.policy(fed)
@@ -717,17 +732,18 @@ class Store:
     ) -> list[Decision]:
         """Merge/drift decisions for one worker with id > `after`, waiting up to `wait_s`."""
         key = self.keys.worker_decisions(fed, wid)
-        rows = await self.r.xrange(key, min=f"{after + 1}-0", count=limit)
+        rows = replies.entries(await self.r.xrange(key, min=f"{after + 1}-0", count=limit))
         if not rows and wait_s > 0:
             try:
-                got = await self.blocking.xread(
-                    {key: f"{after}-0"}, count=limit, block=max(1, int(wait_s * 1000))
+                rows = replies.read_entries(
+                    await self.blocking.xread(
+                        {key: f"{after}-0"}, count=limit, block=max(1, int(wait_s * 1000))
+                    )
                 )
             except aioredis.ResponseError as exc:
                 if not str(exc).startswith("UNBLOCKED"):
                     raise
-                got = []  # the server became a replica (failover): the caller polls again
-            rows = got[0][1] if got else []
+                rows = []  # the server became a replica (failover): the caller polls again
         if rows:
             await self.replicated_so_far(fed, "these decisions")
         return [Decision.model_validate_json(fields["d"]) for _, fields in rows]
@@ -806,7 +822,7 @@ class Store:
         the current names; returns how many federations moved. Such data only exists on one
         server (never on a Cluster), where RENAME across names is allowed."""
         moved = 0
-        for fed in await self.r.smembers(self.keys.federations()):
+        for fed in replies.texts(await self.r.smembers(self.keys.federations())):
             old = self.keys.legacy_federation(fed)
             if is_cluster(self.r) or not await self.r.exists(old):
                 continue

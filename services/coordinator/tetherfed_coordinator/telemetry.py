@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tether_protocol.telemetry import (
+    Metric,
     TelemetryMetric,
     TelemetryMetrics,
     TelemetryPoint,
     TelemetrySeries,
 )
 
+from . import replies
 from .errors import Invalid, NotFound
+from .replies import Fields
 from .store import FIELD_SEP, Store
 
 MAX_READ = 10_000  # points one GET returns at most (the series is trimmed shorter by default)
@@ -34,37 +37,52 @@ async def add(store: Store, fed: str, wid: str, points: Sequence[TelemetryPoint]
             last[series] = max(last.get(series, point.step), point.step)
         for metric, layer in last:
             pipe.zremrangebyrank(keys.telemetry(fed, wid, metric, layer), 0, -keep - 1)
-        mapping = {f"{m}{FIELD_SEP}{layer}": step for (m, layer), step in last.items()}
+        mapping: Fields = {f"{m}{FIELD_SEP}{layer}": step for (m, layer), step in last.items()}
         pipe.hset(keys.telemetry_index(fed, wid), mapping=mapping)
         await pipe.execute()
 
 
 async def listing(store: Store, fed: str, wid: str) -> TelemetryMetrics:
     """Every series of the worker: metric, layer, points kept, last step (sorted by name)."""
-    index = await store.r.hgetall(store.keys.telemetry_index(fed, wid))
-    names = sorted(tuple(field.split(FIELD_SEP, 1)) for field in index)
+    index = replies.record(await store.r.hgetall(store.keys.telemetry_index(fed, wid)))
+    names = sorted(_series_of(field) for field in index)
     async with store.r.pipeline(transaction=False) as pipe:
         for metric, layer in names:
             pipe.zcard(store.keys.telemetry(fed, wid, metric, layer))
         counts = await pipe.execute()
+    # The stored metric names are a `Metric`'s (`add` wrote them); the model checks them again.
     data = [
-        TelemetryMetric(
-            metric=m, layer=layer, count=n, last_step=int(index[f"{m}{FIELD_SEP}{layer}"])
-        )  # type: ignore[arg-type]
+        TelemetryMetric.model_validate(
+            {
+                "metric": m,
+                "layer": layer,
+                "count": n,
+                "last_step": int(index[f"{m}{FIELD_SEP}{layer}"]),
+            }
+        )
         for (m, layer), n in zip(names, counts, strict=True)
     ]
     return TelemetryMetrics(data=data, count=len(data))
 
 
+def _series_of(field: str) -> tuple[str, str]:
+    """(metric, layer) of a field of the worker's index hash."""
+    metric, layer = field.split(FIELD_SEP, 1)
+    return metric, layer
+
+
 async def series(
-    store: Store, fed: str, wid: str, metric: str, layer: str | None, after: int | None
+    store: Store, fed: str, wid: str, metric: Metric, layer: str | None, after: int | None
 ) -> TelemetrySeries:
     """Points of one series with step > `after`, oldest first. NotFound naming the series the
     worker has when the metric or layer has none; Invalid when the layer is needed but missing."""
-    index = await store.r.hgetall(store.keys.telemetry_index(fed, wid))
-    layers = sorted(f.split(FIELD_SEP, 1)[1] for f in index if f.split(FIELD_SEP, 1)[0] == metric)
+    index = [
+        _series_of(f)
+        for f in replies.texts(await store.r.hkeys(store.keys.telemetry_index(fed, wid)))
+    ]
+    layers = sorted(layer for m, layer in index if m == metric)
     if not layers:
-        have = sorted({f.split(FIELD_SEP, 1)[0] for f in index})
+        have = sorted({m for m, _ in index})
         raise NotFound(f"worker {wid!r} has no {metric!r} telemetry; it has {have}")
     if layer is None:
         if len(layers) > 1:
@@ -76,7 +94,7 @@ async def series(
         )
     low = f"({after}" if after is not None else "-inf"
     key = store.keys.telemetry(fed, wid, metric, layer)
-    raw = await store.r.zrangebyscore(key, low, "+inf", start=0, num=MAX_READ)
+    raw = replies.texts(await store.r.zrangebyscore(key, low, "+inf", start=0, num=MAX_READ))
     data = [TelemetryPoint.model_validate_json(item) for item in raw]
     last = data[-1].step if data else after
-    return TelemetrySeries(metric=metric, layer=layer, data=data, count=len(data), last_step=last)  # type: ignore[arg-type]
+    return TelemetrySeries(metric=metric, layer=layer, data=data, count=len(data), last_step=last)

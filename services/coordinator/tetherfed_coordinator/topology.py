@@ -206,6 +206,7 @@ async def borrow_connection(client: Any, key: str) -> tuple[Any, Callable[[], Aw
     if isinstance(client, AsyncRedisCluster):
         await client.initialize()
         node = client.get_node_from_key(key)
+        assert node is not None  # the slot's primary (an uncovered slot raises instead)
         conn = node.acquire_connection()
 
         async def release_to_node() -> None:

@@ -18,6 +18,7 @@ from tether_protocol.messages import (
     DecisionsPublic,
 )
 
+from .. import replies
 from ..store import Store, hold_of
 from .deps import ActingWorker, ReaderAuth, SettingsDep, StoreDep, WorkerOrAdminAuth
 from .workers import incarnation_header
@@ -65,16 +66,18 @@ async def _events(
     yield ServerSentEvent(comment="connected")
     while True:
         try:
-            got = await store.blocking.xread(
-                {key: f"{last}-0"}, count=100, block=int(keepalive_s * 1000)
+            rows = replies.read_entries(
+                await store.blocking.xread(
+                    {key: f"{last}-0"}, count=100, block=int(keepalive_s * 1000)
+                )
             )
         except (aioredis.TimeoutError, aioredis.ResponseError):
-            got = []  # Redis unblocks a read on a deleted stream with an error: check below
-        for _, fields in got[0][1] if got else []:
+            rows = []  # Redis unblocks a read on a deleted stream with an error: check below
+        for _, fields in rows:
             decision = Decision.model_validate_json(fields["d"])
             last = decision.id
             yield sse_event(decision)
-        if not got:
+        if not rows:
             if not await store.r.exists(store.keys.federation(fed)):
                 # The federation went away: end the stream with a last event, not a cut chunk.
                 yield ServerSentEvent(f"federation {fed!r} was deleted", event="end")

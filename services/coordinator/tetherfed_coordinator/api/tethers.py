@@ -17,6 +17,7 @@ from tether_protocol.messages import (
     TetherStats,
 )
 
+from .. import replies
 from ..ingest import receive_publish
 from ..store import Snapshot, Store
 from .deps import MetricsDep, ReaderAuth, SettingsDep, StoreDep, WorkerAuth
@@ -32,7 +33,9 @@ FRAME_BODY: dict[str, Any] = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-SAFETENSORS = {200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}}
+SAFETENSORS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}
+}
 
 
 @router.put("", status_code=202, dependencies=[WorkerAuth], openapi_extra=FRAME_BODY)
@@ -102,8 +105,8 @@ async def _layer_frame(
     store: Store, fed: str, wid: str, layer: str, generation: int | None, snap: Snapshot
 ) -> bytes:
     if generation is not None:
-        raw: bytes | None = await store.rb.get(
-            store.keys.generation_tensor(fed, wid, layer, generation)
+        raw = replies.opt_data(
+            await store.rb.get(store.keys.generation_tensor(fed, wid, layer, generation))
         )
         if raw is None:
             raise HTTPException(404, f"generation {generation} of layer {layer!r} is not retained")
