@@ -1,4 +1,7 @@
-"""Run benchmarks and write one JSON line each: `tetherfed bench [NAME ...] [--quick] [--json FILE]`."""
+"""Run benchmarks and write one JSON line each.
+
+tetherfed bench [NAME ...] [--quick] [--json FILE]
+"""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ in Redis to the commit of the round that scored it, interpolated within buckets 
 histogram_quantile does; the publish's own handling is `tetherfed_publish_seconds`, reported
 beside it); backlog from `tetherfed_scoring_backlog` sampled every 0.5 s. The counts are read
 once the queue has drained after the load (a publish scored late is counted, with its latency).
-Passing: every publish scored, the backlog flat (last quarter's maximum ≤ first quarter's + 2 × W / 10), p99 ≤ 50 ms.
+Passing: every publish scored, the backlog flat (last quarter's maximum ≤ first quarter's
++ 2 × W / 10), p99 ≤ 50 ms.
 """
 
 from __future__ import annotations

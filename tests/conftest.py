@@ -158,11 +158,11 @@ def _wait_ready(coordinator: CoordinatorProcess, timeout_s: float = 30.0) -> Non
 def coordinator_process(
     redis_url: str, key_prefix: str
 ) -> Iterator[Callable[..., CoordinatorProcess]]:
-    """Factory: `start(port=None, **env)` runs `python -m tetherfed_coordinator` on 127.0.0.1 (a free
-    port unless one is given, e.g. to restart on the same one)
-    against `redis_url` with `key_prefix` (extra `TETHER_*` settings as keyword env, e.g.
-    `TETHER_TOKEN="s"`), waits for /readyz and returns a `CoordinatorProcess` (url, pid, stop());
-    every process started is killed by PID at teardown."""
+    """Factory: `start(port=None, **env)` runs `python -m tetherfed_coordinator` on 127.0.0.1
+    (a free port unless one is given, e.g. to restart on the same one) against `redis_url`
+    with `key_prefix` (extra `TETHER_*` settings as keyword env, e.g. `TETHER_TOKEN="s"`), waits
+    for /readyz and returns a `CoordinatorProcess` (url, pid, stop()); every process started is
+    killed by PID at teardown."""
     started: list[CoordinatorProcess] = []
 
     def start(port: int | None = None, **env: str) -> CoordinatorProcess:

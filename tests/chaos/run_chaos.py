@@ -339,7 +339,8 @@ class Ensemble:
         if wait_for(lambda: any(p not in victims for p in self.scorers()), 30):
             return []
         return [
-            f"the coordinator did not start a scoring process again within 30 s of killing {victims[0]}"
+            "the coordinator did not start a scoring process again within 30 s of killing"
+            f" {victims[0]}"
         ]
 
     def kill_redis(self) -> None:

@@ -19,10 +19,13 @@ DRAWN = """() => {
     const traces = (loss && loss.data) || [];
     const merges = traces.find(t => t.meta && t.meta.kind === 'mark' && t.meta.action === 'merge');
     return {
-        points: Math.min(...traces.filter(t => t.meta && t.meta.kind === 'loss').map(t => t.x.length), 1e9) % 1e9,
+        points: Math.min(
+            ...traces.filter(t => t.meta && t.meta.kind === 'loss').map(t => t.x.length), 1e9
+        ) % 1e9,
         lossTraces: traces.filter(t => t.meta && t.meta.kind === 'loss').length,
         merges: merges ? merges.x.length : 0,
-        heat: compat && compat.data && compat.data[0] && compat.data[0].z ? compat.data[0].z.length : 0,
+        heat: compat && compat.data && compat.data[0] && compat.data[0].z
+            ? compat.data[0].z.length : 0,
         heatImage: compat ? compat.querySelectorAll('.hm image').length : 0,
         rows: document.querySelectorAll('#workers tbody tr').length,
         diag: ((document.getElementById('diag') || {}).data || []).length,

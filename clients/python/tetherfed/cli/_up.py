@@ -139,7 +139,8 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
     yield "final loss per worker:"
     for w in s["workers"]:
         yield (
-            f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}  loss {fmt(w['loss'])}"
+            f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}"
+            f"  loss {fmt(w['loss'])}"
             f"  val_loss {fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}"
         )
     d, ack = s["decisions"], s["acknowledged"]

@@ -357,9 +357,10 @@ def _unit(v: Tensor) -> Tensor:
 def summarize(worker_dir: Path | str) -> dict[str, Any]:
     """Final values of a worker folder's `diagnostics.jsonl`, for `results.csv`.
 
-    Keys: ``jacobian_radius``, ``gzip_ratio`` (of all layers together), ``effective_rank_mean``
-    (the mean over layers), ``persistent_peaks`` (their count over layers in the last record), ``jacobian_first_epoch_over_1`` (the first epoch whose Jacobian
-    radius exceeded 1, or None), ``diagnostics_runs``. Empty when the folder has no diagnostics.
+    Keys: ``jacobian_radius``, ``gzip_ratio`` (of all layers together), ``effective_rank_mean`` (the
+    mean over layers), ``persistent_peaks`` (their count over layers in the last record),
+    ``jacobian_first_epoch_over_1`` (the first epoch whose Jacobian radius exceeded 1, or None),
+    ``diagnostics_runs``. Empty when the folder has no diagnostics.
     """
     path = Path(worker_dir) / "diagnostics.jsonl"
     if not path.exists():

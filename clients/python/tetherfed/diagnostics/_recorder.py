@@ -3,11 +3,11 @@
 Call `diag.step(step, epoch, loss)` after every optimizer step. Per step it copies the two tracked
 weights into a ring on the model's device (one `torch.cat`, no host sync) and, only in the
 `updates_per_epoch` + 1 steps before a scheduled run, a fixed, seeded subset of each layer's raw
-weights (`coords_per_layer` coordinates, the layer's first element among them): one
-`index_select` per layer. On schedule (`every="epoch"`: when the epoch changes; `every=N`: every N steps) it
+weights (`coords_per_layer` coordinates, the layer's first element among them): one `index_select`
+per layer. On schedule (`every="epoch"`: when the epoch changes; `every=N`: every N steps) it
 computes every metric of `METRICS`, appends them to `diagnostics.jsonl` (scalars) and
-`diagnostics.safetensors` (arrays, stacked over runs) in `out_dir`, and hands small telemetry
-points to `sink` (the `Federation` sends them on its I/O thread).
+`diagnostics.safetensors` (arrays, stacked over runs) in `out_dir`, and hands small telemetry points
+to `sink` (the `Federation` sends them on its I/O thread).
 
 Cost budget: runs may take at most `budget` (default 5 %) of the wall clock since the helper was
 made. A scheduled run that would go over is skipped (later ones run: less often), and the first

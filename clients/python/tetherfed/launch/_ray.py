@@ -1,10 +1,11 @@
-"""The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`, the `tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
+"""The Ray engine (`tetherfed up --engine ray`, `tetherfed experiment run --engine ray`, the
+`tetherfed[ray]` extra): the launcher's `Engine` seam on a Ray cluster the user runs.
 
-- Coordinator replicas are actors (`tetherfed_coordinator.replica`), one per bundle of a
-  placement group with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the
-  one Redis given (`--redis-url`: an embedded Redis would live on one node and die with it, so
-  the engine refuses to run without one). Workers get every replica's URL and fail over between
-  them (`tetherfed.Client` takes several URLs).
+- Coordinator replicas are actors (`tetherfed_coordinator.replica`), one per bundle of a placement
+  group with strategy SPREAD, each running `python -m tetherfed_coordinator` on its node against the
+  one Redis given (`--redis-url`: an embedded Redis would live on one node and die with it, so the
+  engine refuses to run without one). Workers get every replica's URL and fail over between them
+  (`tetherfed.Client` takes several URLs).
 - Each worker is an actor (`WorkerActor`) holding whole GPUs (`num_gpus`) that runs the worker
   loop in-process (`tetherfed worker …`, not a subprocess). Ray restarts an actor that dies
   (`max_restarts`) and re-runs its call; the new incarnation resumes from `latest.pt` in its

@@ -4,12 +4,12 @@
     path = write_report("runs/demo")          # runs/demo/report.html
     write_report("runs/sweep", png_dir="figs")  # also a PNG per figure (matplotlib)
 
-The page inlines plotly.js once and every figure's spec as JSON, so it opens offline.
-A run report draws the loss with merge and drift marks, compatibility heat maps over time, the
-decision timeline, the merge graph, generations and every weight diagnostic; an experiment report the
-summary table, mean ± std bands, parallel coordinates, cluster recovery and the paired
-federated − independent comparison, followed by a short section per run. A figure whose data is
-missing says so ("no data: …") instead of failing. Needs the `report` extra (plotly, scipy).
+The page inlines plotly.js once and every figure's spec as JSON, so it opens offline. A run report
+draws the loss with merge and drift marks, compatibility heat maps over time, the decision timeline,
+the merge graph, generations and every weight diagnostic; an experiment report the summary table,
+mean ± std bands, parallel coordinates, cluster recovery and the paired federated − independent
+comparison, followed by a short section per run. A figure whose data is missing says so ("no data:
+…") instead of failing. Needs the `report` extra (plotly, scipy).
 """
 
 from __future__ import annotations

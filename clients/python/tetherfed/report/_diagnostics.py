@@ -180,7 +180,10 @@ def jacobian_figure(points: list[Point], workers: list[str]) -> Figure:
                     meta={"kind": "first_over_1", "worker": worker, "epoch": int(epochs[k])},
                 )
             )
-    fig.caption = "Largest |eigenvalue| of the input→output Jacobian (largest singular value when the map is not square); the star marks the first pass above 1."
+    fig.caption = (
+        "Largest |eigenvalue| of the input→output Jacobian (largest singular value when the map"
+        " is not square); the star marks the first pass above 1."
+    )
     return fig
 
 
@@ -304,7 +307,8 @@ def array_figures(diag: Diagnostics, view: ArrayView) -> list[Figure]:
 
 
 def _mark_peaks(figures: list[Figure], diag: Diagnostics) -> None:
-    """Dotted lines at each layer's persistent peaks (first worker's), phase agreement in the label."""
+    """Dotted lines at each layer's persistent peaks (first worker's), phase agreement in the
+    label."""
     tables = {
         (p.worker, p.layer): np.asarray(p.value).reshape(-1, 3)
         for p in diag.by_metric["persistent_peaks"]

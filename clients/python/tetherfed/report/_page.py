@@ -125,7 +125,8 @@ RENDER = """
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;
 padding:1rem 2rem;color:#222}
-h1{margin-bottom:.2rem} .meta{color:#666;margin-top:0} h2{border-bottom:1px solid #ddd;padding-top:1rem}
+h1{margin-bottom:.2rem} .meta{color:#666;margin-top:0}
+h2{border-bottom:1px solid #ddd;padding-top:1rem}
 .fig{width:100%} .nodata{color:#8a6d3b;background:#fcf8e3;padding:.6rem;border-radius:4px}
 .caption{color:#555;font-size:.9rem} nav a{margin-right:1rem} table.kv td{padding:0 1rem 0 0}
 """

@@ -73,7 +73,8 @@ def _mark_trace(
 
 def loss_figure(run: RunData) -> Figure:
     """Training loss (lines) and validation loss (dashed) per worker against step, with a marker
-    for every merge (▲) and drift (▼) the worker applied (open: issued, no ack known; ×: rejected)."""
+    for every merge (▲) and drift (▼) the worker applied (open: issued, no ack known;
+    ×: rejected)."""
     if not any(w.step.size for w in run.workers):
         return nodata("loss", "Loss", "no worker logged a step")
     fig = go.Figure()

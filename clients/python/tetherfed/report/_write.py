@@ -51,7 +51,8 @@ def _run_facts(run: RunData) -> dict[str, str]:
     if run.config.get("policy"):
         p = run.config["policy"]
         found["policy"] = (
-            f"{p.get('measure')} merge > {p.get('merge_threshold')}, drift < {p.get('drift_threshold')}"
+            f"{p.get('measure')} merge > {p.get('merge_threshold')},"
+            f" drift < {p.get('drift_threshold')}"
         )
     return found
 

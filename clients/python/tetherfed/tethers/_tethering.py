@@ -149,9 +149,10 @@ def tether(
     """Add a tether to every selected Linear/Conv layer of ``model`` (in place) and return it.
 
     ``layers=None`` tethers every ``nn.Linear`` and ``nn.Conv1d/2d/3d``; otherwise give qualified
-    module names (as in ``model.named_modules()``, or as :func:`tethered_layers` names them). Unknown or untetherable names, and layers that
-    already carry a tether, raise ``ValueError``. Initial tethers are U[0,1) draws from a CPU
-    generator seeded by ``seed``, one per selected layer in module order.
+    module names (as in ``model.named_modules()``, or as :func:`tethered_layers` names them).
+    Unknown or untetherable names, and layers that already carry a tether, raise ``ValueError``.
+    Initial tethers are U[0,1) draws from a CPU generator seeded by ``seed``, one per selected layer
+    in module order.
     """
     _check_mode(mode)
     _check_importance(importance_every, importance_decay)
