@@ -121,8 +121,11 @@ class CoordinatorJob:
         ]
         with (plan.folder / "coordinator.log").open("ab") as log:
             # preexec_fn: the coordinator dies with this job step (no threads run here yet).
-            proc = subprocess.Popen(  # noqa: PLW1509
-                cmd, stdout=log, stderr=log, preexec_fn=die_with_parent
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=log,
+                preexec_fn=die_with_parent,  # noqa: PLW1509
             )
         try:
             problem = wait_ready(url, proc, timeout_s=120)  # type: ignore[arg-type]
