@@ -26,6 +26,8 @@ EXPECTED = {
     "sin": ("regression", (1,), 1, 5000, 1000),
     "sinc": ("regression", (1,), 1, 5000, 1000),
     "digits": ("classification", (1, 8, 8), 10, 1438, 359),
+    "digits-rot": ("classification", (1, 8, 8), 10, 1438, 359),
+    "digits-perm": ("classification", (1, 8, 8), 10, 1438, 359),
 }
 
 

@@ -1,9 +1,9 @@
 """The experiment spec: a TOML file checked by pydantic, expanded into runs.
 
     [experiment]   name, out, repeats, seed, steps | epochs, publish_every, jobs, fail_fast,
-                   fedavg_every, device
+                   fedavg_every, device, reference_arm
     init = "independent" | "shared"        arms = ["federated", "independent", "fedavg"]
-    [[groups]]     name, count, and any worker option (task, model, lr, tether_mode, …)
+    [[groups]]     name, count, and any worker option (task, task_args, shard, model, lr, …)
     [policy]       preset (demo, default, seed, cka) plus any policy field as an override
     [grid]         "dotted.key" = [values, …]   full product
     [[zip]]        "dotted.key" = [values, …]   axes of one table move together
@@ -55,6 +55,10 @@ class ExperimentSection(BaseModel):
     fail_fast: bool = Field(default=False, description="Stop the sweep at the first failed run.")
     fedavg_every: int = Field(default=50, ge=1, description="fedavg arm: average every K steps.")
     device: Literal["auto", "cpu"] = Field(default="auto", description="auto: CUDA round-robin.")
+    reference_arm: str = Field(
+        default="independent",
+        description="summary.csv pairs every arm's metrics against this arm's, repeat by repeat.",
+    )
 
 
 class GroupSpec(WorkerOptions):
@@ -75,6 +79,15 @@ class GroupSpec(WorkerOptions):
                 f"unknown task {task!r}; built-in: {', '.join(task_names())}, or module:function"
             )
         return task
+
+    @_model_validator(mode="after")
+    def _known_task_args(self) -> GroupSpec:
+        """A built-in task's args are checked by name here (a user task's when it loads)."""
+        from tetherfed.worker._tasks import check_task_args, task_names  # noqa: PLC0415 (torch)
+
+        if self.task_args and self.task in task_names():
+            check_task_args(self.task, self.task_args)
+        return self
 
 
 class PolicySpec(PolicyPatch):
@@ -108,6 +121,11 @@ class Spec(BaseModel):
             raise ValueError(f"group names must be unique, got {names}")
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms repeat: {self.arms}")
+        reference = self.experiment.reference_arm
+        if "reference_arm" in self.experiment.model_fields_set and reference not in self.arms:
+            raise ValueError(
+                f"experiment.reference_arm {reference!r} is not one of the arms {self.arms}"
+            )
         for i, block in enumerate(self.zip):
             lengths = {len(v) for v in block.values()}
             if len(lengths) > 1:
@@ -233,9 +251,23 @@ class PlannedRun:
     plan: RunPlan
 
 
+_PLACE = ("index", "group_index", "index_in_group", "group_size")
+
+
 def run_id(plan: RunPlan) -> str:
-    """A short hash (10 hex) of the resolved run config plus its repeat."""
+    """A short hash (10 hex) of the resolved run config plus its repeat.
+
+    A worker's place in the run (`_PLACE`) follows from the order and groups of the workers,
+    already hashed, and options at their defaults that older versions lacked (`task_args`,
+    `shard`) are left out, so a folder's run ids stay those it was started with."""
     body = plan.model_dump(mode="json", exclude={"run_id", "federation"})
+    for worker in body["workers"]:
+        for key in _PLACE:
+            worker.pop(key, None)
+        options = worker["options"]
+        for key, default in (("task_args", {}), ("shard", None)):
+            if options.get(key) == default:
+                options.pop(key, None)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return digest[:10]
 

@@ -126,12 +126,18 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
 
 
 class WorkerPlan(BaseModel):
-    """One worker of a run: its group (the ground truth of who should merge), seeds, device."""
+    """One worker of a run: its group (the ground truth of who should merge), seeds, device,
+    and its place in the run (`index`; `group_index`, the group's among the run's groups;
+    `index_in_group` of `group_size`), which its task function sees as `WorkerInfo`."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     group: str = "default"
+    index: int = Field(default=0, ge=0)
+    group_index: int = Field(default=0, ge=0)
+    index_in_group: int = Field(default=0, ge=0)
+    group_size: int = Field(default=1, ge=1)
     init_seed: int
     data_seed: int
     device: str = "cpu"
@@ -158,14 +164,19 @@ def plan_workers(
     groups: Sequence[tuple[str, int, WorkerOptions]], seed: int, init: Init, devices: int
 ) -> list[WorkerPlan]:
     """Workers of (group, count, options) triples, in order: worker i has data seed seed+i and
-    init seed seed+i (independent) or seed (shared); devices cuda:i mod n (cpu when n is 0)."""
+    init seed seed+i (independent) or seed (shared); devices cuda:i mod n (cpu when n is 0).
+    Worker k of the g-th triple has group_index g, index_in_group k and group_size its count."""
     plans, i = [], 0
-    for group, count, options in groups:
-        for _ in range(count):
+    for g, (group, count, options) in enumerate(groups):
+        for k in range(count):
             plans.append(
                 WorkerPlan(
                     name=f"worker-{i}",
                     group=group,
+                    index=i,
+                    group_index=g,
+                    index_in_group=k,
+                    group_size=count,
                     data_seed=seed + i,
                     init_seed=seed if init == "shared" else seed + i,
                     device=f"cuda:{i % devices}" if devices else "cpu",
@@ -176,8 +187,32 @@ def plan_workers(
     return plans
 
 
-def worker_argv(plan: WorkerPlan, url: str, federation: str, out: Path, peers: int) -> list[str]:
-    """`tetherfed worker` arguments of one planned worker (who waits for `peers` workers)."""
+def worker_argv(
+    plan: WorkerPlan,
+    url: str,
+    federation: str,
+    out: Path,
+    peers: int,
+    *,
+    run_seed: int | None = None,
+    repeat: int | None = None,
+) -> list[str]:
+    """`tetherfed worker` arguments of one planned worker (who waits for `peers` workers), with
+    its place in the run: its indices, and the run's seed and repeat when given."""
+    place = [
+        "--worker-index",
+        str(plan.index),
+        "--group-index",
+        str(plan.group_index),
+        "--index-in-group",
+        str(plan.index_in_group),
+        "--group-size",
+        str(plan.group_size),
+    ]
+    if run_seed is not None:
+        place += ["--run-seed", str(run_seed)]
+    if repeat is not None:
+        place += ["--repeat", str(repeat)]
     return [
         "worker",
         "--coordinator",
@@ -198,6 +233,7 @@ def worker_argv(plan: WorkerPlan, url: str, federation: str, out: Path, peers: i
         plan.device,
         "--checkpoint-dir",
         str(out / plan.name),
+        *place,
         *options_argv(plan.options),
     ]
 
@@ -604,7 +640,15 @@ class Launcher:
         self.coordinator = coordinator
         for plan in self.plan.workers:
             peers = len(self.plan.workers)
-            argv = worker_argv(plan, coordinator.url, self.plan.federation, self.out, peers)
+            argv = worker_argv(
+                plan,
+                coordinator.url,
+                self.plan.federation,
+                self.out,
+                peers,
+                run_seed=self.plan.seed,
+                repeat=self.plan.repeat,
+            )
             if coordinator.token:
                 argv += ["--token", coordinator.token]
             if self.resume and (self.out / plan.name / "latest.pt").exists():

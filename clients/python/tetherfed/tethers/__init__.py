@@ -3,7 +3,7 @@ federation's operators to its tethers, and compute the probe batches `cka` and t
 
 from ._ops import OperatorError, apply_operator_
 from ._probe import Probe
-from ._task import Task, probe_inputs
+from ._task import CLASSIFICATION_METRICS, MetricFn, Task, accuracy, probe_inputs
 from ._tethering import (
     ROOT_LAYER,
     TetherMode,
@@ -19,12 +19,15 @@ from ._tethering import (
 )
 
 __all__ = [
+    "CLASSIFICATION_METRICS",
     "ROOT_LAYER",
     "OperatorError",
     "Probe",
+    "MetricFn",
     "Task",
     "TetherMode",
     "TetherParametrization",
+    "accuracy",
     "apply_operator_",
     "get_tether",
     "layer_table",

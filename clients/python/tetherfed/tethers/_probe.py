@@ -8,8 +8,15 @@ x ~ U[-3, 3]) see identical probe batches whatever their own seeds. For each tet
 worker publishes the double-centred Gram of the layer's outputs on those inputs
 (`tether_protocol.compat.probe_gram`), n × n for n = `probe_size`, never the activations.
 
-The merge gate evaluates the worker's task loss on its own probe batch: a fixed sample of its
-training set drawn from its seed (not the validation set, which stays for reporting).
+The merge gate evaluates the worker's task loss on its own probe batch, ``Probe.own``: a fixed
+sample, drawn from its seed, of ``held_out`` when the worker has one, else of its training set;
+never of the validation set, which stays for reporting (a gate tuned on it would bias the
+reported validation figures towards the merges it kept). A worker that trains on a shard passes
+its group's gate reserve (`tetherfed.worker._tasks.shard`): training examples no worker of its
+group trains on, so a merge is judged on data the worker has not memorised. On a small shard its
+own examples are fit almost exactly, and any merge raises their loss, helpful or not; on
+held-out data a merge that generalises lowers it. A partner of the same group never trained on
+the reserve either, so merging with it is not favoured by memorisation.
 """
 
 from __future__ import annotations
@@ -23,17 +30,23 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from tether_protocol.compat import probe_gram
 
 from ._task import Task, probe_inputs
 from ._tethering import tethered_layers
 
-GATE_BATCH = 256  # training examples in a worker's own probe batch
+GATE_BATCH = 256  # examples in a worker's own probe batch (the merge gate's)
 
 
 class Probe:
-    """Probe computations for one tethered model on one task (call on the training thread)."""
+    """Probe computations for one tethered model on one task (call on the training thread).
+
+    ``own``: the merge gate's batch (inputs, targets), at most ``gate_batch`` examples of
+    ``held_out`` (when given; e.g. a sharded worker's gate reserve) or else of the task's
+    training set, picked by a permutation seeded by ``seed``.
+    """
 
     def __init__(
         self,
@@ -42,11 +55,15 @@ class Probe:
         device: torch.device,
         seed: int,
         gate_batch: int = GATE_BATCH,
+        held_out: TensorDataset | None = None,
     ) -> None:
         self.model, self.task, self.device = model, task, device
         modules = dict(model.named_modules())
         self.modules = {name: modules[name] for name in tethered_layers(model)}
-        x, y = task.train.tensors[:2]
+        if held_out is not None and len(held_out) == 0:
+            raise ValueError("held_out is empty: the merge gate would have nothing to judge on")
+        source = held_out if held_out is not None else task.train
+        x, y = source.tensors[:2]
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:gate_batch]
         self.own = (x[pick].to(device), y[pick].to(device))
         self._inputs: dict[tuple[int, int], Tensor] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 TaskKind = Literal["classification", "regression"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+MetricFn = Callable[[Tensor, Tensor], float]
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class Task:
     ``sample_inputs(n, generator)``, when given, draws n fresh inputs from the task's input
     distribution (the federation's shared probe batch for ``cka``); without it the probe batch is
     a seeded sample of the task's own inputs (see :func:`probe_inputs`).
+
+    ``metrics`` maps a name to ``fn(outputs, targets) -> float`` over the whole validation set
+    (outputs (N, n_outputs), targets as in the dataset), a score where *higher is better*
+    (e.g. :func:`accuracy` as ``acc``); a worker records each as ``val_<name>`` next to
+    ``val_loss``.
     """
 
     name: str
@@ -33,6 +41,18 @@ class Task:
     input_shape: tuple[int, ...]
     n_outputs: int
     sample_inputs: Callable[[int, torch.Generator], Tensor] | None = None
+    metrics: Mapping[str, MetricFn] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> float:
+    """Fraction in [0, 1] of rows of ``outputs`` (N, classes) whose argmax is the integer target
+    (N,); NaN for N = 0."""
+    if len(targets) == 0:
+        return math.nan
+    return float((outputs.argmax(dim=1) == targets).float().mean())
+
+
+CLASSIFICATION_METRICS: Mapping[str, MetricFn] = MappingProxyType({"acc": accuracy})
 
 
 def probe_inputs(task: Task, size: int, seed: int) -> Tensor:

@@ -46,6 +46,15 @@ def add_worker_parser_args(worker: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's, every core; `up` and "
         "experiments give each worker cores / workers)",
     )
+    place = worker.add_argument_group(
+        "place in the run", "what a task function's `worker` (WorkerInfo) holds; set by launchers"
+    )
+    place.add_argument("--worker-index", type=int, default=0, help="index in the run")
+    place.add_argument("--group-index", type=int, default=0, help="the group's index in the run")
+    place.add_argument("--index-in-group", type=int, default=0, help="index within the group")
+    place.add_argument("--group-size", type=int, default=1, help="workers in the group")
+    place.add_argument("--repeat", type=int, default=0, help="experiment repeat")
+    place.add_argument("--run-seed", type=int, default=None, help="the run's seed (default --seed)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--checkpoint-dir", type=Path, default=None)
     worker.add_argument(
@@ -70,6 +79,12 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         group=args.group,
         wait_peers=args.wait_peers,
         threads=args.threads,
+        worker_index=args.worker_index,
+        group_index=args.group_index,
+        index_in_group=args.index_in_group,
+        group_size=args.group_size,
+        repeat=args.repeat,
+        run_seed=args.run_seed,
         device=args.device,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,

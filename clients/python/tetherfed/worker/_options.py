@@ -11,12 +11,63 @@ import argparse
 import types
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from tether_protocol.messages import WireDType
+
+TaskArg = int | float | str
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where a worker stands in its run; a task function taking ``worker=`` receives it.
+
+    ``index``: the worker's index in the run (0 …); ``group``: its group's name and
+    ``group_index`` the group's position among the run's groups (0 …, the spec's order);
+    ``index_in_group`` (0 … ``group_size`` − 1) and ``group_size``: its place in the group;
+    ``repeat``: the experiment repeat (0 outside experiments); ``seed``: the run's seed, shared by
+    every worker of the run (experiment seed + 1000 · repeat; a lone worker's ``--seed``).
+    """
+
+    index: int = 0
+    group: str = "default"
+    group_index: int = 0
+    index_in_group: int = 0
+    group_size: int = 1
+    repeat: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.index, self.group_index, self.index_in_group, self.repeat) < 0:
+            raise ValueError(f"worker indices and repeat must be ≥ 0: {self}")
+        if not 0 <= self.index_in_group < self.group_size:
+            raise ValueError(
+                f"index_in_group {self.index_in_group} outside a group of {self.group_size}"
+            )
+
+
+class ShardSpec(BaseModel):
+    """The part of its task's training set a worker of a group trains on (the validation set is
+    never sharded).
+
+    ``disjoint``: worker k of the group gets examples [k·size, (k+1)·size) of a permutation of
+    the training set seeded by the run's seed and the group's index, so the group's shards are
+    disjoint; ``iid``: an independent sample of ``size`` examples seeded by the worker's data
+    seed (shards of one group may overlap). Either way both come from the training examples left
+    once the group's held-out gate reserve is set aside (see ``tetherfed.worker._tasks.shard``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(ge=1, description="training examples per worker")
+    scheme: Literal["disjoint", "iid"] = "disjoint"
+
+    def __str__(self) -> str:
+        return f"size={self.size},scheme={self.scheme}"
 
 
 class WorkerOptions(BaseModel):
@@ -26,6 +77,14 @@ class WorkerOptions(BaseModel):
 
     task: str = Field(
         default="random-classification", description="built-in task or module:function"
+    )
+    task_args: dict[str, TaskArg] = Field(
+        default_factory=dict,
+        description="keyword arguments of the task function (e.g. k=4 clusters of digits-rot)",
+    )
+    shard: ShardSpec | None = Field(
+        default=None,
+        description="train on a shard of the task's training set: size=N[,scheme=disjoint|iid]",
     )
     model: str | None = Field(
         default=None, description="built-in model or module:function (default: the task's)"
@@ -58,6 +117,17 @@ class WorkerOptions(BaseModel):
         description="weight diagnostics into the worker folder and to the coordinator: "
         "every=epoch|N[,budget=F]; None: off",
     )
+
+    @field_validator("task_args")
+    @classmethod
+    def _task_arg_names(cls, value: dict[str, TaskArg]) -> dict[str, TaskArg]:
+        reserved = {"seed", "worker"} & set(value)
+        if reserved:
+            raise ValueError(f"task_args cannot set {sorted(reserved)}: the worker passes them")
+        bad = [k for k in value if not k.isidentifier()]
+        if bad:
+            raise ValueError(f"task_args names must be identifiers, got {bad}")
+        return value
 
     @field_validator("diagnostics")
     @classmethod
@@ -110,6 +180,33 @@ def _layer_lr(item: str) -> tuple[str, float]:
         ) from None
 
 
+def _task_arg(item: str) -> tuple[str, TaskArg]:
+    """`KEY=VALUE` with VALUE an int, else a float, else the string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--task-arg expects KEY=VALUE, got {item!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(text)
+        except ValueError:
+            pass
+    return key, text
+
+
+def _shard(value: str) -> ShardSpec:
+    """`size=N[,scheme=S]` (or just `N`) as a ShardSpec."""
+    fields: dict[str, str] = {}
+    for part in value.split(","):
+        key, sep, text = part.partition("=")
+        if not sep:
+            key, text = "size", key
+        fields[key.strip()] = text.strip()
+    try:
+        return ShardSpec.model_validate(fields)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--shard {value!r}: {error}") from None
+
+
 def _diagnostics(value: str) -> str:
     try:
         WorkerOptions(diagnostics=value)
@@ -131,6 +228,20 @@ def _add_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> 
             metavar="PREFIX=FACTOR",
             help=help_text,
         )
+    elif name == "task_args":
+        parser.add_argument(
+            "--task-arg",
+            dest=name,
+            action="append",
+            type=_task_arg,
+            default=[],
+            metavar="KEY=VALUE",
+            help=help_text + "; VALUE reads as int, else float, else string (repeat the flag)",
+        )
+    elif name == "shard":
+        parser.add_argument(
+            _flag(name), type=_shard, default=None, metavar="size=N[,scheme=S]", help=help_text
+        )
     elif typing.get_origin(kind) is Literal:
         parser.add_argument(
             _flag(name), choices=list(typing.get_args(kind)), default=default, help=help_text
@@ -140,7 +251,8 @@ def _add_option(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> 
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """Add one option per `WorkerOptions` field (`layer_lr` as repeated `--layer-lr P=F`)."""
+    """Add one option per `WorkerOptions` field (`layer_lr` as repeated `--layer-lr P=F`,
+    `task_args` as repeated `--task-arg K=V`)."""
     for name, info in WorkerOptions.model_fields.items():
         _add_option(parser, name, info)
 
@@ -149,6 +261,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
     """The `WorkerOptions` of a namespace parsed with `add_worker_args`."""
     values = {name: getattr(args, name) for name in WorkerOptions.model_fields}
     values["layer_lr"] = dict(values["layer_lr"] or [])
+    values["task_args"] = dict(values["task_args"] or [])
     return WorkerOptions(**values)
 
 
@@ -162,6 +275,8 @@ def options_argv(options: WorkerOptions) -> list[str]:
             continue
         if name == "layer_lr":
             argv += [a for prefix, f in value.items() for a in ("--layer-lr", f"{prefix}={f}")]
+        elif name == "task_args":
+            argv += [a for key, v in value.items() for a in ("--task-arg", f"{key}={v}")]
         else:
             argv += [_flag(name), str(value)]
     return argv

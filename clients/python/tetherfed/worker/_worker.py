@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -35,8 +35,8 @@ from tetherfed.tethers import Task
 from tetherfed.tethers._probe import Probe
 from tetherfed.tethers._tethering import tether, tethered_layers, update_importance
 
-from ._options import WorkerOptions
-from ._tasks import build_model, default_model, load_task
+from ._options import WorkerInfo, WorkerOptions
+from ._tasks import build_model, default_model, load_task, shard
 
 log = logging.getLogger("tetherfed.worker")
 PEER_TIMEOUT_S = 120.0
@@ -48,7 +48,13 @@ class WorkerConfig(WorkerOptions):
 
     Seeds: `init_seed` draws the model and tether init, `data_seed` the dataset and its order;
     each defaults to `seed`. Workers with one init seed and different data seeds start from the
-    same model and tethers (what weight merges need) but see the data in different orders.
+    same model and tethers (what weight merges need) but see the data in different orders. A
+    sharded worker's dataset is drawn from `run_seed` instead (one dataset for its group, see
+    `tetherfed.worker._tasks.shard`); its order still comes from `data_seed`.
+
+    `worker_index`, `group_index`, `index_in_group`, `group_size`, `repeat` and `run_seed` place
+    the worker in its run (the launcher sets them from the plan): the task function's
+    `WorkerInfo` (`info`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +80,33 @@ class WorkerConfig(WorkerOptions):
         description="torch CPU threads (torch.set_num_threads); None: torch's default, every "
         "core (or OMP_NUM_THREADS). Launchers set cores / workers so workers do not oversubscribe.",
     )
+    worker_index: int = Field(default=0, ge=0, description="The worker's index in its run.")
+    group_index: int = Field(default=0, ge=0, description="Its group's index among the run's.")
+    index_in_group: int = Field(default=0, ge=0, description="Its index within its group.")
+    group_size: int = Field(default=1, ge=1, description="Workers in its group.")
+    repeat: int = Field(default=0, ge=0, description="Experiment repeat.")
+    run_seed: int | None = Field(default=None, description="The run's seed (default seed).")
+
+    @model_validator(mode="after")
+    def _in_group(self) -> WorkerConfig:
+        if self.index_in_group >= self.group_size:
+            raise ValueError(
+                f"index_in_group {self.index_in_group} outside a group of {self.group_size}"
+            )
+        return self
+
+    @property
+    def info(self) -> WorkerInfo:
+        """Where the worker stands in its run, as its task function sees it."""
+        return WorkerInfo(
+            index=self.worker_index,
+            group=self.group or "default",
+            group_index=self.group_index,
+            index_in_group=self.index_in_group,
+            group_size=self.group_size,
+            repeat=self.repeat,
+            seed=self.seed if self.run_seed is None else self.run_seed,
+        )
 
     @property
     def resolved_init_seed(self) -> int:
@@ -153,11 +186,20 @@ def batches(task: Task, batch_size: int, seed: int) -> Iterator[tuple[int, Any, 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, device: torch.device) -> float:
     """Mean validation loss."""
+    return evaluate_metrics(model, task, device)["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, task: Task, device: torch.device) -> dict[str, float]:
+    """`val_loss` (mean validation loss) and `val_<name>` for each of the task's metrics, over
+    the whole validation set in one forward pass."""
     model.eval()
-    x, y = task.val.tensors
-    loss = float(task.loss_fn(model(x.to(device)), y.to(device)))
+    x, y = task.val.tensors[:2]
+    out, target = model(x.to(device)), y.to(device)
+    found = {"val_loss": float(task.loss_fn(out, target))}
+    found |= {f"val_{name}": float(fn(out, target)) for name, fn in task.metrics.items()}
     model.train()
-    return loss
+    return found
 
 
 def save_checkpoint(path: Path, run: _Run, step: int) -> None:
@@ -231,6 +273,7 @@ class _Run:
     )
     best: float = math.inf
     val_loss: float = math.nan
+    val_metrics: dict[str, float] = field(default_factory=dict)  # val_<name> of the task metrics
     started: float = field(default_factory=time.monotonic)
 
 
@@ -239,7 +282,12 @@ def _setup(cfg: WorkerConfig) -> _Run:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.resolved_data_seed)
     device = pick_device(cfg.device)
-    task = load_task(cfg.task, seed=cfg.resolved_data_seed)
+    info = cfg.info
+    task_seed = info.seed if cfg.shard is not None else cfg.resolved_data_seed
+    task = load_task(cfg.task, seed=task_seed, worker=info, args=cfg.task_args)
+    held_out = None
+    if cfg.shard is not None:
+        task, held_out = shard(task, cfg.shard, info, cfg.resolved_data_seed)
     model = build_model(cfg.model or default_model(cfg.task), task, seed=cfg.resolved_init_seed)
     model = tether(model, cfg.tether_mode, seed=cfg.resolved_init_seed).to(device)
     data = batches(task, cfg.batch_size, cfg.resolved_data_seed)
@@ -268,7 +316,13 @@ def _setup(cfg: WorkerConfig) -> _Run:
             token=cfg.token,
             meta=_meta(cfg, device),
             resume=resume_state,
-            probe=Probe(model, task, device, seed=cfg.resolved_data_seed),
+            probe=Probe(
+                model,
+                task,
+                device,
+                seed=cfg.resolved_data_seed,
+                held_out=held_out if held_out is not None and len(held_out) else None,
+            ),
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
     run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
@@ -363,7 +417,9 @@ def _count(run: _Run, report: StepReport) -> None:
 
 
 def _evaluate(run: _Run, step: int) -> None:
-    run.val_loss = evaluate(run.model, run.task, run.device)
+    found = evaluate_metrics(run.model, run.task, run.device)
+    run.val_loss = found.pop("val_loss")
+    run.val_metrics = found
     if run.cfg.checkpoint_dir is None:
         return
     save_checkpoint(run.cfg.checkpoint_dir / "latest.pt", run, step)
@@ -388,6 +444,7 @@ def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> Non
         epoch=epoch,
         loss=_round(loss),
         val_loss=_round(run.val_loss),
+        **{name: _round(value) for name, value in run.val_metrics.items()},
         grad_norm=_round(grad_norm),
         generation=sum(run.fed.generations.values()) if run.fed else 0,
         merges=run.counts["merge"],
@@ -478,6 +535,7 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
             "worker_id": worker_id,
             "steps": last,
             "val_loss": _round(run.val_loss),
+            **{name: _round(value) for name, value in run.val_metrics.items()},
             **run.counts,
         }
         run.metrics.emit(**summary)
