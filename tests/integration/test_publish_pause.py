@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tetherfed import Client, Federation, tether
-from tetherfed.federation import _federation as federation_module
+from tetherfed.federation import _io as io_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.torch]
 
@@ -35,7 +35,7 @@ class FirstPublishLate(httpx.HTTPTransport):
 def test_a_slow_publish_pauses_publishing_at_most_the_cap(
     coordinator_process, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(federation_module, "MAX_PUBLISH_PAUSE_S", 1.0)
+    monkeypatch.setattr(io_module, "MAX_PUBLISH_PAUSE_S", 1.0)
     coordinator = coordinator_process(TETHER_SCORER_PROCESSES="0")
     with Client(coordinator.url) as api:
         api.create_federation("pause")

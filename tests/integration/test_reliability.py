@@ -32,7 +32,8 @@ from tether_protocol.frame import encode_frame
 from tether_protocol.messages import Decision, LayerSpec, SnapshotMeta, SnapshotRef
 from tetherfed import Client, Federation, tether
 from tetherfed.client._errors import BadRequestError, TransportError
-from tetherfed.federation._federation import _Ready, layer_specs
+from tetherfed.federation._federation import layer_specs
+from tetherfed.federation._inbox import Ready
 from tetherfed.tethers._tethering import tethered_layers
 from tetherfed_coordinator.embedded import free_port
 from tetherfed_coordinator.keys import Keys, glob_escape
@@ -209,7 +210,7 @@ def test_a_partner_tensor_that_cannot_be_applied_is_acked_rejected_and_training_
     try:
         before = tetherfed.tethered_layers(model)["0"].current().clone()
         decision = partner_decision(fed, "0")
-        fed._ready.put(_Ready(decision, partner))
+        fed._inbox.put(Ready(decision, partner))
         report = fed.step(loss=1.0)
         assert report.applied == [] and len(report.rejected) == 1
         assert reason in report.rejected[0][1]
@@ -231,7 +232,7 @@ def test_an_ack_not_yet_sent_is_kept_in_the_checkpoint_and_sent_after_a_resume(
     fed = joined(coordinator.url, fed_name, model)
     try:
         decision = partner_decision(fed, "0")
-        fed._ready.put(_Ready(decision, torch.full((4, 6), 2.0)))
+        fed._inbox.put(Ready(decision, torch.full((4, 6), 2.0)))
         fed.step(loss=1.0)
         state = fed.state_dict()  # the checkpoint, taken before the I/O thread sent the ack
     finally:

@@ -1,0 +1,471 @@
+"""The I/O thread: all of a worker's network work, off the training thread.
+
+It registers through the session, publishes the snapshots the training thread offers (at most
+`io_budget` of the wall clock; the newest unsent snapshot replaces an older one), sends acks and
+telemetry, heartbeats, long-polls decisions and fetches their partner tethers into the inbox.
+When the coordinator is unreachable it logs one warning per outage, keeps the latest unsent
+snapshot, and retries with exponential backoff and jitter.
+
+What the training thread hands it (snapshots, telemetry, its progress) goes through the methods
+under "training thread" below, which take this object's lock; decisions and acks go through the
+inbox.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tether_protocol.frame import FrameError, encode_parts, probe_gram_name
+from tether_protocol.messages import AckCreate, Decision, SnapshotMeta, WireDType
+from tether_protocol.sketch import encode_sketch_frame
+from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
+from tetherfed.client._errors import (
+    APIError,
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    TetherError,
+)
+
+from ._inbox import Inbox, Ready
+from ._session import Progress, Session
+
+log = logging.getLogger("tetherfed.federation")
+TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
+MAX_PUBLISH_PAUSE_S = 10.0  # the longest pause the I/O budget puts between two publishes
+
+
+@dataclass
+class FederationStats:
+    """Counters of one Federation: snapshots taken at step boundaries, frames the I/O thread
+    sent (a snapshot replaced before it was sent is not), and failed network calls."""
+
+    snapshots: int = 0
+    published: int = 0
+    failures: int = 0
+    telemetry_sent: int = 0
+    telemetry_dropped: int = 0
+
+
+@dataclass
+class Snapshot:
+    """Tethers copied into host buffers at a step boundary, with the step's progress."""
+
+    buffers: dict[str, Tensor]
+    progress: tuple[int, int, float | None, float | None, bool]  # step, epoch, loss, grad, plateau
+    generations: dict[str, int]
+    index: int  # which of the two host buffer sets holds it
+    event: Any = None  # a torch.cuda.Event when the copies were non-blocking
+    grams: dict[str, Any] = field(default_factory=dict)  # layer → probe Gram (cka)
+
+    def meta(self, worker_id: str, wire_dtype: WireDType) -> SnapshotMeta:
+        """The snapshot's metadata as published (built here, on the I/O thread)."""
+        step, epoch, loss, grad_norm, fired = self.progress
+        return SnapshotMeta(
+            worker_id=worker_id,
+            step=step,
+            epoch=epoch,
+            loss=loss,
+            grad_norm=grad_norm,
+            plateau=fired,
+            wire_dtype=wire_dtype,
+            generations=self.generations,
+        )
+
+
+@dataclass(frozen=True)
+class IOSettings:
+    """How the I/O thread paces its work (see `Federation`'s arguments)."""
+
+    wire_dtype: WireDType
+    heartbeat_s: float
+    poll_wait_s: float
+    io_budget: float
+    device: torch.device
+
+
+class IOThread:
+    """The background thread of one Federation, and the state only it changes."""
+
+    def __init__(
+        self, session: Session, inbox: Inbox, stats: FederationStats, settings: IOSettings
+    ) -> None:
+        self.session, self._inbox, self.stats, self._settings = session, inbox, stats, settings
+        self._client = session.client
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        # Guards what the training thread reads or hands over: the snapshot slot, the publish
+        # schedule, telemetry waiting to go out, and the progress heartbeats report.
+        self._lock = threading.Lock()
+        self._pending: Snapshot | None = None
+        self._sending: int | None = None  # the buffer set being published
+        self._failing = False  # the last publish failed: a newer snapshot may replace it
+        self._next_publish = 0.0
+        self._progress = Progress()
+        # Telemetry waits here (oldest dropped past the bound, counted).
+        self._telemetry: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=TELEMETRY_BUFFER
+        )
+        self._full_next = False  # under a sketch policy: the coordinator asked for a full publish
+        self._thread = threading.Thread(target=self._run, name="tetherfed-io", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    # -- training thread ------------------------------------------------------------------------
+    def record(self, progress: Progress) -> None:
+        """The training thread's latest step, for the next heartbeat."""
+        with self._lock:
+            self._progress = progress
+
+    def can_snapshot(self) -> bool:
+        """Whether a snapshot taken now could be sent: while the thread is busy or within its
+        budget pause, a due snapshot waits for the next step boundary instead of being copied
+        and then replaced (latest wins, without the copies)."""
+        with self._lock:
+            fresh = self._pending is None or (self._failing and self._sending is None)
+            return fresh and time.monotonic() >= self._next_publish
+
+    def claim_buffers(self) -> int:
+        """Withdraw the unsent snapshot and return the buffer set to copy the next one into (the
+        one not being published)."""
+        with self._lock:
+            self._pending = None
+            return 1 - self._sending if self._sending is not None else 0
+
+    def offer(self, snap: Snapshot) -> None:
+        """Hand over a snapshot to publish (before registration completes it waits here)."""
+        with self._lock:
+            self._pending = snap
+
+    def queue_telemetry(self, points: list[dict[str, Any]]) -> None:
+        """Queue telemetry points; past the bound the oldest are dropped and counted."""
+        with self._lock:
+            room = TELEMETRY_BUFFER - len(self._telemetry)
+            self.stats.telemetry_dropped += max(0, len(points) - room)
+            self._telemetry.extend(points)
+
+    def stop(self, flush_timeout_s: float) -> None:
+        """Let the thread publish the last snapshot and send pending acks and telemetry (at
+        most `flush_timeout_s`), then stop it."""
+        self._closing.set()
+        if not self.session.registered.is_set():
+            self._stop.set()  # nothing was or could be published: no flush to wait for
+        self._thread.join(timeout=flush_timeout_s + self._settings.poll_wait_s)
+        self._stop.set()
+        self._thread.join(timeout=self._settings.poll_wait_s + 10.0)
+
+    def farewell(self, leave: bool, why: str) -> None:
+        """After `stop`: send the remaining acks and, with `leave`, ack `rejected` (with `why`)
+        what will not be applied and leave; otherwise end the session so a resumed process may
+        take the id at once. Closes the client."""
+        registered = self.session.worker_id is not None and self.session.registered.is_set()
+        try:
+            if leave and registered:
+                self._reject_unapplied(why)
+            self._send_acks()
+            if leave and registered:
+                self._client.leave(self.session.federation, str(self.session.worker_id))
+            elif registered:
+                self.session.heartbeat(self._current(), ending=True)
+        except TetherError as error:
+            log.warning("could not leave federation cleanly: %s", error)
+        self._client.close()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        outage = _Outage()
+        last_beat = 0.0
+        while not self._stop.is_set() and self.session.refusal is None:
+            try:
+                if not self._round():
+                    return  # flushed: close() takes it from here
+                if time.monotonic() - last_beat >= self._settings.heartbeat_s:
+                    self.session.heartbeat(self._current())
+                    last_beat = time.monotonic()
+                self._poll()
+                self.session.check_incarnation()
+                outage.recovered()
+            except TetherError as error:
+                self.stats.failures += 1
+                backoff = outage.failed(error)
+                if self.session.refusal is None:  # refused for good: the loop ends at once
+                    self._stop.wait(backoff)
+            except Exception:  # a bug here must not kill training; say it loudly and retry
+                log.exception("tetherfed I/O thread error; retrying")
+                self._stop.wait(1.0)
+
+    def _round(self) -> bool:
+        """Register if needed, then send what waits; False once closing and all is flushed."""
+        if self.session.worker_id is None or not self.session.registered.is_set():
+            self.session.register(self._current())
+        self._send_pending()
+        self._send_acks()
+        if self._slot_empty():
+            self._send_telemetry()
+        return not (self._closing.is_set() and self._flushed())
+
+    def _current(self) -> Progress:
+        with self._lock:
+            return self._progress
+
+    def _slot_empty(self) -> bool:
+        with self._lock:
+            return self._pending is None
+
+    def _flushed(self) -> bool:
+        """No snapshot and no telemetry waits to go out."""
+        with self._lock:
+            return self._pending is None and not self._telemetry
+
+    # -- publishing -----------------------------------------------------------------------------
+    def _take_pending(self) -> Snapshot | None:
+        """The snapshot to publish now, marking its buffers busy; None if none, or the budget
+        pause is not over (closing ends it)."""
+        with self._lock:
+            if time.monotonic() < self._next_publish and not self._closing.is_set():
+                return None
+            snap, self._pending = self._pending, None
+            if snap is not None:
+                self._sending = snap.index
+            return snap
+
+    def _send_pending(self) -> None:
+        snap = self._take_pending()
+        if snap is None:
+            return
+        started = time.monotonic()
+        try:
+            # Acks queued before this snapshot go first, so the coordinator links the new
+            # generation to the decision that made it.
+            self._send_acks()
+            self._publish(snap)
+        except (BadRequestError, ConflictError, NotFoundError, AuthError) as error:
+            self._refused(error)
+            if self.session.worker_id is None:
+                return  # forgotten: the next publish goes to a new registration, unpaused
+        except TetherError:
+            self._keep(snap)
+            raise
+        finally:
+            with self._lock:
+                self._sending = None
+        self._pause(started)
+
+    def _keep(self, snap: Snapshot) -> None:
+        """A publish failed: keep its snapshot unless training already offered a newer one, and
+        let training replace it meanwhile."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = snap
+            self._failing = True
+
+    def _pause(self, started: float) -> None:
+        """Publishing may take at most `io_budget` of the wall clock (it competes with training
+        for the GIL and the CPU); snapshots taken meanwhile coalesce, the latest wins. A publish
+        slowed by an outage or a coordinator just restarted pauses at most MAX_PUBLISH_PAUSE_S
+        (19× a 5 s publish would stop publishing for 95 s)."""
+        now = time.monotonic()
+        pause = (now - started) * (1.0 / self._settings.io_budget - 1.0)
+        with self._lock:
+            self._next_publish = now + min(pause, MAX_PUBLISH_PAUSE_S)
+
+    def _publish(self, snap: Snapshot) -> None:
+        if snap.event is not None:
+            snap.event.synchronize()
+        worker_id, wire_dtype = self.session.worker_id, self._settings.wire_dtype
+        assert worker_id is not None
+        tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
+        # A sketch frame carries the tethers' sketches only (cka's probe Grams go in full ones).
+        if not self._publish_sketch(snap, tensors):
+            tensors |= {probe_gram_name(name): gram for name, gram in snap.grams.items()}
+            parts = encode_parts(tensors, snap.meta(worker_id, wire_dtype), wire_dtype)
+            self._client.publish(self.session.federation, worker_id, parts)
+            self._full_next = False
+        self.stats.published += 1
+        with self._lock:
+            self._failing = False
+
+    def _publish_sketch(self, snap: Snapshot, tensors: Mapping[str, Any]) -> bool:
+        """Under a sketch policy, publish the sketch frame unless a full publish is due (every
+        `full_every`-th, or asked for); False when the full frame should go instead."""
+        policy, worker_id = self.session.policy, self.session.worker_id
+        sketch = policy.sketch if policy is not None else None
+        if sketch is None or self._full_next or self.stats.published % sketch.full_every == 0:
+            return False
+        assert worker_id is not None
+        frame = encode_sketch_frame(tensors, snap.meta(worker_id, "float32"), sketch)
+        try:
+            accepted = self._client.publish_sketch(self.session.federation, worker_id, frame)
+        except ConflictError:  # the federation's policy dropped its sketch since we registered
+            self.session.drop_sketch()
+            return False
+        self._full_next = accepted.full_requested
+        return True
+
+    def _refused(self, error: APIError) -> None:
+        """The coordinator refused the publish for good: drop it; the session registers again
+        if the worker is gone from the federation."""
+        log.warning("publish refused, snapshot dropped: %s", error)
+        with self._lock:
+            self._failing = False
+        self.session.publish_refused(error)
+
+    # -- acks and telemetry ---------------------------------------------------------------------
+    def _send_acks(self) -> None:
+        """Send the acks in order; a transport error, 5xx or auth error (raised) keeps the rest
+        for the next try, a refusal (already acked, unknown decision) drops that one."""
+        for decision_id, ack in self._inbox.unsent_acks():
+            try:
+                self._client.ack(self.session.federation, decision_id, ack)
+            except (BadRequestError, NotFoundError, ConflictError) as error:
+                log.warning("ack of decision %d refused: %s", decision_id, error)
+            self._inbox.sent(decision_id, ack)
+
+    def _send_telemetry(self) -> None:
+        worker_id = self.session.worker_id
+        while worker_id is not None and (batch := self._telemetry_batch()):
+            try:
+                body = TelemetryCreate(data=[TelemetryPoint.model_validate(p) for p in batch])
+                self._client.post_telemetry(self.session.federation, worker_id, body)
+            except (ValueError, BadRequestError, NotFoundError, ConflictError) as error:
+                log.warning("telemetry refused, %d points dropped: %s", len(batch), error)
+                with self._lock:
+                    self.stats.telemetry_dropped += len(batch)
+                continue
+            except TetherError:  # transport, 5xx, auth: they wait for the next try
+                with self._lock:
+                    self._telemetry.extendleft(reversed(batch))
+                raise
+            self.stats.telemetry_sent += len(batch)
+
+    def _telemetry_batch(self) -> list[dict[str, Any]]:
+        """Up to MAX_POINTS waiting points, oldest first."""
+        with self._lock:
+            count = min(MAX_POINTS, len(self._telemetry))
+            return [self._telemetry.popleft() for _ in range(count)]
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _poll(self) -> None:
+        worker_id, federation = self.session.worker_id, self.session.federation
+        assert worker_id is not None
+        wait = self._poll_wait()
+        if wait is None:
+            return  # publish first
+        after = self._inbox.cursor
+        page = self._client.worker_decisions(federation, worker_id, after=after, wait=wait)
+        self.session.held(page.hold)
+        last = self._client.last_decision
+        if last is not None and last < after:
+            self._rewind(last, after)
+            return  # poll again from there
+        for decision in page.data:
+            if decision.action != "hold" and not self._inbox.is_applied(decision.id):
+                self._inbox.put(self._prepare(decision))
+            # Only once it is queued: a failed partner fetch re-polls the decision.
+            self._inbox.advance(decision.id)
+
+    def _poll_wait(self) -> float | None:
+        """How long to long-poll (the thread sleeps in a socket read, holding no GIL): until the
+        next publish is due, not at all while acks wait or when stopping; None when a snapshot
+        is due to publish first."""
+        with self._lock:
+            waiting, until_publish = (
+                self._pending is not None,
+                self._next_publish - time.monotonic(),
+            )
+        if waiting and until_publish <= 0:
+            return None
+        wait = (
+            min(self._settings.poll_wait_s, until_publish)
+            if waiting
+            else self._settings.poll_wait_s
+        )
+        if self._inbox.has_unsent_acks() or self._stop.is_set():
+            wait = 0.0
+        return round(wait, 3)
+
+    def _rewind(self, last: int, cursor: int) -> None:
+        """The federation's decisions end below this worker's cursor: Redis lost decisions the
+        worker saw (restored from an older copy, a failover to a lagging replica), and the ids
+        after `last` will name new decisions. Poll from `last`, forget applied ids above it."""
+        log.warning(
+            "federation %r has decisions up to id %d only, below this worker's cursor %d: the "
+            "coordinator lost decisions; polling again from %d",
+            self.session.federation,
+            last,
+            cursor,
+            last,
+        )
+        self._inbox.rewind(last)
+
+    def _prepare(self, decision: Decision) -> Ready:
+        """Fetch the decision's partner tether (exactly the snapshot that was scored, never a
+        newer one published since), or say why it cannot be applied."""
+        if decision.operator == "decouple" or decision.partner_id is None:
+            return Ready(decision, torch.zeros(0))
+        ref = decision.partner_snapshot
+        try:
+            partner = self._client.tether(
+                self.session.federation,
+                decision.partner_id,
+                decision.layer,
+                version=None if ref is None else ref.version,
+            )
+        except NotFoundError as error:
+            return Ready(decision, None, f"partner tether unavailable: {error.detail}")
+        except FrameError as error:  # the partner's bytes are not a usable tether
+            return Ready(decision, None, f"partner tether refused: {error}")
+        # Copy off the response buffer here, on the I/O thread; pinned so the training thread's
+        # host-to-device copy can be non-blocking.
+        tensor = torch.from_numpy(np.array(partner, dtype=np.float32))
+        return Ready(
+            decision, tensor.pin_memory() if self._settings.device.type == "cuda" else tensor
+        )
+
+    def _reject_unapplied(self, why: str) -> None:
+        """Ack `rejected` (with `why`) each merge or drift this leaving worker received, or has
+        waiting at the coordinator, and will not apply, so every decision it got ends acked."""
+        pending = self._inbox.drain()
+        worker_id = self.session.worker_id
+        assert worker_id is not None
+        page = self._client.worker_decisions(
+            self.session.federation, worker_id, after=self._inbox.cursor, wait=0
+        )
+        for decision in [*pending, *page.data]:
+            if decision.action != "hold":
+                self._inbox.resolve(decision.id, AckCreate(outcome="rejected", reason=why))
+
+
+class _Outage:
+    """Backoff with full jitter while the coordinator is unreachable; one warning per outage."""
+
+    def __init__(self, base_s: float = 0.2, cap_s: float = 5.0) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self.failures = 0
+
+    def failed(self, error: TetherError) -> float:
+        """Count a failure (warning on the first of an outage); the seconds to wait."""
+        if self.failures == 0:
+            log.warning("coordinator call failed, training continues and retries: %s", error)
+        self.failures += 1
+        return random.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 10)))
+
+    def recovered(self) -> None:
+        """A round succeeded: end the outage (saying so if there was one)."""
+        if self.failures:
+            log.warning("coordinator calls succeed again after %d failures", self.failures)
+        self.failures = 0
