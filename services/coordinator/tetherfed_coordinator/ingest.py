@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 from fastapi import Request
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import Connection
 
 from tether_protocol.frame import (
@@ -436,7 +437,7 @@ def _blank(value: float | None) -> str | float:
 
 async def _queue_generations(
     store: Store,
-    pipe: object,
+    pipe: Pipeline,
     fed: str,
     wid: str,
     policy: Policy,
@@ -462,7 +463,7 @@ async def _queue_generations(
 
 async def _queue_record(
     store: Store,
-    pipe: object,
+    pipe: Pipeline,
     fed: str,
     wid: str,
     own: SnapshotRef | None,
@@ -487,12 +488,12 @@ async def _queue_record(
         created_at=utcnow(),
         retained=retained,
     )
-    pipe.rpush(keys.generations(fed, wid, layer), record.model_dump_json())  # type: ignore[attr-defined]
+    pipe.rpush(keys.generations(fed, wid, layer), record.model_dump_json())
 
 
 async def _queue_generation(
     store: Store,
-    pipe: object,
+    pipe: Pipeline,
     fed: str,
     wid: str,
     policy: Policy,
@@ -504,18 +505,17 @@ async def _queue_generation(
     keys = store.keys
     retained = policy.retain_generations > 0
     await _queue_record(store, pipe, fed, wid, own, layer, generation, retained)
-    p = pipe  # a redis pipeline (typed loosely to keep redis-py generics out)
     if not retained:
         return
     kept = [int(g) for g in await store.r.lrange(keys.retained(fed, wid, layer), 0, -1)]
     kept.append(generation)
     dropped = kept[: max(0, len(kept) - policy.retain_generations)]
     tensor = _generation_frame(frame, frame.entries[layer])
-    p.set(keys.generation_tensor(fed, wid, layer, generation), tensor)  # type: ignore[attr-defined]
-    p.rpush(keys.retained(fed, wid, layer), generation)  # type: ignore[attr-defined]
-    p.ltrim(keys.retained(fed, wid, layer), -policy.retain_generations, -1)  # type: ignore[attr-defined]
+    pipe.set(keys.generation_tensor(fed, wid, layer, generation), tensor)
+    pipe.rpush(keys.retained(fed, wid, layer), generation)
+    pipe.ltrim(keys.retained(fed, wid, layer), -policy.retain_generations, -1)
     for g in dropped:
-        p.unlink(keys.generation_tensor(fed, wid, layer, g))  # type: ignore[attr-defined]
+        pipe.unlink(keys.generation_tensor(fed, wid, layer, g))
 
 
 def _generation_frame(frame: Frame, entry: TensorEntry) -> bytes:
