@@ -272,10 +272,12 @@ class Scorer:
             except asyncio.CancelledError:
                 raise
             except aioredis.ResponseError as error:
-                if not str(error).startswith("NOGROUP"):
+                # NOGROUP: Redis lost the scoring group (FLUSHALL, eviction, restart without
+                # AOF). UNBLOCKED: Redis 7 ends a blocked XREADGROUP with it when the stream
+                # is deleted meanwhile (or the server became a replica). Either way: recreate
+                # the group; publishes re-create the stream, so no new work is lost.
+                if not str(error).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                # Redis lost the scoring group (FLUSHALL, eviction, restart without AOF):
-                # recreate it; publishes re-create the stream, so no new work is lost.
                 log.warning("scoring group lost (%s); recreating it", error)
                 await self.ensure_group()
             except Exception:  # keep scoring after a transient Redis or data error
