@@ -314,7 +314,8 @@ def row_scores(
 def _row_moments(
     rows: Sequence[npt.NDArray[Any]], shift: npt.NDArray[Any] | None, block: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per row: dot with row 0, sum, and sum of squares (of rows minus shift), float64-accumulated."""
+    """Per row: dot with row 0, sum, and sum of squares (of rows minus shift), accumulated in
+    float64."""
     m, n = len(rows), rows[0].size
     width = min(block, n)
     scratch = np.empty((m, width), dtype=np.float32)

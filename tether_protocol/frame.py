@@ -78,7 +78,8 @@ class NonFiniteError(FrameError):
 
 
 class RangeError(FrameError):
-    """A tether value lies outside [0, 1] (tethers are in [0, 1] by definition, DESIGN §3)."""
+    """A tether value lies outside [0, 1] (tethers are in [0, 1] by definition: docs/protocol.md,
+    "Concepts")."""
 
 
 class LayerMismatchError(FrameError):
@@ -352,7 +353,8 @@ def _check_probe_grams(grams: Mapping[str, TensorEntry], registered: Mapping[str
     for name, entry in grams.items():
         if len(entry.shape) != 2 or entry.shape[0] != entry.shape[1] or entry.shape[0] < 2:
             raise ShapeError(
-                f"probe Gram of layer {name!r} has shape {list(entry.shape)}; expected [n, n], n ≥ 2"
+                f"probe Gram of layer {name!r} has shape {list(entry.shape)}; "
+                "expected [n, n], n ≥ 2"
             )
         sizes.add(entry.shape[0])
     if len(sizes) > 1:

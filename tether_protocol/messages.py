@@ -104,7 +104,8 @@ def noise_band(k: int) -> float:
 
 
 class SketchPolicy(WireModel):
-    """Score large layers on count sketches (`tether_protocol.sketch`; DESIGN §6).
+    """Score large layers on count sketches (`tether_protocol.sketch`; README "Scoring large
+    layers on sketches").
 
     Layers of at least `min_values` values are scored on k-value sketches hashed by `seed` (the
     same for the whole federation, so sketches compare); workers publish a sketch frame every
@@ -138,12 +139,13 @@ class MergeGate(WireModel):
 
 
 class Policy(WireModel):
-    """How a federation turns compatibility scores into decisions (DESIGN §3).
+    """How a federation turns compatibility scores into decisions (`tether_protocol.policy`).
 
     Defaults are for a normalized measure: `pearson` scores two independent U[0,1) tethers near 0
     and identical ones at 1, whatever the layer size, so one threshold fits every layer. (The raw
-    `dot` of the prototype grows with layer size — two 64×64 U[0,1) tethers score about 1,000 — so
-    a fixed threshold on it passes or fails by layer size alone; only the `seed` preset uses it.)
+    `dot` of the prototype, examples/seed-prototype.toml, grows with layer size — two 64×64
+    U[0,1) tethers score about 1,000 — so a fixed threshold on it passes or fails by layer size
+    alone; only the `seed` preset uses it.)
     """
 
     measure: Measure = Field(
@@ -304,8 +306,9 @@ class Policy(WireModel):
 
 
 def seed_policy() -> Policy:
-    """The prototype (seed 001) as a policy: raw dot > 50, ≤ 5 merges an epoch, plateau trigger
-    with both thresholds 0.1, the middle layer only, merge by averaging, never drift."""
+    """The prototype the project started from (examples/seed-prototype.toml) as a policy: raw
+    dot > 50, ≤ 5 merges an epoch, plateau trigger with both thresholds 0.1, the middle layer
+    only, merge by averaging, never drift."""
     return Policy(
         measure="dot",
         merge_threshold=50.0,
@@ -323,9 +326,10 @@ def seed_policy() -> Policy:
 
 
 def cka_policy() -> Policy:
-    """Function-aware federation (issue 15's measured configuration): linear CKA of the last
-    layer on the shared probe batch, a rank rule (merge each worker with its closest partner
-    only), no rounds before step 100, and the merge gate at a 1 % probe-loss rise."""
+    """Function-aware federation (the configuration measured in README "Does it work?"): linear
+    CKA of the last layer on the shared probe batch, a rank rule (merge each worker with its
+    closest partner only), no rounds before step 100, and the merge gate at a 1 % probe-loss
+    rise."""
     return Policy(
         measure="cka",
         relative="rank",
@@ -498,9 +502,9 @@ class Heartbeat(Versioned):
 
 
 class Hold(WireModel):
-    """Why a worker's latest scoring round decided nothing for it to apply (DESIGN §3: between
-    the thresholds, or no eligible partner, the worker holds). One per worker, replaced by each
-    round: never a stream of its own, never something to apply or ack.
+    """Why a worker's latest scoring round decided nothing for it to apply (between the
+    thresholds, or no eligible partner, the worker holds: `tether_protocol.policy`). One per
+    worker, replaced by each round: never a stream of its own, never something to apply or ack.
 
     `code` is machine-readable: `warmup` (step < policy.warmup_steps), `no_plateau` (the
     plateau trigger did not fire), `schedule` (fedavg: no multiple of fedavg_every crossed),

@@ -1,7 +1,7 @@
 """The decision policy: a pure function from (policy, federation state, new snapshot) to decisions.
 
-A publish from worker w may trigger a round (DESIGN §3). For each layer in scope the round looks at
-w's score against every other worker and decides, for w's own tether:
+A publish from worker w may trigger a round (the policy's `trigger`). For each layer in scope the
+round looks at w's score against every other worker and decides, for w's own tether:
 
 - merge with the most compatible eligible partner scoring above `merge_threshold` (pairing `best`),
   or with every such partner (pairing `all`), while w has merges left this epoch on that layer;

@@ -1,4 +1,4 @@
-"""tetherfed coordinator: REST API, Redis store, scoring loop and decision delivery (DESIGN §2–§4)."""
+"""tetherfed coordinator: REST API, Redis store, scoring loop and decision delivery ."""
 
 from .app import create_app
 from .settings import Settings

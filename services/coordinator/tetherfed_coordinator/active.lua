@@ -17,7 +17,9 @@ for _, wid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     out[#out + 1] = wid
     out[#out + 1] = tonumber(redis.call('HGET', key .. ARGV[3], 'version') or '0')
     local sketch = 0
-    if ARGV[4] ~= '' then sketch = tonumber(redis.call('HGET', key .. ARGV[4], 'version') or '0') end
+    if ARGV[4] ~= '' then
+      sketch = tonumber(redis.call('HGET', key .. ARGV[4], 'version') or '0')
+    end
     out[#out + 1] = sketch
   end
 end

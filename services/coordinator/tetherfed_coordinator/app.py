@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="tetherfed coordinator",
         version="1",
         description="Workers publish tether frames; the coordinator scores pairs and decides "
-        "merge / drift / hold (DESIGN §3–§4).",
+        "merge / drift / hold (`tether_protocol.policy`).",
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -1,5 +1,6 @@
 """What the API does at its edges, made explicit: every error status in the OpenAPI document,
-`Allow` on 405 listing every method of the path, Redis trouble as 503 (issue 12, kind 8)."""
+`Allow` on 405 listing every method of the path, Redis trouble as 503, and the status code of
+each kind of domain error (`errors`)."""
 
 from __future__ import annotations
 

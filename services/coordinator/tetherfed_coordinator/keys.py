@@ -1,6 +1,6 @@
 """Every Redis key the coordinator uses, built here under one prefix.
 
-Memory (DESIGN §4, issue 3 §4), per worker: one hash, one liveness key, the latest frame (as
+What is kept, and so the memory used, per worker: one hash, one liveness key, the latest frame (as
 segments of just under 1 MiB, see `segment`; an upload in flight adds its own, with a TTL), its
 metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers), its
 decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
@@ -10,7 +10,7 @@ MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entri
 Telemetry (diagnostics): per worker an index hash and one sorted set per metric and layer, each
 trimmed to `telemetry_maxlen` points.
 
-Redis Cluster (DESIGN §11): every key of a federation starts `<prefix>{<federation>}`, so its
+Redis Cluster: every key of a federation starts `<prefix>{<federation>}`, so its
 name is the key's hash tag and all of a federation's keys live in one slot: every script and
 transaction touches one slot. The global keys (`federations`, `stats`, `scoring`) are never
 used in a script or transaction with a federation's keys.
@@ -122,7 +122,8 @@ class Keys:
         return f"{self.worker(fed, wid)}:pin:{version}"
 
     def snapshot_meta(self, fed: str, wid: str) -> str:
-        """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and count."""
+        """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and
+        count."""
         return f"{self.federation(fed)}:w:{wid}:snapmeta"
 
     def sketch(self, fed: str, wid: str) -> str:

@@ -6,18 +6,18 @@ and copied again by `receive()`, and reading pauses and resumes every 64 KiB. Fo
 of tens of MB that pipeline, not Redis, bounded the publish (about 0.5 GB/s on the 2-core
 machine, against 1 GB/s for a raw `SET` of the same bytes).
 
-`SegmentProtocol` is uvicorn's httptools protocol with one fast path. When the headers of a
-request that `streams_raw(method, path)` accepts are complete and it declares a Content-Length,
-the rest of its body is read with `recv_into` (asyncio's buffered protocol) directly into
-segments of `SEGMENT` bytes, bypassing the parser, and the app receives them whole through the
-scope extension `BODY_EXTENSION` (its `segments`, a `BodySegments`). Each segment is a fresh buffer handed over once full, so the
-app may keep it (a Redis write still in flight, say) without copying. Other routes, chunked
-bodies and parser errors are uvicorn's; keep-alive, pipelining and `Expect: 100-continue` behave
-as they do there (tests over raw sockets). A raw route's `receive()` sees an empty body, so only
-routes that read the extension may be declared raw. A response sent before the body was read (an auth or size error) discards
-the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is left or the client still waits
-for `100 Continue`: then the connection closes after the response (httpx and curl read a response
-even when the server stops their upload).
+`SegmentProtocol` is uvicorn's httptools protocol with one fast path. When the headers of a request
+that `streams_raw(method, path)` accepts are complete and it declares a Content-Length, the rest of
+its body is read with `recv_into` (asyncio's buffered protocol) directly into segments of `SEGMENT`
+bytes, bypassing the parser, and the app receives them whole through the scope extension
+`BODY_EXTENSION` (its `segments`, a `BodySegments`). Each segment is a fresh buffer handed over once
+full, so the app may keep it (a Redis write still in flight, say) without copying. Other routes,
+chunked bodies and parser errors are uvicorn's; keep-alive, pipelining and `Expect: 100-continue`
+behave as they do there (tests over raw sockets). A raw route's `receive()` sees an empty body, so
+only routes that read the extension may be declared raw. A response sent before the body was read
+(an auth or size error) discards the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is
+left or the client still waits for `100 Continue`: then the connection closes after the response
+(httpx and curl read a response even when the server stops their upload).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The coordinator as a Ray actor: one replica of `tetherfed up --engine ray` (DESIGN §11).
+"""The coordinator as a Ray actor: one replica of `tetherfed up --engine ray`.
 
 Here rather than in the `tetherfed` client package so that starting a replica imports neither
 torch nor the worker code (an actor's imports are most of its start-up time). The driver side

@@ -1,4 +1,4 @@
-"""Dependencies as named Annotated types, and bearer-token auth (DESIGN §7).
+"""Dependencies as named Annotated types, and bearer-token auth (docs/protocol.md, "Auth").
 
 With `TETHER_TOKEN` set: admin calls need that token; reads inside a federation accept it, the
 read-only `TETHER_READ_TOKEN` (which may also list federations) or any of the federation's worker

@@ -1,4 +1,5 @@
-"""Sketch publishes: the count sketches of a worker's large layers (DESIGN §6, `SketchPolicy`)."""
+"""Sketch publishes: the count sketches of a worker's large layers (`SketchPolicy`,
+`tether_protocol.sketch`)."""
 
 from __future__ import annotations
 

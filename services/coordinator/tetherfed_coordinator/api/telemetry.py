@@ -1,4 +1,5 @@
-"""Telemetry: diagnostics a worker reports (DESIGN §8), as bounded series per metric and layer."""
+"""Telemetry: the weight diagnostics a worker reports (README "Weight diagnostics"), as bounded
+series per metric and layer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The live dashboard at `/ui/` (DESIGN §10): static HTML/JS from this package, plotly.js from the
+"""The live dashboard at `/ui/`: static HTML/JS from this package, plotly.js from the
 installed `plotly` package (the `report` extra), data from the REST API and SSE streams.
 
 The files need no token (they hold no data); every data request the page makes carries the
