@@ -272,3 +272,43 @@ def test_status_prints_the_worker_table(coordinator_process: Callable[..., Any])
     assert missing.returncode == 3, (
         f"expected exit 3 for an unreachable coordinator: {missing.stderr}"
     )
+
+
+@pytest.mark.timeout(420)
+def test_up_twice_into_one_folder_keeps_the_runs_apart(
+    launch: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Re-running a command is the most ordinary thing a user does: the second `up --out D` must
+    not continue the first run's federation nor append to its logs."""
+    out = tmp_path / "out"
+    argv = ["--workers", "2", "--steps", "20", "--log-every", "5", "--eval-every", "10"]
+    first = launch(*argv)
+    first_stdout = finish(first, timeout_s=300)
+    assert first.returncode == 0, first_stdout
+    first_ids = _worker_ids(out)
+
+    second = launch(*argv)
+    stdout = finish(second, timeout_s=300)
+    assert second.returncode == 0, stdout
+
+    assert f"moved to {out}.1" in stdout
+    assert _worker_ids(out.with_name("out.1")) == first_ids
+    second_ids = _worker_ids(out)
+    assert len(second_ids) == 2 and not second_ids & first_ids, (first_ids, second_ids)
+    for metrics in out.glob("worker-*/metrics.jsonl"):
+        starts = [r for r in _lines(metrics) if r.get("event") == "start"]
+        assert len(starts) == 1, f"{metrics} holds {len(starts)} runs"
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _worker_ids(out: Path) -> set[str]:
+    """Worker ids found in every worker's metrics.jsonl of a run folder."""
+    return {
+        record["worker_id"]
+        for path in out.glob("worker-*/metrics.jsonl")
+        for record in _lines(path)
+        if record.get("worker_id")
+    }

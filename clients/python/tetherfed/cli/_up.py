@@ -35,6 +35,7 @@ from tetherfed.launch._launch import (
     plan_workers,
     preset_policy,
     resolve_policy,
+    set_aside,
 )
 from tetherfed.launch._ray import (
     add_engine_args,
@@ -178,6 +179,13 @@ def run_up(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file, not a folder")
     engine = engine_from_args(args)
+    try:
+        earlier = set_aside(out)
+    except OSError as exc:
+        close_engine(engine)
+        raise CliError(f"cannot move the earlier run out of {out}: {exc}") from exc
+    if earlier is not None:
+        print(f"{out} held an earlier run: moved to {earlier}", flush=True)
     try:
         with LiveView(Console()) as view:
             result = launch(

@@ -531,6 +531,23 @@ class Tally:
         return f"{self.total} decisions ({actions}), {self.rate():.1f}/s"
 
 
+def set_aside(out: Path) -> Path | None:
+    """Move an earlier run out of `out` before a new run starts there; where it went (`out.1`,
+    `out.2`, … the first free name), or None when `out` holds nothing.
+
+    A second run into the same folder would otherwise continue the first one's embedded Redis and
+    federation and append to its logs, mixing both runs in the summary and the report. Nothing is
+    deleted. OSError when the folder cannot be moved (the run must not start then)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    n = 1
+    while out.with_name(f"{out.name}.{n}").exists():
+        n += 1
+    target = out.with_name(f"{out.name}.{n}")
+    out.rename(target)
+    return target
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` atomically: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
