@@ -312,3 +312,34 @@ def _worker_ids(out: Path) -> set[str]:
         for record in _lines(path)
         if record.get("worker_id")
     }
+
+
+@pytest.mark.timeout(420)
+def test_up_never_puts_the_token_on_a_command_line_or_in_a_checkpoint(
+    launch: Callable[..., subprocess.Popen[str]],
+    tmp_path: Path,
+    coordinator_process: Callable[..., Any],
+) -> None:
+    """`ps` shows every user each process's command line, and the run folder is shared storage
+    under Ray and Slurm: the coordinator's token goes to workers through their environment and
+    is never written to a checkpoint."""
+    token = "admin-s3cret-" + os.urandom(4).hex()
+    coordinator = coordinator_process(TETHER_TOKEN=token)
+    out = tmp_path / "out"
+    proc = launch("--workers", "2", "--coordinator", coordinator.url, "--token", token, *LONG)
+    wait_for(
+        "two registered workers",
+        lambda: all(started(out / f"worker-{i}") for i in range(2)),
+        procs=[proc],
+    )
+    pids = up_worker_pids(out)
+    command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids]
+    finish_workers(pids)
+    stdout = finish(proc, timeout_s=200)
+
+    assert proc.returncode == 0, stdout
+    assert len(command_lines) == 2 and all(b"worker" in c for c in command_lines)
+    assert not [c for c in command_lines if token.encode() in c], "the token is on a command line"
+    for checkpoint in out.glob("worker-*/latest.pt"):
+        assert token.encode() not in checkpoint.read_bytes(), f"{checkpoint} holds the token"
+        assert checkpoint.stat().st_mode & 0o077 == 0, f"{checkpoint} is readable by others"

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +44,7 @@ from tetherfed._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREAC
 from tetherfed.client._errors import ConflictError, NotFoundError, TetherError
 from tetherfed.client._retry import RetryPolicy
 from tetherfed.client._sdk import Client
+from tetherfed.worker._main import TOKEN_ENV
 from tetherfed.worker._options import WorkerOptions, options_argv
 
 GRACE_S = 10.0  # SIGTERM → SIGKILL
@@ -265,8 +266,9 @@ class Engine(Protocol):
         `url` attribute when it serves elsewhere (e.g. replicas on other machines)."""
         ...
 
-    def start_worker(self, argv: list[str], log: Path) -> Process:
-        """`tetherfed <argv>` with stdout readable (JSON lines) and stderr appended to `log`."""
+    def start_worker(self, argv: list[str], log: Path, env: Mapping[str, str]) -> Process:
+        """`tetherfed <argv>` with stdout readable (JSON lines) and stderr appended to `log`;
+        `env` adds to its environment (secrets travel there, never on a command line)."""
         ...
 
     def stop(self, procs: Iterable[Process]) -> None:
@@ -296,11 +298,17 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], grace_s: float = GRAC
             os.killpg(proc.pid, signal.SIGKILL)  # pgid = pid: started with start_new_session
 
 
-def _spawn(cmd: list[str], stdout: IO[Any] | int, stderr: IO[Any] | int) -> subprocess.Popen[str]:
+def _spawn(
+    cmd: list[str],
+    stdout: IO[Any] | int,
+    stderr: IO[Any] | int,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         cmd,
         stdout=stdout,
         stderr=stderr,
+        env={**os.environ, **env} if env else None,
         stdin=subprocess.DEVNULL,
         text=True,
         start_new_session=True,  # Ctrl-C goes to the launcher only; it stops children itself
@@ -342,10 +350,11 @@ class LocalEngine:
         with (out / "coordinator.log").open("a") as log:
             return _spawn(cmd, log, subprocess.STDOUT)
 
-    def start_worker(self, argv: list[str], log: Path) -> Process:
-        """`python -m tetherfed.cli <argv>`, stdout piped."""
+    def start_worker(self, argv: list[str], log: Path, env: Mapping[str, str]) -> Process:
+        """`python -m tetherfed.cli <argv>` with `env` added to its environment, stdout piped."""
         with log.open("a") as err:
-            return _spawn([sys.executable, "-m", "tetherfed.cli", *argv], subprocess.PIPE, err)
+            cmd = [sys.executable, "-m", "tetherfed.cli", *argv]
+            return _spawn(cmd, subprocess.PIPE, err, env)
 
     def stop(self, procs: Iterable[Process]) -> None:
         """SIGTERM, grace period, SIGKILL, then the rest of each session."""
@@ -666,14 +675,14 @@ class Launcher:
                 run_seed=self.plan.seed,
                 repeat=self.plan.repeat,
             )
-            if coordinator.token:
-                argv += ["--token", coordinator.token]
             if self.resume and (self.out / plan.name / "latest.pt").exists():
                 argv.append("--resume")
             threads = self.worker_threads()
             if threads is not None:
                 argv += ["--threads", str(threads)]
-            proc = self.engine.start_worker(argv, self.out / f"{plan.name}.log")
+            # The token goes through the environment: a command line is visible to every user.
+            env = {TOKEN_ENV: coordinator.token} if coordinator.token else {}
+            proc = self.engine.start_worker(argv, self.out / f"{plan.name}.log", env)
             self.workers[plan.name] = proc
             if proc.stdout is not None:
                 reader = threading.Thread(

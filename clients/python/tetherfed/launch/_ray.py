@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -88,10 +88,10 @@ class WorkerActor:
     `latest.pt` under its worker id. Needs `max_concurrency` ≥ 2 so `read` answers while `run`
     trains."""
 
-    def __init__(self, argv: list[str], log: str) -> None:
+    def __init__(self, argv: list[str], log: str, env: dict[str, str]) -> None:
         import ray  # noqa: PLC0415 (inside the actor: ray is there)
 
-        self.argv, self.log = list(argv), Path(log)
+        self.argv, self.log, self.env = list(argv), Path(log), dict(env)
         self.lines: list[str] = []
         self.incarnation = uuid.uuid4().hex
         self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -115,6 +115,7 @@ class WorkerActor:
                 "on storage every node of the Ray cluster sees"
             )
         argv = [*self.argv, "--resume"] if self.restarted else self.argv
+        os.environ.update(self.env)  # this process runs only this worker
         with (
             self.log.open("a") as err,
             contextlib.redirect_stderr(err),
@@ -351,7 +352,7 @@ class RayEngine:
         self._started.append(coordinators)
         return coordinators
 
-    def start_worker(self, argv: list[str], log: Path) -> RayWorker:
+    def start_worker(self, argv: list[str], log: Path, env: Mapping[str, str]) -> RayWorker:
         """A worker actor running `tetherfed <argv>`; restarted by Ray up to MAX_RESTARTS
         times, each time resuming from its checkpoint."""
         ray = self._ray
@@ -366,7 +367,7 @@ class RayEngine:
                 max_concurrency=2,
                 name=self._label(name),
             )
-            .remote(argv, str(log))
+            .remote(argv, str(log), dict(env))
         )
         worker = RayWorker(ray, handle, name, log)
         self._started.append(worker)

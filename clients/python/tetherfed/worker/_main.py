@@ -7,6 +7,7 @@ would pass to `tetherfed worker`, so every engine runs the same code path.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +21,19 @@ from ._options import add_worker_args, options_from_args
 if TYPE_CHECKING:
     from ._worker import WorkerConfig
 
+TOKEN_ENV = "TETHER_TOKEN"  # the coordinator's token, as the coordinator itself reads it
+
 
 def add_worker_parser_args(worker: argparse.ArgumentParser) -> None:
     """Add every `tetherfed worker` option to `worker`."""
     worker.add_argument("--coordinator", default=None, help="coordinator URL (none: train alone)")
     worker.add_argument("--federation", default="default")
-    worker.add_argument("--token", default=None, help="bearer token when the coordinator has one")
+    worker.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token when the coordinator has one (default: ${TOKEN_ENV}; prefer the "
+        "variable: a command line is visible to every user of the machine)",
+    )
     worker.add_argument("--name", default=None)
     worker.add_argument("--seed", type=int, default=0, help="sets both seeds below")
     worker.add_argument("--init-seed", type=int, default=None, help="model + tether init seed")
@@ -71,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         **options_from_args(args).model_dump(),
         coordinator=args.coordinator,
         federation=args.federation,
-        token=args.token,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
         name=args.name,
         seed=args.seed,
         init_seed=args.init_seed,

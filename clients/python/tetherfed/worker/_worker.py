@@ -33,7 +33,12 @@ from tetherfed.diagnostics._recorder import Diagnostics, parse_spec
 from tetherfed.federation._federation import Federation, StepReport
 from tetherfed.tethers import Task
 from tetherfed.tethers._probe import Probe
-from tetherfed.tethers._tethering import tether, tethered_layers, update_importance
+from tetherfed.tethers._tethering import (
+    tether,
+    tether_coverage,
+    tethered_layers,
+    update_importance,
+)
 
 from ._options import WorkerInfo, WorkerOptions
 from ._tasks import build_model, default_model, load_task, shard
@@ -203,9 +208,13 @@ def evaluate_metrics(model: nn.Module, task: Task, device: torch.device) -> dict
 
 
 def save_checkpoint(path: Path, run: _Run, step: int) -> None:
-    """Write a checkpoint atomically (temp file, then rename)."""
+    """Write a checkpoint atomically (temp file, then rename).
+
+    The coordinator's token is never written (`config` leaves it out). The federation state holds
+    this worker's own token, which lets a resumed run act as the same worker and nothing else; the
+    file is therefore readable by its owner only (mode 0600)."""
     state = {
-        "config": run.cfg.model_dump(mode="json"),
+        "config": run.cfg.model_dump(mode="json", exclude={"token"}),
         "step": step,
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -215,6 +224,8 @@ def save_checkpoint(path: Path, run: _Run, step: int) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)  # touch keeps the mode of a file left over from an interrupted write
     torch.save(state, tmp)
     tmp.replace(path)
 
@@ -267,6 +278,7 @@ class _Run:
     fed: Federation | None
     metrics: Metrics
     diag: Diagnostics | None = None
+    probe: Probe | None = None  # the probe batches the federation uses (the gate's: probe.own)
     epoch: int = 0
     counts: dict[str, int] = field(
         default_factory=lambda: {"merge": 0, "drift": 0, "rejected": 0, "gate_rejected": 0}
@@ -304,6 +316,9 @@ def _setup(cfg: WorkerConfig) -> _Run:
         resume_state, start = saved["federation"], saved["step"]
         for _ in range(start):  # the same data order as an uninterrupted run
             next(data)
+    # The merge gate's batch: a sharded worker's group reserve, else its own training examples.
+    reserve = held_out if held_out is not None and len(held_out) else None
+    probe = Probe(model, task, device, seed=cfg.resolved_data_seed, held_out=reserve)
     fed = None
     if cfg.coordinator:
         fed = Federation(
@@ -316,16 +331,11 @@ def _setup(cfg: WorkerConfig) -> _Run:
             token=cfg.token,
             meta=_meta(cfg, device),
             resume=resume_state,
-            probe=Probe(
-                model,
-                task,
-                device,
-                seed=cfg.resolved_data_seed,
-                held_out=held_out if held_out is not None and len(held_out) else None,
-            ),
+            probe=probe,
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
     run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
+    run.probe = probe
     run.diag = _diagnostics(run)
     return run
 
@@ -506,6 +516,7 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
         resumed=run.start > 0,
         worker_id=run.fed.worker_id if run.fed is not None else None,
         threads=torch.get_num_threads(),
+        coverage=tether_coverage(run.model).as_dict(),
     )
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)
