@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv test lint unit notorch demo bench bench-quick clean fuzz fuzz-ci chaos browser
+.PHONY: venv test lint unit notorch docs docs-build demo bench bench-quick clean fuzz fuzz-ci chaos browser
 
 venv: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[worker,test,slurm,ray]'
+	$(PY) -m pip install -q -e '.[worker,test,slurm,ray,docs]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -52,7 +52,16 @@ notorch:
 	! $(NOTORCH)/bin/python -c "import torch" 2>/dev/null
 	$(NOTORCH)/bin/python -m pytest -q -p no:cacheprovider tests/notorch
 
-test: lint unit notorch
+# The documentation site: reference pages generated from the code (docs/gen_ref.py); --strict
+# turns a broken link or a missing reference into a failure.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true
+docs-build: venv
+	$(DOCS_ENV) $(PY) -m mkdocs build --strict --quiet -d site
+
+docs: venv
+	$(DOCS_ENV) $(PY) -m mkdocs serve -a 127.0.0.1:8000
+
+test: lint docs-build unit notorch
 
 demo: venv
 	$(PY) -m tetherfed.cli up --workers 3 --task digits --steps 300 --eval-every 50 --log-every 25 \
@@ -65,7 +74,7 @@ bench-quick: venv
 	$(PY) -m tetherfed.cli bench --quick --json bench-quick.jsonl
 
 clean:
-	rm -rf $(VENV) $(NOTORCH) .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
+	rm -rf $(VENV) $(NOTORCH) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
 
 # Fuzzing (issue 12): hypothesis on the frame decoders (CI runs 100 examples per test inside
 # `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful
