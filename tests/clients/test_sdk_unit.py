@@ -64,6 +64,9 @@ EXPECTED_EXPORTS = {
     "untether",
     "GateCheck",
     "Probe",  # issue 15: the merge gate and probe batches
+    "Coverage",
+    "register_tetherable",
+    "tether_coverage",
 }
 
 

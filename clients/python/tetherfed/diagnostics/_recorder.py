@@ -37,7 +37,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 
-from tetherfed.tethers._tethering import TETHERABLE
+from tetherfed.tethers._tethering import pre_tether_weight, tetherable_weights
 
 from . import _metrics as dx
 
@@ -85,17 +85,24 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return out
 
 
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's Linear / Conv layers by module name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, TETHERABLE) and n}
+def weight_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The model's weights that carry or could carry a tether, by layer name, in module order:
+    layer name -> (module, parameter name), as `tetherfed.tethers.tetherable_weights` gives
+    them (the registered layer types plus anything tethered by name; tied weights once)."""
+    return tetherable_weights(model)
 
 
-def raw_weight(module: nn.Module) -> Tensor:
-    """The trainable weight (under a tether parametrization, the original W, not W ⊙ T)."""
-    params = getattr(module, "parametrizations", None)
-    if params is not None and "weight" in params:
-        return params["weight"].original  # type: ignore[no-any-return]
-    return module.weight  # type: ignore[return-value]
+def raw_weight(module: nn.Module, param: str = "weight") -> Tensor:
+    """The weight before its tether: W, not W ⊙ T (`tetherfed.tethers.pre_tether_weight`).
+
+    The stored parameter when the tether is the tensor's only or first parametrization (a view
+    of it stays current); under an earlier one (`weight_norm`) a tensor computed now."""
+    return pre_tether_weight(module, param)
+
+
+def _is_stored(weight: Tensor) -> bool:
+    """Whether `weight` is a stored parameter (views of it follow training) or computed."""
+    return isinstance(weight, nn.Parameter)
 
 
 class Diagnostics:
@@ -140,7 +147,7 @@ class Diagnostics:
         self.model, self.every, self.budget, self.sink = model, parse_every(every), budget, sink
         self.layers = weight_layers(model)
         if not self.layers:
-            raise ValueError("the model has no Linear or Conv layers to diagnose")
+            raise ValueError("the model has no tetherable weights to diagnose")
         if updates_per_epoch + 1 > RING_ROWS:
             raise ValueError(f"updates_per_epoch must be < {RING_ROWS}")
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -231,8 +238,13 @@ class Diagnostics:
         gen = torch.Generator().manual_seed(seed)
         self._index: dict[str, Tensor] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
-        self._flat = {
-            name: raw_weight(module).detach().view(-1) for name, module in self.layers.items()
+        self._flat = {name: self._raw(name) for name in self.layers}
+        # Weights computed from others (weight_norm): views of them go stale, so they are
+        # recomputed at every capture.
+        self._computed = {
+            name
+            for name, (module, param) in self.layers.items()
+            if not _is_stored(raw_weight(module, param))
         }
         offset = 0
         for name, flat in self._flat.items():
@@ -245,6 +257,7 @@ class Diagnostics:
         device = next(iter(self._flat.values())).device
         self._ring = torch.zeros((self.updates + 1, offset), dtype=torch.float32, device=device)
         self._tracked_views = [self._flat[name][:1] for name in self.tracked]
+        self._tracked_computed = any(name in self._computed for name in self.tracked)
         self._tracked_ring = torch.zeros((RING_ROWS, len(self.tracked)), device=device)
         self._captured = 0  # rows written into the ring, ever
         self._consecutive = 0  # of them, how many in a row up to the last step
@@ -252,7 +265,15 @@ class Diagnostics:
         self._window_for = -1  # the step of that run
 
     @torch.no_grad()
+    def _raw(self, name: str) -> Tensor:
+        """Layer `name`'s weight before its tether, flat (a view when it is stored)."""
+        module, param = self.layers[name]
+        return raw_weight(module, param).detach().reshape(-1)
+
+    @torch.no_grad()
     def _track(self, step: int, loss: float | None) -> None:
+        if self._tracked_computed:
+            self._tracked_views = [self._raw(name)[:1] for name in self.tracked]
         torch.cat(self._tracked_views, out=self._tracked_ring[self._steps % RING_ROWS])
         self._losses.append(math.nan if loss is None else float(loss))
         self._steps += 1
@@ -270,7 +291,8 @@ class Diagnostics:
             self._consecutive = 0
             return
         row = self._ring[self._captured % (self.updates + 1)]
-        for name, flat in self._flat.items():
+        for name, stored in self._flat.items():
+            flat = self._raw(name) if name in self._computed else stored
             lo, hi = self._offsets[name]
             torch.index_select(flat, 0, self._index[name], out=row[lo:hi])
         self._captured += 1
@@ -418,8 +440,8 @@ class Diagnostics:
     @torch.no_grad()
     def _effective(self) -> dict[str, np.ndarray]:
         return {
-            n: cast(Tensor, m.weight).detach().to("cpu", torch.float64).numpy().copy()
-            for n, m in self.layers.items()
+            n: cast(Tensor, getattr(m, p)).detach().to("cpu", torch.float64).numpy().copy()
+            for n, (m, p) in self.layers.items()
         }
 
     def _histogram_range(self) -> tuple[float, float]:
@@ -472,8 +494,10 @@ class Diagnostics:
     def _tracked_names(self) -> list[str]:
         names = []
         for name in self.tracked:
-            shape = raw_weight(self.layers[name]).shape
-            names.append(f"{name}.weight[{','.join('0' * len(shape))}]")
+            module, param = self.layers[name]
+            shape = raw_weight(module, param).shape
+            label = f"{name}.weight" if param == "weight" else name
+            names.append(f"{label}[{','.join('0' * len(shape))}]")
         return names
 
 

@@ -1,9 +1,30 @@
 """Tethered layers: ``W_eff = W ⊙ T`` through ``torch.nn.utils.parametrize``.
 
-``tether(model, mode=...)`` registers a :class:`TetherParametrization` on the ``weight`` of every
-selected ``nn.Linear`` / ``nn.Conv{1,2,3}d``. The raw weight stays the trainable parameter
-(``module.parametrizations.weight.original``); ``module.weight`` is recomputed as ``W ⊙ T`` on every
-access, so the tether never compounds across steps and autograd sees the true product.
+``tether(model, mode=...)`` registers a :class:`TetherParametrization` on every selected weight
+parameter. By default these are the weights of the registered layer types (see
+:func:`register_tetherable`; built in: ``nn.Linear``, ``nn.Bilinear``, ``nn.Conv{1,2,3}d``,
+``nn.ConvTranspose{1,2,3}d``, ``nn.Embedding``, ``nn.EmbeddingBag``, ``nn.MultiheadAttention``'s
+``in_proj_weight`` or ``q/k/v_proj_weight`` (its ``out_proj`` is an ``nn.Linear``), every
+``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*`` of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``,
+``weight_ih`` / ``weight_hh`` of the RNN cells, and Hugging Face's
+``transformers.pytorch_utils.Conv1D`` (matched by qualified class name, transformers is not
+imported)); ``layers=`` selects by name or predicate instead, any parameter of any module.
+The raw weight stays the trainable parameter (``module.parametrizations.<param>.original``);
+``module.<param>`` is recomputed as ``W ⊙ T`` on every access, so the tether never compounds
+across steps and autograd sees the true product.
+
+Layer names: a module's qualified name when the parameter is ``weight`` (``"fc1"``, ``ROOT_LAYER``
+for a tethered root), ``"<module>.<param>"`` otherwise (``"attn.in_proj_weight"``,
+``"lstm.weight_hh_l0"``). A parameter held by several modules (tied weights: GPT-2's token
+embedding and LM head) gets one tether, registered on every holder, so the tie holds for ``W`` and
+for ``W ⊙ T``; the layer is named after its first holder in module order.
+
+Other parametrizations: a tether registered after ``torch.nn.utils.parametrizations.weight_norm``
+(or any parametrization) multiplies its output: ``W_eff = weight_norm(g, v) ⊙ T``. "The weight"
+(importance scores, diagnostics) is then the weight before the tether (:func:`pre_tether_weight`).
+The legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hooks recompute ``weight`` as a
+plain attribute before every forward; such weights cannot be tethered (selected by name: a
+``ValueError``; by default: skipped, with the reason in :func:`tether_coverage`).
 
 Modes:
 
@@ -22,7 +43,10 @@ Modes:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypedDict, cast, get_args
 
 import torch
@@ -30,15 +54,69 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+log = logging.getLogger("tetherfed.tethers")
+
 TetherMode = Literal["static", "learned", "importance"]
 TETHER_MODES: tuple[str, ...] = get_args(TetherMode)
-TETHERABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Selects parameters by (layer name, module, parameter name); see tether().
+LayerPredicate = Callable[[str, nn.Module, str], bool]
 
 ROOT_LAYER = "<root>"  # the name of a tethered root module (its qualified name is empty)
 # Attributes under which wrappers hold the wrapped model: torch.compile, FSDP, checkpointing.
 WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 _EPS = 1e-4  # learned-mode logits are initialised from T clamped to (eps, 1 - eps)
 _RANGE_TOL = 1e-5  # values this far outside [0, 1] (float rounding) are clamped, not rejected
+# Forward pre-hooks of torch.nn.utils.weight_norm / spectral_norm (the pre-parametrize API).
+_LEGACY_HOOKS = frozenset({"WeightNorm", "SpectralNorm"})
+# Whether nn.RNNBase's forward reads stale `_flat_weights` (torch without _update_flat_weights).
+_RNN_NEEDS_HOOK = not hasattr(nn.RNNBase, "_update_flat_weights")
+
+# Layer type (a class, or its qualified name "module.QualName") -> its weight parameters' names
+# (fnmatch patterns; names the module lacks or holds as None are ignored).
+_REGISTRY: dict[type[nn.Module] | str, tuple[str, ...]] = {}
+
+
+def register_tetherable(cls: type[nn.Module] | str, params: Iterable[str] = ("weight",)) -> None:
+    """Make ``tether(model)`` tether the parameters ``params`` of every ``cls`` module.
+
+    ``cls`` is a module class (subclasses match too) or its qualified name, e.g.
+    ``"transformers.pytorch_utils.Conv1D"``, to match a class without importing its package.
+    ``params`` are parameter names or ``fnmatch`` patterns (``"weight_ih_l*"``); a name the module
+    lacks (or registers as ``None``) is ignored. Registering a class again replaces its names; the
+    most derived registered class of a module decides. Raises ``ValueError`` on an empty ``params``
+    or a ``cls`` that is neither an ``nn.Module`` subclass nor a dotted name.
+    """
+    names = (params,) if isinstance(params, str) else tuple(params)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"params must name at least one parameter, got {params!r}")
+    if isinstance(cls, str):
+        if "." not in cls:
+            raise ValueError(f"a class name must be qualified (package.module.Class), got {cls!r}")
+    elif not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"cls must be an nn.Module subclass or a qualified name, got {cls!r}")
+    _REGISTRY[cls] = names
+
+
+for _cls in (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    "transformers.pytorch_utils.Conv1D",  # GPT-2's "Conv1D": a Linear with a transposed weight
+):
+    register_tetherable(_cls)
+register_tetherable(
+    nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+)
+register_tetherable(nn.RNNBase, ("weight_ih_l*", "weight_hh_l*", "weight_hr_l*"))
+register_tetherable(nn.RNNCellBase, ("weight_ih", "weight_hh"))
+del _cls
 
 
 class LayerInfo(TypedDict):
@@ -47,6 +125,52 @@ class LayerInfo(TypedDict):
     name: str
     shape: list[int]
     dtype: str
+
+
+@dataclass(frozen=True)
+class SkippedModules:
+    """Modules of one type and one reason that carry no tether (a row of :class:`Coverage`)."""
+
+    type: str  # the module's class name (``LayerNorm``; qualified for non-torch classes)
+    modules: int  # how many such modules
+    parameters: int  # their parameters' elements (a parameter shared with others counted once)
+    reason: str  # why they carry no tether
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model its tethers cover (see :func:`tether_coverage`).
+
+    Counts are parameter *elements*; a tied parameter is counted once, and the tethers' own
+    state (learned-mode logits) is not counted.
+    """
+
+    layers: int  # tethered layers (one per tether; tied holders share one)
+    tethered: int  # elements of the tethered weights (the tethers' elements)
+    total: int  # elements of every parameter of the model
+    untethered_in_tethered: int  # the rest of the tethered modules (biases, untethered weights)
+    skipped: tuple[SkippedModules, ...]  # modules without any tether, by type and reason
+
+    @property
+    def share(self) -> float:
+        """``tethered / total`` (0 for a model without parameters)."""
+        return self.tethered / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the fields, ``share``, and ``skipped`` as a list of dicts."""
+        fields = asdict(self)
+        return {**fields, "skipped": list(fields["skipped"]), "share": round(self.share, 6)}
+
+    def summary(self) -> str:
+        """One line for the log: what is tethered, and what is not, by type."""
+        text = (
+            f"tethered {self.layers} layers, {self.tethered:,} of {self.total:,} parameters "
+            f"({self.share:.1%})"
+        )
+        if not self.skipped:
+            return text
+        rows = [f"{s.type} x{s.modules} ({s.parameters:,}: {s.reason})" for s in self.skipped]
+        return f"{text}; without a tether: {', '.join(rows)}"
 
 
 class TetherParametrization(nn.Module):
@@ -77,11 +201,21 @@ class TetherParametrization(nn.Module):
             self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=initial.device))
         # Host-side mirror of `steps`, so observe() does not sync with the device every step.
         self._seen: int | None = None
+        # Importance mode behind another parametrization (weight_norm): the weight this tether
+        # multiplies is computed, not a leaf, so its gradient is gathered here in backward.
+        self._capture_grad = False
+        self._pre_grad: Tensor | None = None
         cast(Any, self).register_load_state_dict_post_hook(_forget_seen)  # untyped in torch
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return the effective weight ``W ⊙ T``."""
+        if self._capture_grad and weight.requires_grad and weight.grad_fn is not None:
+            cast(Any, weight).register_hook(self._gather_grad)  # untyped in torch
         return weight * self.current()
+
+    def _gather_grad(self, grad: Tensor) -> None:
+        grad = grad.detach()
+        self._pre_grad = grad.clone() if self._pre_grad is None else self._pre_grad + grad
 
     def current(self) -> Tensor:
         """The tether ``T`` in [0, 1]; differentiable in learned mode."""
@@ -141,56 +275,169 @@ def tether(
     model: nn.Module,
     mode: TetherMode = "static",
     *,
-    layers: Iterable[str] | None = None,
+    layers: Iterable[str] | LayerPredicate | None = None,
     seed: int = 0,
     importance_every: int = 50,
     importance_decay: float = 0.9,
 ) -> nn.Module:
-    """Add a tether to every selected Linear/Conv layer of ``model`` (in place) and return it.
+    """Add a tether to every selected weight of ``model`` (in place) and return it.
 
-    ``layers=None`` tethers every ``nn.Linear`` and ``nn.Conv1d/2d/3d``; otherwise give qualified
-    module names (as in ``model.named_modules()``, or as :func:`tethered_layers` names them).
-    Unknown or untetherable names, and layers that already carry a tether, raise ``ValueError``.
-    Initial tethers are U[0,1) draws from a CPU generator seeded by ``seed``, one per selected layer
-    in module order.
+    ``layers=None`` tethers the weights of every registered layer type (the module docstring lists
+    the built-in ones; :func:`register_tetherable` adds more). Otherwise ``layers`` is either
+
+    * names: a module's qualified name (as in ``model.named_modules()``, or as
+      :func:`tethered_layers` names layers) selects its registered weights; ``"<module>.<param>"``
+      (``"encoder.layers.0.self_attn.in_proj_weight"``) selects that parameter of any module;
+    * or a predicate ``(name, module, param) -> bool``, asked for every parameter of every module
+      with the name the layer would get (``"fc1"`` for ``fc1.weight``, ``"fc1.bias"``).
+
+    A parameter tied to other modules is tethered in all of them, with one tether. Initial
+    tethers are U[0,1) draws from a CPU generator seeded by ``seed``, one per layer in module
+    order. The coverage (what is tethered, what is not and why) is logged at INFO on
+    ``tetherfed.tethers``; :func:`tether_coverage` returns it.
+
+    Raises ``ValueError`` (and changes nothing) for unknown names, modules of an unregistered type
+    named without a parameter, parameters that are not floating-point ``nn.Parameter``s (e.g.
+    ``weight`` under the legacy ``torch.nn.utils.weight_norm`` hook), layers that already carry a
+    tether, and uninitialised lazy modules (``nn.LazyLinear``: run one forward pass first).
     """
     _check_mode(mode)
     _check_importance(importance_every, importance_decay)
-    selected = _select(model, layers)
+    groups = _select(model, layers)
     generator = torch.Generator().manual_seed(seed)
-    for module in selected.values():
-        weight = cast(Tensor, module.weight)
+    for holders in groups:
+        _, first, param = holders[0]
+        weight = cast(Tensor, getattr(first, param))
         draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32)
         # Built on CPU, then moved: learned logits are then bit-identical on every device.
         tp = TetherParametrization(mode, draw.to(weight.dtype), importance_every, importance_decay)
         tp.to(weight.device)
-        parametrize.register_parametrization(module, "weight", tp)
+        for _, module, name in holders:
+            parametrize.register_parametrization(module, name, tp)
+            plist = _plist(module, name)
+            if mode == "importance" and (len(plist) > 1 or not plist.is_tensor):
+                tp._capture_grad = True
+            if isinstance(module, nn.RNNBase):
+                _refresh_rnn_weights(module)
+    log.info("%s", tether_coverage(model).summary())
     return model
 
 
 def tethered_layers(model: nn.Module) -> dict[str, TetherParametrization]:
     """Tethers of ``model`` by layer name, in module order.
 
-    A layer's name is its qualified module name (e.g. ``"fc2"``) as the unwrapped model names it:
-    the attributes wrappers add are skipped (``_orig_mod`` of ``torch.compile``, ``module`` of
-    ``DataParallel`` / ``DistributedDataParallel``, FSDP's ``_fsdp_wrapped_module`` and
-    activation checkpointing's ``_checkpoint_wrapped_module``), so a compiled, a DDP and a plain
-    copy of one model publish the same names. A tethered root module is named ``ROOT_LAYER``.
+    A layer's name is its qualified module name (e.g. ``"fc2"``) when the tethered parameter is
+    ``weight``, else ``"<module>.<param>"`` (``"attn.in_proj_weight"``), as the unwrapped model
+    names it: the attributes wrappers add are skipped (``_orig_mod`` of ``torch.compile``,
+    ``module`` of ``DataParallel`` / ``DistributedDataParallel``, FSDP's ``_fsdp_wrapped_module``
+    and activation checkpointing's ``_checkpoint_wrapped_module``), so a compiled, a DDP and a
+    plain copy of one model publish the same names. A tethered root module's ``weight`` is named
+    ``ROOT_LAYER``. A tether shared by tied holders appears once, under its first holder.
     """
-    return {name: tp for name, _, tp in _iter_tethered(model)}
+    return {name: tp for name, _, _, tp in _iter_tethered(model)}
 
 
-def get_tether(layer: nn.Module) -> Tensor:
+def tetherable_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every tethered weight and every weight ``tether(model)`` would tether, in module order.
+
+    Layer name (as :func:`tethered_layers` names it) -> (module, parameter name). Tied weights
+    appear once, under their first holder. Uninitialised lazy modules are left out.
+    """
+    out: dict[str, tuple[nn.Module, str]] = {}
+    seen: set[int] = set()
+    for module_name, module in _unwrapped_modules(model):
+        tethered = set(_tethers_of(module))
+        for param in _tensor_names(module):
+            if param not in tethered and not _is_registered(module, param):
+                continue
+            key = id(_tether_of(module, param) or _stored(module, param))
+            if key in seen or _uninitialised(module, param):
+                continue
+            seen.add(key)
+            out[_layer_name(module_name, param)] = (module, param)
+    return out
+
+
+def pre_tether_weight(module: nn.Module, param: str = "weight") -> Tensor:
+    """The weight ``module.<param>`` before its tether: the raw parameter ``W``, not ``W ⊙ T``.
+
+    Under parametrizations registered before the tether (``weight_norm``) it is their output,
+    computed now (differentiable; wrap in ``torch.no_grad()`` to read it); without a tether,
+    the weight as the module uses it. Same shape as ``module.<param>``.
+    """
+    if not parametrize.is_parametrized(module, param):
+        return cast(Tensor, getattr(module, param))
+    plist = _plist(module, param)
+    stop = next(
+        (i for i, p in enumerate(plist) if isinstance(p, TetherParametrization)), len(plist)
+    )
+    if stop == len(plist):
+        return cast(Tensor, getattr(module, param))
+    if stop == 0:
+        return cast(Tensor, plist.original)
+    if plist.is_tensor:
+        x = plist[0](plist.original)
+    else:
+        x = plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+    for parametrization in list(plist)[1:stop]:
+        x = parametrization(x)
+    return cast(Tensor, x)
+
+
+def tether_coverage(model: nn.Module) -> Coverage:
+    """What the tethers of ``model`` cover: tethered layers and parameters against the total,
+    and the modules with parameters but no tether, by type and reason. See :class:`Coverage`."""
+    tethers = tethered_layers(model)
+    own = {id(p) for tp in tethers.values() for p in tp.parameters()}
+    unique = {id(p): p for p in model.parameters() if id(p) not in own}
+    counted: set[int] = set(own)
+    seen_tethers: set[int] = set()
+    rest = 0
+    skipped: dict[tuple[str, str], list[int]] = {}
+    for _, module in _unwrapped_modules(model):
+        params = [p for p in _own_parameters(module) if id(p) not in counted]
+        counted.update(id(p) for p in params)
+        size = sum(p.numel() for p in params)
+        if tethers_here := _tethers_of(module):
+            fresh = [tp for tp in tethers_here.values() if id(tp) not in seen_tethers]
+            seen_tethers.update(id(tp) for tp in fresh)
+            rest += max(size - sum(tp.storage().numel() for tp in fresh), 0)
+            continue
+        if not params:
+            continue
+        key = (_type_name(module), _skip_reason(module))
+        row = skipped.setdefault(key, [0, 0])
+        row[0], row[1] = row[0] + 1, row[1] + size
+    tethered = sum(tp.storage().numel() for tp in tethers.values())
+    return Coverage(
+        layers=len(tethers),
+        tethered=tethered,
+        total=sum(p.numel() for p in unique.values()),
+        untethered_in_tethered=rest,
+        skipped=tuple(
+            SkippedModules(type=t, modules=n, parameters=size, reason=reason)
+            for (t, reason), (n, size) in skipped.items()
+        ),
+    )
+
+
+def get_tether(layer: nn.Module, param: str | None = None) -> Tensor:
     """The current tether ``T`` (detached, in [0, 1]) of a tethered module or its parametrization.
 
+    ``param`` names the tethered parameter of a module with several (an ``nn.LSTM``, an
+    ``nn.MultiheadAttention`` with separate projections); otherwise ``weight``, or the only one.
     In static and importance mode this is a view of the stored buffer: clone it to keep a copy.
+    Raises ``ValueError`` when ``layer`` carries no (such) tether.
     """
-    return _resolve(layer).current().detach()
+    return _resolve(layer, param).current().detach()
 
 
-def set_tether_(layer: nn.Module, value: Tensor) -> None:
-    """Set the tether of a tethered module (or its parametrization) in place, under no_grad."""
-    _resolve(layer).set_(value)
+def set_tether_(layer: nn.Module, value: Tensor, param: str | None = None) -> None:
+    """Set the tether of a tethered module (or its parametrization) in place, under no_grad.
+
+    ``param`` as for :func:`get_tether`. Raises ``ValueError`` on a shape mismatch or values
+    outside [0, 1] (changing nothing)."""
+    _resolve(layer, param).set_(value)
 
 
 def layer_table(model: nn.Module) -> list[LayerInfo]:
@@ -206,62 +453,97 @@ def load_plain_state_dict(
 ) -> Any:
     """Load weights saved from the *untethered* model (``fc.weight``) into a tethered one.
 
-    A tethered layer keeps its raw weight as ``fc.parametrizations.weight.original``, so a plain
+    A tethered parameter is kept as ``fc.parametrizations.weight.original``, so a plain
     ``load_state_dict(..., strict=False)`` silently loads only the biases. Here each plain
-    ``<layer>.weight`` goes to that raw weight, the tethers keep their current values, and the
-    load is strict: a missing or unexpected key raises ``RuntimeError`` as torch does. Returns
-    torch's ``_IncompatibleKeys``.
+    ``<module>.<param>`` of a tethered parameter goes to that raw parameter (under another
+    parametrization such as ``weight_norm`` the plain state already names its originals), the
+    tethers keep their current values, and the load is strict: a missing or unexpected key raises
+    ``RuntimeError`` as torch does. Returns torch's ``_IncompatibleKeys``.
     """
-    tethered = {name for name, module in model.named_modules() if _find(module) is not None}
+    raw: set[str] = set()  # "<module>.<param>" held as parametrizations.<param>.original
+    kept: list[str] = []  # state-dict prefixes of the tethers' own state
+    for name, module in model.named_modules():
+        for param in _tethers_of(module):
+            plist = _plist(module, param)
+            index = next(i for i, p in enumerate(plist) if isinstance(p, TetherParametrization))
+            kept.append(_join(name, f"parametrizations.{param}.{index}."))
+            if plist.is_tensor:
+                raw.add(_join(name, param))
     renamed: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         module, _, leaf = key.rpartition(".")
-        raw = leaf == "weight" and module in tethered
-        renamed[_join(module, "parametrizations.weight.original") if raw else key] = value
+        target = _join(module, f"parametrizations.{leaf}.original") if key in raw else key
+        renamed[target] = value
     for key, value in model.state_dict().items():
-        if ".weight.0." in f".{key}" and "parametrizations" in key:  # tether state: kept
+        if key.startswith(tuple(kept)):  # tether state: kept
             renamed.setdefault(key, value)
     return model.load_state_dict(renamed, strict=strict)
 
 
 def untether(model: nn.Module) -> nn.Module:
     """A plain copy of a tethered model with ``W ⊙ T`` baked into each weight (``model`` is left
-    as it is): what to export, serve, or load where tetherfed is not installed."""
+    as it is): what to export, serve, or load where tetherfed is not installed.
+
+    Every parametrized tensor of a tethered module is baked (a ``weight_norm`` under a tether too:
+    the copy's weights equal the effective ones); tied weights stay tied (one baked parameter)."""
     plain = copy.deepcopy(model)
-    for module in [m for m in plain.modules() if _find(m) is not None]:
-        baked = cast(Tensor, module.weight).detach().clone()
+    baked: dict[int, nn.Parameter] = {}  # by the tether (tied holders share one)
+    for module in [m for m in plain.modules() if _tethers_of(m)]:
+        plists = cast(nn.ModuleDict, module.parametrizations)
+        values: dict[str, nn.Parameter] = {}
+        for name in list(plists):
+            tp = _tether_of(module, name)
+            key = id(tp) if tp is not None else id(plists[name])
+            if key not in baked:
+                baked[key] = nn.Parameter(cast(Tensor, getattr(module, name)).detach().clone())
+            values[name] = baked[key]
         # Not parametrize.remove_parametrizations: it edits the generated class, which the copy
-        # shares with `model`, and would strip `model`'s own `weight`.
+        # shares with `model`, and would strip `model`'s own weights.
         module.__class__ = module.__class__.__bases__[0]
         del module._modules["parametrizations"]
-        module.weight = nn.Parameter(baked)
+        for name, value in values.items():
+            setattr(module, name, value)
     return plain
 
 
 def update_importance(model: nn.Module) -> list[str]:
     """Feed the current gradients to every importance-mode tether; call after ``backward()``.
 
-    Layers whose raw weight has no gradient are skipped. Returns the names of the layers whose
-    tether was refreshed by this call.
+    The score uses the weight before the tether and its gradient (see :func:`pre_tether_weight`).
+    Layers whose weight has no gradient are skipped. Returns the names of the layers whose tether
+    was refreshed by this call.
     """
     refreshed = []
-    for name, module, tp in _iter_tethered(model):
-        original = _original(module)
-        grad = original.grad
-        if tp.mode == "importance" and grad is not None and tp.observe(original, grad):
+    for name, module, param, tp in _iter_tethered(model):
+        if tp.mode != "importance":
+            continue
+        plist = _plist(module, param)
+        if plist.is_tensor and plist[0] is tp:
+            weight = cast(Tensor, plist.original)
+            grad = weight.grad
+        else:
+            grad, tp._pre_grad = tp._pre_grad, None
+            with torch.no_grad():
+                weight = pre_tether_weight(module, param)
+        if grad is not None and tp.observe(weight, grad):
             refreshed.append(name)
     return refreshed
 
 
-def _iter_tethered(model: nn.Module) -> Iterator[tuple[str, nn.Module, TetherParametrization]]:
-    for name, module in _unwrapped_modules(model):
-        tp = _find(module)
-        if tp is not None:
-            yield name or ROOT_LAYER, module, tp
+def _iter_tethered(
+    model: nn.Module,
+) -> Iterator[tuple[str, nn.Module, str, TetherParametrization]]:
+    seen: set[int] = set()
+    for module_name, module in _unwrapped_modules(model):
+        for param, tp in _tethers_of(module).items():
+            if id(tp) not in seen:
+                seen.add(id(tp))
+                yield _layer_name(module_name, param), module, param, tp
 
 
 def _unwrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Like ``named_modules()`` (each module once, pre-order), with wrapper attributes skipped."""
+    """Like ``named_modules()`` (each module once, pre-order), with wrapper attributes and
+    parametrization internals skipped."""
     seen: set[int] = set()
     stack = [(prefix, module)]
     while stack:
@@ -270,9 +552,11 @@ def _unwrapped_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[st
             continue
         seen.add(id(current))
         yield name, current
+        inner = parametrize.is_parametrized(current)
         children = [
             (name if _is_wrapper(current, child_name) else _join(name, child_name), child)
             for child_name, child in current.named_children()
+            if not (inner and child_name == "parametrizations")
         ]
         stack.extend(reversed(children))
 
@@ -288,8 +572,138 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _original(module: nn.Module) -> Tensor:
-    return cast(Tensor, cast(nn.ModuleDict, module.parametrizations)["weight"].original)
+def _layer_name(module_name: str, param: str) -> str:
+    if param == "weight":
+        return module_name or ROOT_LAYER
+    return _join(module_name, param)
+
+
+def _plist(module: nn.Module, param: str) -> Any:
+    """The ``ParametrizationList`` of a parametrized tensor (typed loosely: torch's is private)."""
+    return cast(nn.ModuleDict, module.parametrizations)[param]
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """Names of the module's own parameters, parametrized ones included (module order)."""
+    hooked = tuple(f"{name}_" for name in _legacy_names(module))  # weight_g, weight_orig
+    names = [
+        name
+        for name, p in module._parameters.items()
+        if p is not None and not (hooked and name.startswith(hooked))
+    ]
+    if parametrize.is_parametrized(module):
+        names += [n for n in cast(nn.ModuleDict, module.parametrizations) if n not in names]
+    return names
+
+
+def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own parameters, with the originals of its parametrized tensors."""
+    params = [p for p in module._parameters.values() if p is not None]
+    if parametrize.is_parametrized(module):
+        for plist in cast(nn.ModuleDict, module.parametrizations).values():
+            params += [
+                p for name, p in plist.named_parameters(recurse=False) if name.startswith("orig")
+            ]
+    return params
+
+
+def _stored(module: nn.Module, param: str) -> Tensor:
+    """The tensor that stores ``module.<param>``: the parameter, or its parametrization's
+    (first) original. Tied holders share it."""
+    if parametrize.is_parametrized(module, param):
+        plist = _plist(module, param)
+        return cast(Tensor, plist.original if plist.is_tensor else plist.original0)
+    return cast(Tensor, module._parameters[param])
+
+
+def _tethers_of(module: nn.Module) -> dict[str, TetherParametrization]:
+    if not parametrize.is_parametrized(module):
+        return {}
+    found = {}
+    for param, plist in cast(nn.ModuleDict, module.parametrizations).items():
+        for candidate in cast(nn.ModuleList, plist):
+            if isinstance(candidate, TetherParametrization):
+                found[param] = candidate
+                break
+    return found
+
+
+def _tether_of(module: nn.Module, param: str) -> TetherParametrization | None:
+    return _tethers_of(module).get(param)
+
+
+def _registered_patterns(module: nn.Module) -> tuple[str, ...]:
+    for klass in type(module).__mro__:
+        for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
+            if key in _REGISTRY:
+                return _REGISTRY[key]
+    return ()
+
+
+def _is_registered(module: nn.Module, param: str) -> bool:
+    return any(fnmatch.fnmatchcase(param, pattern) for pattern in _registered_patterns(module))
+
+
+def _uninitialised(module: nn.Module, param: str) -> bool:
+    return isinstance(module._parameters.get(param), nn.parameter.UninitializedParameter)
+
+
+def _legacy_hooks(module: nn.Module) -> list[Any]:
+    return [
+        hook
+        for hook in module._forward_pre_hooks.values()
+        if type(hook).__name__ in _LEGACY_HOOKS and type(hook).__module__.startswith("torch.")
+    ]
+
+
+def _legacy_names(module: nn.Module) -> list[str]:
+    """Tensors a legacy weight_norm / spectral_norm hook recomputes (``weight``)."""
+    return [str(getattr(hook, "name", "weight")) for hook in _legacy_hooks(module)]
+
+
+def _legacy_hook(module: nn.Module) -> str | None:
+    for hook in _legacy_hooks(module):
+        return f"{getattr(hook, 'name', 'weight')} under the legacy {type(hook).__name__} hook"
+    return None
+
+
+def _skip_reason(module: nn.Module) -> str:
+    legacy = _legacy_hook(module)
+    if legacy is not None:
+        return f"{legacy} (use torch.nn.utils.parametrizations)"
+    names = [n for n in _tensor_names(module) if _is_registered(module, n)]
+    if any(_uninitialised(module, n) for n in names):
+        return "uninitialised lazy module"
+    if names:
+        return "not selected"
+    return "no registered weight"
+
+
+def _type_name(module: nn.Module) -> str:
+    klass = type(module)
+    if parametrize.is_parametrized(module):
+        klass = klass.__bases__[0]
+    if klass.__module__.startswith("torch."):
+        return klass.__qualname__
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _refresh_rnn_weights(module: nn.Module) -> None:
+    """Make an RNN's forward read its parametrized weights (``W ⊙ T``).
+
+    ``nn.RNNBase`` keeps its weights in ``_flat_weights``; torch versions with
+    ``_update_flat_weights`` re-read them every forward (the parametrized attribute is a new
+    tensor on each access). Older ones get a forward pre-hook that does it."""
+    if not _RNN_NEEDS_HOOK:
+        return
+    if _read_flat_weights not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_read_flat_weights)
+
+
+def _read_flat_weights(module: nn.Module, _args: Any) -> None:
+    names = cast(list[str], module._flat_weights_names)
+    weights = [getattr(module, n) if hasattr(module, n) else None for n in names]
+    cast(Any, module)._flat_weights = weights
 
 
 def _forget_seen(module: nn.Module, incompatible_keys: object) -> None:
@@ -298,44 +712,120 @@ def _forget_seen(module: nn.Module, incompatible_keys: object) -> None:
         module._seen = None
 
 
-def _find(module: nn.Module) -> TetherParametrization | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    for candidate in cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"]):
-        if isinstance(candidate, TetherParametrization):
-            return candidate
-    return None
-
-
-def _resolve(layer: nn.Module) -> TetherParametrization:
+def _resolve(layer: nn.Module, param: str | None = None) -> TetherParametrization:
     if isinstance(layer, TetherParametrization):
         return layer
-    tp = _find(layer)
-    if tp is None:
+    found = _tethers_of(layer)
+    if param is not None:
+        if param not in found:
+            raise ValueError(f"{type(layer).__name__}.{param} carries no tether")
+        return found[param]
+    if not found:
         raise ValueError(f"{type(layer).__name__} carries no tether; call tether(model) first")
-    return tp
+    if "weight" in found:
+        return found["weight"]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise ValueError(
+        f"{type(layer).__name__} carries several tethers ({', '.join(found)}); pass param="
+    )
 
 
-def _select(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
-    modules = {name or ROOT_LAYER: module for name, module in _unwrapped_modules(model)}
+Site = tuple[str, nn.Module, str]  # (module name, module, parameter name)
+
+
+def _select(model: nn.Module, layers: Iterable[str] | LayerPredicate | None) -> list[list[Site]]:
+    """The parameters to tether, each with every holder of the same tensor (tied weights), in
+    module order of their first holder. Raises ValueError as tether() documents."""
+    modules = list(_unwrapped_modules(model))
+    by_name = {name or ROOT_LAYER: module for name, module in modules}
     if layers is None:
-        wanted = [name for name, m in modules.items() if isinstance(m, TETHERABLE)]
+        wanted = [
+            (name, module, param)
+            for name, module in modules
+            for param in _tensor_names(module)
+            if _is_registered(module, param)
+        ]
+    elif callable(layers):
+        predicate = layers
+        wanted = [
+            (name, module, param)
+            for name, module in modules
+            for param in _tensor_names(module)
+            if predicate(_layer_name(name, param), module, param)
+        ]
     else:
-        # Names as the wrapped model spells them (``_orig_mod.fc``) mean the unwrapped layer.
-        canonical = {id(module): name for name, module in modules.items()}
-        spelled = {name: canonical[id(m)] for name, m in model.named_modules() if name}
-        wanted = list(dict.fromkeys(spelled.get(name, name) for name in layers))
-        unknown = [name for name in wanted if name not in modules]
-        if unknown:
-            raise ValueError(f"unknown layers: {', '.join(unknown)}")
-        bad = [name for name in wanted if not isinstance(modules[name], TETHERABLE)]
-        if bad:
-            raise ValueError(f"not Linear or Conv layers, cannot tether: {', '.join(bad)}")
-    already = [name for name in wanted if _find(modules[name]) is not None]
+        wanted = _named_sites(model, by_name, [layers] if isinstance(layers, str) else layers)
+    lazy = [_layer_name(n, p) for n, m, p in wanted if _uninitialised(m, p)]
+    if lazy:
+        raise ValueError(
+            f"uninitialised lazy layers: {', '.join(lazy)}; run one forward pass (e.g. "
+            "model(example_batch)) before tether() so that their shapes are known"
+        )
+    bad = [
+        _layer_name(n, p)
+        for n, m, p in wanted
+        if not (isinstance(_stored(m, p), nn.Parameter) and _stored(m, p).is_floating_point())
+    ]
+    if bad:
+        raise ValueError(f"not floating-point parameters, cannot tether: {', '.join(bad)}")
+    holders: dict[int, list[Site]] = {}
+    for name, module in modules:
+        for param in _tensor_names(module):
+            holders.setdefault(id(_stored(module, param)), []).append((name, module, param))
+    groups: dict[int, list[Site]] = {}
+    for _, module, param in wanted:
+        key = id(_stored(module, param))
+        groups.setdefault(key, holders[key])
+    already = [
+        _layer_name(n, p) for group in groups.values() for n, m, p in group if _tether_of(m, p)
+    ]
     if already:
-        raise ValueError(f"layers already tethered: {', '.join(already)}")
-    chosen = set(wanted)
-    return {name: module for name, module in modules.items() if name in chosen}
+        raise ValueError(f"layers already tethered: {', '.join(dict.fromkeys(already))}")
+    order = {id(module): i for i, (_, module) in enumerate(modules)}
+    return sorted(groups.values(), key=lambda group: order[id(group[0][1])])
+
+
+def _named_sites(
+    model: nn.Module, by_name: dict[str, nn.Module], layers: Iterable[str]
+) -> list[Site]:
+    # Names as the wrapped model spells them (``_orig_mod.fc``) mean the unwrapped layer.
+    canonical = {id(module): name for name, module in by_name.items()}
+    spelled = {
+        name: canonical[id(m)] for name, m in model.named_modules() if name and id(m) in canonical
+    }
+    sites: list[Site] = []
+    unknown, untetherable = [], []
+    for given in dict.fromkeys(layers):
+        name = spelled.get(given, given)
+        if name in by_name:
+            module = by_name[name]
+            params = [p for p in _tensor_names(module) if _is_registered(module, p)]
+            if not params:
+                legacy = _legacy_hook(module)
+                untetherable.append(f"{given} ({legacy or 'no registered weight'})")
+            module_name = "" if name == ROOT_LAYER else name
+            sites += [(module_name, module, p) for p in params]
+            continue
+        owner, _, param = name.rpartition(".")
+        owner = spelled.get(owner, owner) or ROOT_LAYER
+        module_or_none = by_name.get(owner)
+        if module_or_none is None:
+            unknown.append(given)
+        elif param in _tensor_names(module_or_none):
+            sites.append(("" if owner == ROOT_LAYER else owner, module_or_none, param))
+        elif (legacy := _legacy_hook(module_or_none)) is not None:
+            untetherable.append(f"{given} ({legacy})")
+        else:
+            unknown.append(given)
+    if unknown:
+        raise ValueError(f"unknown layers: {', '.join(unknown)}")
+    if untetherable:
+        raise ValueError(
+            f"cannot tether: {', '.join(untetherable)}; name a parameter ('<module>.<param>'), "
+            "pass a predicate, or register_tetherable() the type"
+        )
+    return list(dict.fromkeys(sites))
 
 
 def _check_mode(mode: str) -> None:
