@@ -59,6 +59,18 @@ Name = Annotated[
     ),
 ]
 
+# A layer is named as the model names it (module paths, ``<root>``, any script): any text of 1 to
+# 256 characters but NUL, which the coordinator uses to join a layer name with another in one key.
+LayerName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00]+$",
+        description="The layer's name as the model spells it: 1 to 256 characters, no NUL.",
+    ),
+]
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC (every timestamp on the wire is UTC)."""
@@ -442,7 +454,7 @@ class FederationsPublic(WireModel):
 class LayerSpec(WireModel):
     """One tethered layer: its name, the tether's shape, and the wire dtype it publishes."""
 
-    name: Annotated[str, Field(min_length=1, max_length=256)]
+    name: LayerName
     shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=8)
     dtype: WireDType = "float32"
 

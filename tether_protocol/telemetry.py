@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
-from .messages import Name, WireModel
+from .messages import LayerName, WireModel
 
 Metric = Literal[
     "effective_rank",
@@ -47,7 +47,7 @@ class TelemetryPoint(WireModel):
     all of their numbers)."""
 
     metric: Metric
-    layer: Name
+    layer: LayerName
     step: int = Field(ge=0)
     epoch: int = Field(ge=0)
     value: Value

@@ -92,3 +92,36 @@ async def test_series_are_bounded_and_a_retried_post_is_kept_once(
             got = (await c.get(f"{url}?metric=gzip_ratio")).json()
 
     assert [p["step"] for p in got["data"]] == [4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    ["<root>", "schicht.gewichte.ü", "blocks.0.attn.in_proj_weight", "x" * 256, "a/b:{c}"],
+)
+async def test_every_layer_name_the_layer_table_takes_has_telemetry(
+    app_client: httpx.AsyncClient, layer: str
+) -> None:
+    """A model's diagnostics were silently dropped when its layer names were fine for the layer
+    table but not for telemetry (a tethered root, non-ASCII, longer than 128 characters)."""
+    c = app_client
+    wid = await registered(c)
+
+    r = await c.post(
+        f"{F}/f/workers/{wid}/telemetry", json={"data": [point("gzip_ratio", layer, 1, 0.5)]}
+    )
+    served = await c.get(
+        f"{F}/f/workers/{wid}/telemetry", params={"metric": "gzip_ratio", "layer": layer}
+    )
+
+    assert r.status_code == 204, r.text
+    assert served.status_code == 200, served.text
+    assert [p["value"] for p in served.json()["data"]] == [0.5]
+
+
+async def test_a_layer_name_with_nul_is_refused_everywhere(app_client: httpx.AsyncClient) -> None:
+    c = app_client
+    wid = await registered(c)
+    r = await c.post(
+        f"{F}/f/workers/{wid}/telemetry", json={"data": [point("gzip_ratio", "a\x00b", 1, 0.5)]}
+    )
+    assert r.status_code == 422 and "layer" in r.text
