@@ -460,3 +460,79 @@ def test_tether_logs_its_coverage(caplog: pytest.LogCaptureFixture) -> None:
 def test_learned_logits_are_not_counted_as_model_parameters() -> None:
     net = tether(nn.Linear(3, 3), "learned")
     assert tether_coverage(net).total == 12
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block (torchvision's shape, built here: conv-bn-relu-conv-bn + skip)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+def test_tiny_resnet_tethers_convs_and_head_not_batch_norm() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BasicBlock(8),
+        BasicBlock(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+    tether(net)
+
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert list(tethered_layers(net)) == [*convs, "7"]
+    coverage = tether_coverage(net)
+    assert coverage.tethered == 3 * 8 * 9 + 4 * 8 * 8 * 9 + 80
+    assert [(s.type, s.modules, s.parameters) for s in coverage.skipped] == [
+        ("BatchNorm2d", 5, 5 * 16)
+    ]
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_tiny_gpt2_tethers_every_conv1d_and_keeps_the_tie() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=128,
+        n_head=2,
+        vocab_size=256,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()  # random init, nothing downloaded
+    ids = torch.randint(0, 256, (2, 8))
+    before = model(ids).logits
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+
+    tether(model)
+
+    names = list(tethered_layers(model))
+    assert len(conv1d) == 8 and set(conv1d) <= set(names)
+    assert names[:2] == ["transformer.wte", "transformer.wpe"]  # lm_head shares wte's tether
+    wte, head = cast(Any, model).transformer.wte, cast(Any, model).lm_head
+    assert original(head) is original(wte)
+    torch.testing.assert_close(head.weight, wte.weight, rtol=0, atol=0)
+    coverage = tether_coverage(model)
+    assert coverage.total == sum(p.numel() for p in model.parameters())
+    assert [(s.type, s.modules) for s in coverage.skipped] == [("LayerNorm", 5)]
+    assert coverage.share > 0.99
+    after = model(ids).logits
+    assert not torch.allclose(after, before)
+    for tp in tethered_layers(model).values():
+        tp.set_(torch.ones_like(tp.current()))
+    torch.testing.assert_close(model(ids).logits, before)
