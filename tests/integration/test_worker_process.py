@@ -160,6 +160,8 @@ def test_threads_option_sets_torch_threads(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=True)
     start = next(json.loads(x) for x in done.stdout.splitlines() if '"start"' in x)
     assert start["threads"] == 1
+    coverage = start["coverage"]  # the default MLP: every weight tethered, biases not
+    assert coverage["layers"] >= 2 and coverage["skipped"] == [] and 0.9 < coverage["share"] < 1
     refused = subprocess.run(
         [*cmd[:-4], "--threads", "0"],
         capture_output=True,
