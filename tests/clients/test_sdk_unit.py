@@ -46,6 +46,7 @@ EXPECTED_EXPORTS = {
     "TetherParametrization",
     "TransportError",
     "WorkerConfig",
+    "WorkerInfo",
     "__version__",
     "apply_operator_",
     "build_model",

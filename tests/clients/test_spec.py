@@ -51,6 +51,22 @@ def error_of(raw: dict[str, Any]) -> str:
             lambda r: r.update(grid={"groups.sin.colour": [1, 2]}),
             "groups[0](sin).colour: unknown key",
         ),
+        (
+            lambda r: r["groups"][0].update(shard={"size": 0}),
+            "groups[0](sin).shard.size: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda r: r["groups"][0].update(shard={"size": 5, "scheme": "random"}),
+            "groups[0](sin).shard.scheme: Input should be 'disjoint' or 'iid'",
+        ),
+        (
+            lambda r: r["groups"][0].update(task="digits-rot", task_args={"kk": 2}),
+            "groups[0](sin): Value error, task 'digits-rot' takes no argument 'kk'",
+        ),
+        (
+            lambda r: r["experiment"].update(reference_arm="fedavg"),
+            "Value error, experiment.reference_arm 'fedavg' is not one of the arms",
+        ),
     ],
 )
 def test_invalid_specs_name_the_key(change: Any, expected: str) -> None:
@@ -98,6 +114,27 @@ def test_seeds_are_paired_within_a_repeat_and_differ_across_repeats() -> None:
     assert seeds(first) != seeds(second)
     assert len({w.init_seed for w in first.plan.workers}) == 1, "shared init: one init seed"
     assert len({w.data_seed for w in first.plan.workers}) == 3, "data seeds stay distinct"
+
+
+def test_workers_are_planned_with_their_place_and_group_shards_and_task_args() -> None:
+    raw = base()
+    raw["groups"][0].update(task="digits-perm", task_args={"k": 2}, shard={"size": 30})
+    raw["experiment"]["reference_arm"] = "federated"
+
+    spec, runs = expand(raw)
+
+    workers = runs[0].plan.workers
+    assert [(w.index, w.group_index, w.index_in_group, w.group_size) for w in workers] == [
+        (0, 0, 0, 2),
+        (1, 0, 1, 2),
+        (2, 1, 0, 1),
+    ]
+    assert workers[0].options.task_args == {"k": 2}
+    assert workers[0].options.shard is not None and workers[0].options.shard.size == 30
+    assert workers[0].options.shard.scheme == "disjoint" and workers[2].options.shard is None
+    assert spec.experiment.reference_arm == "federated"
+    assert experiment.reference_arm(raw) == "federated"
+    assert experiment.reference_arm(base()) == "independent"
 
 
 def test_run_ids_hash_the_resolved_run_and_arms_set_the_policy() -> None:

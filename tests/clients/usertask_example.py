@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tetherfed.worker import WorkerInfo
 from tetherfed.worker._tasks import Task
 
 NOT_CALLABLE = 42
@@ -38,3 +39,21 @@ def tiny_model(task: Task) -> nn.Module:
 def not_a_model(task: Task) -> str:
     """A model function that returns the wrong type."""
     return str(task.name)
+
+
+def worker_task(seed: int, worker: WorkerInfo, scale: float = 1.0) -> Task:
+    """A task that records what it was given: inputs hold (seed, worker index, group index,
+    index in group, group size, repeat, run seed, scale)."""
+    values = [
+        seed,
+        worker.index,
+        worker.group_index,
+        worker.index_in_group,
+        worker.group_size,
+        worker.repeat,
+        worker.seed,
+        scale,
+    ]
+    x = torch.tensor([values] * 4, dtype=torch.float32)
+    data = TensorDataset(x, torch.zeros(4, dtype=torch.long))
+    return Task(worker.group, data, data, nn.CrossEntropyLoss(), "classification", (8,), 2)

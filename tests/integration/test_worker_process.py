@@ -171,3 +171,55 @@ def test_threads_option_sets_torch_threads(tmp_path: Path) -> None:
         env=env,
     )
     assert refused.returncode != 0 and "threads" in refused.stderr
+
+
+def test_a_sharded_clustered_worker_records_accuracy_in_its_metrics(tmp_path: Path) -> None:
+    """A `tetherfed worker` process on digits-perm, cluster from its group index, a disjoint
+    shard: its metrics.jsonl carries val_acc next to val_loss, in step and done events."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "tetherfed.cli",
+        "worker",
+        "--task",
+        "digits-perm",
+        "--task-arg",
+        "k=3",
+        "--shard",
+        "size=64,scheme=disjoint",
+        "--worker-index",
+        "4",
+        "--group-index",
+        "2",
+        "--index-in-group",
+        "1",
+        "--group-size",
+        "2",
+        "--run-seed",
+        "9",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [2, 4]
+    for event in [*steps, events[-1]]:
+        assert 0.0 <= event["val_acc"] <= 1.0 and event["val_loss"] > 0, event
+    assert events[-1]["event"] == "done" and events[-1]["val_acc"] == steps[-1]["val_acc"]
+    assert [e["epoch"] for e in steps] == [0, 1]  # 64 examples, batch 32: two steps an epoch
+    bad = subprocess.run(
+        [*cmd[:7], "k=2", *cmd[8:]], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert bad.returncode != 0 and "not a cluster of k=2" in bad.stderr, bad.stderr[-2000:]

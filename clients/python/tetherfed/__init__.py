@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     )
     from .worker import (
         WorkerConfig,
+        WorkerInfo,
         build_model,
         default_model,
         load_task,
@@ -141,6 +142,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         [
             "WorkerConfig",
+            "WorkerInfo",
             "build_model",
             "default_model",
             "load_task",
@@ -175,6 +177,7 @@ __all__ = [
     "TetherParametrization",
     "TransportError",
     "WorkerConfig",
+    "WorkerInfo",
     "__version__",
     "apply_operator_",
     "build_model",

@@ -10,13 +10,14 @@ from tetherfed._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._main import main, run_from_args
-    from ._options import WorkerOptions
+    from ._options import WorkerInfo, WorkerOptions
     from ._tasks import build_model, default_model, load_task
     from ._worker import WorkerConfig, run_worker
 
 _LAZY = {
     "main": "._main",
     "run_from_args": "._main",
+    "WorkerInfo": "._options",
     "WorkerOptions": "._options",
     "build_model": "._tasks",
     "default_model": "._tasks",
@@ -27,6 +28,7 @@ _LAZY = {
 
 __all__ = [
     "WorkerConfig",
+    "WorkerInfo",
     "WorkerOptions",
     "build_model",
     "default_model",
