@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from tetherfed.experiment._results import RunRecord, cluster_columns, merge_columns, summarize
+from tetherfed.experiment._results import (
+    RunRecord,
+    cluster_columns,
+    loss_columns,
+    merge_columns,
+    summarize,
+)
 
 GROUPS = {"w0": "sin", "w1": "sin", "w2": "pw", "w3": "pw"}
 
@@ -131,6 +137,96 @@ def test_summary_carries_the_new_columns_with_confidence_intervals() -> None:
 
     assert summary["merges_within_mean"] == 4.0 and summary["merges_within_ci95"] > 0
     assert summary["gate_max_kept_rise_mean"] == pytest.approx(0.001)
+
+
+def _worker_events(folder: Path, finals: dict[str, tuple[float, float]]) -> RunRecord:
+    """A run folder whose workers end at (val_loss, val_acc); the last step event carries the
+    metrics of an earlier evaluation, the done event the final ones."""
+    (folder / "config.json").write_text(json.dumps({"workers": [{"name": n} for n in finals]}))
+    for name, (loss, acc) in finals.items():
+        events = [
+            {"event": "step", "step": 10, "loss": 1.0, "val_loss": 9.0, "val_acc": 0.0},
+            {"event": "done", "steps": 10, "val_loss": loss, "val_acc": acc},
+        ]
+        (folder / name).mkdir()
+        (folder / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return RunRecord("r", 0, "federated", 0, {}, folder)
+
+
+def test_task_metrics_and_the_worst_worker_come_from_the_workers_final_events(
+    tmp_path: Path,
+) -> None:
+    run = _worker_events(tmp_path, {"w0": (0.5, 0.9), "w1": (1.5, 0.6), "w2": (1.0, 0.7)})
+
+    columns = loss_columns(run)
+
+    assert columns["val_loss"] == pytest.approx(1.0)
+    assert columns["val_acc"] == pytest.approx(0.7333333)
+    assert columns["worst_val_loss"] == 1.5  # the highest loss among the workers
+    assert columns["worst_val_acc"] == 0.6  # the lowest accuracy
+    assert list(columns) == [
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "steps_per_s",
+        "worst_val_loss",
+        "worst_val_acc",
+    ]
+
+
+def test_a_run_without_task_metrics_has_only_the_loss_columns(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"workers": [{"name": "w0"}]}))
+    (tmp_path / "w0").mkdir()
+    (tmp_path / "w0" / "metrics.jsonl").write_text('{"event":"done","val_loss":0.25}\n')
+    columns = loss_columns(RunRecord("r", 0, "federated", 0, {}, tmp_path))
+    assert columns["worst_val_loss"] == 0.25 and "worst_val_acc" not in columns
+
+
+def _arm_rows(arm: str, accs: list[float], cell: int = 0) -> list[dict[str, Any]]:
+    return [
+        {
+            "cell": cell,
+            "arm": arm,
+            "repeat": r,
+            "state": "finished",
+            "val_loss": 1.0 - acc,
+            "val_acc": acc,
+            "worst_val_loss": 1.2 - acc,
+            "worst_val_acc": acc - 0.2,
+        }
+        for r, acc in enumerate(accs)
+    ]
+
+
+def test_summary_pairs_every_metric_against_the_reference_and_scores_the_oracle_gain() -> None:
+    rows = (
+        _arm_rows("fedavg", [0.5, 0.6, 0.7])
+        + _arm_rows("federated", [0.6, 0.8, 0.7])
+        + _arm_rows("oracle", [0.9, 0.9, 0.9])
+    )
+
+    summary = {s["arm"]: s for s in summarize(rows, reference="fedavg")}
+
+    federated = summary["federated"]
+    assert federated["reference_arm"] == "fedavg"
+    for metric, sign in [("val_acc", 1), ("val_loss", -1), ("worst_val_acc", 1)]:
+        assert federated[f"{metric}_diff_n"] == 3
+        assert federated[f"{metric}_diff_mean"] == pytest.approx(sign * 0.1), metric
+        assert federated[f"{metric}_diff_ci95"] > 0
+        assert federated[f"{metric}_oracle_recovered"] == pytest.approx(1 / 3), metric
+    assert federated["val_acc_mean"] == pytest.approx(0.7) and federated["val_acc_ci95"] > 0
+    assert federated["worst_val_loss_mean"] == pytest.approx(0.5)
+    assert "val_acc_diff_n" not in summary["fedavg"]  # the reference is not paired with itself
+    assert summary["fedavg"]["val_acc_oracle_recovered"] == 0
+    assert summary["oracle"]["val_loss_oracle_recovered"] == pytest.approx(1.0)
+
+
+def test_without_an_oracle_arm_the_recovered_fraction_is_empty() -> None:
+    rows = _arm_rows("independent", [0.5, 0.6]) + _arm_rows("federated", [0.6, 0.7])
+    summary = {s["arm"]: s for s in summarize(rows)}
+    assert summary["federated"]["val_acc_diff_mean"] == pytest.approx(0.1)
+    assert summary["federated"]["val_acc_oracle_recovered"] is None
+    assert summary["federated"]["reference_arm"] == "independent"
 
 
 def test_preload_imports_every_module_writing_results_imports_lazily() -> None:

@@ -215,3 +215,57 @@ def _alive(pid: int | None) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
+
+
+SHARDED = """
+arms = ["federated", "independent"]
+
+[experiment]
+name = "sharded-test"
+steps = 6
+publish_every = 3
+device = "cpu"
+reference_arm = "independent"
+
+[[groups]]
+name = "perm"
+count = 2
+task = "digits-perm"
+task_args = {k = 2}
+shard = {size = 48, scheme = "disjoint"}
+eval_every = 3
+log_every = 3
+
+[policy]
+trigger = "every_publish"
+merge_threshold = 0.0
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_sharded_classification_sweep_reports_accuracy_and_its_worst_worker(
+    tmp_path: Path,
+) -> None:
+    spec, out = tmp_path / "spec.toml", tmp_path / "out"
+    spec.write_text(SHARDED)
+
+    done = tetherfed("run", str(spec), "--out", str(out), "--jobs", "2")
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = rows(out / "results.csv")
+    assert {r["state"] for r in results} == {"finished"} and len(results) == 2
+    for r in results:
+        assert 0 <= float(r["worst_val_acc"]) <= float(r["val_acc"]) <= 1, r
+        assert float(r["worst_val_loss"]) >= float(r["val_loss"]) > 0, r
+        workers = config(out, r["run_id"])["workers"]
+        assert [(w["index"], w["group_index"], w["index_in_group"]) for w in workers] == [
+            (0, 0, 0),
+            (1, 0, 1),
+        ]
+        assert workers[0]["options"]["shard"] == {"size": 48, "scheme": "disjoint"}
+    summary = {r["arm"]: r for r in rows(out / "summary.csv")}
+    federated = summary["federated"]
+    assert federated["reference_arm"] == "independent" and federated["val_acc_diff_n"] == "1"
+    assert federated["val_acc_diff_mean"] != "" and federated["worst_val_acc_diff_mean"] != ""
+    assert federated["val_acc_oracle_recovered"] == ""  # no oracle arm
+    assert "val acc" in done.stdout, done.stdout[-2000:]

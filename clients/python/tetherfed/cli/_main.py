@@ -107,7 +107,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             )
         finally:
             close_engine(engine)
-        console.print(experiment.summary_table(rows, experiment.summarize(rows)))
+        reference = experiment.reference_arm(args.spec, args.set)
+        console.print(experiment.summary_table(rows, experiment.summarize(rows, reference)))
         return EXIT_FAILED if any(r["state"] != "finished" for r in rows) else EXIT_OK
     return EXIT_OK
 

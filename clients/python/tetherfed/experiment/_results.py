@@ -2,6 +2,13 @@
 
 A row is built by a list of column providers, each a function of the run's folder that returns
 some columns (`COLUMNS`); adding columns (diagnostics, science) means adding a provider.
+
+Evaluation metrics (`eval_metrics`): `val_loss`, `val_<name>` for each metric the task declares
+(e.g. `val_acc`; a task metric is a score, higher is better), each averaged over the run's
+workers, and the run's worst worker on each: `worst_val_loss` the highest final validation loss
+among its workers, `worst_val_<name>` the lowest final value. The summary pairs each of them
+against a reference arm (`<metric>_diff_*`) and, when the cell has an `oracle` arm, reports the
+fraction of the oracle's gain an arm recovers (`<metric>_oracle_recovered`).
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ METRICS = (
     "steps_per_s",
     "wall_s",
 )
-CONTROL = "independent"
+CONTROL = "independent"  # the default reference arm
+ORACLE = "oracle"
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ def _last_events(path: Path) -> dict[str, Any]:
         if event.get("event") == "step":
             out.update(event)
         elif event.get("event") == "done":
+            out.update({k: v for k, v in event.items() if k.startswith("val_")})
             out["val_loss"] = event.get("val_loss", out.get("val_loss"))
     return out
 
@@ -135,14 +144,28 @@ def identity_columns(run: RunRecord) -> dict[str, Any]:
     }
 
 
+def _finite(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
 def loss_columns(run: RunRecord) -> dict[str, Any]:
-    """Final train and validation loss, averaged over the workers; steps/s likewise."""
+    """Final train and validation loss and each task metric (`val_<name>`), averaged over the
+    workers; steps/s likewise. The worst worker: `worst_val_loss`, the highest final validation
+    loss of the run's workers, and `worst_val_<name>`, the lowest final task metric (empty when
+    no worker reported it)."""
     events = run.final_events()
-    return {
+    task_metrics = sorted({k for e in events for k in e if k.startswith("val_")} - {"val_loss"})
+    columns: dict[str, Any] = {
         "train_loss": _mean(e.get("loss") for e in events),
         "val_loss": _mean(e.get("val_loss") for e in events),
-        "steps_per_s": _mean(e.get("steps_per_s") for e in events),
     }
+    columns |= {m: _mean(e.get(m) for e in events) for m in task_metrics}
+    columns["steps_per_s"] = _mean(e.get("steps_per_s") for e in events)
+    losses = _finite(e.get("val_loss") for e in events)
+    columns["worst_val_loss"] = max(losses, default=None)
+    for m in task_metrics:
+        columns[f"worst_{m}"] = min(_finite(e.get(m) for e in events), default=None)
+    return columns
 
 
 def decision_columns(run: RunRecord) -> dict[str, Any]:
@@ -339,44 +362,94 @@ def describe(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def _paired_diffs(rows: Sequence[Mapping[str, Any]], cell: int, arm: str) -> list[float]:
-    """val_loss(arm) − val_loss(independent) per repeat of one cell (pairs with both)."""
-    by = {(r["arm"], r["repeat"]): r.get("val_loss") for r in rows if r["cell"] == cell}
+def eval_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The evaluation metrics among the rows' columns, in order: val_loss, the task metrics
+    (val_<name>), then their worst-worker columns (worst_val_loss, worst_val_<name>)."""
+    found = {k for r in rows for k in r if "." not in k}
+    tasks = sorted(k for k in found if k.startswith("val_") and k != "val_loss")
+    return [
+        "val_loss",
+        *tasks,
+        *(f"worst_{m}" for m in ["val_loss", *tasks] if f"worst_{m}" in found),
+    ]
+
+
+def _paired_diffs(
+    rows: Sequence[Mapping[str, Any]],
+    cell: int,
+    arm: str,
+    metric: str = "val_loss",
+    reference: str = CONTROL,
+) -> list[float]:
+    """metric(arm) − metric(reference) per repeat of one cell (pairs with both)."""
+    by = {(r["arm"], r["repeat"]): r.get(metric) for r in rows if r["cell"] == cell}
     out = []
     for (a, repeat), value in by.items():
-        control = by.get((CONTROL, repeat))
+        control = by.get((reference, repeat))
         if a == arm and value is not None and control is not None:
             out.append(float(value) - float(control))
     return out
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """summary.csv rows: per cell and arm, n finished, mean/std/ci95 of each metric, and the
-    paired difference of the final validation loss against the `independent` arm."""
+def _cell_mean(rows: Sequence[Mapping[str, Any]], cell: int, arm: str, metric: str) -> float | None:
+    """Mean of a metric over the rows of one cell and arm (None when none has it)."""
+    values = [r.get(metric) for r in rows if r["cell"] == cell and r["arm"] == arm]
+    return describe(values)["mean"]  # type: ignore[arg-type]
+
+
+def _recovered(arm: float | None, reference: float | None, oracle: float | None) -> float | None:
+    """(arm − reference) / (oracle − reference); None when a mean is missing or the oracle
+    gains nothing over the reference."""
+    if arm is None or reference is None or oracle is None or oracle == reference:
+        return None
+    return (arm - reference) / (oracle - reference)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], reference: str = CONTROL) -> list[dict[str, Any]]:
+    """summary.csv rows: per cell and arm, n finished, mean/std/ci95 of each metric
+    (`METRICS` and the evaluation metrics, `eval_metrics`), and for each evaluation metric:
+
+    `<metric>_diff_n`, `_diff_mean`, `_diff_ci95`: the paired difference arm − `reference`
+    over the repeats with both finished (arms other than the reference only);
+    `<metric>_oracle_recovered`: the fraction of the oracle's gain the arm recovers,
+    (mean(arm) − mean(reference)) / (mean(oracle) − mean(reference)) over the cell's finished
+    runs (so 0 for the reference, 1 for the oracle); empty without an `oracle` arm in the cell,
+    without the reference, or when the oracle equals the reference. `reference_arm` names the
+    reference."""
     keys = sorted({(r["cell"], r["arm"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    evaluated = eval_metrics(rows)
+    metrics = list(dict.fromkeys([*METRICS, *evaluated]))
+    finished = [r for r in rows if r["state"] == "finished"]
     out = []
     for cell, arm in keys:
-        group = [
-            r for r in rows if r["cell"] == cell and r["arm"] == arm and r["state"] == "finished"
-        ]
+        group = [r for r in finished if r["cell"] == cell and r["arm"] == arm]
         first = next(r for r in rows if r["cell"] == cell)
         params = {k: v for k, v in first.items() if "." in k}
         summary: dict[str, Any] = {"cell": cell, "arm": arm, **params, "n": len(group)}
-        for metric in METRICS:
+        for metric in metrics:
             for stat, value in describe([r.get(metric) for r in group]).items():  # type: ignore[misc]
                 summary[f"{metric}_{stat}"] = value
-        if arm != CONTROL:
-            diffs = _paired_diffs(
-                group + [r for r in rows if r["arm"] == CONTROL and r["state"] == "finished"],
-                cell,
-                arm,
+        summary["reference_arm"] = reference
+        has_oracle = any(r["cell"] == cell and r["arm"] == ORACLE for r in rows)
+        for metric in evaluated:
+            if arm != reference:
+                pairs = group + [r for r in finished if r["arm"] == reference]
+                diffs = _paired_diffs(pairs, cell, arm, metric, reference)
+                d = describe(diffs)
+                summary |= {
+                    f"{metric}_diff_n": len(diffs),
+                    f"{metric}_diff_mean": d["mean"],
+                    f"{metric}_diff_ci95": d["ci95"],
+                }
+            summary[f"{metric}_oracle_recovered"] = (
+                _recovered(
+                    summary[f"{metric}_mean"],
+                    _cell_mean(finished, cell, reference, metric),
+                    _cell_mean(finished, cell, ORACLE, metric),
+                )
+                if has_oracle
+                else None
             )
-            d = describe(diffs)
-            summary |= {
-                "val_loss_diff_n": len(diffs),
-                "val_loss_diff_mean": d["mean"],
-                "val_loss_diff_ci95": d["ci95"],
-            }
         out.append(summary)
     return out
 

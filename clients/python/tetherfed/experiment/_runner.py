@@ -13,7 +13,8 @@ The results folder (`[experiment] out`, default `runs/<name>`):
     coordinator.log   that coordinator's log; redis/ its embedded Redis
     runs/<id>/        one run folder per run (the launcher's layout, see `tetherfed.launch`)
     results.csv       one row per run (`tetherfed.experiment._results.COLUMNS`)
-    summary.csv       per cell and arm: n, mean/std/95 % CI, paired difference vs independent
+    summary.csv       per cell and arm: n, mean/std/95 % CI, paired differences against the
+                      reference arm (`experiment.reference_arm`), the oracle's gain recovered
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ from tetherfed.launch._launch import (
 )
 from tetherfed.report import report_hook
 
-from ._results import COLUMNS, ColumnProvider, RunRecord, build_row, summarize, write_csv
+from ._results import (
+    COLUMNS,
+    CONTROL,
+    ColumnProvider,
+    RunRecord,
+    build_row,
+    summarize,
+    write_csv,
+)
 from ._results import preload as preload_results
 from ._spec import (
     PlannedRun,
@@ -145,6 +154,7 @@ def _versions() -> dict[str, str | None]:
 def _resolved(spec: Spec, runs: Sequence[PlannedRun]) -> dict[str, Any]:
     return {
         "name": spec.experiment.name,
+        "reference_arm": spec.experiment.reference_arm,
         "versions": _versions(),
         "git_commit": _git_commit(),
         "runs": [
@@ -270,6 +280,7 @@ class Sweep:
     lock: threading.Lock = field(default_factory=threading.Lock)
     engine: Engine | None = None  # None: LocalEngine
     jobs: int = 1  # runs at once (their workers share this machine's cores)
+    reference: str = CONTROL  # the arm summary.csv pairs the others against
 
     def folder(self, r: PlannedRun) -> Path:
         """runs/<id>/."""
@@ -315,7 +326,7 @@ class Sweep:
         with self.lock:
             rows = self.rows()
             write_csv(self.out / "results.csv", rows)
-            write_csv(self.out / "summary.csv", summarize(rows))
+            write_csv(self.out / "summary.csv", summarize(rows, self.reference))
             return rows
 
 
@@ -386,7 +397,14 @@ def run(
     prepare_folder(folder, _resolved(parsed, runs), text, resume, force)
     jobs = jobs or parsed.experiment.jobs
     sweep = Sweep(
-        folder, runs, resume, parsed.experiment.fail_fast, providers, engine=engine, jobs=jobs
+        folder,
+        runs,
+        resume,
+        parsed.experiment.fail_fast,
+        providers,
+        engine=engine,
+        jobs=jobs,
+        reference=parsed.experiment.reference_arm,
     )
     todo = sweep.todo()
     preload_results()  # an interrupt must not land in a first import (see `preload`)
@@ -437,7 +455,7 @@ def status(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         for r in resolved["runs"]
     ]
     rows = [build_row(record) for record in records]
-    return rows, summarize(rows)
+    return rows, summarize(rows, resolved.get("reference_arm", CONTROL))
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -451,21 +469,41 @@ def _pm(row: Mapping[str, Any], metric: str) -> str:
     return _cell(mean) if std is None else f"{_cell(mean)} ± {_cell(std, 2)}"
 
 
+def reference_arm(spec: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> str:
+    """The reference arm of a spec (a path, example name or mapping) with its overrides."""
+    raw, _text = _source(spec)
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    return validate(raw).experiment.reference_arm
+
+
 def summary_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]) -> Table:
-    """The end-of-sweep table: per cell and arm, mean ± std over repeats."""
+    """The end-of-sweep table: per cell and arm, mean ± std over repeats (a task metric's
+    column, e.g. val acc, when the runs report one), the paired difference of the validation
+    loss against the reference arm."""
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
     title = "experiment: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     table = Table(title=title)
     params = [k for k in (summary[0] if summary else {}) if "." in k]
+    tasks = [
+        m
+        for m in dict.fromkeys(
+            k.removesuffix("_std") for s in summary for k in s if k.endswith("_std")
+        )
+        if m.startswith("val_") and m != "val_loss"
+    ]
+    reference = next((s["reference_arm"] for s in summary if s.get("reference_arm")), CONTROL)
     for column in [
         "cell",
         *params,
         "arm",
         "n",
         "val loss",
-        "Δ val vs indep. (95% CI)",
+        *(m.replace("_", " ") for m in tasks),
+        *(f"worst {m.replace('_', ' ')}" for m in tasks),
+        f"Δ val vs {reference} (95% CI)",
         "merges",
         "drifts",
         "ARI",
@@ -484,6 +522,8 @@ def summary_table(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[s
             s["arm"],
             str(s["n"]),
             _pm(s, "val_loss"),
+            *(_pm(s, m) for m in tasks),
+            *(_pm(s, f"worst_{m}") for m in tasks),
             diff,
             _pm(s, "merges"),
             _pm(s, "drifts"),

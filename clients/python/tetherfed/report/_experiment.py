@@ -120,8 +120,10 @@ def _num(text: str | None) -> str:
 
 
 def _summary_rows(exp: ExperimentData) -> tuple[list[str], list[list[str]]]:
-    """summary.csv as 'mean ± std' per metric, the paired difference with its 95 % CI, and the
-    cell's grid values (from results.csv) next to its number."""
+    """summary.csv as 'mean ± std' per metric (the task metrics, e.g. val_acc, and their worst
+    worker after val_loss when the runs report them), the paired difference of val_loss against
+    the reference arm with its 95 % CI, and the cell's grid values (from results.csv) next to
+    its number."""
     params = {r.get("cell", ""): r for r in exp.results}
     known = {
         "run_id",
@@ -134,16 +136,21 @@ def _summary_rows(exp: ExperimentData) -> tuple[list[str], list[list[str]]]:
         "rejected",
         "wall_s",
     }
-    header = ["cell", "arm", "n", *SUMMARY_METRICS, "Δ val_loss vs independent (95 % CI)"]
+    columns = {k.removesuffix("_std") for s in exp.summary for k in s if k.endswith("_std")}
+    tasks = sorted(m for m in columns if m.startswith("val_") and m != "val_loss")
+    metrics = [SUMMARY_METRICS[0], *tasks, *(f"worst_{m}" for m in tasks), *SUMMARY_METRICS[1:]]
+    reference = next((s["reference_arm"] for s in exp.summary if s.get("reference_arm")), None)
+    versus = f"Δ val_loss vs {reference or 'independent'} (95 % CI)"
+    header = ["cell", "arm", "n", *metrics, versus]
     rows = []
     for s in exp.summary:
         grid = ", ".join(
-            f"{k}={v}" for k, v in params.get(s.get("cell", ""), {}).items() if k not in known
+            f"{k}={v}"
+            for k, v in params.get(s.get("cell", ""), {}).items()
+            if k not in known and not k.startswith(("val_", "worst_"))
         )
         cells = [f"{s.get('cell', '')} {grid}".strip(), s.get("arm", ""), s.get("n", "")]
-        cells += [
-            f"{_num(s.get(f'{m}_mean'))} ± {_num(s.get(f'{m}_std'))}" for m in SUMMARY_METRICS
-        ]
+        cells += [f"{_num(s.get(f'{m}_mean'))} ± {_num(s.get(f'{m}_std'))}" for m in metrics]
         diff = s.get("val_loss_diff_mean")
         cells.append(f"{_num(diff)} ± {_num(s.get('val_loss_diff_ci95'))}" if diff else "-")
         rows.append(cells)
