@@ -13,7 +13,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import plotly.graph_objects as go
@@ -56,11 +56,28 @@ class Figure:
     caption: str = ""
 
     def spec(self) -> dict[str, Any]:
-        """The plotly spec (data + layout) without the shared template."""
+        """The plotly spec (data + layout) without the shared template, every string as plain
+        text (see :func:`plain`)."""
         assert self.figure is not None
         spec: dict[str, Any] = json.loads(pio.to_json(self.figure, validate=False))
         spec.get("layout", {}).pop("template", None)
-        return spec
+        return cast(dict[str, Any], plain(spec))
+
+
+def plain(value: Any) -> Any:
+    """`value` with `&`, `<` and `>` in every string written as entities, recursively.
+
+    plotly.js renders a subset of HTML in names, hover text and category labels (`<a href>`
+    among them), so a layer or worker name holding an anchor became a live external link in
+    the report. The report's own strings use no markup; entities display as the characters.
+    """
+    if isinstance(value, str):
+        return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
