@@ -8,8 +8,9 @@
 -- Every key is declared and shares the federation's hash tag (Redis Cluster: one slot). The
 -- caller WATCHes the meta hash, so the previous segments it names are the ones stored. The
 -- upload's segments were written with a TTL before this runs; here they lose it and the previous
--- snapshot's are unlinked (or, when pinned, expire with the pin), so readers see either the old
--- frame or the new.
+-- snapshot's are unlinked, but for those holding a layer an unacked decision names (the pin
+-- records which, see commit.lua: they expire with the pin), so readers see either the old frame
+-- or the new.
 -- Returns the new version; the current one when this upload is the snapshot already (a retry of
 -- a call whose reply was lost: nothing is written twice); -2 when the federation or worker was
 -- deleted meanwhile (the caller removes what the upload wrote); -3 when a segment expired
@@ -23,9 +24,24 @@ for i = 7, 6 + count do
 end
 for i = 7, 6 + count do redis.call('PERSIST', KEYS[i]) end
 if ARGV[10] ~= '' and ARGV[10] ~= tag then
-  local pinned = redis.call('PTTL', KEYS[6])
+  -- Keep only the segments holding a layer some unacked decision names (they expire with the
+  -- pin, or go when the last decision needing them is acked); unlink the rest now.
+  local pinned, keep = redis.call('PTTL', KEYS[6]), {}
+  if pinned > 0 then
+    local fields = redis.call('HGETALL', KEYS[6])
+    for j = 1, #fields, 2 do
+      if string.sub(fields[j], 1, 2) == 'd:' then
+        local where = cjson.decode(redis.call('HGET', KEYS[6], 'L:' .. fields[j + 1]))
+        for s = where.lo, where.hi do keep[s] = true end
+      end
+    end
+  end
   for i = 7 + count, #KEYS do
-    if pinned > 0 then redis.call('PEXPIRE', KEYS[i], pinned) else redis.call('UNLINK', KEYS[i]) end
+    if keep[i - 7 - count] then
+      redis.call('PEXPIRE', KEYS[i], pinned)
+    else
+      redis.call('UNLINK', KEYS[i])
+    end
   end
 end
 redis.call('UNLINK', KEYS[5])

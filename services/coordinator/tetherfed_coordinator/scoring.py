@@ -75,6 +75,7 @@ from .topology import aclose
 GROUP = "scorers"
 BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
 RACED = -3  # commit.lua: another scorer changed this worker's state since it was read
+STALE_PARTNER = -4  # commit.lua: a partner the round names published since it was read
 INLINE_BYTES = 1 << 20  # rounds over less than this run on the event loop, not in a thread
 # Rounds over less than this run BLAS on one thread. A Gram of a few MB is over before helper
 # threads pay off, and on a machine whose cores the API, Redis and the workers also use, those
@@ -371,7 +372,7 @@ class Scorer:
         with self.metrics.round_seconds.time():
             replies = await self._score_todo(fed, policy, snaps, todo, scored)
         out.update({w: [int(i) for i in r] for w, r in replies.items() if isinstance(r, list)})
-        raced = [w for w, r in replies.items() if r == RACED]
+        raced = [w for w, r in replies.items() if r in (RACED, STALE_PARTNER)]
         if raced and attempts > 1:
             out.update(await self.score_many(fed, raced, attempts - 1))
         return out
@@ -490,10 +491,11 @@ class Scorer:
         scored: Mapping[str, int],
     ) -> dict[str, Any]:
         """Each worker's commit reply: its decision ids, or -1 (scored already), -2 (gone),
-        RACED (state changed since it was read)."""
+        RACED (state changed since it was read), STALE_PARTNER (a partner published since)."""
+        tags = await self._partner_tags(fed, rounds)
         async with self.store.r.pipeline(transaction=False) as pipe:
             for wid, result in rounds.items():
-                self._commit(fed, policy, snaps[wid], result, scored[wid], pipe)
+                self._commit(fed, policy, snaps[wid], result, scored[wid], tags, pipe)
             self.store.wait_for_replicas(pipe)
             replies = await pipe.execute()
         # Too few replicas: the step fails and its entries are redelivered; the rescore finds
@@ -501,16 +503,39 @@ class Scorer:
         self.store.check_replicated(replies[len(rounds) :], f"scoring round of {fed!r}")
         return dict(zip(rounds, replies[: len(rounds)], strict=True))
 
+    async def _partner_tags(self, fed: str, rounds: Mapping[str, Round]) -> dict[str, str]:
+        """The segment tag of each partner's stored snapshot a merge or drift names (its first
+        segment is a key of the commit: the script reads the frame's header there). The commit
+        checks it is still that snapshot, so a publish in between refuses the round."""
+        partners = sorted({p for r in rounds.values() for p, _ in self._pins(r)})
+        if not partners:
+            return {}
+        async with self.store.r.pipeline(transaction=False) as pipe:
+            for partner in partners:
+                pipe.hget(self.store.keys.snapshot_meta(fed, partner), "tag")
+            tags = await pipe.execute()
+        return {p: t or "" for p, t in zip(partners, tags, strict=True)}
+
     def _commit(
-        self, fed: str, policy: Policy, own: Snapshot, result: Round, read_at: int, pipe: Any
+        self,
+        fed: str,
+        policy: Policy,
+        own: Snapshot,
+        result: Round,
+        read_at: int,
+        tags: Mapping[str, str],
+        pipe: Any,
     ) -> None:
         """Queue the round's commit script (atomic on its own) on `pipe`."""
         keys, wid = self.store.keys, own.worker_id
         now = utcnow()
+        pins = self._pins(result)
+        index = {pin: k for k, pin in enumerate(pins, 1)}
         args: list[object] = [own.version, self.settings.stream_maxlen, own.epoch]
         args.append(len(result.decisions))
         for draft in result.decisions:
             args += [draft.action, self._body(fed, policy, own, draft, now)]
+            args += [index.get(self._pin_of(draft) or ("", 0), 0), draft.layer]
         args.append(len(result.merges))
         for layer, n in result.merges.items():
             args += [layer, n]
@@ -518,9 +543,9 @@ class Scorer:
         for (layer, partner), step in result.cooldowns.items():
             args += [f"{layer}{FIELD_SEP}{partner}", step]
         args.append(self._hold(own, result, now))
-        pins = self._pins(result)
         args += [len(pins), max(1, int(self.settings.snapshot_pin_s * 1000))]
-        args += [version for _, version in pins]
+        for partner, version in pins:
+            args += [version, tags.get(partner, "")]
         args.append(read_at)
         names = [
             keys.worker(fed, wid),
@@ -532,7 +557,11 @@ class Scorer:
             keys.federation(fed),
         ]
         for partner, version in pins:
-            names += [keys.snapshot_meta(fed, partner), keys.pin(fed, partner, version)]
+            names += [
+                keys.snapshot_meta(fed, partner),
+                keys.pin(fed, partner, version),
+                keys.segment(fed, partner, tags.get(partner, ""), 0),
+            ]
         pipe.eval(self.store.commit_script, len(names), *names, *args)
 
     @staticmethod
@@ -552,18 +581,20 @@ class Scorer:
         return hold.model_dump_json()
 
     @staticmethod
-    def _pins(result: Round) -> list[tuple[str, int]]:
-        """(partner, snapshot version) each merge or drift of the round applies: kept readable
-        after the partner publishes again (`Keys.pin`), so the worker applies what was scored."""
-        return sorted(
-            {
-                (d.partner_snapshot.worker_id, d.partner_snapshot.version)
-                for d in result.decisions
-                if d.action != "hold"
-                and d.operator != "decouple"
-                and d.partner_snapshot is not None
-            }
-        )
+    def _pin_of(draft: DecisionDraft) -> tuple[str, int] | None:
+        """(partner, snapshot version) a decision applies, when applying it fetches a partner
+        tether (a merge or a drift other than decouple); None otherwise."""
+        ref = draft.partner_snapshot
+        if draft.action == "hold" or draft.operator == "decouple" or ref is None:
+            return None
+        return ref.worker_id, ref.version
+
+    @classmethod
+    def _pins(cls, result: Round) -> list[tuple[str, int]]:
+        """(partner, snapshot version) each merge or drift of the round applies: pinned by the
+        commit (`Keys.pin`, the decided layers' segments only), so the worker applies what was
+        scored even after the partner published again."""
+        return sorted({pin for d in result.decisions if (pin := cls._pin_of(d)) is not None})
 
     @staticmethod
     def _body(fed: str, policy: Policy, own: Snapshot, draft: DecisionDraft, now: datetime) -> str:

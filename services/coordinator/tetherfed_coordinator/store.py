@@ -217,6 +217,7 @@ class Store:
         self.commit_script = lua("commit.lua")
         self.sketch_script = lua("sketch.lua")
         self.active_script = lua("active.lua")
+        self.release_script = lua("release.lua")
 
     # ---------------------------------------------------------------- federations
     async def create_federation(self, name: str, policy: Policy) -> FederationPublic:
@@ -558,15 +559,80 @@ class Store:
             raise NoSnapshot(fed, wid)
         return found[wid]
 
-    async def pinned_snapshot(self, fed: str, wid: str, version: int) -> Snapshot | None:
-        """Snapshot `version` of a worker while a decision's pin keeps it (`Keys.pin`), else
-        None (never pinned, or the pin and its segments expired)."""
+    async def pinned_layer(self, fed: str, wid: str, version: int, layer: str) -> Snapshot | str:
+        """One layer of snapshot `version` of a worker, superseded but kept by a decision's pin
+        (`Keys.pin`), as `snapshot_layer` reads the latest; else why it is gone (a sentence).
+
+        A pin keeps only the segments holding a layer some unacked decision names, so the layer
+        is read from them: its `L:<layer>` field says which segments and where in them."""
         meta = replies.record(await self.r.hgetall(self.keys.pin(fed, wid, version)))
-        names = frame_keys(self.keys, fed, wid, meta) if "tag" in meta else []
-        if not names:
-            return None
-        parts = all_present(cast(list[bytes | None], await self.rb.mget(names)))
-        return None if parts is None else snapshot_from(wid, meta, parts)
+        pin_s = f"{self.settings.snapshot_pin_s:g}"
+        if "tag" not in meta:
+            return (
+                f"no decision issued in the last {pin_s} s names it (a decision's partner "
+                f"snapshot is kept until the decision is acked, or {pin_s} s after it was issued)"
+            )
+        where = json.loads(meta[f"L:{layer}"]) if f"L:{layer}" in meta else None
+        names = frame_keys(self.keys, fed, wid, meta)
+        if where is not None:
+            parts = all_present(
+                cast(list[bytes | None], await self.rb.mget(names[where["lo"] : where["hi"] + 1]))
+            )
+            if parts is not None and "start" not in where:  # every segment kept: a whole frame
+                snap = snapshot_from(wid, meta, parts)
+                if snap is not None and layer in snap.entries:
+                    snap.entries, snap.grams = {layer: snap.entries[layer]}, {}
+                    return snap
+            elif parts is not None:
+                base = where["lo"] * int(meta["size"])
+                spec = {  # the layer's header entry, as commit.lua read it
+                    "dtype": where["dtype"],
+                    "shape": list(where["shape"]),  # cjson writes [] as {}
+                    "data_offsets": [0, where["stop"] - where["start"]],
+                }
+                entry = parse_entries({layer: spec}, where["start"] - base, where["stop"] - base)[
+                    layer
+                ]
+                return Snapshot(
+                    worker_id=wid,
+                    version=version,
+                    step=int(meta["step"]),
+                    epoch=int(meta["epoch"]),
+                    prev_loss=_opt_float(meta.get("prev_loss")),
+                    meta=SnapshotMeta.model_validate_json(meta["meta"]),
+                    buf=parts[0] if len(parts) == 1 else b"".join(parts),
+                    entries={layer: entry},
+                )
+        claimed = sorted({v for k, v in meta.items() if k.startswith("d:")})
+        if where is None:
+            return (
+                f"no decision names its layer {layer!r} (its superseded frame is kept only for "
+                f"the layers of unacked decisions: {claimed or 'none left'})"
+            )
+        if layer in claimed:  # claimed, yet a segment is missing: not something a publish does
+            return f"the segments of its layer {layer!r} are missing from Redis (evicted?)"
+        return (
+            f"every decision naming its layer {layer!r} has been acked, which released it "
+            "(a superseded snapshot is kept only for the layers of unacked decisions)"
+        )
+
+    async def release_pin(self, fed: str, decision: Decision) -> None:
+        """An acked decision no longer needs its partner's snapshot: drop its claim on the pin,
+        and, once that snapshot is superseded, the segments no other unacked decision needs
+        (`release.lua`). Idempotent: a repeated ack releases nothing."""
+        ref = decision.partner_snapshot
+        if decision.action == "hold" or decision.operator == "decouple" or ref is None:
+            return
+        pin = self.keys.pin(fed, ref.worker_id, ref.version)
+        tag, count = (replies.opt_text(x) for x in await self.r.hmget(pin, ["tag", "segments"]))
+        if not tag or not count:
+            return  # expired, never made, or a frame stored whole
+        names = [
+            pin,
+            self.keys.snapshot_meta(fed, ref.worker_id),
+            *frame_keys(self.keys, fed, ref.worker_id, {"tag": tag, "segments": count}),
+        ]
+        await self.r.eval(self.release_script, len(names), *names, decision.id)
 
     async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
         """Read metadata, then the segments it names; a worker whose segments were replaced
@@ -778,6 +844,7 @@ class Store:
             self.wait_for_replicas(pipe)
             created, *waited = await pipe.execute()
         self.check_replicated(waited, f"the ack of decision {decision.id}")
+        await self.release_pin(fed, decision)  # also on a repeat: its release may have failed
         if not created:
             previous = await self.acked(fed, decision.id)
             assert previous is not None

@@ -121,18 +121,19 @@ async def _layer_frame(
     )
 
 
-async def _pinned(store: Store, fed: str, wid: str, version: int, latest: int) -> Snapshot:
+async def _pinned(
+    store: Store, fed: str, wid: str, version: int, layer: str, latest: int
+) -> Snapshot:
     if version > latest:
         raise HTTPException(
             404, f"worker {wid!r} has no snapshot version {version} yet (latest: {latest})"
         )
-    snap = await store.pinned_snapshot(fed, wid, version)
-    if snap is None:
+    snap = await store.pinned_layer(fed, wid, version, layer)
+    if isinstance(snap, str):
         raise HTTPException(
             410,
             f"snapshot version {version} of worker {wid!r} is no longer stored (latest: "
-            f"{latest}; one a decision names is kept {store.settings.snapshot_pin_s:g} s after "
-            "a newer publish)",
+            f"{latest}): {snap}",
         )
     return snap
 
@@ -152,7 +153,8 @@ async def layer(
 ) -> Response | TetherStats | GenerationsPublic:
     """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
     `?generation=g`: a retained generation's tensor; `?version=v`: snapshot v exactly, the
-    latest or one a decision names (kept `snapshot_pin_s` after a newer publish), else 410);
+    latest or, once superseded, the layer an unacked decision names (kept until it is acked or
+    `snapshot_pin_s` after it was issued), else 410 saying why);
     `{layer}/generations`: its lineage.
 
     Any layer name works URL-encoded, `/` included (a name that is itself registered wins over
@@ -164,7 +166,7 @@ async def layer(
         return await generations(fed, wid, base, store)
     snap = await store.snapshot_layer(fed, wid, layer)
     if version is not None and version != snap.version:
-        snap = await _pinned(store, fed, wid, version, snap.version)
+        snap = await _pinned(store, fed, wid, version, layer, snap.version)
     if layer not in snap.entries:
         raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
     if format == "stats":
