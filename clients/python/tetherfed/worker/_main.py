@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tetherfed._exits import EXIT_INTERRUPTED, EXIT_REFUSED
+from tetherfed._exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_REFUSED
 from tetherfed.client import RefusedError
 
 from ._options import add_worker_args, options_from_args
@@ -101,13 +101,17 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Train one worker from parsed arguments; its exit code (refusals fail fast with the reason)."""
-    from ._worker import main_worker  # noqa: PLC0415 (torch: not for `--help`)
+    from ._checkpoint import CheckpointError  # noqa: PLC0415 (torch: not for `--help`)
+    from ._worker import main_worker  # noqa: PLC0415
 
     try:
         return main_worker(config_from_args(args))
     except RefusedError as error:  # permanent: fail fast, say why
         print(f"tetherfed worker: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except CheckpointError as error:  # the disk, not the code: one line that names the file
+        print(f"tetherfed worker: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

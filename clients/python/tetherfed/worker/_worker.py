@@ -40,6 +40,7 @@ from tetherfed.tethers._tethering import (
     update_importance,
 )
 
+from . import _checkpoint as checkpoint
 from ._options import WorkerInfo, WorkerOptions
 from ._tasks import build_model, default_model, load_task, shard
 
@@ -208,11 +209,11 @@ def evaluate_metrics(model: nn.Module, task: Task, device: torch.device) -> dict
 
 
 def save_checkpoint(path: Path, run: _Run, step: int) -> None:
-    """Write a checkpoint atomically (temp file, then rename).
+    """Write the run's checkpoint at `step` (see `_checkpoint.save`: atomic, durable, mode 0600).
 
     The coordinator's token is never written (`config` leaves it out). The federation state holds
-    this worker's own token, which lets a resumed run act as the same worker and nothing else; the
-    file is therefore readable by its owner only (mode 0600)."""
+    this worker's own token, which lets a resumed run act as the same worker and nothing else.
+    `CheckpointError` when it cannot be written."""
     state = {
         "config": run.cfg.model_dump(mode="json", exclude={"token"}),
         "step": step,
@@ -222,12 +223,7 @@ def save_checkpoint(path: Path, run: _Run, step: int) -> None:
         "federation": run.fed.state_dict() if run.fed is not None else None,
         "val_loss": run.val_loss,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.chmod(0o600)  # touch keeps the mode of a file left over from an interrupted write
-    torch.save(state, tmp)
-    tmp.replace(path)
+    checkpoint.save(path, state)
 
 
 class Metrics:
@@ -309,10 +305,9 @@ def _setup(cfg: WorkerConfig) -> _Run:
     resume_state, start = None, 0
     latest = cfg.checkpoint_dir / "latest.pt" if cfg.checkpoint_dir else None
     if cfg.resume and latest is not None and latest.exists():
-        saved = torch.load(latest, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        saved = checkpoint.load(latest, device)
+        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+        checkpoint.restore(latest, saved, parts, cfg.model_dump(mode="json", exclude={"token"}))
         resume_state, start = saved["federation"], saved["step"]
         for _ in range(start):  # the same data order as an uninterrupted run
             next(data)
@@ -520,11 +515,11 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
     )
     if run.fed is not None and cfg.wait_peers and run.start == 0:
         wait_for_peers(cfg, run.fed)
-    last = run.total
+    last, failure = run.start, None  # the last step trained; why the run ended early
     try:
         for step in range(run.start + 1, run.total + 1):
             epoch, loss, grad_norm = _train_step(run)
-            run.epoch = epoch
+            run.epoch, last = epoch, step
             ending = step == run.total or finish.is_set()
             if run.diag is not None:
                 run.diag.step(step, epoch, loss)
@@ -533,18 +528,21 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
             if step % cfg.log_every == 0 or ending:
                 _log(run, step, epoch, loss, grad_norm)
             if ending:
-                last = step
                 break
         if run.diag is not None:
             run.diag.close(last, run.epoch)  # final values, before telemetry is flushed
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         if run.fed is not None:
             run.fed.close()
         worker_id = run.fed.worker_id if run.fed else None
         summary = {
-            "event": "done",
+            "event": "done" if failure is None else _ended_by(failure),
             "worker_id": worker_id,
             "steps": last,
+            **({} if failure is None else {"error": f"{type(failure).__name__}: {failure}"}),
             "val_loss": _round(run.val_loss),
             **{name: _round(value) for name, value in run.val_metrics.items()},
             **run.counts,
@@ -552,6 +550,11 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
         run.metrics.emit(**summary)
         run.metrics.close()
     return summary
+
+
+def _ended_by(failure: BaseException) -> str:
+    """The last metrics event of a run that did not finish: interrupted, or failed."""
+    return "interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"
 
 
 def main_worker(cfg: WorkerConfig) -> int:
