@@ -1,7 +1,8 @@
 """Every Redis key the coordinator uses, built here under one prefix.
 
 What is kept, and so the memory used, per worker: one hash, one liveness key, the latest frame (as
-segments of just under 1 MiB, see `segment`; an upload in flight adds its own, with a TTL), its
+segments of just under 1 MiB, see `segment`; an upload in flight adds its own, with a TTL; a
+superseded frame keeps the segments of layers unacked decisions name, see `pin`), its
 metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers), its
 decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
 generation, small) and at most `policy.retain_generations` generation tensors. Per federation: a
@@ -116,9 +117,13 @@ class Keys:
         return f"{self.federation(fed)}:w:{wid}:snap"
 
     def pin(self, fed: str, wid: str, version: int) -> str:
-        """Hash with a TTL: a copy of the snapshot meta hash of `version`, written when a
-        decision names that snapshot as its partner's; while it lives, a publish replacing the
-        snapshot lets its segments expire with it instead of unlinking them."""
+        """Hash with a TTL: a copy of the snapshot meta hash of `version`, written by the
+        commit of a decision naming that snapshot as its partner's (only while it is still the
+        latest), plus `d:<decision id>` → layer for each unacked such decision and
+        `L:<layer>` → where that layer's bytes lie (segment indices, offsets, dtype, shape).
+        A publish replacing the snapshot keeps only the segments those layers lie in (they
+        expire with the pin); an ack drops its `d:` field and the segments no other unacked
+        decision needs (`release.lua`)."""
         return f"{self.worker(fed, wid)}:pin:{version}"
 
     def snapshot_meta(self, fed: str, wid: str) -> str:

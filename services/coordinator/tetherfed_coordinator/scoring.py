@@ -353,7 +353,9 @@ class Scorer:
     ) -> dict[str, list[int] | None]:
         """Score several publishers of one federation against one load of its snapshots: one
         scoring computation for the batch, one pipeline of commits (each commit atomic).
-        Workers whose state another scorer changed meanwhile are rescored (`attempts`)."""
+        Workers whose state another scorer changed meanwhile, or whose round names a partner
+        snapshot superseded since it was read (it could no longer be pinned), are rescored
+        (`attempts`): a decision never names a snapshot the worker cannot fetch."""
         store, keys = self.store, self.store.keys
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
         if raw_policy is None:  # deleted: forget its frames too
@@ -375,6 +377,8 @@ class Scorer:
         raced = [w for w, r in replies.items() if r in (RACED, STALE_PARTNER)]
         if raced and attempts > 1:
             out.update(await self.score_many(fed, raced, attempts - 1))
+        elif raced:  # their next publish (or their partners') scores them again
+            log.info("federation %r: rounds of %s raced every attempt; not committed", fed, raced)
         return out
 
     async def _score_todo(
