@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -77,10 +78,86 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def unencodable(value: object) -> str | None:
+    """The first string in `value` (a string, or lists and dicts of them, keys included) that
+    UTF-8 cannot encode: a lone surrogate, which JSON may spell (`"\\ud800"`) but no
+    UTF-8 text, Redis value or answer can hold. None when there is none."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, dict):
+        items: Any = (x for kv in value.items() for x in kv)
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return None
+    return next((bad for item in items if (bad := unencodable(item)) is not None), None)
+
+
+def _may_hold_text(annotation: Any) -> bool:
+    """Whether a field of this type can hold a `str` (nested models check their own fields;
+    a Literal's strings are the model's own)."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal or isinstance(annotation, type):
+        return False
+    return any(_may_hold_text(arg) for arg in get_args(annotation))
+
+
+def servable(value: Any) -> Any:
+    """`value` with every string UTF-8 cannot encode spelled out (`\\ud800` as six
+    characters), nested lists and dicts (keys included) rebuilt only where needed."""
+    if isinstance(value, str):
+        return (
+            value
+            if unencodable(value) is None
+            else value.encode(errors="backslashreplace").decode()
+        )
+    if isinstance(value, dict):
+        if unencodable(value) is None:
+            return value
+        return {servable(k): servable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return value if unencodable(value) is None else [servable(v) for v in value]
+    return value
+
+
+_TEXT_FIELDS: dict[tuple[type, str], bool] = {}
+
+
 class WireModel(BaseModel):
-    """Base of every wire message: unknown fields are rejected."""
+    """Base of every wire message: unknown fields are rejected, and so is any string that is
+    not valid Unicode text (a lone surrogate), nested ones (dict keys, list items) included:
+    what cannot be encoded cannot be stored or served back."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
+    # "refuse" (requests, and what is written): a ValueError. "spell": such a string read
+    # back from state stored before this check existed is served with the surrogate spelled
+    # out rather than made an answer that cannot be encoded (a 500 on every later read).
+    unencodable_text: ClassVar[Literal["refuse", "spell"]] = "refuse"
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any, info: ValidationInfo) -> Any:
+        key = (cls, info.field_name or "")
+        text = _TEXT_FIELDS.get(key)
+        if text is None:
+            field = cls.model_fields.get(key[1])
+            text = _TEXT_FIELDS[key] = field is not None and _may_hold_text(field.annotation)
+        if text and (bad := unencodable(value)) is not None:
+            if cls.unencodable_text == "spell":
+                return servable(value)
+            spelled = bad.encode("utf-8", "backslashreplace").decode()
+            raise ValueError(
+                f"not valid Unicode text: '{spelled}' holds a lone surrogate, which cannot be "
+                "encoded as UTF-8"
+            )
+        return value
 
 
 class Versioned(WireModel):
@@ -537,6 +614,8 @@ class Hold(WireModel):
 
 class WorkerPublic(WireModel):
     """A worker as REST shows it."""
+
+    unencodable_text: ClassVar[Literal["refuse", "spell"]] = "spell"
 
     worker_id: str
     name: str
