@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import edges
+from . import edges, guard
 from .api import (
     compatibility,
     decisions,
@@ -117,5 +117,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in routers:
         app.include_router(module.router, responses=edges.ERROR_RESPONSES)
     edges.install(app)
+    app.add_middleware(guard.AuthFirst, fastapi=app)
     app.add_middleware(CountRequests, metrics=metrics)
     return app

@@ -9,11 +9,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from tether_protocol.messages import ErrorBody
+from tether_protocol.messages import ErrorBody, servable
 
 from .errors import (
     BadInput,
@@ -44,7 +46,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     """Every method some route of `app` serves at the request's path."""
     methods: set[str] = set()
-    for route in _leaves(app.router.routes):
+    for route in leaves(app.router.routes):
         match, _ = route.matches({**scope, "method": "__NONE__"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
@@ -53,11 +55,12 @@ def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     return sorted(methods)
 
 
-def _leaves(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+def leaves(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route of `routes`, included routers' routes in their place."""
     # FastAPI ≥ 0.165 keeps an included router as one entry holding the original router.
     for route in routes:
         inner = getattr(route, "original_router", None)
-        yield from _leaves(inner.routes) if inner is not None else (route,)
+        yield from leaves(inner.routes) if inner is not None else (route,)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,8 +99,17 @@ async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
 
 
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 (the validation errors, each with the input it refused), with any string
+    that UTF-8 cannot encode (a lone surrogate, legal as a JSON escape) spelled out: echoing
+    it as is made the error handler itself fail with a 500."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": servable(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers above on `app`."""
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(CoordinatorError, coordinator_error)
     for exc_type in (aioredis.ConnectionError, aioredis.TimeoutError):

@@ -17,7 +17,8 @@ behave as they do there (tests over raw sockets). A raw route's `receive()` sees
 only routes that read the extension may be declared raw. A response sent before the body was read
 (an auth or size error) discards the rest of it, as uvicorn does, unless more than `DISCARD_MAX` is
 left or the client still waits for `100 Continue`: then the connection closes after the response
-(httpx and curl read a response even when the server stops their upload).
+(httpx and curl read a response even when the server stops their upload). Any other request
+declaring more than `DISCARD_MAX` that is answered before its body is in closes the same way.
 """
 
 from __future__ import annotations
@@ -228,6 +229,7 @@ class _HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         if not self.streams_raw(self.scope["method"], self.scope["path"]):
+            self._close_if_answered_early()
             return
         if length := self._content_length():
             cycle = self.cycle
@@ -252,6 +254,23 @@ class _HttpProtocol(HttpToolsProtocol):
                 responded()
 
             cycle.on_response = on_response
+
+    def _close_if_answered_early(self) -> None:
+        """Any other request declaring more than `DISCARD_MAX` of body: answered before its body
+        was in (an auth error, a 413), the connection closes after the response rather than
+        receive the rest to discard it."""
+        length = self._content_length()
+        if length is None or length <= DISCARD_MAX:
+            return
+        cycle = self.cycle
+        responded = cycle.on_response
+
+        def on_response() -> None:
+            if cycle.more_body:  # the parser has not seen the end of the body
+                self.transport.close()  # the response is flushed first
+            responded()
+
+        cycle.on_response = on_response
 
     def _content_length(self) -> int | None:
         """The declared length of a plain (not chunked, not upgraded) body, if valid."""

@@ -67,6 +67,18 @@ def _is_read_only(token: str | None, settings: Settings) -> bool:
     )
 
 
+OWNERS = "tetherfed.token_owners"  # scope key: token owners looked up for this request
+
+
+async def token_owner(request: Request, store: Store, fed: str, token: str) -> str | None:
+    """The worker `token` belongs to in `fed`, looked up once per request (a JSON route's
+    dependencies run before its body is read and again after: `guard`)."""
+    memo: dict[tuple[str, str], str | None] = request.scope.setdefault(OWNERS, {})
+    if (fed, token) not in memo:
+        memo[fed, token] = await store.token_owner(fed, token)
+    return memo[fed, token]
+
+
 def _auth_error() -> HTTPException:
     return HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
@@ -86,7 +98,7 @@ async def require_reader(
     token = bearer(request)
     if _is_admin(token, settings) or _is_read_only(token, settings):
         return
-    if token is None or await store.token_owner(fed, token) is None:
+    if token is None or await token_owner(request, store, fed, token) is None:
         raise _auth_error()
 
 
@@ -108,7 +120,7 @@ async def acting_worker(
     token = bearer(request)
     if _is_admin(token, settings):
         raise HTTPException(403, "this call needs a worker's own token, not the admin token")
-    owner = await store.token_owner(fed, token) if token else None
+    owner = await token_owner(request, store, fed, token) if token else None
     if owner is None:
         raise _auth_error()
     return owner
