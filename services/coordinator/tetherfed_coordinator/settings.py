@@ -63,7 +63,19 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    allow_eviction: bool = Field(
+        default=False,
+        description="Start on a Redis whose maxmemory-policy may evict any key (allkeys-*), "
+        "with a warning; by default the coordinator refuses: its keys have no TTL and their "
+        "loss stops the federation.",
+    )
     max_frame_bytes: int = Field(default=1 << 30, ge=64)
+    max_json_bytes: int = Field(
+        default=8 << 20,
+        ge=1024,
+        description="Largest JSON request body (telemetry batches: at least 64 MiB); a larger "
+        "one is refused with 413 once its sender is authenticated, before it is read.",
+    )
     heartbeat_ttl_s: float = Field(default=15.0, gt=0)
     stream_maxlen: int = Field(default=100_000, ge=10, description="Approximate MAXLEN of streams.")
     consumer_name: str = Field(default_factory=_default_consumer)
