@@ -48,9 +48,9 @@ def cli_page() -> str:
         "Every `tetherfed` command and flag, as `--help` prints it (generated from the parsers).",
         "",
     ]
-    for command, text in _subcommands(build_parser(), "tetherfed"):
-        if command == "tetherfed coordinator":
-            text = _help_of(lambda: coordinator_args(["--help"]))
+    for command, usage in _subcommands(build_parser(), "tetherfed"):
+        # `tetherfed coordinator` hands its argv to the coordinator's own parser.
+        text = _help_of(lambda: coordinator_args(["--help"])) if "coordinator" in command else usage
         lines += [f"## `{command}`", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(lines)
 
