@@ -23,6 +23,7 @@ from .api import (
     workers,
 )
 from .embedded import EmbeddedRedis
+from .liveness import check_eviction
 from .metrics import Metrics
 from .scoring import Scorer, ScoringProcesses, ScoringThread
 from .settings import Settings
@@ -61,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = EmbeddedRedis(settings.data_dir).start()
         url = embedded.url
     r, rb, blocking = redis_clients(url, settings.long_poll_max_s)
+    await check_eviction(r, settings)
     app.state.store = store = Store(r, rb, blocking, settings)
     await store.migrate_legacy()
     # For direct calls on this loop (tests, tools); the loop itself runs on its own thread.
@@ -75,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         supervisor = asyncio.create_task(background.supervise())  # a killed scorer comes back
     elif settings.scoring_enabled:
         background = ScoringThread(url, settings, metrics.scoring).start()
+    app.state.scoring = background  # /readyz asks it whether scoring works
     try:
         yield
     finally:
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.scoring = None
     app.state.metrics = metrics = Metrics()
     routers = (
         health,

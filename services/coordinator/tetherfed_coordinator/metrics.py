@@ -10,7 +10,9 @@ registry; scoring metrics (`ScoringMetrics`) live where the scoring runs:
   the API process itself stays in ordinary mode), each scoring process writes its values there,
   `/metrics` adds them up with `MultiProcessCollector`, and the directory goes at shutdown.
   Its name carries the coordinator's PID, so the directory of a coordinator that was killed
-  (kill -9: no shutdown) is removed by the next coordinator that starts on the machine.
+  (kill -9: no shutdown) is removed by the next coordinator that starts on the machine. A
+  scoring process started again after a temp cleaner removed the directory makes it anew
+  (`ensure_multiproc_dir`; before, it died at start-up, again and again).
 
 So each coordinator replica's `/metrics` covers its own API and scoring; Prometheus sums
 replicas. Histograms use the same buckets everywhere, from 0.5 ms to 10 s.
@@ -129,11 +131,29 @@ def remove_orphaned_dirs(root: str | None = None) -> list[str]:
     return removed
 
 
+def ensure_multiproc_dir() -> None:
+    """Make the directory `PROMETHEUS_MULTIPROC_DIR` names when it is missing (a temp cleaner
+    removed it, or it was set to one that does not exist yet): prometheus_client opens its
+    files there when a metric is made and failed with a bare FileNotFoundError. SystemExit
+    naming the directory when it cannot be made."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path or os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"{MULTIPROC_ENV}={path} is missing and cannot be made ({exc}); point it at a "
+            "writable directory or unset it"
+        ) from None
+
+
 class Metrics:
     """A coordinator's metrics: the API's, and scoring's when it runs on a thread of this
     process; `render()` adds what scoring processes wrote to `multiproc_dir`."""
 
     def __init__(self) -> None:
+        ensure_multiproc_dir()  # when preset for this process, its metrics are kept there
         self.registry = CollectorRegistry()
         self.api = ApiMetrics(self.registry)
         self._scoring_registry = CollectorRegistry()

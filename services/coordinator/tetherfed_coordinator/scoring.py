@@ -66,6 +66,7 @@ from tether_protocol.sketch import (
 
 from . import replies
 from .embedded import die_with_parent
+from .liveness import ScorerHealth
 from .metrics import ScoringMetrics
 from .replies import Entries
 from .settings import Settings
@@ -256,6 +257,7 @@ class Scorer:
         self.cache = SnapshotCache(store)
         self._last_reclaim = 0.0
         self.stopping = asyncio.Event()
+        self.health = ScorerHealth()  # how its steps go (`liveness`: /readyz)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and stream) if missing."""
@@ -269,10 +271,12 @@ class Scorer:
         await self.ensure_group()
         while not self.stopping.is_set():
             try:
-                await self.step()
+                if await self.step():
+                    self.health.succeeded()
             except asyncio.CancelledError:
                 raise
             except aioredis.ResponseError as error:
+                self.health.failed(error)
                 # NOGROUP: Redis lost the scoring group (FLUSHALL, eviction, restart without
                 # AOF). UNBLOCKED: Redis 7 ends a blocked XREADGROUP with it when the stream
                 # is deleted meanwhile (or the server became a replica). Either way: recreate
@@ -281,7 +285,8 @@ class Scorer:
                     raise
                 log.warning("scoring group lost (%s); recreating it", error)
                 await self.ensure_group()
-            except Exception:  # keep scoring after a transient Redis or data error
+            except Exception as error:  # keep scoring after a transient Redis or data error
+                self.health.failed(error)
                 log.exception("scoring step failed")
                 await asyncio.sleep(0.5)
 
@@ -677,6 +682,10 @@ class ScoringThread:
             for client in clients:
                 await aclose(client)
 
+    def health(self) -> ScorerHealth | None:
+        """Its scorer's health; None once the thread has ended."""
+        return self._scorer.health if self._scorer and self._thread.is_alive() else None
+
     def stop(self, timeout_s: float) -> None:
         """Ask the loop to stop between steps (never mid-reply) and wait for the thread."""
         if self._loop is not None and self._scorer is not None:
@@ -720,11 +729,15 @@ class ScoringProcesses:
             | settings_env(self.settings)
             | {
                 "TETHER_REDIS_URL": self.url,
-                "TETHER_CONSUMER_NAME": f"{self.settings.consumer_name}-s{i}",
+                "TETHER_CONSUMER_NAME": self.consumers()[i],
             }
         )
         cmd = [sys.executable, "-m", "tetherfed_coordinator.scorer"]
         return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+
+    def consumers(self) -> list[str]:
+        """The processes' consumer names (each reports its health under its own)."""
+        return [f"{self.settings.consumer_name}-s{i}" for i in range(self.n)]
 
     def restart_dead(self) -> int:
         """Start again each process that exited and whose restart delay has passed; returns how
