@@ -40,3 +40,38 @@ def test_probe_loss_is_the_task_loss_on_the_own_batch() -> None:
     with torch.no_grad():
         expected = float(probe.task.loss_fn(probe.model(probe.own[0]), probe.own[1]))
     assert probe.loss() == expected
+
+
+def test_probe_grams_cover_layers_named_after_their_parameter() -> None:
+    """Layers of attention and recurrent modules are named "<module>.<param>" and their modules
+    answer with tuples: the probe records the output tensor of the module holding the weight."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import tetherfed
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.attn(x, x, x)
+            h, _ = self.rnn(h)
+            return self.head(h[:, -1])
+
+    model = tetherfed.tether(Seq(), seed=0)
+    x = torch.randn(40, 5, 8)
+    y = torch.randint(0, 3, (40,))
+    data = TensorDataset(x, y)
+    task = tetherfed.Task(
+        "seq", data, data, nn.functional.cross_entropy, "classification", (5, 8), 3
+    )
+
+    grams = tetherfed.Probe(model, task, torch.device("cpu"), seed=0).grams(seed=1, size=16)
+
+    assert set(grams) == set(tetherfed.tethered_layers(model))
+    assert {"attn.in_proj_weight", "rnn.weight_ih_l0", "head"} <= set(grams)
+    assert all(g.shape == (16, 16) for g in grams.values())

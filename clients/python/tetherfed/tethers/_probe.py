@@ -22,7 +22,7 @@ the reserve either, so merging with it is not favoured by memorisation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 from tether_protocol.compat import probe_gram
 
 from ._task import Task, probe_inputs
-from ._tethering import tethered_layers
+from ._tethering import tetherable_weights, tethered_layers
 
 GATE_BATCH = 256  # examples in a worker's own probe batch (the merge gate's)
 
@@ -58,8 +58,7 @@ class Probe:
         held_out: TensorDataset | None = None,
     ) -> None:
         self.model, self.task, self.device = model, task, device
-        modules = dict(model.named_modules())
-        self.modules = {name: modules[name] for name in tethered_layers(model)}
+        self.sources = _output_sources(model)
         if held_out is not None and len(held_out) == 0:
             raise ValueError("held_out is empty: the merge gate would have nothing to judge on")
         source = held_out if held_out is not None else task.train
@@ -78,9 +77,15 @@ class Probe:
     @torch.no_grad()
     def grams(self, seed: int, size: int) -> dict[str, npt.NDArray[np.float32]]:
         """Layer → centred, unit-norm n × n probe Gram of the layer's outputs."""
-        with _evaluating(self.model), _outputs(self.modules) as seen:
+        modules = {m for chain in self.sources.values() for m in chain}
+        with _evaluating(self.model), _outputs(modules) as seen:
             self.model(self.inputs(seed, size))
-        return {name: probe_gram(out.float().cpu().numpy()) for name, out in seen.items()}
+        grams = {}
+        for name, chain in self.sources.items():
+            out = next((seen[id(m)] for m in chain if id(m) in seen), None)
+            if out is not None:
+                grams[name] = probe_gram(out.float().cpu().numpy())
+        return grams
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -100,18 +105,38 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextmanager
-def _outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """Record each module's output during a forward pass (hooks removed afterwards)."""
-    seen: dict[str, Tensor] = {}
+def _output_sources(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Tethered layer -> the modules whose output stands for it, nearest first: the module holding
+    the weight, then its ancestors. A layer's Gram is that of the first one that ran: attention's
+    `out_proj` is never called (its weight is used inside the attention module's forward), so the
+    attention block's output stands for it."""
+    weights = tetherable_weights(model)
+    named = dict(model.named_modules())
+    qualified = {id(m): n for n, m in reversed(list(named.items()))}
+    sources = {}
+    for layer in tethered_layers(model):
+        path = qualified.get(id(weights[layer][0]), "")
+        parts = path.split(".") if path else []
+        chain = [".".join(parts[:k]) for k in range(len(parts), -1, -1)]
+        sources[layer] = [named[p] for p in chain if p in named]
+    return sources
 
-    def recorder(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
-        def record(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-            seen[name] = output.detach()
+
+@contextmanager
+def _outputs(modules: Iterable[nn.Module]) -> Iterator[dict[int, Tensor]]:
+    """Record each module's output during a forward pass, by module id (hooks removed after)."""
+    seen: dict[int, Tensor] = {}
+
+    def recorder(name: int) -> Callable[[nn.Module, Any, Tensor], None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            while isinstance(output, tuple | list) and output:  # attention, RNNs: (out, state)
+                output = output[0]
+            if isinstance(output, Tensor):
+                seen[name] = output.detach()
 
         return record
 
-    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
+    handles = [m.register_forward_hook(recorder(id(m))) for m in modules]
     try:
         yield seen
     finally:
