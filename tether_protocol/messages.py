@@ -183,7 +183,7 @@ class Versioned(WireModel):
 # Policy
 # --------------------------------------------------------------------------------------------
 
-LayerScope = list[str] | Literal["all", "middle", "last"]
+LayerScope = Annotated[list[str], Field(min_length=1)] | Literal["all", "middle", "last"]
 NOISE_SDS = 3.0  # thresholds must sit this many estimator standard deviations away from 0
 
 
@@ -213,7 +213,9 @@ class SketchPolicy(WireModel):
         ge=1,
         description="Workers publish their full tethers every this many publishes.",
     )
-    force: bool = Field(default=False, description="Accept thresholds inside the noise band.")
+    force: bool = Field(
+        default=False, strict=True, description="Accept thresholds inside the noise band."
+    )
 
 
 class MergeGate(WireModel):
@@ -456,8 +458,14 @@ class _PolicyPatchBase(WireModel):
 
     def apply(self, policy: Policy) -> Policy:
         """The patched policy; raises pydantic.ValidationError if the result is invalid."""
-        merged = policy.model_dump() | self.model_dump(exclude_unset=True)
-        return Policy.model_validate(merged)
+        # null for a field the policy cannot hold null in means unchanged, as the schema
+        # (every patch field nullable) says; drift_threshold: null still means never drift.
+        given = {
+            name: value
+            for name, value in self.model_dump(exclude_unset=True).items()
+            if value is not None or type(None) in get_args(Policy.model_fields[name].annotation)
+        }
+        return Policy.model_validate(policy.model_dump() | given)
 
 
 def _optional(field: FieldInfo) -> tuple[Any, Any]:
