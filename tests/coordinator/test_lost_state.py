@@ -13,6 +13,7 @@ pytestmark = pytest.mark.anyio
 F = "/v1/federations"
 
 
+@pytest.mark.timeout(300)  # the waits below are bounded (fail_after) for a loaded machine
 async def test_a_lost_scoring_group_is_recreated_and_readyz_says_so_meanwhile(
     app_client: httpx.AsyncClient,
 ) -> None:
