@@ -12,7 +12,7 @@ made after the last restart. What died is started again as a supervisor would: a
 Redis on the same port and data folder; the scoring process is the coordinator's to restart.
 
 Invariants, checked from Redis and from the workers' own records (`metrics.jsonl`: `start`,
-`checkpoint`, `decision` and `done` events), reported as violations:
+`checkpoint`, `decision` and `interrupted` events), reported as violations:
 
 - lost: an ack or a decision seen in Redis during the run is gone (or changed) at the end;
 - unacked: a decision a worker applied (and kept: see below) has no ack in Redis;
@@ -21,7 +21,7 @@ Invariants, checked from Redis and from the workers' own records (`metrics.jsonl
   back was undone with the model, so applying it again is right; applying a kept one is not);
 - decided twice: two decisions for one (worker, snapshot version, layer, partner);
 - identity: a worker that ran under two ids, resumed without its id, registered twice in
-  Redis, or did not end (SIGINT at the end: exit 130 and a `done` event under its id);
+  Redis, or did not end (SIGINT at the end: exit 130 and an `interrupted` event under its id);
 - stalls: a restart after which the ensemble did not work again within CHAOS_RECOVER_S;
 - strays: a process of this run (found by a marker in its environment) alive at the end.
 
@@ -483,7 +483,8 @@ def effective_history(runs: list[list[dict[str, Any]]]) -> tuple[list[dict[str, 
 
 
 def identity_problems(i: int, runs: list[list[dict[str, Any]]], codes: list[int]) -> list[str]:
-    """A worker must keep one id across its runs and end (SIGINT: exit 130, a `done` event)."""
+    """A worker must keep one id across its runs and end (SIGINT: exit 130, an `interrupted`
+    event, the last of its record)."""
     problems = []
     ids = {r["worker_id"] for run in runs for r in run if r.get("worker_id")}
     if len(ids) != 1:
@@ -491,9 +492,9 @@ def identity_problems(i: int, runs: list[list[dict[str, Any]]], codes: list[int]
     for k, run in enumerate(runs[1:], start=1):
         if run[0].get("event") == "start" and not run[0].get("worker_id"):
             problems.append(f"worker {i} run {k} started without its id (no checkpoint to resume)")
-    done = [r for r in runs[-1] if r.get("event") == "done"] if runs else []
-    if not done or done[-1].get("worker_id") not in ids:
-        problems.append(f"worker {i} has no `done` event under its id at the end")
+    ended = [r for r in runs[-1] if r.get("event") == "interrupted"] if runs else []
+    if not ended or ended[-1].get("worker_id") not in ids:
+        problems.append(f"worker {i} has no `interrupted` event under its id at the end")
     if not codes or codes[-1] != EXIT_INTERRUPTED:
         problems.append(
             f"worker {i} ended with exit codes {codes}, expected {EXIT_INTERRUPTED} last"
