@@ -12,10 +12,14 @@ import pytest
 
 from tetherfed.experiment._results import (
     RunRecord,
+    build_row,
     cluster_columns,
     loss_columns,
     merge_columns,
+    pace_columns,
+    read_csv,
     summarize,
+    write_csv,
 )
 
 GROUPS = {"w0": "sin", "w1": "sin", "w2": "pw", "w3": "pw"}
@@ -180,6 +184,51 @@ def test_a_run_without_task_metrics_has_only_the_loss_columns(tmp_path: Path) ->
     (tmp_path / "w0" / "metrics.jsonl").write_text('{"event":"done","val_loss":0.25}\n')
     columns = loss_columns(RunRecord("r", 0, "federated", 0, {}, tmp_path))
     assert columns["worst_val_loss"] == 0.25 and "worst_val_acc" not in columns
+
+
+def test_pace_columns_average_the_workers_final_publishes_skips_and_merge_rate(
+    tmp_path: Path,
+) -> None:
+    # the last step line is older than the done line: the done line's figures win
+    finals = {"w0": (12, 18, 2.0), "w1": (30, 0, 4.0)}
+    (tmp_path / "config.json").write_text(json.dumps({"workers": [{"name": n} for n in finals]}))
+    for name, (sent, skipped, rate) in finals.items():
+        step = {"event": "step", "publishes": 1, "publishes_skipped": 1, "merges_per_100_steps": 9}
+        done = {
+            "event": "done",
+            "val_loss": 0.5,
+            "publishes": sent,
+            "publishes_skipped": skipped,
+            "merges_per_100_steps": rate,
+        }
+        (tmp_path / name).mkdir()
+        lines = "".join(json.dumps(e) + "\n" for e in (step, done))
+        (tmp_path / name / "metrics.jsonl").write_text(lines)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "finished"}))
+    run = RunRecord("r", 0, "federated", 0, {}, tmp_path)
+
+    assert pace_columns(run) == {
+        "publishes": 21.0,
+        "publishes_skipped": 9.0,
+        "merges_per_100_steps": 3.0,
+    }
+    write_csv(tmp_path / "results.csv", [build_row(run)])
+    (row,) = read_csv(tmp_path / "results.csv")
+    assert (row["publishes"], row["publishes_skipped"], row["merges_per_100_steps"]) == (
+        21.0,
+        9.0,
+        3.0,
+    )
+    (summary,) = summarize([row])
+    assert summary["publishes_skipped_mean"] == 9.0 and summary["merges_per_100_steps_mean"] == 3.0
+
+
+def test_pace_columns_are_empty_when_no_worker_reported_them(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"workers": [{"name": "w0"}]}))
+    (tmp_path / "w0").mkdir()
+    (tmp_path / "w0" / "metrics.jsonl").write_text('{"event":"done","val_loss":0.25}\n')
+    columns = pace_columns(RunRecord("r", 0, "federated", 0, {}, tmp_path))
+    assert columns == dict.fromkeys(("publishes", "publishes_skipped", "merges_per_100_steps"))
 
 
 def _arm_rows(arm: str, accs: list[float], cell: int = 0) -> list[dict[str, Any]]:

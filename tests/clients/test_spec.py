@@ -163,6 +163,23 @@ def test_group_options_inherit_steps_and_publish_every_unless_set() -> None:
     assert [w.group for w in workers] == ["sin", "sin", "sinc"]
 
 
+def test_io_budget_is_inherited_checked_and_left_out_of_run_ids_at_its_default() -> None:
+    _spec, runs = expand(base())
+    assert {w.options.io_budget for r in runs for w in r.plan.workers} == {0.05}
+    raw = base()
+    raw["experiment"]["io_budget"] = 0.05  # the default, spelled out: the same runs
+    assert [r.run_id for r in expand(raw)[1]] == [r.run_id for r in runs]
+    raw["experiment"]["io_budget"] = 0.5
+    raw["groups"][1]["io_budget"] = 1.0
+    _spec, changed = expand(raw)
+    assert [w.options.io_budget for w in changed[0].plan.workers] == [0.5, 0.5, 1.0]
+    assert not {r.run_id for r in changed} & {r.run_id for r in runs}
+    raw["groups"][0]["io_budget"] = 0
+    assert "groups[0](sin).io_budget: Input should be greater than 0" in error_of(raw)
+    raw["groups"][0]["io_budget"] = 1.5
+    assert "groups[0](sin).io_budget: Input should be less than or equal to 1" in error_of(raw)
+
+
 def test_overrides_parse_toml_values_and_find_groups_by_name() -> None:
     raw = base()
     set_dotted(raw, *parse_override("groups.sinc.lr=0.5"))

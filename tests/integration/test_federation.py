@@ -110,14 +110,22 @@ def test_identical_static_tethers_merge_and_acks_are_visible(
     feds = federations(coordinator.url, "same", models)
     try:
         applied: list[int] = []
+        merged = [0] * len(feds)
 
         def step() -> None:
-            for f in feds:
-                applied.extend(d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied)
+            for i, f in enumerate(feds):
+                report = f.step(loss=1.0, epoch=0, grad_norm=1.0)
+                applied.extend(d.id for d in report.applied)
+                merged[i] += sum(d.action == "merge" for d in report.applied)
 
         step_until(
             "no merge was applied although the tethers are identical", step, lambda: bool(applied)
         )
+        # each Federation counts the merges it applied, and their rate per 100 of its steps
+        assert [f.stats.merges_applied for f in feds] == merged and sum(merged) >= 1
+        for f in feds:
+            rate = 100.0 * f.stats.merges_applied / f.stats.steps
+            assert f.stats.merges_per_100_steps == pytest.approx(rate)
         merges = api.decisions("same", action="merge")
         assert merges.count >= 1
         assert all(

@@ -147,12 +147,18 @@ def test_up_three_workers_end_to_end(
         f"expected workers to ack decisions: {s['acknowledged']}"
     )
     assert s["merge_graph"], "expected a non-empty merge graph"
+    # each worker's pace, from its done line: publishes sent and skipped, merges per 100 steps
+    for w in s["workers"]:
+        assert w["publishes"] >= 1 and w["publishes_skipped"] >= 0, w
+        assert w["merges_per_100_steps"] == pytest.approx(100 * w["merges"] / w["step"], abs=1e-3)
     for text in (
         "finished ok",
         "final loss per worker",
         "decisions:",
         "merge graph",
         "checkpoints:",
+        "(skipped ",
+        "merges/100 steps ",
     ):
         assert text in stdout, f"summary lacks {text!r}:\n{stdout}"
     assert (out / "worker-0" / "latest.pt").exists() and (out / "worker-2.log").exists()
@@ -244,11 +250,12 @@ def test_up_refuses_bad_input_before_starting_anything(
 
 def test_worker_options_pass_through_unchanged() -> None:
     parser = build_parser()
-    up = parser.parse_args(
-        ["up", "--steps", "7", "--lr", "0.1", "--layer-lr", "fc1=0.5", "--tether-mode", "learned"]
-    )
+    options = ["--layer-lr", "fc1=0.5", "--tether-mode", "learned", "--io-budget", "0.25"]
+    up = parser.parse_args(["up", "--steps", "7", "--lr", "0.1", *options])
     worker = parser.parse_args(["worker", *worker_argv(up)])
-    for key in ("steps", "lr", "layer_lr", "tether_mode", "task", "publish_every", "model"):
+    assert worker.io_budget == 0.25
+    keys = ("steps", "lr", "layer_lr", "tether_mode", "task", "publish_every", "model")
+    for key in (*keys, "io_budget"):
         assert getattr(worker, key) == getattr(up, key), key
 
 

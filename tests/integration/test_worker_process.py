@@ -227,3 +227,41 @@ def test_a_sharded_clustered_worker_records_accuracy_in_its_metrics(tmp_path: Pa
         [*cmd[:7], "k=2", *cmd[8:]], capture_output=True, text=True, timeout=120, check=False
     )
     assert bad.returncode != 0 and "not a cluster of k=2" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_reports_its_publish_pace_and_warns_once_when_the_budget_skips(
+    coordinator_process: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A `tetherfed worker` process publishing on every step under a tiny I/O budget: after its
+    first publish the budget pauses publishing for the capped 10 s, so its steps' scheduled
+    publishes are skipped; its step and done lines count publishes, skips and the merge rate,
+    every scheduled publish is one or the other, and stderr warns once, naming --io-budget."""
+    coordinator = coordinator_process()
+    with Client(coordinator.url) as api:
+        api.create_federation("pace")
+    args = ["--steps", "60", "--publish-every", "1", "--io-budget", "1e-6", "--log-every", "20"]
+    # --wait-peers 1: registered before the first step, so the first snapshot goes out at once
+    proc = worker(coordinator.url, "pace", 1, tmp_path, *args, "--wait-peers", "1")
+    try:
+        _out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    done = events[-1]
+    assert done["event"] == "done" and done["steps"] == 60, done
+    for event in [*steps, done]:
+        assert {"publishes", "publishes_skipped", "merges_per_100_steps"} <= set(event), event
+    assert done["publishes"] >= 1 and done["publishes_skipped"] >= 1, done
+    assert done["publishes"] + done["publishes_skipped"] == 60, done  # every step was scheduled
+    assert done["merges_per_100_steps"] == 0.0  # a lone worker has no partner to merge with
+    assert [e["step"] for e in steps] == [20, 40, 60]
+    for key in ("publishes", "publishes_skipped"):
+        counts = [e[key] for e in [*steps, done]]
+        assert counts == sorted(counts), f"{key} only grows: {counts}"
+    warnings = [line for line in err.splitlines() if "scheduled publish was skipped" in line]
+    assert len(warnings) == 1 and "--io-budget 1e-06" in warnings[0], err[-3000:]

@@ -143,6 +143,8 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
             f"  {w['name']:<10} {w['status']:<16} step {w['step']}/{w['total']}"
             f"  loss {fmt(w['loss'])}"
             f"  val_loss {fmt(w['val_loss'])}  merges {w['merges']}  drifts {w['drifts']}"
+            f"  publishes {w.get('publishes', 0)} (skipped {w.get('publishes_skipped', 0)})"
+            f"  merges/100 steps {_rate(w.get('merges_per_100_steps'))}"
         )
     d, ack = s["decisions"], s["acknowledged"]
     actions = ", ".join(f"{a} {n}" for a, n in sorted(d["by_action"].items())) or "none"
@@ -153,6 +155,10 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
         yield f"  {e['worker']} -> {e['partner']}: {e['merges']}"
     for label, path in s["paths"].items():
         yield f"{label + ':':<16} {path}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 # -- up ------------------------------------------------------------------------------------------

@@ -59,8 +59,12 @@ METRICS = (
     "gate_rolled_back",
     "gate_max_kept_rise",
     "steps_per_s",
+    "publishes",
+    "publishes_skipped",
+    "merges_per_100_steps",
     "wall_s",
 )
+PACE = ("publishes", "publishes_skipped", "merges_per_100_steps")  # a worker's done line
 CONTROL = "independent"  # the default reference arm
 ORACLE = "oracle"
 
@@ -99,7 +103,8 @@ class RunRecord:
         return out
 
     def final_events(self) -> list[dict[str, Any]]:
-        """Per worker, its last `step` event merged with its `done` event (metrics.jsonl)."""
+        """Per worker, its last `step` event merged with its `done` event (metrics.jsonl): the
+        done event's validation figures and pace (`PACE`) win."""
         config = self.json("config.json") or {"workers": []}
         return [_last_events(self.folder / w["name"] / "metrics.jsonl") for w in config["workers"]]
 
@@ -121,7 +126,7 @@ def _last_events(path: Path) -> dict[str, Any]:
         if event.get("event") == "step":
             out.update(event)
         elif event.get("event") == "done":
-            out.update({k: v for k, v in event.items() if k.startswith("val_")})
+            out.update({k: v for k, v in event.items() if k.startswith("val_") or k in PACE})
             out["val_loss"] = event.get("val_loss", out.get("val_loss"))
     return out
 
@@ -166,6 +171,15 @@ def loss_columns(run: RunRecord) -> dict[str, Any]:
     for m in task_metrics:
         columns[f"worst_{m}"] = min(_finite(e.get(m) for e in events), default=None)
     return columns
+
+
+def pace_columns(run: RunRecord) -> dict[str, Any]:
+    """How often the workers published and merged, averaged over the run's workers (each from
+    its final metrics): `publishes` sent, `publishes_skipped` (scheduled publishes the I/O
+    budget skipped, a later snapshot going instead: raise `io_budget` to publish them), and
+    `merges_per_100_steps` applied. Empty when no worker reported them."""
+    events = run.final_events()
+    return {key: _mean(e.get(key) for e in events) for key in PACE}
 
 
 def decision_columns(run: RunRecord) -> dict[str, Any]:
@@ -325,6 +339,7 @@ def diagnostics_columns(run: RunRecord) -> dict[str, Any]:
 COLUMNS: list[ColumnProvider] = [
     identity_columns,
     loss_columns,
+    pace_columns,
     decision_columns,
     cluster_columns,
     merge_columns,

@@ -1,7 +1,7 @@
 """The experiment spec: a TOML file checked by pydantic, expanded into runs.
 
-    [experiment]   name, out, repeats, seed, steps | epochs, publish_every, jobs, fail_fast,
-                   fedavg_every, device, reference_arm
+    [experiment]   name, out, repeats, seed, steps | epochs, publish_every, io_budget, jobs,
+                   fail_fast, fedavg_every, device, reference_arm
     init = "independent" | "shared"        arms = ["federated", "independent", "fedavg"]
     [[groups]]     name, count, and any worker option (task, task_args, shard, model, lr, …)
     [policy]       preset (demo, default, seed, cka) plus any policy field as an override
@@ -51,6 +51,12 @@ class ExperimentSection(BaseModel):
     steps: int | None = Field(default=None, ge=1, description="Steps per worker (groups inherit).")
     epochs: int | None = Field(default=None, ge=1, description="Epochs, when steps is not set.")
     publish_every: int = Field(default=10, ge=1, description="Publish every K steps (inherited).")
+    io_budget: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="The most of the wall time publishing may take, 0 < F ≤ 1 (inherited).",
+    )
     jobs: int = Field(default=1, ge=1, description="Runs in parallel.")
     fail_fast: bool = Field(default=False, description="Stop the sweep at the first failed run.")
     fedavg_every: int = Field(default=50, ge=1, description="fedavg arm: average every K steps.")
@@ -138,11 +144,13 @@ class Spec(BaseModel):
         return self
 
     def group_options(self, group: GroupSpec) -> WorkerOptions:
-        """A group's worker options, with steps/epochs/publish_every inherited when unset."""
+        """A group's worker options, with steps/epochs/publish_every/io_budget inherited when
+        unset."""
         inherited = {
             "steps": self.experiment.steps,
             "epochs": self.experiment.epochs,
             "publish_every": self.experiment.publish_every,
+            "io_budget": self.experiment.io_budget,
         }
         own = group.model_dump(exclude={"name", "count"}, exclude_unset=True)
         base = group.model_dump(exclude={"name", "count"})
@@ -259,13 +267,13 @@ def run_id(plan: RunPlan) -> str:
 
     A worker's place in the run (`_PLACE`) follows from the order and groups of the workers,
     already hashed, and options at their defaults that older versions lacked (`task_args`,
-    `shard`) are left out, so a folder's run ids stay those it was started with."""
+    `shard`, `io_budget`) are left out, so a folder's run ids stay those it was started with."""
     body = plan.model_dump(mode="json", exclude={"run_id", "federation"})
     for worker in body["workers"]:
         for key in _PLACE:
             worker.pop(key, None)
         options = worker["options"]
-        for key, default in (("task_args", {}), ("shard", None)):
+        for key, default in (("task_args", {}), ("shard", None), ("io_budget", 0.05)):
             if options.get(key) == default:
                 options.pop(key, None)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

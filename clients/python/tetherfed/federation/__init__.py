@@ -7,5 +7,6 @@ registration (used by the I/O thread); decisions and acks pass between the threa
 """
 
 from ._federation import Federation, GateCheck, StepReport
+from ._io import FederationStats
 
-__all__ = ["Federation", "GateCheck", "StepReport"]
+__all__ = ["Federation", "FederationStats", "GateCheck", "StepReport"]

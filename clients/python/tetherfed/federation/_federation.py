@@ -94,6 +94,18 @@ class Federation:
     `probe` (a `Probe` of the model and its task) enables what needs the probe batches: the
     probe Grams published with each snapshot when the policy's measure is `cka`, and the merge
     gate when the policy sets `gate` (without a probe, merges are applied ungated).
+
+    `io_budget` (a fraction, 0 < F ≤ 1; default 0.05) is the most of the wall clock publishing
+    may take, since it competes with training for the CPU: after a publish that took t s the
+    I/O thread waits t · (1/F − 1) s (at most 10 s) before the next. Publishes that fall due
+    meanwhile are skipped, the latest snapshot going out instead. At 1 there is no pause, whatever
+    publishing costs: every scheduled step publishes unless the previous snapshot is still
+    waiting or being sent (the I/O thread takes a snapshot between its decision long-polls of
+    at most `poll_wait_s`). `ValueError` outside (0, 1], or for `publish_every` < 1.
+
+    `stats` (a `FederationStats`) counts what happened: `steps`, `scheduled` publishes,
+    `published`, `skipped` (scheduled publishes a later one replaced), `merges_applied` and
+    `merges_per_100_steps`, among others.
     """
 
     def __init__(
@@ -211,6 +223,7 @@ class Federation:
         if self.refusal is not None:
             raise self.refusal
         self._step += 1
+        self.stats.steps += 1
         loss, grad_norm = _finite_or_none(loss), _finite_or_none(grad_norm)
         self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
         self._io.record(self._progress())
@@ -222,16 +235,21 @@ class Federation:
             self._due = self._due_plateau = False
             self.stats.snapshots += 1
         self._previous_loss = loss
+        self.stats.merges_applied += sum(d.action == "merge" for d in report.applied)
         return report
 
     def _progress(self) -> Progress:
         return Progress(self._step, self._epoch, self._loss, self._grad_norm)
 
     def _schedule(self, loss: float | None, grad_norm: float | None) -> None:
-        """A snapshot is due every `publish_every` steps, or when the plateau trigger fires."""
+        """A snapshot is due every `publish_every` steps, or when the plateau trigger fires; one
+        still due from before is skipped (this one replaces it)."""
         policy = self.policy
         fired = policy is not None and plateau(policy, loss, self._previous_loss, grad_norm)
         if self._step % self.publish_every == 0 or fired:
+            self.stats.scheduled += 1
+            if self._due:
+                self._io.skip()
             self._due = True
             self._due_plateau |= fired
 
@@ -419,6 +437,9 @@ class Federation:
     def close(self, leave: bool = True, flush_timeout_s: float = 10.0) -> None:
         """Publish the last snapshot and send pending acks (waiting at most `flush_timeout_s`),
         stop the I/O thread and, by default, leave the federation."""
+        if self._due:  # due but never taken: it will not go out
+            self._io.skip()
+            self._due = self._due_plateau = False
         self._io.stop(flush_timeout_s)
         self._io.farewell(leave, FINISHED)
 

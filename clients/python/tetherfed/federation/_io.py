@@ -49,14 +49,32 @@ MAX_PUBLISH_PAUSE_S = 10.0  # the longest pause the I/O budget puts between two 
 
 @dataclass
 class FederationStats:
-    """Counters of one Federation: snapshots taken at step boundaries, frames the I/O thread
-    sent (a snapshot replaced before it was sent is not), and failed network calls."""
+    """Counters of one Federation (since it was created: a resumed one starts at zero).
+
+    `steps`: `step()` calls. `scheduled`: publishes due (every `publish_every` steps, or when the
+    plateau trigger fired). `snapshots`: snapshots taken at step boundaries. `published`: frames
+    the I/O thread sent. `skipped`: scheduled publishes never sent because a later snapshot took
+    their place: one falls due while the I/O thread pauses to keep publishing within
+    `io_budget`, or is still sending (or retrying) the previous one; the latest wins. A due
+    publish not yet taken when the Federation closes counts as skipped too, so after a clean
+    `close()` `scheduled == published + skipped`. `merges_applied`: merge decisions applied
+    (kept by the merge gate). `failures`: failed network calls. `telemetry_sent` and
+    `telemetry_dropped`: telemetry points."""
 
     snapshots: int = 0
     published: int = 0
     failures: int = 0
     telemetry_sent: int = 0
     telemetry_dropped: int = 0
+    steps: int = 0
+    scheduled: int = 0
+    skipped: int = 0
+    merges_applied: int = 0
+
+    @property
+    def merges_per_100_steps(self) -> float:
+        """Merges applied per 100 steps (0.0 before the first step)."""
+        return 100.0 * self.merges_applied / self.steps if self.steps else 0.0
 
 
 @dataclass
@@ -140,16 +158,29 @@ class IOThread:
             return fresh and time.monotonic() >= self._next_publish
 
     def claim_buffers(self) -> int:
-        """Withdraw the unsent snapshot and return the buffer set to copy the next one into (the
-        one not being published)."""
+        """Withdraw the unsent snapshot (counted in `stats.skipped`) and return the buffer set
+        to copy the next one into (the one not being published)."""
         with self._lock:
-            self._pending = None
+            self._replace_pending()
             return 1 - self._sending if self._sending is not None else 0
 
     def offer(self, snap: Snapshot) -> None:
-        """Hand over a snapshot to publish (before registration completes it waits here)."""
+        """Hand over a snapshot to publish (before registration completes it waits here); an
+        unsent one it replaces is counted in `stats.skipped`."""
         with self._lock:
+            self._replace_pending()
             self._pending = snap
+
+    def skip(self) -> None:
+        """Count a scheduled publish that a later one replaced before it was taken."""
+        with self._lock:
+            self.stats.skipped += 1
+
+    def _replace_pending(self) -> None:
+        """Drop the unsent snapshot, counting it as skipped (the caller holds the lock)."""
+        if self._pending is not None:
+            self.stats.skipped += 1
+            self._pending = None
 
     def queue_telemetry(self, points: list[dict[str, Any]]) -> None:
         """Queue telemetry points; past the bound the oldest are dropped and counted."""
@@ -271,13 +302,17 @@ class IOThread:
         with self._lock:
             if self._pending is None:
                 self._pending = snap
+            else:
+                self.stats.skipped += 1
             self._failing = True
 
     def _pause(self, started: float) -> None:
         """Publishing may take at most `io_budget` of the wall clock (it competes with training
-        for the GIL and the CPU); snapshots taken meanwhile coalesce, the latest wins. A publish
-        slowed by an outage or a coordinator just restarted pauses at most MAX_PUBLISH_PAUSE_S
-        (19× a 5 s publish would stop publishing for 95 s)."""
+        for the GIL and the CPU): a publish that took t s is followed by a pause of
+        t · (1/io_budget − 1) s (none at 1); snapshots due meanwhile coalesce, the latest wins
+        (`stats.skipped` counts the others). A publish slowed by an outage or a coordinator
+        just restarted pauses at most MAX_PUBLISH_PAUSE_S (19× a 5 s publish would stop
+        publishing for 95 s)."""
         now = time.monotonic()
         pause = (now - started) * (1.0 / self._settings.io_budget - 1.0)
         with self._lock:

@@ -17,7 +17,9 @@ def fmt(value: float | None) -> str:
 
 
 def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
-    """The per-worker table (shared by `up`, `status` and experiments)."""
+    """The per-worker table (shared by `up`, `status` and experiments). `skipped`: scheduled
+    publishes the I/O budget skipped, of those due that were sent or skipped; `merges/100`:
+    merges applied per 100 steps."""
     table = Table(title=title)
     for column in (
         "worker",
@@ -30,6 +32,8 @@ def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
         "gen",
         "merges",
         "drifts",
+        "skipped",
+        "merges/100",
     ):
         table.add_column(column, no_wrap=True)
     for r in rows:
@@ -45,8 +49,17 @@ def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
             str(r.generation),
             str(r.merges),
             str(r.drifts),
+            _skipped(r),
+            "-" if r.merges_per_100_steps is None else f"{r.merges_per_100_steps:.2f}",
         )
     return table
+
+
+def _skipped(row: WorkerRow) -> str:
+    """'skipped/due' (publishes the I/O budget skipped of those sent or skipped), "-" before
+    the worker reported any (and in `status`, which reads the coordinator only)."""
+    due = row.publishes + row.publishes_skipped
+    return f"{row.publishes_skipped}/{due}" if due else "-"
 
 
 def plain_line(launcher: Launcher, elapsed: float, label: str = "up") -> str:

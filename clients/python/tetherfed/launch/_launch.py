@@ -453,9 +453,14 @@ def create_federation(client: Client, name: str, policy: Policy | str) -> None:
 # -- state ---------------------------------------------------------------------------------------
 
 
+PACE = ("publishes", "publishes_skipped", "merges_per_100_steps")  # in step and done events
+
+
 @dataclass
 class WorkerRow:
-    """One worker as the tables show it."""
+    """One worker as the tables show it. `publishes`: tether publishes sent;
+    `publishes_skipped`: scheduled publishes its I/O budget skipped (a later snapshot went
+    instead); `merges_per_100_steps`: merges it applied per 100 steps."""
 
     name: str
     status: str = "starting"
@@ -471,6 +476,9 @@ class WorkerRow:
     drifts: int = 0
     rejected: int = 0
     steps_per_s: float | None = None
+    publishes: int = 0
+    publishes_skipped: int = 0
+    merges_per_100_steps: float | None = None
     exit_code: int | None = None
 
     def update(self, event: dict[str, Any]) -> None:
@@ -489,6 +497,7 @@ class WorkerRow:
                 "drifts",
                 "rejected",
                 "steps_per_s",
+                *PACE,
             ):
                 setattr(self, key, event.get(key, getattr(self, key)))
         elif event.get("event") == "done":
@@ -496,6 +505,8 @@ class WorkerRow:
             self.merges = event.get("merge", self.merges)
             self.drifts = event.get("drift", self.drifts)
             self.rejected = event.get("rejected", self.rejected)
+            for key in PACE:
+                setattr(self, key, event.get(key, getattr(self, key)))
 
 
 @dataclass

@@ -102,6 +102,14 @@ class WorkerOptions(BaseModel):
         default_factory=dict, description="per-layer LR multiplier by module-name prefix"
     )
     publish_every: int = Field(default=10, ge=1, description="publish tethers every K steps")
+    io_budget: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="the most of the wall time publishing may take, 0 < F ≤ 1 (scheduled "
+        "publishes past it are skipped, the latest snapshot wins; 1: no pause, publish on every "
+        "scheduled step whatever it costs)",
+    )
     tether_mode: Literal["static", "learned", "importance"] = "static"
     train: Literal["tethers", "weights", "both"] = Field(
         default="both",

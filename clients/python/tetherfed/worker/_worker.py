@@ -283,6 +283,7 @@ class _Run:
     val_loss: float = math.nan
     val_metrics: dict[str, float] = field(default_factory=dict)  # val_<name> of the task metrics
     started: float = field(default_factory=time.monotonic)
+    warned_skip: bool = False  # the first publish the I/O budget skipped was logged
 
 
 def _setup(cfg: WorkerConfig) -> _Run:
@@ -322,6 +323,7 @@ def _setup(cfg: WorkerConfig) -> _Run:
             model,
             name=cfg.name or f"{cfg.task}-s{cfg.resolved_data_seed}",
             publish_every=cfg.publish_every,
+            io_budget=cfg.io_budget,
             wire_dtype=cfg.wire_dtype,
             token=cfg.token,
             meta=_meta(cfg, device),
@@ -378,7 +380,41 @@ def _train_step(run: _Run) -> tuple[int, float, float]:
     if run.fed is not None:
         report = run.fed.step(loss=loss_value, epoch=epoch, grad_norm=grad_norm)
         _count(run, report)
+        _warn_skipped(run, report.step)
     return epoch, loss_value, grad_norm
+
+
+def _pace(run: _Run) -> dict[str, Any]:
+    """The federation's pace in this process: publishes sent, scheduled publishes the I/O
+    budget skipped (a later snapshot went instead), merges applied per 100 steps."""
+    stats = run.fed.stats if run.fed is not None else None
+    if stats is None:
+        return {"publishes": 0, "publishes_skipped": 0, "merges_per_100_steps": 0.0}
+    return {
+        "publishes": stats.published,
+        "publishes_skipped": stats.skipped,
+        "merges_per_100_steps": round(stats.merges_per_100_steps, 3),
+    }
+
+
+def _warn_skipped(run: _Run, step: int) -> None:
+    """Log, once a run, the first scheduled publish the I/O budget skipped."""
+    if run.warned_skip or run.fed is None or not run.fed.stats.skipped:
+        return
+    run.warned_skip = True
+    budget = run.cfg.io_budget
+    why = (
+        f"publishing may take at most {budget * 100:g}% of the wall time (--io-budget {budget:g})"
+        if budget < 1
+        else "the previous snapshot was still being sent (--io-budget 1: no pause already)"
+    )
+    log.warning(
+        "a scheduled publish was skipped by step %d, a later snapshot goes instead: %s; a "
+        "larger --io-budget (up to 1: publish on every scheduled step) publishes more often. "
+        "metrics.jsonl counts publishes and publishes_skipped",
+        step,
+        why,
+    )
 
 
 def _count(run: _Run, report: StepReport) -> None:
@@ -457,6 +493,7 @@ def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> Non
         rejected=run.counts["rejected"],
         gate_rejected=run.counts["gate_rejected"],
         steps_per_s=round((step - run.start) / max(time.monotonic() - run.started, 1e-9), 2),
+        **_pace(run),
     )
 
 
@@ -537,6 +574,7 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
     finally:
         if run.fed is not None:
             run.fed.close()
+            _warn_skipped(run, last)
         worker_id = run.fed.worker_id if run.fed else None
         summary = {
             "event": "done" if failure is None else _ended_by(failure),
@@ -546,6 +584,7 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
             "val_loss": _round(run.val_loss),
             **{name: _round(value) for name, value in run.val_metrics.items()},
             **run.counts,
+            **_pace(run),
         }
         run.metrics.emit(**summary)
         run.metrics.close()
