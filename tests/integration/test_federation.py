@@ -327,3 +327,40 @@ def test_resuming_a_worker_that_left_rejoins_under_its_id_and_publishes(
         assert api.get_worker("rejoin", state["worker_id"]).status == "active"
     finally:
         again.close()
+
+
+def test_under_gradient_accumulation_decisions_land_only_after_an_optimizer_step(
+    api: Client, coordinator: Any
+) -> None:
+    """With `optimizer=` a Federation may be stepped per micro-batch: a decision applied inside
+    an accumulation window would mix gradients of weights before and after it."""
+    api.create_federation("accum", policy=EVERY)  # type: ignore[arg-type]
+    window = 4
+    models = [tether(mlp(i), "static", seed=7) for i in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in models]
+    feds = [
+        Federation(coordinator.url, "accum", m, name=f"w{i}", heartbeat_s=0.5, optimizer=o)
+        for i, (m, o) in enumerate(zip(models, optimizers, strict=True))
+    ]
+    for f in feds:
+        assert f.wait_registered(15), "worker did not register"
+    micro = [0, 0]
+    landed: list[int] = []  # the micro-batch index within its window at each applied decision
+
+    def step() -> None:
+        for i, (f, m, o) in enumerate(zip(feds, models, optimizers, strict=True)):
+            x, y = torch.randn(8, 16), torch.randn(8, 4)
+            (nn.functional.mse_loss(m(x), y) / window).backward()
+            micro[i] += 1
+            if micro[i] % window == 0:
+                o.step()
+                o.zero_grad()
+            report = f.step(loss=1.0, epoch=0, grad_norm=1.0)
+            landed.extend((micro[i] - 1) % window for _ in report.applied)
+
+    try:
+        step_until("no merge was applied", step, lambda: len(landed) >= 2)
+    finally:
+        for f in feds:
+            f.close()
+    assert set(landed) == {window - 1}, f"decisions landed inside a window: {landed}"

@@ -103,6 +103,13 @@ class Federation:
     waiting or being sent (the I/O thread takes a snapshot between its decision long-polls of
     at most `poll_wait_s`). `ValueError` outside (0, 1], or for `publish_every` < 1.
 
+    Decisions change the model's tethers (and so its effective weights): apply them only between
+    optimizer steps. Call `step()` once per optimizer step, after `optimizer.step()`. With
+    gradient accumulation (several forward/backward passes per optimizer step), pass `optimizer`:
+    `step()` may then be called per micro-batch, and decisions wait for the first call after an
+    `optimizer.step()`, so none lands inside an accumulation window (where the accumulated
+    gradient would mix weights before and after it).
+
     `stats` (a `FederationStats`) counts what happened: `steps`, `scheduled` publishes,
     `published`, `skipped` (scheduled publishes a later one replaced), `merges_applied` and
     `merges_per_100_steps`, among others.
@@ -126,6 +133,7 @@ class Federation:
         transport: httpx.BaseTransport | None = None,
         probe: Probe | None = None,
         claim_wait_s: float = 30.0,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self._layers = tethered_layers(model)
         if not self._layers:
@@ -158,6 +166,10 @@ class Federation:
         settings = IOSettings(wire_dtype, heartbeat_s, poll_wait_s, io_budget, self._device)
         self._io = IOThread(self._session, self._inbox, self.stats, settings)
         self._io.record(self._progress())
+        self._at_boundary = optimizer is None  # without an optimizer every step() is a boundary
+        self._boundary_hook = (
+            optimizer.register_step_post_hook(self._optimizer_stepped) if optimizer else None
+        )
         self._io.start()
 
     def _training_state(self) -> None:
@@ -228,7 +240,9 @@ class Federation:
         self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
         self._io.record(self._progress())
         report = StepReport(step=self._step)
-        self._apply_ready(report)
+        if self._at_boundary:
+            self._apply_ready(report)
+            self._at_boundary = self._boundary_hook is None
         self._schedule(loss, grad_norm)
         if self._due and self._io.can_snapshot():
             report.published = self._snapshot(plateau_fired=self._due_plateau)
@@ -434,9 +448,15 @@ class Federation:
         return True
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _optimizer_stepped(self, *_: object) -> None:
+        """The optimizer's step post-hook: the next `step()` is at a step boundary."""
+        self._at_boundary = True
+
     def close(self, leave: bool = True, flush_timeout_s: float = 10.0) -> None:
         """Publish the last snapshot and send pending acks (waiting at most `flush_timeout_s`),
         stop the I/O thread and, by default, leave the federation."""
+        if self._boundary_hook is not None:
+            self._boundary_hook.remove()
         if self._due:  # due but never taken: it will not go out
             self._io.skip()
             self._due = self._due_plateau = False

@@ -329,6 +329,7 @@ def _setup(cfg: WorkerConfig) -> _Run:
             meta=_meta(cfg, device),
             resume=resume_state,
             probe=probe,
+            optimizer=optimizer,  # decisions land only between optimizer steps
         )
     metrics = Metrics(cfg.checkpoint_dir / "metrics.jsonl" if cfg.checkpoint_dir else None)
     run = _Run(cfg, device, task, model, optimizer, scheduler, data, total, start, fed, metrics)
