@@ -324,3 +324,19 @@ print(json.dumps({"actors": actors, "groups": len(groups)}))""",
     assert layout(out) == layout(tmp_path / "local")
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary.keys() == local_summary.keys()
+
+
+def test_up_refuses_a_run_the_ray_cluster_cannot_hold(
+    ray_cluster: RayCluster, redis_url: str, tmp_path: Path
+) -> None:
+    """On a 2-CPU cluster a replica and two 1-CPU workers cannot all run: the second worker
+    waited for ever ("starting 0/?"). Refused before anything starts, saying what is needed."""
+    ray_cluster.wait()
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "tetherfed.cli", "up", "--out", str(out), "--workers", "2"]
+    cmd += ["--engine", "ray", "--address", ray_cluster.address, "--redis-url", redis_url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the Ray cluster has 2 CPU; this run needs 3 CPU" in done.stderr, done.stderr[-2000:]
+    assert not (out / "config.json").exists(), "refused before anything started"

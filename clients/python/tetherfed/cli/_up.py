@@ -184,7 +184,7 @@ def run_up(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file, not a folder")
-    engine = engine_from_args(args)
+    engine = engine_from_args(args, workers=args.workers)
     try:
         earlier = set_aside(out)
     except OSError as exc:

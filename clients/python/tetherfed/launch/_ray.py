@@ -180,6 +180,12 @@ class RayWorker:
                 log.write(f"ray: the worker actor failed: {exc}\n")
         return self.returncode
 
+    def release(self) -> None:
+        """End a finished worker's actor once its last lines are read, so its CPUs (and GPUs)
+        go back to the cluster while the run goes on."""
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.handle, no_restart=True)
+
     def _forward(self) -> None:
         incarnation, offset = None, 0
         try:
@@ -194,6 +200,7 @@ class RayWorker:
                     self._sink.writelines(line + "\n" for line in lines)
                     self._sink.flush()
                 if finished:
+                    self.release()
                     return
                 self._done.wait(PUMP_EVERY_S)
         except (BrokenPipeError, ValueError):  # the launcher closed its end
@@ -263,6 +270,7 @@ class RayEngine:
     coordinators: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: float = 1.0
+    workers: int | None = None  # when known (`up`): checked against the cluster at connect()
     name: str = "ray"
     start_timeout_s: float = START_TIMEOUT_S
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -296,6 +304,27 @@ class RayEngine:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise EngineFailed(f"no Ray cluster at --address {self.address}: {exc}") from exc
         self._ray = ray
+        if self.workers is not None:
+            self.check_capacity(self.workers, ray.cluster_resources())
+
+    def check_capacity(self, workers: int, cluster: dict[str, float]) -> None:
+        """Refuse (EngineRefused, saying what is needed and what the cluster has) a run whose
+        replicas and workers cannot all hold their resources at once: the actors that do not
+        fit would wait for ever, and a federation needs its workers together."""
+        need = {
+            "CPU": self.coordinators * 1.0 + workers * self.cpus_per_worker,
+            "GPU": float(workers * self.gpus_per_worker),
+        }
+        short = {k: v for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
+        if short:
+            have = ", ".join(f"{cluster.get(k, 0.0):g} {k}" for k in short)
+            raise EngineRefused(
+                f"the Ray cluster has {have}; this run needs "
+                f"{need['CPU']:g} CPU ({self.coordinators} coordinator replica(s) × 1 + "
+                f"{workers} worker(s) × {self.cpus_per_worker:g})"
+                + (f" and {need['GPU']:g} GPU" if need["GPU"] else "")
+                + ": add nodes, or lower --workers, --cpus-per-worker or --gpus-per-worker"
+            )
 
     def device_count(self, choice: str) -> int:
         """1 when workers get GPUs (Ray shows each actor its own as cuda:0), else 0."""
@@ -428,8 +457,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_from_args(args: argparse.Namespace) -> Any:
-    """The engine of parsed `add_engine_args` options, connected (EngineRefused, EngineFailed).
+def engine_from_args(args: argparse.Namespace, workers: int | None = None) -> Any:
+    """The engine of parsed `add_engine_args` options, connected (EngineRefused, EngineFailed);
+    `workers`, when the run's count is known, is checked against the Ray cluster's resources.
     The caller closes a Ray engine with `close_engine`."""
     if args.engine == "local":
         return LocalEngine(redis_url=args.redis_url)
@@ -439,6 +469,7 @@ def engine_from_args(args: argparse.Namespace) -> Any:
         coordinators=args.coordinators,
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
+        workers=workers,
     )
     engine.connect()
     return engine
