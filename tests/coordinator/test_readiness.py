@@ -29,7 +29,7 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline, f"not {what} in {timeout_s} s"
-        time.sleep(0.1)
+        time.sleep(0.3)
 
 
 def ready(url: str) -> httpx.Response:
@@ -53,10 +53,10 @@ def decisions(url: str) -> int:
     return len(httpx.get(f"{url}{F}/f/decisions").json()["data"])
 
 
-def publish_again(url: str) -> None:
+def publish_again(url: str, step: int) -> None:
     for worker in httpx.get(f"{url}{F}/f/workers").json()["data"]:
         wid = worker["worker_id"]
-        body = frame(wid, step=50, data=tensors(1))
+        body = frame(wid, step=step, data=tensors(1))
         assert httpx.put(f"{url}{F}/f/workers/{wid}/tethers", content=body).status_code == 202
 
 
@@ -180,7 +180,8 @@ def test_readyz_is_503_while_every_scoring_round_fails(
 ) -> None:
     """What eviction did: the decision counter gone, the decision stream kept, so every
     round's XADD fails (its id is not above the stream's last). Nothing can be decided, and
-    /readyz says so."""
+    /readyz says so (a scoring thread dies of it; a scoring process dies and is started again,
+    carrying on its predecessor's failures)."""
     url, client = own_redis
     proc, base = start(
         url,
@@ -197,8 +198,18 @@ def test_readyz_is_503_while_every_scoring_round_fails(
         assert ready(base).status_code == 200
         (counter,) = client.keys("tf:*decision_seq")
         client.delete(counter)
-        publish_again(base)
-        wait_for(lambda: ready(base).status_code == 503, 30, "unready")
+        # ... after a long run: the stream's last id far above what the counter starts again
+        # from (each failed round still counts one up: the script's INCR is not undone).
+        stream = counter.replace(b"decision_seq", b"decisions")
+        assert client.type(stream) == b"stream"
+        client.xadd(stream, {"d": "{}"}, id="1000000-0")
+        steps = iter(range(50, 10_000, 10))
+
+        def publishing_unready() -> bool:  # the workers go on publishing, as they did
+            publish_again(base, next(steps))
+            return ready(base).status_code == 503
+
+        wait_for(publishing_unready, 60, "unready")
         detail = ready(base).json()["detail"]
         assert detail.startswith("cannot score: "), detail
     finally:

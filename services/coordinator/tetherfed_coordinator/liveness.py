@@ -71,18 +71,37 @@ def scorers_key(settings: Settings) -> str:
 
 async def report(r: Any, settings: Settings, health: ScorerHealth) -> None:
     """Report `health` (with the time of the report) every `REPORT_S` until cancelled; a failed
-    report is skipped (a silent scorer reads as not scoring)."""
+    report is skipped (a silent scorer reads as not scoring). The field stays when the scorer
+    stops (its report ages; one started again under the name replaces it): deleting it on the
+    way out would wait on a Redis that may be gone, the retries keeping a dying scorer alive."""
     key, field = scorers_key(settings), settings.consumer_name
+    while True:
+        try:
+            await r.hset(key, field, json.dumps(asdict(health) | {"reported": time.time()}))
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("scorer health report failed: %s", exc)
+        await asyncio.sleep(REPORT_S)
+
+
+async def report_once(r: Any, settings: Settings, health: ScorerHealth) -> None:
+    """One report, given at most a second (a scorer on its way out)."""
+    payload = json.dumps(asdict(health) | {"reported": time.time()})
+    with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+        await asyncio.wait_for(r.hset(scorers_key(settings), settings.consumer_name, payload), 1)
+
+
+async def resumed(r: Any, settings: Settings) -> ScorerHealth:
+    """The health a scoring process started again under the same consumer name carries on
+    from: its predecessor's recent failures, so one dying on every entry it gets reads as
+    failing rather than starting afresh each time."""
     try:
-        while True:
-            try:
-                await r.hset(key, field, json.dumps(asdict(health) | {"reported": time.time()}))
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("scorer health report failed: %s", exc)
-            await asyncio.sleep(REPORT_S)
-    finally:
-        with contextlib.suppress(aioredis.RedisError, OSError):
-            await r.hdel(key, field)
+        found = await r.hget(scorers_key(settings), settings.consumer_name)
+        before = json.loads(found) if found else {}
+        before.pop("reported", None)
+        health = ScorerHealth(**before)
+    except (aioredis.RedisError, OSError, ValueError, TypeError):
+        return ScorerHealth()
+    return health if time.time() - health.failed_at < RECENT_S else ScorerHealth()
 
 
 async def problem(r: Any, settings: Settings, scoring: object) -> str | None:
@@ -94,10 +113,13 @@ async def problem(r: Any, settings: Settings, scoring: object) -> str | None:
         own: ScorerHealth | None = scoring.health()  # type: ignore[attr-defined]
         return "the scoring thread has stopped" if own is None else own.problem()
     names: list[str] = consumers()
+    procs = getattr(scoring, "procs", [None] * len(names))
     raw = await r.hmget(scorers_key(settings), names)
     now, why = time.time(), []
-    for name, found in zip(names, raw, strict=True):
-        if found is None:
+    for name, proc, found in zip(names, procs, raw, strict=True):
+        if proc is not None and proc.poll() is not None:
+            why.append(f"scoring process {name} exited with code {proc.returncode}")
+        elif found is None:
             why.append(f"scoring process {name} has not reported")
             continue
         health = json.loads(found)
