@@ -76,7 +76,7 @@ bench-quick: venv
 clean:
 	rm -rf $(VENV) $(NOTORCH) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
 
-# Fuzzing (issue 12): hypothesis on the frame decoders (CI runs 100 examples per test inside
+# Fuzzing: hypothesis on the frame decoders (CI runs 100 examples per test inside
 # `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful
 # phase. FUZZ_EXAMPLES is per operation.
 fuzz: venv
@@ -88,7 +88,7 @@ fuzz: venv
 fuzz-ci: venv
 	FUZZ_EXAMPLES=5 FUZZ_MAX_TIME=40 $(PY) tests/fuzz/run_api_fuzz.py
 
-# Chaos (issue 12): kill -9 workers, the coordinator, its scoring process and Redis at random
+# Chaos: kill -9 workers, the coordinator, its scoring process and Redis at random
 # moments of a real ensemble, CHAOS_KILLS times each, then check that no acked decision was lost
 # and none applied twice (tests/chaos/run_chaos.py; `make test` runs 2 kills each).
 chaos: venv

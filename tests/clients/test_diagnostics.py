@@ -1,4 +1,4 @@
-"""The diagnostics functions against cases with known answers (DESIGN §8, issue 13)."""
+"""The diagnostics functions against cases with known answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `Diagnostics` helper: schedule, budget, files and telemetry points (issue 13)."""
+"""The `Diagnostics` helper: schedule, budget, files and telemetry points."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ EXPECTED_EXPORTS = {
     "load_plain_state_dict",
     "untether",
     "GateCheck",
-    "Probe",  # issue 15: the merge gate and probe batches
+    "Probe",  # the merge gate and probe batches
     "Coverage",
     "register_tetherable",
     "tether_coverage",

@@ -1,4 +1,4 @@
-"""Issue 12, kind 1: what a tether accumulates from gradients stays finite."""
+"""what a tether accumulates from gradients stays finite."""
 
 from __future__ import annotations
 

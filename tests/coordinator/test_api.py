@@ -337,7 +337,7 @@ async def test_decisions_long_poll_acks_generations(app_client: httpx.AsyncClien
         "count": 0,
         "last_id": 0,
     }
-    # a was scored alone: the poll says why it got nothing (issue 12, kind 5)
+    # a was scored alone: the poll says why it got nothing
     assert empty["hold"]["code"] == "no_partner" and empty["hold"]["version"] == 1
     ack = {"outcome": "applied", "generation": 1}
     r = await c.post(f"{F}/f/decisions/{first['id']}/ack", json=ack)

@@ -1,4 +1,4 @@
-"""Issue 12, kind 8: the API's edges as schemathesis found them, against the real app."""
+"""the API's edges as schemathesis found them, against the real app."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Issue 12 on the coordinator's side: every federation carries an incarnation (kind 3), a
+"""On the coordinator's side: every federation carries an incarnation, a
 decision's partner snapshot stays readable by version after the partner publishes again
-(kind 4), and a worker's latest round that decided nothing says why (kind 5)."""
+and a worker's latest round that decided nothing says why."""
 
 from __future__ import annotations
 

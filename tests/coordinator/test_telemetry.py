@@ -1,4 +1,4 @@
-"""Telemetry REST: bounded series per worker, metric and layer (issue 13), real app and Redis."""
+"""Telemetry REST: bounded series per worker, metric and layer, real app and Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Redis deployments beyond one server (DESIGN §11): URLs, hash-tagged keys, a real Cluster and
+"""Redis deployments beyond one server: URLs, hash-tagged keys, a real Cluster and
 a real Sentinel group with a forced failover (servers from redis_servers.py, on loopback)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`tetherfed worker --diagnostics` as a real process against a real coordinator (issue 13)."""
+"""`tetherfed worker --diagnostics` as a real process against a real coordinator."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""`tetherfed up --engine ray` on a real Ray cluster started on loopback for this module (DESIGN
-§11): two CPU worker actors and one coordinator replica make and acknowledge decisions; a worker
-actor killed as a node failure would (`ray.kill(..., no_restart=False)`) is restarted by Ray and
-resumes under its worker id; Ctrl-C removes every actor and the placement group; the run folder
-has a local run's layout. Skips only where Ray is not installed, and fails instead on CI."""
+"""`tetherfed up --engine ray` on a real Ray cluster started on loopback for this module: two CPU
+worker actors and one coordinator replica make and acknowledge decisions; a worker actor killed as a
+node failure would (`ray.kill(..., no_restart=False)`) is restarted by Ray and resumes under its
+worker id; Ctrl-C removes every actor and the placement group; the run folder has a local run's
+layout. Skips only where Ray is not installed, and fails instead on CI."""
 
 from __future__ import annotations
 

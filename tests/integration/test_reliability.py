@@ -1,4 +1,4 @@
-"""Issue 12: inputs that broke the worker library against a real coordinator process, by kind.
+"""inputs that broke the worker library against a real coordinator process, by kind.
 
 Each test names the input of the issue it reproduces; each failed before its fix."""
 

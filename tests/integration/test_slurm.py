@@ -1,4 +1,4 @@
-"""`tetherfed submit slurm` (DESIGN §11): the sbatch scripts of a dry run, and the same
+"""`tetherfed submit slurm`: the sbatch scripts of a dry run, and the same
 coordinator job and worker array run on this machine by submitit's LocalExecutor, one worker
 interrupted as Slurm does before a timeout, requeued and resumed under its worker id."""
 

@@ -1,4 +1,4 @@
-"""`make fuzz`, frame half (issue 12): any bytes given to the frame decoders raise a FrameError
+"""`make fuzz`, frame half: any bytes given to the frame decoders raise a FrameError
 (a 4xx at the coordinator) or decode; never another exception, never a hang. Truncated,
 mutated, oversized, duplicated keys, odd dtypes, huge shapes."""
 

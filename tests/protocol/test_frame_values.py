@@ -1,4 +1,4 @@
-"""Kind 1 of issue 12: tether values outside [0, 1] are refused by the frame codec, naming the
+"""tether values outside [0, 1] are refused by the frame codec, naming the
 layer, in every wire dtype and wherever a chunk boundary falls; [0, 1] itself (with -0.0) passes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12, kind 5: a round that gives the worker nothing to apply says why (`Round.hold`), with
+"""a round that gives the worker nothing to apply says why (`Round.hold`), with
 a machine-readable code, for every reason the policy knows; a round with a merge or drift has
 no hold."""
 
