@@ -1,5 +1,5 @@
 """On the coordinator's side: every federation carries an incarnation, a
-decision's partner snapshot stays readable by version after the partner publishes again
+decision's partner snapshot stays readable by version after the partner publishes again,
 and a worker's latest round that decided nothing says why."""
 
 from __future__ import annotations
