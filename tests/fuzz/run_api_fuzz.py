@@ -2,7 +2,9 @@
 
 Starts a coordinator process (on $REDIS_URL under a fresh key prefix, or an embedded Redis) on a
 free loopback port, runs `schemathesis run` with every check and the stateful phase (links
-inferred from the schema), prints the figures and exits non-zero on any failure. The case budget
+inferred from the schema), prints the figures and exits non-zero on any failure (a run that
+failed only inside schemathesis itself, never on a check of the server, runs once more); the
+coordinator's log is printed when a run fails. The case budget
 is `--max-examples` per operation (FUZZ_EXAMPLES, default 60); FUZZ_MAX_TIME (seconds) bounds
 the whole run, every phase still run: CI's `make test` runs FUZZ_EXAMPLES=5 FUZZ_MAX_TIME=40.
 """
@@ -14,9 +16,11 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -24,8 +28,8 @@ from tetherfed_coordinator.embedded import EmbeddedRedis, free_port
 
 
 @contextlib.contextmanager
-def coordinator(redis_url: str) -> Iterator[str]:
-    """A coordinator process on a free port; its URL."""
+def coordinator(redis_url: str, log: Path) -> Iterator[str]:
+    """A coordinator process on a free port, its output in `log`; its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env |= {
@@ -45,7 +49,8 @@ def coordinator(redis_url: str) -> Iterator[str]:
         "--redis-url",
         redis_url,
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = log.open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -58,6 +63,7 @@ def coordinator(redis_url: str) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+        sink.close()
 
 
 # Every check but positive_data_acceptance / negative_data_rejection: a few rules live in model
@@ -79,8 +85,8 @@ CHECKS = ",".join(
 )
 
 
-def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> int:
-    """schemathesis over every operation; its exit code."""
+def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> tuple[int, str]:
+    """schemathesis over every operation, its output echoed; its exit code and output."""
     cmd = [
         sys.executable,
         "-m",
@@ -104,7 +110,32 @@ def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> in
     ]
     if max_time_s is not None:
         cmd += ["--max-time", str(max_time_s)]
-    return subprocess.run(cmd, check=False).returncode
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)
+    print(done.stderr, end="", file=sys.stderr, flush=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def tool_error_only(output: str) -> bool:
+    """Whether a failed run failed only inside schemathesis or hypothesis (a "Runtime Error" such
+    as CPython 3.11's "AST constructor recursion depth mismatch" while hypothesis describes a
+    lambda) and not on a check of the server's answers: worth one more run, where a server error
+    or a violated check never is."""
+    return "Runtime Error" in output and "❌" not in output and "Server error" not in output
+
+
+def fuzz(args: argparse.Namespace, log: Path) -> tuple[int, str]:
+    """One schemathesis run against a fresh coordinator (on $REDIS_URL or an embedded Redis)."""
+    url = os.environ.get("REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            url = stack.enter_context(EmbeddedRedis()).url
+        base = stack.enter_context(coordinator(url, log))
+        code, output = run(base, args.examples, args.seed, args.max_time)
+    if code != 0:
+        tail = log.read_text(errors="replace").splitlines()[-80:]
+        print("\n--- the coordinator's log, last lines ---\n" + "\n".join(tail), flush=True)
+    return code, output
 
 
 def main() -> int:
@@ -114,12 +145,13 @@ def main() -> int:
     budget = os.environ.get("FUZZ_MAX_TIME")
     parser.add_argument("--max-time", type=int, default=int(budget) if budget else None)
     args = parser.parse_args()
-    url = os.environ.get("REDIS_URL")
-    with contextlib.ExitStack() as stack:
-        if url is None:
-            url = stack.enter_context(EmbeddedRedis()).url
-        base = stack.enter_context(coordinator(url))
-        return run(base, args.examples, args.seed, args.max_time)
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as folder:
+        log = Path(folder) / "coordinator.log"
+        code, output = fuzz(args, log)
+        if code != 0 and tool_error_only(output):
+            print("schemathesis failed inside itself, not on the server: running once more")
+            code, _ = fuzz(args, log)
+    return code
 
 
 if __name__ == "__main__":
