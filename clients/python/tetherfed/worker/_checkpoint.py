@@ -11,13 +11,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 KEYS = ("config", "step", "model", "optimizer", "scheduler", "federation")
+# Signals whose handlers may end or requeue a run (Ctrl-C, a scheduler's stop, Slurm's requeue
+# signal, tetherfed's finish signal): held back while a checkpoint is written.
+DEFERRED = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
 
 
 class CheckpointError(RuntimeError):
@@ -32,6 +41,11 @@ def save(path: Path, state: Mapping[str, Any]) -> None:
     token. On any failure the temporary file is removed, `path` keeps its previous content, and
     `CheckpointError` says which file, why, and how much room its filesystem has left."""
     tmp = path.with_name(path.name + ".tmp")
+    with signals_deferred():
+        _write(path, tmp, state)
+
+
+def _write(path: Path, tmp: Path, state: Mapping[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)  # a leftover of an interrupted write (or anything there)
@@ -80,6 +94,32 @@ def restore(
             raise CheckpointError(
                 f"checkpoint {path} does not fit this worker's {name}{hint}: {error}"
             ) from error
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back the `DEFERRED` signals that arrive inside the block and deliver them, once each,
+    when it ends (main thread only; elsewhere the block runs as it is).
+
+    A handler that raises while `torch.save` writes (Slurm's requeue exits, Ctrl-C interrupts)
+    lets torch's writer fail on the way out, so the interruption surfaced as a failed write and
+    the run reported a disk error. Deferred, the write completes and the handler runs after it.
+    Signals whose handler was not set from Python are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in DEFERRED:
+        if signal.getsignal(sig) is not None:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def _room(path: Path) -> str:
