@@ -24,7 +24,9 @@ from pydantic.fields import FieldInfo
 
 PROTOCOL_VERSION = 1
 
-Measure = Literal["dot", "cosine", "pearson", "cka"]
+Measure = Literal["dot", "cosine", "pearson", "cka", "update_cosine"]
+MergeScope = Literal["tethers", "weights", "model"]
+FedAvgWithin = Literal["federation", "group"]
 Action = Literal["merge", "drift", "hold"]
 MergeOperator = Literal["average", "weighted"]
 DriftOperator = Literal["repel", "decouple"]
@@ -340,6 +342,33 @@ class Policy(WireModel):
         ge=1,
         description="FedAvg baseline (McMahan et al. 2017): every this many steps each worker's "
         "tethers become the federation mean, whatever the scores; None: the thresholds decide.",
+    )
+    fedavg_within: FedAvgWithin = Field(
+        default="federation",
+        description="fedavg_every averages over the whole federation, or only within each "
+        "worker's group (its registered meta `group`): the oracle of clustered FL, which is "
+        "told the clusters (IFCA, Ghosh et al. 2020, compares against it).",
+    )
+    merge_scope: MergeScope = Field(
+        default="tethers",
+        description="What a merge or drift moves. tethers: the tether alone; weights: the "
+        "tethered layer's weight and bias with its tether; model: also every untethered "
+        "parameter and floating-point buffer (norms included), each carried by one tethered "
+        "layer. Workers publish what the scope needs; scoring keeps its measure.",
+    )
+    sync_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Synchronous rounds: every worker publishes at each multiple of this many "
+        "steps and waits (at most sync_timeout_s) until that round's decisions are applied, as "
+        "FedAvg's and IFCA's rounds do; None: asynchronous rounds.",
+    )
+    sync_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Synchronous rounds: the longest a worker waits for its peers' snapshots "
+        "and its round's decisions before it trains on (logging the peers it waited for).",
     )
 
     @model_validator(mode="after")
