@@ -45,7 +45,15 @@ def error_of(raw: dict[str, Any]) -> str:
         ),
         (lambda r: r.update(groups=[]), "groups: List should have at least 1 item"),
         (lambda r: r.update(policy={"merge_treshold": 0.3}), "policy.merge_treshold: unknown key"),
-        (lambda r: r.update(arms=["federated", "fedprox"]), "arms[1]: Input should be"),
+        (lambda r: r.update(arms=["federated", "fedprox"]), "arms: unknown arm(s) ['fedprox']"),
+        (
+            lambda r: r.update(arm={"fedavg": {"base": "federated"}}),
+            "cannot redefine the built-in arm(s) ['fedavg']",
+        ),
+        (
+            lambda r: r.update(arm={"soft": {"base": "federated", "policy": {"merge_alpha": 2}}}),
+            "arm.soft.policy.merge_alpha: Input should be less than or equal to 1",
+        ),
         (lambda r: r.update(grid={"policy.merge_threshold": []}), "has no values"),
         (
             lambda r: r.update(grid={"groups.sin.colour": [1, 2]}),
@@ -147,6 +155,29 @@ def test_run_ids_hash_the_resolved_run_and_arms_set_the_policy() -> None:
     assert not {r.run_id for r in expand(changed)[1]} & {r.run_id for r in runs}
     independent = next(r for r in runs if r.arm == "independent").plan.policy
     assert independent.trigger == "plateau" and independent.loss_epsilon == 0.0
+
+
+def test_named_arms_apply_their_overrides_then_their_base_arm() -> None:
+    raw = base() | {
+        "arms": ["independent", "oracle", "fedavg", "federated-model", "oracle-model"],
+        "arm": {
+            "federated-model": {"base": "federated", "policy": {"merge_scope": "model"}},
+            # an override the base arm's own rule wins over: oracle always averages by group
+            "oracle-model": {
+                "base": "oracle",
+                "policy": {"merge_scope": "model", "fedavg_within": "federation"},
+            },
+        },
+    }
+    raw["experiment"] |= {"repeats": 1, "fedavg_every": 20}
+    policies = {r.arm: r.plan.policy for r in expand(raw)[1]}
+    assert (policies["oracle"].fedavg_every, policies["oracle"].fedavg_within) == (20, "group")
+    assert (policies["fedavg"].fedavg_every, policies["fedavg"].fedavg_within) == (20, "federation")
+    assert policies["federated-model"].merge_scope == "model"
+    assert policies["federated-model"].fedavg_every is None
+    assert policies["oracle-model"].merge_scope == "model"
+    assert policies["oracle-model"].fedavg_within == "group"
+    assert policies["independent"].merge_scope == "tethers"
 
 
 def test_group_options_inherit_steps_and_publish_every_unless_set() -> None:

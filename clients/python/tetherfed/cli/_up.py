@@ -137,6 +137,8 @@ def summary_lines(s: dict[str, Any]) -> Iterator[str]:
     yield f"tetherfed up: {s['outcome']} (exit code {s['exit_code']})"
     for failure in s["failures"]:
         yield f"  FAILED: {failure}"
+    for warning in s.get("warnings", []):
+        yield f"  WARNING: {warning}"
     yield "final loss per worker:"
     for w in s["workers"]:
         yield (

@@ -257,7 +257,12 @@ class SweepView:
             self.current.pop(planned.run_id, None)
             self.progress.update(self.task, completed=done)
             line = f"[{done}/{total}] run {planned.run_id} {planned.arm} repeat {planned.repeat} cell {planned.cell}: {result.state} in {result.summary.get('wall_s')}s"
-            self.console.print(line) if self.live is not None else print(line, flush=True)
+            lines = [line, *(f"  WARNING: {w}" for w in result.summary.get("warnings", []))]
+            for text in lines:
+                if self.live is not None:
+                    self.console.print(text, markup=False)
+                else:
+                    print(text, flush=True)
 
 
 # -- running -------------------------------------------------------------------------------------

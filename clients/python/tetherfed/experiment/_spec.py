@@ -2,7 +2,8 @@
 
     [experiment]   name, out, repeats, seed, steps | epochs, publish_every, io_budget, jobs,
                    fail_fast, fedavg_every, device, reference_arm
-    init = "independent" | "shared"        arms = ["federated", "independent", "fedavg"]
+    init = "independent" | "shared"        arms = ["federated", "independent", "fedavg", "oracle"]
+    [arm.<name>]   base (a built-in arm) and policy = {field = value, …}: a named variant
     [[groups]]     name, count, and any worker option (task, task_args, shard, model, lr, …)
     [policy]       preset (demo, default, seed, cka) plus any policy field as an override
     [grid]         "dotted.key" = [values, …]   full product
@@ -22,7 +23,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
@@ -31,7 +32,7 @@ from tether_protocol.messages import Name, Policy, PolicyPatch
 from tetherfed.launch._launch import Arm, Init, RunPlan, arm_policy, plan_workers, preset_policy
 from tetherfed.worker._options import WorkerOptions
 
-ARMS: tuple[Arm, ...] = ("federated", "independent", "fedavg")
+ARMS: tuple[Arm, ...] = ("federated", "independent", "fedavg", "oracle")
 REPEAT_SEED_STRIDE = 1000  # repeat r runs with seeds seed + 1000·r + worker index
 
 
@@ -96,6 +97,19 @@ class GroupSpec(WorkerOptions):
         return self
 
 
+class ArmSpec(BaseModel):
+    """`[arm.<name>]`: a named arm over a built-in one, with policy overrides applied before
+    the arm's own (so `{base = "oracle", policy = {merge_scope = "model"}}` is FedAvg within
+    the groups that averages whole models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: Arm = Field(description="The built-in arm: federated, independent, fedavg or oracle.")
+    policy: PolicyPatch = Field(
+        default_factory=PolicyPatch, description="Policy fields this arm sets over [policy]."
+    )
+
+
 class PolicySpec(PolicyPatch):
     """`[policy]`: a preset plus overrides of any policy field."""
 
@@ -114,7 +128,15 @@ class Spec(BaseModel):
 
     experiment: ExperimentSection
     init: Init = Field(default="independent", description="shared: one init for all workers.")
-    arms: list[Arm] = Field(default=["federated", "independent"], min_length=1)
+    arms: list[Name] = Field(
+        default=["federated", "independent"],
+        min_length=1,
+        description="Arms to run: built-in (federated, independent, fedavg, oracle) or named in "
+        "[arm.<name>].",
+    )
+    arm: dict[Name, ArmSpec] = Field(
+        default_factory=dict, description="Named arms over the built-in ones."
+    )
     groups: list[GroupSpec] = Field(min_length=1, description="At least one group.")
     policy: PolicySpec = Field(default_factory=PolicySpec)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Full product.")
@@ -125,8 +147,7 @@ class Spec(BaseModel):
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
-        if len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"arms repeat: {self.arms}")
+        self._arms_defined()
         reference = self.experiment.reference_arm
         if "reference_arm" in self.experiment.model_fields_set and reference not in self.arms:
             raise ValueError(
@@ -143,6 +164,26 @@ class Spec(BaseModel):
                 raise ValueError(f"axis {key!r} has no values")
         return self
 
+    def _arms_defined(self) -> None:
+        """Arms are unique, built-in or defined in [arm.<name>], and each makes a valid policy."""
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms repeat: {self.arms}")
+        shadowing = sorted(set(self.arm) & set(ARMS))
+        if shadowing:
+            raise ValueError(f"[arm.<name>] cannot redefine the built-in arm(s) {shadowing}")
+        unknown = [a for a in self.arms if a not in ARMS and a not in self.arm]
+        if unknown:
+            raise ValueError(
+                f"arms: unknown arm(s) {unknown}: built-in arms are {', '.join(ARMS)}; define "
+                "others in [arm.<name>] with a base arm and policy overrides"
+            )
+        for name in self.arm:
+            try:
+                self.arm_policy(name)
+            except ValidationError as error:
+                problems = "; ".join(e["msg"] for e in error.errors())
+                raise ValueError(f"arm.{name}.policy makes an invalid policy: {problems}") from None
+
     def group_options(self, group: GroupSpec) -> WorkerOptions:
         """A group's worker options, with steps/epochs/publish_every/io_budget inherited when
         unset."""
@@ -155,6 +196,15 @@ class Spec(BaseModel):
         own = group.model_dump(exclude={"name", "count"}, exclude_unset=True)
         base = group.model_dump(exclude={"name", "count"})
         return WorkerOptions(**(base | inherited | own))
+
+    def arm_policy(self, arm: str) -> Policy:
+        """The policy a run of `arm` gets: [policy], then the arm's overrides, then its base
+        arm's rule (`launch.arm_policy`). ValueError when the overrides make it invalid."""
+        policy, base = self.policy.resolve(), arm
+        variant = self.arm.get(arm)
+        if variant is not None:
+            policy, base = variant.policy.apply(policy), variant.base
+        return arm_policy(policy, cast(Arm, base), self.experiment.fedavg_every)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -253,7 +303,7 @@ class PlannedRun:
 
     run_id: str
     cell: int
-    arm: Arm
+    arm: str
     repeat: int
     params: dict[str, Any]
     plan: RunPlan
@@ -289,10 +339,10 @@ def _cell_spec(raw: Mapping[str, Any], params: Mapping[str, Any], index: int) ->
     return validate(cell, where=f" (cell {index}: {params})" if params else "")
 
 
-def _plan(spec: Spec, arm: Arm, repeat: int, params: dict[str, Any], devices: int) -> RunPlan:
+def _plan(spec: Spec, arm: str, repeat: int, params: dict[str, Any], devices: int) -> RunPlan:
     seed = spec.experiment.seed + REPEAT_SEED_STRIDE * repeat
     groups = [(g.name, g.count, spec.group_options(g)) for g in spec.groups]
-    policy = arm_policy(spec.policy.resolve(), arm, spec.experiment.fedavg_every)
+    policy = spec.arm_policy(arm)
     plan = RunPlan(
         federation="pending",
         policy=policy,

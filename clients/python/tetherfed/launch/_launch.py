@@ -51,8 +51,9 @@ GRACE_S = 10.0  # SIGTERM → SIGKILL
 TICK_S = 0.25
 STATUS_EVERY_S = 1.0
 QUICK = RetryPolicy(tries=2, deadline_s=2.0)
+INIT_DIGEST = "init_digest"  # worker meta: a digest of the initial parameters (Federation's)
 
-Arm = Literal["federated", "independent", "fedavg"]
+Arm = Literal["federated", "independent", "fedavg", "oracle"]
 Init = Literal["independent", "shared"]
 RunState = Literal["pending", "running", "finished", "failed", "interrupted", "unreachable"]
 
@@ -107,7 +108,10 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
     federated: `policy` as is. independent: the same workers publish, but no round ever fires
     (plateau trigger with both epsilons 0), so no decision is made or applied: the control.
     fedavg: every `fedavg_every` steps each worker's tethers become the federation mean
-    (`Policy.fedavg_every`; see `tether_protocol.policy`).
+    (`Policy.fedavg_every`; see `tether_protocol.policy`). oracle: the same, but within each
+    worker's own group (`Policy.fedavg_within = "group"`): clustered FL told the clusters, the
+    upper bound a federation that must find them is measured against (IFCA, Ghosh et al. 2020).
+    Every arm but independent keeps the policy's `sync_every`, and every arm its `merge_scope`.
     """
     if arm == "independent":
         return policy.model_copy(
@@ -116,10 +120,15 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
                 "loss_epsilon": 0.0,
                 "grad_epsilon": 0.0,
                 "fedavg_every": None,
+                "sync_every": None,  # no round to wait for
             }
         )
     if arm == "fedavg":
-        return policy.model_copy(update={"fedavg_every": fedavg_every})
+        return policy.model_copy(
+            update={"fedavg_every": fedavg_every, "fedavg_within": "federation"}
+        )
+    if arm == "oracle":
+        return policy.model_copy(update={"fedavg_every": fedavg_every, "fedavg_within": "group"})
     return policy
 
 
@@ -152,7 +161,11 @@ class RunPlan(BaseModel):
 
     federation: str
     policy: Policy
-    arm: Arm = "federated"
+    arm: str = Field(
+        default="federated",
+        description="The arm's name: a built-in arm (federated, independent, fedavg, oracle) or "
+        "a variant a spec's [arm.<name>] table defines over one.",
+    )
     init: Init = "independent"
     seed: int = 0
     workers: list[WorkerPlan]
@@ -618,6 +631,7 @@ class Launcher:
         self.readers: list[threading.Thread] = []
         self.tally = Tally(keep=True)
         self.failures: list[str] = []
+        self.warnings: list[str] = init_warnings(plan, {})
         self.state: RunState = "pending"
         self.started = time.monotonic()
         self._last_status = 0.0
@@ -650,6 +664,7 @@ class Launcher:
             "elapsed_s": round(time.monotonic() - self.started, 2),
             "federation": self.plan.federation,
             "failures": self.failures,
+            "warnings": self.warnings,
             "decisions": dict(self.tally.by_action),
             "workers": [asdict(r) for r in self.rows.values()],
         }
@@ -808,11 +823,44 @@ class Launcher:
             with contextlib.suppress(TetherError), self.coordinator.client() as client:
                 self._tally(client)
                 self.write_decisions(client)
+                digests = {
+                    w.name: str(w.meta[INIT_DIGEST])
+                    for w in client.list_workers(self.plan.federation).data
+                    if w.meta.get(INIT_DIGEST) is not None
+                }
+                self.warnings.extend(init_warnings(self.plan, digests))
         self.state = state
         summary = self.summary(outcome, code)
         write_json_atomic(self.out / "summary.json", summary)
         self.write_status(force=True)
         return summary
+
+
+def init_warnings(plan: RunPlan, digests: Mapping[str, str]) -> list[str]:
+    """Why a run's merges may mean nothing: a `merge_scope` that averages weights (weights,
+    model) across workers that did not start from one init, known from the plan (`init =
+    independent`) or from the workers' registered `init_digest`s (worker name → digest) when
+    more than one differs. Averaging independently initialised networks needs their units
+    aligned first (Git Re-Basin, Ainsworth et al. 2023), which tetherfed does not do."""
+    scope = plan.policy.merge_scope
+    if scope == "tethers" or len(plan.workers) < 2:
+        return []
+    why = "averaging independently initialised weights means nothing without aligning them"
+    if plan.init != "shared":
+        return [
+            f"merge_scope {scope!r} averages weights, but the workers start from independent "
+            f"inits (init = {plan.init!r}): {why}; use init = 'shared' or merge_scope 'tethers'"
+        ]
+    by_digest: dict[str, list[str]] = {}
+    for name, digest in sorted(digests.items()):
+        by_digest.setdefault(digest, []).append(name)
+    if len(by_digest) < 2:
+        return []
+    groups = "; ".join(", ".join(names) for names in by_digest.values())
+    return [
+        f"merge_scope {scope!r} averages weights, but the workers registered "
+        f"{len(by_digest)} different initial parameters ({groups}): {why}"
+    ]
 
 
 # -- one run, start to end -----------------------------------------------------------------------
