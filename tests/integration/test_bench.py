@@ -34,6 +34,7 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
         "load",
         "round",
         "load-1000",
+        "models",
     ]
     assert [line["name"] for line in lines] == names
     for line in lines:
@@ -43,6 +44,10 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
         if line["name"] in ("latency", "load", "round", "load-1000"):  # what limited the row
             cpu = line["params"]["cpu"]
             assert cpu["limit"] and set(cpu["cores_used"]) == {"api", "scorers", "redis", "bench"}
+        if line["name"] == "models":  # each architecture's costs, every arm timed
+            for figures in line["params"]["models"].values():
+                assert figures["step_s"].keys() == {"untethered", "tethered", "federated"}
+                assert figures["frame_mb"] > 0 and figures["memory_mb"]["tethers"] > 0
     assert done.stdout.count("\n") == len(lines), "stdout should carry the same JSON lines"
 
 
