@@ -94,24 +94,73 @@ class LayerSketch:
         return math.prod(self.shape)
 
 
-@functools.lru_cache(maxsize=64)
-def _hashing(seed: int, layer: str, n: int, k: int) -> tuple[npt.NDArray[np.intp], Any, Any]:
-    """(bucket of each value, its sign as float32, the sketch of all ones) for one layer."""
-    digest = hashlib.blake2b(layer.encode(), digest_size=8).digest()
-    rng = np.random.default_rng([seed, int.from_bytes(digest, "little"), n, k])
-    buckets = rng.integers(0, k, size=n, dtype=np.intp)
-    signs = (rng.integers(0, 2, size=n, dtype=np.int8) * 2 - 1).astype(np.float32)
-    ones = np.bincount(buckets, weights=signs, minlength=k).astype(np.float32)
-    return buckets, signs, ones
+HASH = "splitmix64"  # how values are hashed to buckets and signs (in every sketch frame's layout)
+CHUNK = 1 << 18  # values hashed at once: the hashing's working memory is O(CHUNK), not O(n)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _layer_key(seed: int, layer: str, n: int, k: int) -> np.uint64:
+    """The 64-bit key of one layer's hash: the federation's seed, the layer name, n and k."""
+    digest = hashlib.blake2b(f"{seed}\x00{layer}\x00{n}\x00{k}".encode(), digest_size=8)
+    return np.uint64(int.from_bytes(digest.digest(), "little"))
+
+
+def _buckets_signs(
+    key: np.uint64, start: int, stop: int, k: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Bucket h(i) ∈ [0, k) and sign s(i) ∈ {−1, +1} of values start … stop − 1.
+
+    Each index is hashed on its own (Steele, Lea & Flood, "Fast splittable pseudorandom number
+    generators", 2014: SplitMix64's finaliser of key + (i + 1)·φ), so any slice of a layer is
+    hashed without the rest: nothing of size n is ever held. The bucket is the high 32 bits
+    scaled to [0, k) (Lemire, "Fast random integer generation in an interval", 2019), the sign
+    the lowest bit."""
+    x = np.arange(start + 1, stop + 1, dtype=np.uint64)
+    x *= _GOLDEN
+    x += key
+    t = np.empty_like(x)
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, 0)):
+        np.right_shift(x, np.uint64(shift), out=t)
+        x ^= t
+        if factor:
+            x *= np.uint64(factor)
+    signs = np.bitwise_and(x, np.uint64(1), out=t).astype(np.float32)
+    signs *= np.float32(-2.0)
+    signs += np.float32(1.0)
+    x >>= np.uint64(32)
+    x *= np.uint64(k)
+    x >>= np.uint64(32)
+    return x.view(np.int64).astype(np.intp, copy=False), signs
+
+
+def _sketch(
+    flat: npt.NDArray[Any] | None, key: np.uint64, n: int, k: int
+) -> npt.NDArray[np.float32]:
+    """Σ s(i)·x_i per bucket, chunk by chunk (x = 1 everywhere when `flat` is None)."""
+    out = np.zeros(k, dtype=np.float64)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        buckets, signs = _buckets_signs(key, start, stop, k)
+        weights = signs if flat is None else np.multiply(flat[start:stop], signs, dtype=np.float32)
+        out += np.bincount(buckets, weights=weights, minlength=k)
+    return out.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(seed: int, layer: str, n: int, k: int) -> npt.NDArray[np.float32]:
+    """The sketch of a tensor of n ones, S(1) (k float32: cached, since pearson centres with it)."""
+    return _sketch(None, _layer_key(seed, layer, n, k), n, k)
 
 
 def sketch_layer(values: npt.ArrayLike, spec: SketchPolicy, layer: str) -> LayerSketch:
-    """The count sketch (k = `spec.k`, hashed by `spec.seed` and the layer name) of a tether."""
+    """The count sketch (k = `spec.k`, hashed by `spec.seed` and the layer name) of a tether.
+
+    Memory beyond the tensor and its k buckets is O(`CHUNK`) whatever the layer's size: the
+    hashes are recomputed per call rather than kept (a kept table costs 12 bytes per value, 300
+    MB for ResNet-50's 25 M)."""
     arr = np.asarray(values)
     flat = arr.reshape(-1)
-    buckets, signs, _ = _hashing(spec.seed, layer, flat.size, spec.k)
-    weighted = np.multiply(flat, signs, dtype=np.float32)
-    out = np.bincount(buckets, weights=weighted, minlength=spec.k).astype(np.float32)
+    out = _sketch(flat, _layer_key(spec.seed, layer, flat.size, spec.k), flat.size, spec.k)
     return LayerSketch(out, float(flat.sum(dtype=np.float64)), tuple(arr.shape))
 
 
@@ -128,7 +177,7 @@ def sketch_rows(
         return {w: s.values for w, s in sketches.items()}
     out = {}
     for w, s in sketches.items():
-        ones = _hashing(spec.seed, layer, s.n, spec.k)[2]
+        ones = _ones(spec.seed, layer, s.n, spec.k)
         out[w] = (s.values - np.float32(s.total / max(s.n, 1)) * ones).astype(np.float32)
     return out
 
@@ -195,7 +244,9 @@ def encode_sketch_frame(
             continue
         out[name] = sk.values
         layout[name] = {"shape": list(sk.shape), "sum": sk.total}
-    extra = {SKETCH_KEY: json.dumps({"k": spec.k, "seed": spec.seed, "layers": layout})}
+    extra = {
+        SKETCH_KEY: json.dumps({"k": spec.k, "seed": spec.seed, "hash": HASH, "layers": layout})
+    }
     meta = meta.model_copy(update={"wire_dtype": "float32"})
     return _encode_frame(out, meta, dtype="float32", extra_metadata=extra)
 
@@ -243,6 +294,7 @@ def _layout(frame: Frame) -> tuple[int, int, dict[str, Any]]:
     try:
         layout = json.loads(frame.extra_metadata[SKETCH_KEY])
         k, seed, sketches = int(layout["k"]), int(layout["seed"]), dict(layout["layers"])
+        hashed = layout.get("hash")
         for name, info in sketches.items():
             if not math.isfinite(float(info["sum"])) or frame.entries[name].shape != (k,):
                 raise ValueError(name)
@@ -252,6 +304,11 @@ def _layout(frame: Frame) -> tuple[int, int, dict[str, Any]]:
             f"a sketch frame needs its layout under {SKETCH_KEY!r}: k, seed, and per sketched "
             "layer (a tensor of shape [k]) its shape and finite sum"
         ) from None
+    if hashed != HASH:
+        raise MetadataError(
+            f"sketch hashed by {hashed or 'an older tetherfed'!r}, not {HASH!r}: its buckets "
+            "compare with nothing here; run one tetherfed version on workers and coordinator"
+        )
     return k, seed, sketches
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -170,3 +171,44 @@ def test_sketch_frame_round_trip_and_validation() -> None:
             [table[0], LayerSpec(name="small", shape=[32])],
             spec.model_copy(update={"min_values": 32}),
         )
+
+
+def test_a_sketch_frame_hashed_another_way_is_refused_naming_why() -> None:
+    from tether_protocol.frame import encode_frame
+    from tether_protocol.sketch import SKETCH_KEY
+
+    spec = SketchPolicy(k=16, min_values=64)
+    meta = SnapshotMeta(worker_id="w", step=1, epoch=0)
+    sk = sketch_layer(np.ones(64, dtype=np.float32), spec, "big")
+    layout = {"k": 16, "seed": 0, "layers": {"big": {"shape": [64], "sum": 64.0}}}
+    for how in ({}, {"hash": "numpy-default-rng"}):  # an older tetherfed's frames had no "hash"
+        extra = {SKETCH_KEY: json.dumps(layout | how)}
+        frame = encode_frame({"big": sk.values}, meta, extra_metadata=extra)
+        with pytest.raises(MetadataError, match="compare with nothing here"):
+            decode_sketch_frame(frame, None, None)
+
+
+def test_sketching_keeps_no_per_value_table_and_chunks_do_not_change_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tracemalloc
+
+    from tether_protocol import sketch
+
+    spec = SketchPolicy(k=1024)
+    x = np.random.default_rng(5).random(1 << 22, dtype=np.float32)  # 4 M values, 16 MiB
+    sketch._ones.cache_clear()
+    tracemalloc.start()
+    whole = sketch_layer(x, spec, "conv")
+    sketch_rows_ = sketch.sketch_rows({"a": whole}, spec, "conv", "pearson")
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # A kept hash table would hold 12 bytes a value (48 MiB here); the chunks need about
+    # 3 × 8 bytes × CHUNK while they work, and nothing of size n stays.
+    assert held < 1 << 20, f"{held} bytes kept after sketching"
+    assert peak < 40 * sketch.CHUNK, f"peak {peak} bytes while sketching"
+    assert sketch_rows_["a"].shape == (1024,)
+    monkeypatch.setattr(sketch, "CHUNK", 1000)  # odd chunk boundaries: the same buckets
+    again = sketch_layer(x, spec, "conv")
+    np.testing.assert_allclose(again.values, whole.values, rtol=1e-5, atol=1e-3)
+    assert again.total == whole.total
