@@ -1,4 +1,5 @@
-"""Compatibility of tethers: `dot`, `cosine`, `pearson` and `cka`, all pairs from one Gram matrix.
+"""Compatibility of tethers: `dot`, `cosine`, `pearson`, `cka` and `update_cosine`, all pairs from
+one Gram matrix.
 
 For M workers on one layer we stack the flattened tethers into X (M × N) and compute G = X Xᵀ in a
 single pass over X: columns are taken in cache-sized blocks, each block's Gram comes from BLAS in
@@ -29,6 +30,18 @@ orthogonal transform) of the units and to isotropic scaling, so workers initiali
 are comparable, and it needs no alignment of p with q. Workers publish `probe_gram` (the centred
 Gram, scaled to unit Frobenius norm) per layer; scoring `cka` is then the `cosine` path below on
 those n² values (a double-centred matrix sums to zero, so cosine and pearson coincide there).
+
+`update_cosine` compares what workers learned rather than where they are: the cosine of their
+updates, Δᵢ = Tᵢ − Tᵢ⁰, where Tᵢ⁰ is worker i's *origin* (its first published tether of the
+layer; with a shared init every origin is the same). Clustered FL (Sattler, Müller & Samek,
+"Clustered Federated Learning: Model-Agnostic Distributed Multi-Task Optimization under Privacy
+Constraints", 2019, arXiv:1910.01991) splits clients by the cosine similarity of their
+weight updates. Unlike `cka` it is not invariant to permuting output units, so it separates
+clusters whose tasks differ by a relabelling (their updates move different rows), which `cka`
+scores alike; like `cosine` it needs the units of different workers to correspond (a shared
+init). The rows scored are the updates (`tether_update` makes them): every function here treats
+`update_cosine` as `cosine` on them. A zero update (the first publish, a frozen layer) has no
+direction and scores NaN, as a constant tensor does under `pearson`.
 
 Pairs that are not comparable (different shapes, or a zero-variance tensor under a normalized
 measure) score NaN; callers treat NaN as "not comparable", never as an error.
@@ -129,7 +142,9 @@ def _ill_conditioned(stats: GramStats, cov: FloatArray) -> bool:
     return bool(np.any(second_moment[live] > KAPPA_MAX * variance[live]))
 
 
-MEASURES: tuple[str, ...] = ("dot", "cosine", "pearson", "cka")
+MEASURES: tuple[str, ...] = ("dot", "cosine", "pearson", "cka", "update_cosine")
+# Measures scored as the cosine of their rows: tethers, centred probe Grams, or updates.
+COSINE_ROWS: frozenset[str] = frozenset({"cosine", "cka", "update_cosine"})
 
 
 def _check_measure(measure: str) -> None:
@@ -140,11 +155,12 @@ def _check_measure(measure: str) -> None:
 def scores_from_stats(stats: GramStats, measure: Measure) -> FloatArray:
     """The M × M score matrix of a measure from Gram statistics (pearson: of unshifted rows
     or rows shifted by any per-row constant; the covariance is the same; cka: rows are
-    double-centred probe Grams, see `probe_gram`)."""
+    double-centred probe Grams, see `probe_gram`; update_cosine: rows are updates, see
+    `tether_update`)."""
     _check_measure(measure)
     if measure == "dot":
         return stats.gram.copy()
-    if measure in ("cosine", "cka"):
+    if measure in COSINE_ROWS:
         return _normalize(stats.gram)
     return _normalize(_covariance(stats))
 
@@ -162,6 +178,19 @@ def probe_gram(activations: npt.ArrayLike) -> npt.NDArray[np.float32]:
     gram: FloatArray = x @ x.T
     norm = float(np.linalg.norm(gram))
     out: npt.NDArray[np.float32] = (gram / norm if norm > 0 else gram).astype(np.float32)
+    return out
+
+
+def tether_update(tether: npt.ArrayLike, origin: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """The update T − T⁰ of a tether since its origin, as float32 (what `update_cosine` scores).
+
+    `tether` and `origin` have one shape (any; float16 and bfloat16 views are widened first);
+    ValueError otherwise. All zeros when nothing changed: then the update is not comparable
+    (NaN) under `update_cosine`. Sattler et al. 2019 (see the module docstring)."""
+    t, t0 = np.asarray(tether), np.asarray(origin)
+    if t.shape != t0.shape:
+        raise ValueError(f"a tether of shape {t.shape} has no update from an origin of {t0.shape}")
+    out: npt.NDArray[np.float32] = np.subtract(t, t0, dtype=np.float32)
     return out
 
 

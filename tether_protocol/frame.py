@@ -11,6 +11,32 @@ the `cka` measure, see `compat.probe_gram`) under the name `<layer>@probe_gram`:
 with one n for the whole frame (the federation's probe batch size). They are optional, are not
 part of the registered layer table, and are never tethers.
 
+Parts (`Policy.merge_scope` weights or model): what a merge or drift of a layer moves besides
+its tether, published by the worker right after that layer's tether (contiguous, so a pin of the
+layer keeps few segments) under the names
+
+* `<layer>@weight`: the tethered parameter's raw weight W (before the tether, the trainable
+  `parametrizations.<param>.original`); `<layer>@weight:<original>` for each original of a
+  parametrization with several (`weight_norm`: `original0`, the magnitude g, `original1`, the
+  direction v);
+* `<layer>@bias`: the layer's bias (the parameter named like the weight with `weight` replaced
+  by `bias`: `bias`, `in_proj_bias`, `bias_ih_l0`), `<layer>@bias:<original>` likewise;
+* `<layer>@model:<path>` (scope model): an untethered floating-point parameter or buffer of the
+  model, by its qualified name (`bn1.running_mean`, `emb.weight`), carried by exactly one layer
+  (`tetherfed.tethers.layer_parts` says which).
+
+`<layer>` is a registered layer; the text after the last `@` names the part (so a path holds no
+`@`, and a registered layer may not itself be spelled like a part or a probe Gram). Parts are
+validated (their layer is registered, `LayerMismatchError`, as is a name with an unknown kind,
+`fc1@typo`, which reads as an unregistered layer; finite, `NonFiniteError`; float32,
+`DTypeError`) but not range-checked (weights are not in [0, 1]); their shapes are the model's
+(not registered), and they never enter scoring: `split_probe_grams` and `split_entries` keep
+them out of the tethers. Parts are always float32 on the wire, whatever the
+frame's `wire_dtype` (which then applies to tethers and probe Grams): averaging weights rounded to
+float16 loses 10 bits of mantissa at every merge (errors of 1e-3 relative compound across
+merges), and a bf16 or fp16 model's own tensors widen to float32 exactly; a float64 model's are
+rounded to float32 once per merge.
+
 Decoding validates everything a hostile or broken client could get wrong and raises a subclass of
 `FrameError` naming the problem. Decoded float32/float16 tensors are zero-copy views of the input
 buffer; bfloat16 (which numpy lacks) is widened to float32, the one copy the format forces.
@@ -20,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +60,10 @@ from .messages import LayerSpec, SnapshotMeta, WireDType
 
 META_KEY = "tetherfed.snapshot"
 PROBE_GRAM_SUFFIX = "@probe_gram"
+PART_DTYPE: WireDType = "float32"  # every part travels as float32 (see the module docstring)
+PART_KINDS = ("weight", "bias", "model")
+# The text after a part's last `@`: weight or bias (optionally `:<original>`), or model:<path>.
+_PART_RE = re.compile(r"^(?:(?:weight|bias)(?::[A-Za-z0-9_]+)?|model:[^@\x00]+)$")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 _LEN = struct.Struct("<Q")
 
@@ -131,9 +162,11 @@ def encode_parts(
     dtype: WireDType = "float32",
     extra_metadata: Mapping[str, str] | None = None,
 ) -> list[memoryview]:
-    """The frame as a list of buffers (header, then each tensor) to send without joining."""
-    code = _DTYPES[dtype][0] if dtype in _DTYPES else None
-    if code is None:
+    """The frame as a list of buffers (header, then each tensor) to send without joining.
+
+    Tensors are written in `tensors`' order as `dtype`, but parts (`is_part_name`), which are
+    always float32 (`PART_DTYPE`)."""
+    if dtype not in _DTYPES:
         raise DTypeError(f"unsupported wire dtype {dtype!r}; use float32, float16 or bfloat16")
     header: dict[str, Any] = {}
     metadata = dict(extra_metadata or {})
@@ -144,9 +177,10 @@ def encode_parts(
     buffers: list[memoryview] = []
     offset = 0
     for name, value in tensors.items():
-        wire = to_wire(value, dtype)
+        own: WireDType = PART_DTYPE if is_part_name(name) else dtype
+        wire = to_wire(value, own)
         header[name] = {
-            "dtype": code,
+            "dtype": _DTYPES[own][0],
             "shape": list(wire.shape),
             "data_offsets": [offset, offset + wire.nbytes],
         }
@@ -332,17 +366,89 @@ def probe_gram_name(layer: str) -> str:
     return layer + PROBE_GRAM_SUFFIX
 
 
+def part_name(layer: str, part: str) -> str:
+    """The frame entry name of a layer's part: `part` is `weight`, `bias` (either optionally
+    `:<original>`) or `model:<path>`. Raises ValueError for any other part."""
+    if not _PART_RE.match(part):
+        raise ValueError(
+            f"part {part!r} of layer {layer!r} is not weight, bias, weight:<original>, "
+            "bias:<original> or model:<path> (a path without '@')"
+        )
+    return f"{layer}@{part}"
+
+
+def is_part_name(name: str) -> bool:
+    """Whether a frame entry name is spelled as a part (`<layer>@weight`, `<layer>@model:x`)."""
+    _, at, part = name.rpartition("@")
+    return bool(at) and _PART_RE.match(part) is not None
+
+
+def part_layer(name: str) -> tuple[str, str]:
+    """(layer, part) of a part's entry name: `fc1@weight` → ("fc1", "weight"). ValueError for
+    a name that is not spelled as a part."""
+    layer, at, part = name.rpartition("@")
+    if not at or _PART_RE.match(part) is None:
+        raise ValueError(f"{name!r} is not a part name (<layer>@weight, @bias, @model:<path>)")
+    return layer, part
+
+
+@dataclass(frozen=True)
+class EntrySplit:
+    """A frame's entries by role: tethers by layer, probe Grams by layer, and parts by layer
+    (then by entry name, in frame order)."""
+
+    tethers: dict[str, TensorEntry]
+    grams: dict[str, TensorEntry]
+    parts: dict[str, dict[str, TensorEntry]]
+
+
+def split_entries(entries: Mapping[str, TensorEntry]) -> EntrySplit:
+    """Sort a frame's entries into tethers, probe Grams and parts, by their names' suffixes
+    (`@probe_gram`; a part's `@weight`, `@bias`, `@model:<path>`; anything else is a tether)."""
+    out = EntrySplit({}, {}, {})
+    for name, entry in entries.items():
+        if name.endswith(PROBE_GRAM_SUFFIX):
+            out.grams[name.removesuffix(PROBE_GRAM_SUFFIX)] = entry
+        elif is_part_name(name):
+            out.parts.setdefault(part_layer(name)[0], {})[name] = entry
+        else:
+            out.tethers[name] = entry
+    return out
+
+
 def split_probe_grams(
     entries: Mapping[str, TensorEntry],
 ) -> tuple[dict[str, TensorEntry], dict[str, TensorEntry]]:
-    """(tether entries by layer, probe Gram entries by the layer they describe)."""
-    tethers, grams = {}, {}
-    for name, entry in entries.items():
-        if name.endswith(PROBE_GRAM_SUFFIX):
-            grams[name.removesuffix(PROBE_GRAM_SUFFIX)] = entry
-        else:
-            tethers[name] = entry
-    return tethers, grams
+    """(tether entries by layer, probe Gram entries by the layer they describe); parts are in
+    neither (`split_entries` returns them)."""
+    split = split_entries(entries)
+    return split.tethers, split.grams
+
+
+def with_parts(
+    tensors: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """`tensors` (tethers by layer, then anything else) with each layer's parts (entry name →
+    array, by layer) placed right after that layer's tether: the frame order that keeps a
+    layer and its parts contiguous. Raises ValueError for parts of a layer not in `tensors`."""
+    unknown = [layer for layer in parts if layer not in tensors]
+    if unknown:
+        raise ValueError(f"parts of layers that are not in the frame: {unknown}")
+    out: dict[str, Any] = {}
+    for name, value in tensors.items():
+        out[name] = value
+        out.update(parts.get(name, {}))
+    return out
+
+
+def _check_parts(
+    parts: Mapping[str, Mapping[str, TensorEntry]], registered: Mapping[str, Any]
+) -> None:
+    unknown = sorted(
+        name for layer, named in parts.items() if layer not in registered for name in named
+    )
+    if unknown:
+        raise LayerMismatchError(f"parts of layers that are not registered: {unknown}")
 
 
 def _check_probe_grams(grams: Mapping[str, TensorEntry], registered: Mapping[str, Any]) -> None:
@@ -363,10 +469,13 @@ def _check_probe_grams(grams: Mapping[str, TensorEntry], registered: Mapping[str
 
 def check_layers(entries: Mapping[str, TensorEntry], layers: Sequence[LayerSpec]) -> None:
     """Raise unless the frame holds exactly the registered layers, with their shapes and dtypes
-    (plus, optionally, probe Grams of registered layers)."""
+    (plus, optionally, probe Grams and parts of registered layers: `LayerMismatchError` naming
+    those of other layers)."""
     registered = {layer.name: layer for layer in layers}
-    entries, grams = split_probe_grams(entries)
+    split = split_entries(entries)
+    entries, grams = split.tethers, split.grams
     _check_probe_grams(grams, registered)
+    _check_parts(split.parts, registered)
     missing = [name for name in registered if name not in entries]
     unknown = [name for name in entries if name not in registered]
     if missing or unknown:
@@ -412,7 +521,8 @@ def decode_frame(
     `layers`, when given, must match the frame exactly (names, shapes, dtypes). With
     `check_finite`, any NaN or ±Inf raises `NonFiniteError` naming the layer; with `unit_range`
     (and `check_finite`), a tether value outside [0, 1] raises `RangeError` naming the layer
-    (probe Grams are only checked for finiteness). `worker_id` completes flat metadata that
+    (probe Grams and parts are only checked for finiteness). `worker_id` completes flat
+    metadata that
     does not name its worker (see `parse_meta`).
     """
     header, data_start = read_header(buf)
@@ -429,7 +539,7 @@ def decode_frame(
         for name, array in tensors.items():
             if not np.isfinite(array).all():
                 raise NonFiniteError(f"layer {name!r} contains NaN or Inf")
-            tether = unit_range and not name.endswith(PROBE_GRAM_SUFFIX)  # Grams are unbounded
+            tether = unit_range and is_tether_name(name)  # Grams and parts are unbounded
             outside = array[(array < 0.0) | (array > 1.0)] if tether else array[:0]
             if outside.size:
                 raise RangeError(out_of_range(name, float(outside.flat[0])))
@@ -441,9 +551,20 @@ def out_of_range(layer: str, value: float) -> str:
     return f"layer {layer!r} has a value outside [0, 1]: {value:g}"
 
 
+def is_tether_name(name: str) -> bool:
+    """Whether a frame entry holds a tether (values in [0, 1]): neither a probe Gram nor a part."""
+    return not name.endswith(PROBE_GRAM_SUFFIX) and not is_part_name(name)
+
+
 def check_wire_dtype(entries: Mapping[str, TensorEntry], wire: WireDType) -> None:
-    """Raise unless every tensor uses the wire dtype the metadata declares."""
+    """Raise unless every tensor uses the wire dtype the metadata declares (parts: float32)."""
     for name, entry in entries.items():
+        if is_part_name(name):
+            if entry.dtype != PART_DTYPE:
+                raise DTypeError(
+                    f"part {name!r} is {entry.dtype}; parts are always {PART_DTYPE} on the wire"
+                )
+            continue
         if entry.dtype != wire:
             raise DTypeError(
                 f"layer {name!r} is {entry.dtype} but the metadata says wire_dtype {wire}"

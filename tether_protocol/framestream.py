@@ -22,7 +22,6 @@ import numpy.typing as npt
 from .frame import (
     MAX_HEADER_BYTES,
     META_KEY,
-    PROBE_GRAM_SUFFIX,
     ByteLengthError,
     Frame,
     FrameError,
@@ -32,6 +31,7 @@ from .frame import (
     TensorEntry,
     check_layers,
     check_wire_dtype,
+    is_tether_name,
     out_of_range,
     parse_entries,
     parse_meta,
@@ -59,7 +59,7 @@ class _Run:
     start: int
     end: int
     dtype: str
-    unit: bool  # tethers, whose values lie in [0, 1] (probe Grams are only finite)
+    unit: bool  # tethers, whose values lie in [0, 1] (probe Grams and parts are only finite)
 
 
 class FrameStream:
@@ -226,7 +226,7 @@ def _runs(entries: Collection[TensorEntry]) -> list[_Run]:
     for entry in entries:
         if entry.start == entry.end:
             continue
-        unit = not entry.name.endswith(PROBE_GRAM_SUFFIX)
+        unit = is_tether_name(entry.name)  # probe Grams and parts are only finite
         last = runs[-1] if runs else None
         if last and (last.dtype, last.unit, last.end) == (entry.dtype, unit, entry.start):
             runs[-1] = _Run(last.start, entry.end, entry.dtype, unit)

@@ -244,7 +244,12 @@ class Policy(WireModel):
     measure: Measure = Field(
         default="pearson",
         description="Compatibility measure. pearson: cosine of centred tethers, in [-1, 1]; "
-        "cosine: uncentred (two independent U[0,1) tethers score ≈ 0.75); dot: Σ Tᵢ⊙Tⱼ, unbounded.",
+        "cosine: uncentred (two independent U[0,1) tethers score ≈ 0.75); dot: Σ Tᵢ⊙Tⱼ, "
+        "unbounded; cka: linear CKA of the layer's outputs on the probe batch (Kornblith et al. "
+        "2019), in [0, 1], blind to permutations of units; update_cosine: cosine of the updates "
+        "Tᵢ − Tᵢ⁰ since each worker's first published tether (clustered FL, Sattler et al. "
+        "2019), in [-1, 1], NaN for a zero update; it tells apart clusters that differ by a "
+        "permutation of output units (relabelled classes), which cka scores alike.",
     )
     merge_threshold: float = Field(
         default=0.5, description="Merge when score > this (pearson 0.5: clearly shared structure)."
@@ -470,12 +475,40 @@ def cka_policy() -> Policy:
     )
 
 
-PRESETS: dict[str, Any] = {"default": Policy, "seed": seed_policy, "cka": cka_policy}
+def clustered_policy() -> Policy:
+    """Clustered FL on updates (Sattler, Müller & Samek 2019, "Clustered Federated Learning"):
+    the cosine of each worker's tether update since its first publish (`update_cosine`) on
+    every layer (clusters of rotated inputs differ first in the first layer, relabelled ones
+    in the last), with the `cka` preset's rank rule, warm-up, staleness bound and merge gate.
+    For workers from one shared init, whose clusters may differ by a relabelling of outputs
+    that cka (blind to permutations of units) cannot see; `cka` suits independent inits."""
+    return Policy(
+        measure="update_cosine",
+        relative="rank",
+        merge_threshold=0.9,
+        drift_threshold=None,
+        pairing="best",
+        layers="all",
+        trigger="every_publish",
+        warmup_steps=100,
+        cooldown_steps=10,
+        max_merges_per_epoch=1000,
+        max_staleness_steps=200,  # as the cka preset, for the same reason
+        gate=MergeGate(probe_loss_rise=0.01),
+    )
+
+
+PRESETS: dict[str, Any] = {
+    "default": Policy,
+    "seed": seed_policy,
+    "cka": cka_policy,
+    "clustered": clustered_policy,
+}
 
 
 def policy_preset(name: str) -> Policy:
-    """A named policy preset: 'default', 'seed' or 'cka'. Raises KeyError naming the known
-    presets."""
+    """A named policy preset: 'default', 'seed', 'cka' or 'clustered'. Raises KeyError naming
+    the known presets."""
     try:
         return PRESETS[name]()  # type: ignore[no-any-return]
     except KeyError:
@@ -534,7 +567,7 @@ class FederationCreate(Versioned):
     """Create a federation; `policy` is a full policy or a preset name."""
 
     name: Name
-    policy: Policy | Literal["default", "seed", "cka"] = "default"
+    policy: Policy | Literal["default", "seed", "cka", "clustered"] = "default"
 
     def resolved_policy(self) -> Policy:
         """The policy object, with a preset name expanded."""
@@ -585,7 +618,13 @@ class WorkerCreate(Versioned):
     """Register a worker with its layer table."""
 
     name: Name
-    layers: list[LayerSpec] = Field(min_length=1, max_length=4096)
+    layers: list[LayerSpec] = Field(
+        min_length=1,
+        max_length=4096,
+        description="The worker's tethered layers. Each `name` appears once: a table naming "
+        "a layer twice is refused with a 422 that names it (JSON Schema's uniqueItems compares "
+        "whole items, so the document cannot state uniqueness of one key).",
+    )
     meta: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
     @field_validator("layers")

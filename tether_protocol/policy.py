@@ -54,11 +54,14 @@ from .messages import (
 
 @dataclass(frozen=True)
 class PeerState:
-    """What the coordinator knows of another worker's latest snapshot."""
+    """What the coordinator knows of another worker's latest snapshot, and the `group` the
+    worker registered in (its meta `group`; None without one), which `fedavg_within = "group"`
+    averages within."""
 
     worker_id: str
     step: int
     version: int
+    group: str | None = None
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -198,11 +201,14 @@ def plateau(
 def trigger(
     policy: Policy, snapshot: SnapshotMeta, previous_loss: float | None
 ) -> tuple[bool, str]:
-    """Whether this publish starts a round, and why."""
+    """Whether this publish starts a round, and why: after warm-up, every publish under
+    `every_publish`, each synchronous round's publish (`sync_every`), else a plateau."""
     if snapshot.step < policy.warmup_steps:
         return False, f"warm-up: step {snapshot.step} < {policy.warmup_steps}"
     if policy.trigger == "every_publish":
         return True, "every publish"
+    if policy.sync_every is not None and snapshot.step % policy.sync_every == 0:
+        return True, f"synchronous round at step {snapshot.step}"
     if snapshot.plateau:
         return True, "worker reported a plateau"
     if plateau(policy, snapshot.loss, previous_loss, snapshot.grad_norm):
@@ -500,6 +506,13 @@ def fedavg(policy: Policy, every: int, state: FederationState, snapshot: Snapsho
     k-th with α = 1/(k+1): applied in id order they make Tᵢ the running mean of its own tether
     and the peers' latest, i.e. the federation mean (up to the peers' own progress meanwhile).
     Scores are ignored; they are recorded on the decisions when known.
+
+    With `policy.fedavg_within = "group"` the peers are only those of the publisher's group
+    (`PeerState.group`; the publisher's own group is read from `state.peers` too): FedAvg run
+    separately in each ground-truth cluster, the oracle that clustered FL is measured against
+    (IFCA, Ghosh et al. 2020, "An Efficient Framework for Clustered Federated Learning"). A
+    worker registered without a group is in the group of the other workers without one; a
+    publisher missing from `state.peers` (no full tether published yet) counts as without one.
     """
     result = Round(triggered=False, trigger_reason=f"fedavg: not yet a multiple of {every} steps")
     for layer in layers_in_scope(policy, state.layer_order):
@@ -527,17 +540,22 @@ def fedavg(policy: Policy, every: int, state: FederationState, snapshot: Snapsho
 def _fedavg_peers(
     policy: Policy, state: FederationState, snapshot: SnapshotMeta, layer: str, every: int
 ) -> list[str]:
-    """Peers to average with on `layer` now (none unless a multiple of `every` was crossed)."""
+    """Peers to average with on `layer` now (none unless a multiple of `every` was crossed),
+    within the publisher's group under `fedavg_within = "group"`."""
     last = max((s for (lay, _), s in state.cooldowns.items() if lay == layer), default=0)
     if snapshot.step // every <= last // every:
         return []
+    grouped = policy.fedavg_within == "group"
+    own = state.peers.get(snapshot.worker_id)
+    group = own.group if own is not None else None
     peers = []
     for partner, peer in sorted(state.peers.items()):
         stale = (
             policy.max_staleness_steps is not None
             and abs(peer.step - snapshot.step) > policy.max_staleness_steps
         )
-        if partner != snapshot.worker_id and not stale:
+        outside = grouped and peer.group != group
+        if partner != snapshot.worker_id and not stale and not outside:
             peers.append(partner)
     return peers
 

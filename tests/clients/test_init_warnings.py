@@ -35,3 +35,10 @@ def test_registered_digests_that_differ_name_the_workers_that_share_one() -> Non
     assert init_warnings(shared, {"worker-0": "aa", "worker-1": "aa", "worker-2": "aa"}) == []
     (warning,) = init_warnings(shared, {"worker-0": "aa", "worker-1": "aa", "worker-2": "bb"})
     assert "2 different initial parameters (worker-0, worker-1; worker-2)" in warning
+
+
+def test_the_launcher_reads_the_meta_key_the_federation_registers() -> None:
+    from tetherfed.launch._launch import INIT_DIGEST
+    from tetherfed.tethers._tethering import INIT_DIGEST_KEY
+
+    assert INIT_DIGEST == INIT_DIGEST_KEY

@@ -135,3 +135,24 @@ def test_the_io_budget_must_be_a_fraction_of_the_wall_time() -> None:
     for budget in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="io_budget must be in"):
             Federation("http://127.0.0.1:9", "x", tiny_model(), io_budget=budget)
+
+
+def test_an_offered_snapshot_never_waits_behind_a_decision_long_poll(
+    coordinator_process,
+) -> None:
+    # Long polls held 60 s by the coordinator: a snapshot taken up only between two of them
+    # would wait up to that long; offered, it wakes the I/O thread (the poll runs on its own).
+    coordinator = coordinator_process(TETHER_SCORER_PROCESSES="0", TETHER_LONG_POLL_MAX_S="60")
+    with Client(coordinator.url) as api:
+        api.create_federation("awake")
+    fed = Federation(
+        coordinator.url, "awake", tiny_model(), name="w", io_budget=1.0, poll_wait_s=60.0
+    )
+    try:
+        assert fed.wait_registered(60), "the worker did not register"
+        for sent in range(1, 4):
+            assert fed.step().published
+            wait_until(lambda n=sent: fed.stats.published == n, f"publish {sent}", 30.0)
+        assert fed.stats.skipped == 0
+    finally:
+        fed.close(flush_timeout_s=5.0)

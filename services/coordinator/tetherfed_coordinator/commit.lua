@@ -16,8 +16,11 @@
 -- superseded frame is gone, or going); the caller rescores against the new snapshot. The pin
 -- (a hash with a TTL) copies the snapshot meta hash and records, per decision, the layer it
 -- needs (`d:<id>` → layer) and, per layer, where its bytes lie (`L:<layer>` → JSON
--- {lo, hi: segment indices; start, stop: byte offsets in the frame; dtype, shape}); a publish
--- replacing the snapshot keeps only those segments, and an ack releases its decision's claim.
+-- {lo, hi: segment indices; start, stop: byte offsets in the frame; dtype, shape: the tether's;
+-- parts: a list of {name, start, stop, dtype, shape}, one per part of the layer in the frame
+-- (`<layer>@weight`, `@bias`, `@model:<path>`: tether_protocol/frame.py), absent when it has
+-- none}, lo..hi covering the tether and its parts); a publish replacing the snapshot keeps only
+-- those segments, and an ack releases its decision's claim.
 -- A federation being deleted loses its hash first: write nothing that would outlive it.
 if redis.call('EXISTS', KEYS[7]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 local scored = tonumber(redis.call('HGET', KEYS[1], 'scored_version') or '0')
@@ -40,8 +43,18 @@ for k = 1, p do
   end -- a frame stored whole (before segments) is not pinned: its next publish unlinks it
 end
 
+local function is_part(name, layer)
+  -- Whether header entry `name` is a part of `layer`: `<layer>@` then weight or bias (either
+  -- optionally `:<original>`) or model:<path>, with no further '@' (frame.py's _PART_RE).
+  if string.sub(name, 1, #layer + 1) ~= layer .. '@' then return false end
+  local kind = string.sub(name, #layer + 2)
+  return kind == 'weight' or kind == 'bias' or string.match(kind, '^weight:[%w_]+$') ~= nil
+    or string.match(kind, '^bias:[%w_]+$') ~= nil or string.match(kind, '^model:[^@%z]+$') ~= nil
+end
+
 local function locate(seg0, layer, count)
-  -- Where `layer` lies in the frame whose first segment is `seg0`: its header is read here.
+  -- Where `layer` and its parts lie in the frame whose first segment is `seg0`: its header is
+  -- read here.
   local size = redis.call('STRLEN', seg0)
   local whole = cjson.encode({lo = 0, hi = count - 1})
   local head = redis.call('GETRANGE', seg0, 0, 7)
@@ -53,9 +66,23 @@ local function locate(seg0, layer, count)
   local e = ok and type(header) == 'table' and header[layer]
   if type(e) ~= 'table' or type(e.data_offsets) ~= 'table' then return whole, size end
   local start, stop = 8 + n + e.data_offsets[1], 8 + n + e.data_offsets[2]
-  local last = stop > start and stop - 1 or start
-  return cjson.encode({lo = math.floor(start / size), hi = math.floor(last / size),
-    start = start, stop = stop, dtype = e.dtype, shape = e.shape}), size
+  local first, last = start, stop > start and stop - 1 or start
+  local parts = {}
+  for name, p in pairs(header) do
+    if type(p) == 'table' and type(p.data_offsets) == 'table' and is_part(name, layer) then
+      local a, b = 8 + n + p.data_offsets[1], 8 + n + p.data_offsets[2]
+      parts[#parts + 1] = {name = name, start = a, stop = b, dtype = p.dtype, shape = p.shape}
+      if a < first then first = a end
+      if b - 1 > last then last = b - 1 end
+    end
+  end
+  local where = {lo = math.floor(first / size), hi = math.floor(last / size),
+    start = start, stop = stop, dtype = e.dtype, shape = e.shape}
+  if #parts > 0 then
+    table.sort(parts, function(x, y) return x.start < y.start end)
+    where.parts = parts
+  end
+  return cjson.encode(where), size
 end
 
 redis.call('HSET', KEYS[1], 'scored_version', ARGV[1])

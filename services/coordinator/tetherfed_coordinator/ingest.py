@@ -13,7 +13,8 @@ coordinator leaks nothing. On success one transaction runs `publish.lua`, which 
 segments permanent, unlinks the previous snapshot's and writes the bookkeeping (version,
 metadata, liveness, scoring entry, generation records); on any failure the segments are
 unlinked before the error is raised, so a bad frame leaves no trace. Frames of one segment are SET
-inside that transaction.
+inside that transaction. Under the `update_cosine` measure the same transaction keeps the
+worker's first such snapshot as its origin (`workerfacts`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .errors import BadInput, CoordinatorError, FederationNotFound, Invalid, Too
 from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
 from .store import FIELD_SEP, Store, frame_keys
 from .topology import borrow_connection
+from .workerfacts import queue_origin
 
 # Frame errors about the registered table or the values are Invalid; malformed frames BadInput.
 _UNPROCESSABLE = (LayerMismatchError, ShapeError, DTypeError, NonFiniteError, RangeError)
@@ -403,6 +405,8 @@ async def _commit(
             count,
             prev.get("tag", ""),
         )
+        if policy.measure == "update_cosine":  # the first such publish becomes the origin
+            queue_origin(pipe, keys, fed, wid, tag, count)
         await _queue_generations(store, pipe, fed, wid, policy, prev, frame)
         try:
             results = await pipe.execute()

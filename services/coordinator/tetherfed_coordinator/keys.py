@@ -5,9 +5,10 @@ segments of just under 1 MiB, see `segment`; an upload in flight adds its own, w
 superseded frame keeps the segments of layers unacked decisions name, see `pin`), its
 metadata hash, merge counts and cooldowns (one hash each, bounded by layers × peers), its
 decision stream (approximate MAXLEN), per layer a generation record list (metadata of every
-generation, small) and at most `policy.retain_generations` generation tensors. Per federation: a
-hash, the worker set, the token index, the decision counter, the decision stream (approximate
-MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
+generation, small) and at most `policy.retain_generations` generation tensors; under the
+`update_cosine` measure, a copy of its first frame (`origin`, kept as long as the worker). Per
+federation: a hash, the worker set, the token index, the decision counter, the decision stream
+(approximate MAXLEN) and the ack hash. One scoring stream for all federations (trimmed, entries acked).
 Telemetry (diagnostics): per worker an index hash and one sorted set per metric and layer, each
 trimmed to `telemetry_maxlen` points.
 
@@ -130,6 +131,17 @@ class Keys:
         """Hash: version, step, epoch, loss, previous loss, SnapshotMeta JSON, segment tag and
         count."""
         return f"{self.federation(fed)}:w:{wid}:snapmeta"
+
+    def origin(self, fed: str, wid: str) -> str:
+        """Hash: the snapshot meta hash of the worker's origin, its first publish under the
+        `update_cosine` measure (a copy; `segments` names how many `origin_segment`s hold the
+        frame). Written once, never changed; unlinked with the worker or its federation."""
+        return f"{self.worker(fed, wid)}:origin"
+
+    def origin_segment(self, fed: str, wid: str, index: int) -> str:
+        """String: bytes `[index * segment size, ...)` of the origin's frame (a copy of the
+        segment of that index when the origin was published)."""
+        return f"{self.worker(fed, wid)}:origin:{index}"
 
     def sketch(self, fed: str, wid: str) -> str:
         """Hash: the worker's latest sketch publish (version, step, epoch, loss, previous loss,

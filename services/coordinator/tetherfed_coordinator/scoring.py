@@ -36,7 +36,13 @@ try:  # uvicorn[standard] installs it; run_event_loop falls back to asyncio's lo
 except ImportError:  # pragma: no cover - e.g. Windows
     uvloop = None  # type: ignore[assignment]
 
-from tether_protocol.compat import CompatibilityMatrix, all_pairs, centre_gram, row_scores
+from tether_protocol.compat import (
+    CompatibilityMatrix,
+    all_pairs,
+    centre_gram,
+    row_scores,
+    tether_update,
+)
 from tether_protocol.frame import tensor_view
 from tether_protocol.messages import (
     Decision,
@@ -69,9 +75,18 @@ from .embedded import die_with_parent
 from .liveness import ScorerHealth
 from .metrics import ScoringMetrics
 from .replies import Entries
+from .rounds import (
+    DEFERRED_WAKE_MS,
+    Deferred,
+    deferral,
+    entry_seconds,
+    missing_peers,
+    round_step,
+)
 from .settings import Settings
 from .store import FIELD_SEP, Snapshot, SnapshotCache, Store, redis_clients
 from .topology import aclose
+from .workerfacts import ORIGIN, WorkerFacts, attach_origins
 
 GROUP = "scorers"
 BATCH = 1024  # entries read at once: a batch loads snapshots once and scores each worker once
@@ -96,9 +111,12 @@ def layer_views(
     """Each layer of a snapshot as the scorer sees it: the tether, or (layers of at least
     `sketch.min_values` values under a sketch policy) its count sketch, computed once per
     snapshot and sketch spec. A sketch publish carries its sketches already. Under `cka`: the
-    probe Grams, double-centred here whatever was sent (none published: nothing comparable)."""
+    probe Grams, double-centred here whatever was sent (none published: nothing comparable).
+    Under `update_cosine`: each layer's update since the worker's origin (`update_views`)."""
     if measure == "cka":
         return {name: centre_gram(tensor_view(snap.buf, e)) for name, e in snap.grams.items()}
+    if measure == "update_cosine":
+        return update_views(snap, sketch)
     if snap.sketched is not None:
         spec = None if sketch is None else (sketch.k, sketch.seed)
         if snap.memo.get("sketch_spec") == spec:
@@ -115,6 +133,33 @@ def layer_views(
             out[name] = snap.memo[memo]
         else:
             out[name] = tensor
+    return out
+
+
+def update_views(snap: Snapshot, sketch: SketchPolicy | None) -> dict[str, View]:
+    """Each layer's update since the worker's origin (`snap.memo[ORIGIN]`, see `workerfacts`):
+    T − T⁰ as float32 (`compat.tether_update`), or for a sketched layer S(T) − S(T⁰), which is
+    S(T − T⁰) since a count sketch is linear (the origin's sketch is made once, with the
+    federation's sketch spec, and kept in its memo). Tethers only: what `layer_views` scores
+    under the other measures, whatever else a frame carries. A layer the origin lacks, or holds
+    in another shape, has no update; without an origin, no layer has one (nothing comparable)."""
+    origin = snap.memo.get(ORIGIN)
+    if origin is None:
+        return {}
+    then = layer_views(origin, sketch)
+    out: dict[str, View] = {}
+    for name, view in layer_views(snap, sketch).items():
+        base = then.get(name)
+        if isinstance(view, LayerSketch) and isinstance(base, LayerSketch):
+            if view.shape == base.shape and view.values.shape == base.values.shape:
+                delta = np.subtract(view.values, base.values, dtype=np.float32)
+                out[name] = LayerSketch(delta, view.total - base.total, view.shape)
+        elif (
+            isinstance(view, np.ndarray)
+            and isinstance(base, np.ndarray)
+            and view.shape == base.shape
+        ):
+            out[name] = tether_update(view, base)
     return out
 
 
@@ -239,11 +284,12 @@ def batch_scores(
     return out
 
 
-def peer_state(snap: Snapshot) -> PeerState | None:
-    """A partner as the policy sees it: the step it was scored at, and the version of its full
-    tether (what applying a decision fetches); None when it has published no full tether yet."""
+def peer_state(snap: Snapshot, group: str | None = None) -> PeerState | None:
+    """A partner as the policy sees it: the step it was scored at, the version of its full
+    tether (what applying a decision fetches) and its registered group (`workerfacts.group_of`;
+    None when unknown or without one); None when it has published no full tether yet."""
     full = snap.memo.get("full_version", 0) if snap.sketched is not None else snap.version
-    return PeerState(snap.worker_id, snap.step, full) if full else None
+    return PeerState(snap.worker_id, snap.step, full, group) if full else None
 
 
 class Scorer:
@@ -255,7 +301,9 @@ class Scorer:
         self.settings = store.settings
         self.consumer = store.settings.consumer_name
         self.cache = SnapshotCache(store)
+        self.facts = WorkerFacts(store)  # origins (update_cosine) and groups (fedavg_within)
         self._last_reclaim = 0.0
+        self.deferred = Deferred()  # synchronous rounds waiting for peers (`rounds`)
         self.stopping = asyncio.Event()
         self.health = ScorerHealth()  # how its steps go (`liveness`: /readyz)
 
@@ -296,11 +344,14 @@ class Scorer:
         entries = await self._reclaim() if self._reclaim_due() else []
         if not entries:
             block = self.settings.scoring_block_ms if block_ms is None else block_ms
+            if self.deferred:  # deferred rounds are examined again at least this often
+                block = min(block, DEFERRED_WAKE_MS)
             entries = replies.read_entries(
                 await self.store.blocking.xreadgroup(
                     GROUP, self.consumer, {key: ">"}, count=BATCH, block=block
                 )
             )
+        entries = self.deferred.join(entries)
         await self.handle(entries)
         return len(entries)
 
@@ -325,13 +376,23 @@ class Scorer:
 
     async def handle(self, entries: Entries) -> None:
         """Score a batch (each federation's snapshots loaded once, each worker scored once at
-        its latest version), then XACK and XDEL every entry."""
-        todo: dict[str, set[str]] = {}
-        for _, fields in entries:
+        its latest version), then XACK and XDEL every entry but those of synchronous rounds
+        still waiting for peers: those stay pending, deferred (`rounds`)."""
+        todo: dict[str, dict[str, float]] = {}  # federation → worker → newest publish (Unix s)
+        for entry_id, fields in entries:
             if fields:
-                todo.setdefault(fields["fed"], set()).add(fields["worker"])
-        for fed, wids in todo.items():
-            await self.score_many(fed, sorted(wids))
+                wids = todo.setdefault(fields["fed"], {})
+                at = entry_seconds(entry_id)
+                wids[fields["worker"]] = max(wids.get(fields["worker"], at), at)
+        waiting: set[tuple[str, str]] = set()
+        for fed, published in todo.items():
+            held = await self._waiting(fed, published)
+            waiting.update((fed, wid) for wid in held)
+            if len(held) < len(published):
+                await self.score_many(fed, sorted(set(published) - held))
+        deferred = [e for e in entries if e[1] and (e[1]["fed"], e[1]["worker"]) in waiting]
+        await self._defer(deferred)
+        entries = [e for e in entries if not (e[1] and (e[1]["fed"], e[1]["worker"]) in waiting)]
         if entries:
             ids = [entry_id for entry_id, _ in entries]
             async with self.store.r.pipeline(transaction=True) as pipe:
@@ -339,6 +400,54 @@ class Scorer:
                 pipe.xdel(self.store.keys.scoring(), *ids)
                 await pipe.execute()
             self._observe_latency(entries)
+
+    async def _waiting(self, fed: str, published: Mapping[str, float]) -> set[str]:
+        """The publishers of `fed` (worker → when its newest entry was added, Unix s) whose
+        synchronous round waits for peers (`rounds.deferral`); none outside synchronous rounds.
+        A round scored without peers that timed out is logged."""
+        raw_policy = await self.store.r.hget(self.store.keys.federation(fed), "policy")
+        policy = None if raw_policy is None else Policy.model_validate_json(raw_policy)
+        if policy is None or policy.sync_every is None:
+            return set()
+        include, sketches = list(published), policy.sketch is not None
+        active = await self.store.active_versions(fed, include, sketches)
+        snaps = await self.cache.active(fed, include=include, sketches=sketches)
+        peers = {wid: snaps[wid].step if wid in snaps else None for wid in active}
+        now, held = time.time(), set()
+        for wid, at in published.items():
+            own = snaps.get(wid)
+            if own is None:
+                continue  # left, or nothing to score: score_many settles it
+            if deferral(policy, own.step, wid, peers, now - at):
+                held.add(wid)
+                continue
+            late = missing_peers(own.step, wid, peers) if round_step(policy, own.step) else []
+            if late:
+                log.info(
+                    "federation %r: round of %s at step %d scored without %s (sync_timeout_s "
+                    "%g s passed)",
+                    fed,
+                    wid,
+                    own.step,
+                    ", ".join(late),
+                    policy.sync_timeout_s,
+                )
+        return held
+
+    async def _defer(self, entries: Entries) -> None:
+        """Keep exactly `entries` deferred, claimed again by this consumer (XCLAIM resets their
+        idle time: no live scorer reclaims them; a dead one's are reclaimed after
+        `reclaim_idle_ms`)."""
+        self.deferred.keep(entries)
+        if entries:
+            await self.store.r.xclaim(
+                self.store.keys.scoring(),
+                GROUP,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=[entry_id for entry_id, _ in entries],
+                justid=True,
+            )
 
     def _observe_latency(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         # An entry's id is the Redis clock (ms) when its publish committed; on another machine
@@ -365,6 +474,7 @@ class Scorer:
         raw_policy = await store.r.hget(keys.federation(fed), "policy")
         if raw_policy is None:  # deleted: forget its frames too
             self.cache.forget(fed)
+            self.facts.forget(fed)
             return {}
         policy = Policy.model_validate_json(raw_policy)
         snaps = await self.cache.active(fed, include=wids, sketches=policy.sketch is not None)
@@ -396,7 +506,7 @@ class Scorer:
     ) -> dict[str, Any]:
         """Score, decide and commit `todo`'s rounds; each worker's commit reply."""
         started = time.perf_counter()
-        states = await self._states(fed, todo, snaps)
+        states = await self._states(fed, todo, snaps, policy)
         work = functools.partial(self._decide_batch, policy, states, snaps)
         if sum(len(snap.buf) for snap in snaps.values()) < INLINE_BYTES:
             rounds = work()  # cheaper than the hop to a worker thread
@@ -438,17 +548,35 @@ class Scorer:
             self.metrics.decisions.labels(action).inc(sum(d.action == action for d in decisions))
 
     async def _states(
-        self, fed: str, wids: list[str], snaps: Mapping[str, Snapshot]
+        self,
+        fed: str,
+        wids: list[str],
+        snaps: Mapping[str, Snapshot],
+        policy: Policy | None = None,
     ) -> dict[str, FederationState]:
+        """Each publisher's policy state, read in one pipeline with what `WorkerFacts` has not
+        seen yet that `policy` needs: under `update_cosine` the workers' origins (recorded on
+        `snaps`, where `layer_views` finds them), under `fedavg_within = "group"` their groups
+        (on the peers). Without a policy: neither."""
         keys = self.store.keys
+        grouped = (
+            policy is not None
+            and policy.fedavg_every is not None
+            and policy.fedavg_within == "group"
+        )
+        origins = policy is not None and policy.measure == "update_cosine"
         async with self.store.r.pipeline(transaction=False) as pipe:
             for wid in wids:
                 pipe.hgetall(keys.merges(fed, wid))
                 pipe.hgetall(keys.cooldowns(fed, wid))
+            asked = self.facts.ask(pipe, fed, snaps, origins=origins, groups=grouped)
             raw = await pipe.execute()
+        await self.facts.settle(asked, raw[2 * len(wids) :])
+        attach_origins(snaps, self.facts.origins(fed))
+        groups = self.facts.groups(fed) if grouped else {}
         # One table for the batch (each publisher is left out of its own rows by the policy),
         # not a 999-entry dict per publisher of a 1,000-worker federation.
-        peers = PeerTable(p for s in snaps.values() if (p := peer_state(s)))
+        peers = PeerTable(p for w, s in snaps.items() if (p := peer_state(s, groups.get(w))))
         return {
             wid: self._state(wid, snaps, peers, raw[2 * i], raw[2 * i + 1])
             for i, wid in enumerate(wids)

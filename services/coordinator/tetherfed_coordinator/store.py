@@ -17,7 +17,12 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from tether_protocol.frame import TensorEntry, parse_entries, read_header, split_probe_grams
+from tether_protocol.frame import (
+    TensorEntry,
+    parse_entries,
+    read_header,
+    split_entries,
+)
 from tether_protocol.messages import (
     AckCreate,
     AckPublic,
@@ -40,6 +45,7 @@ from .errors import (
     DecisionNotFound,
     FederationExists,
     FederationNotFound,
+    Invalid,
     NoSnapshot,
     Unavailable,
     WorkerBusy,
@@ -82,7 +88,9 @@ def _opt_int(text: str | None) -> int | None:
 @dataclass
 class Snapshot:
     """A worker's latest frame as stored: bytes, tether entries (absolute offsets) by layer,
-    metadata, and the probe Gram entries by layer (`cka`; empty when the worker sends none)."""
+    metadata, the probe Gram entries by layer (`cka`; empty when the worker sends none), and the
+    parts by layer, then by entry name (`Policy.merge_scope` weights or model: `fc1@weight`;
+    empty under scope tethers). `entries` holds tethers only: scoring never sees parts."""
 
     worker_id: str
     version: int
@@ -93,6 +101,7 @@ class Snapshot:
     buf: bytes
     entries: dict[str, TensorEntry]
     grams: dict[str, TensorEntry] = field(default_factory=dict)
+    parts: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
     # Layer → sketch or tether, for a sketch publish (its frame holds sketches); None for a
     # full frame. `memo`: what the scorer derived from this snapshot (sketches of its layers).
     sketched: dict[str, Any] | None = None
@@ -118,7 +127,7 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
         return None
     buf = segments[0] if len(segments) == 1 else b"".join(segments)
     header, start = read_header(buf)
-    entries, grams = split_probe_grams(parse_entries(header, start, len(buf)))
+    split = split_entries(parse_entries(header, start, len(buf)))
     return Snapshot(
         worker_id=wid,
         version=int(meta["version"]),
@@ -127,8 +136,9 @@ def snapshot_from(wid: str, meta: dict[str, str], segments: list[bytes]) -> Snap
         prev_loss=_opt_float(meta.get("prev_loss")),
         meta=SnapshotMeta.model_validate_json(meta["meta"]),
         buf=buf,
-        entries=entries,
-        grams=grams,
+        entries=split.tethers,
+        grams=split.grams,
+        parts=split.parts,
     )
 
 
@@ -164,6 +174,26 @@ def all_present(parts: Sequence[bytes | None]) -> list[bytes] | None:
     replaced the frame between the reads)."""
     present = [part for part in parts if part is not None]
     return present if len(present) == len(parts) else None
+
+
+def _span(entries: Sequence[TensorEntry]) -> tuple[int, int]:
+    """(first byte, end) of the bytes holding `entries` (absolute offsets)."""
+    return min(e.start for e in entries), max(e.end for e in entries)
+
+
+def _rebase(entry: TensorEntry, base: int) -> TensorEntry:
+    return replace(entry, start=entry.start - base, end=entry.end - base)
+
+
+def _pinned_entry(name: str, where: Mapping[str, Any], base: int) -> TensorEntry:
+    """A tensor entry as commit.lua recorded it in a pin's `L:<layer>` (`start`, `stop`: byte
+    offsets in the frame; `dtype`, `shape`), with offsets into the segments read from `base`."""
+    spec = {
+        "dtype": where["dtype"],
+        "shape": list(where["shape"]),  # cjson writes [] as {}
+        "data_offsets": [0, where["stop"] - where["start"]],
+    }
+    return parse_entries({name: spec}, where["start"] - base, where["stop"] - base)[name]
 
 
 def stored_frame(client: Any, keys: Keys, fed: str, wid: str) -> tuple[bytes, list[bytes]] | None:
@@ -277,7 +307,13 @@ class Store:
         return out
 
     async def set_policy(self, fed: str, policy: Policy) -> None:
-        """Replace the federation's policy."""
+        """Replace the federation's policy. Conflict (409, naming the layer) when it asks for
+        `merge_scope` weights or model while the active workers' layer tables differ (merging
+        weights needs one architecture; see `layer_table_conflict`)."""
+        if policy.merge_scope != "tethers":
+            problem = await self.layer_table_conflict(fed, policy)
+            if problem is not None:
+                raise Conflict(problem)
         await self.r.hset(self.keys.federation(fed), "policy", policy.model_dump_json())
 
     async def delete_federation(self, fed: str) -> None:
@@ -305,8 +341,16 @@ class Store:
 
     # ---------------------------------------------------------------- workers
     async def register(self, fed: str, body: WorkerCreate) -> WorkerRegistered:
-        """Register a worker: a fresh id and token; the worker starts active."""
+        """Register a worker: a fresh id and token; the worker starts active. Under
+        `merge_scope` weights or model, Invalid (422, naming the layer) when its layer table
+        differs from an active worker's (`layer_table_conflict`); nothing is written. (422, not
+        409: the table is what is wrong, and a `Federation` treats a refused first registration
+        as final rather than retrying it; a policy change that conflicts answers 409.)"""
         policy, made = await self.incarnation(fed)
+        if policy.merge_scope != "tethers":
+            problem = await self.layer_table_conflict(fed, policy, body.layers)
+            if problem is not None:
+                raise Invalid(problem)
         wid = f"{body.name}-{secrets.token_hex(3)}"
         while await self.r.sismember(self.keys.workers(fed), wid):
             wid = f"{body.name}-{secrets.token_hex(3)}"
@@ -330,6 +374,49 @@ class Store:
         return WorkerRegistered(
             worker_id=wid, token=token, federation=fed, policy=policy, incarnation=made
         )
+
+    async def layer_table_conflict(
+        self, fed: str, policy: Policy, table: Sequence[LayerSpec] | None = None
+    ) -> str | None:
+        """Why `merge_scope` weights or model cannot hold: the first layer (in table order) that
+        is missing from, or has another shape in, one of the active workers' tables, compared
+        with `table` (a registering worker's) or, without one, with the first active worker's
+        (a policy change); None when they agree. Names and shapes are compared (a wire dtype
+        may differ; layer order too, though `model` assigns untethered tensors by module order,
+        so one architecture gives one order). Checked when the request is served, not atomically
+        with a concurrent registration."""
+        wids = await self.active_ids(fed)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in wids:
+                pipe.hget(self.keys.worker(fed, wid), "layers")
+            raw = await pipe.execute()
+        tables = [
+            (wid, {x["name"]: list(x["shape"]) for x in json.loads(text)})
+            for wid, text in zip(wids, raw, strict=True)
+            if text  # left meanwhile
+        ]
+        if table is None:
+            if not tables:
+                return None
+            base_id, base = tables[0]
+            tables, here = tables[1:], f"worker {base_id!r}"
+        else:
+            base, here = {spec.name: list(spec.shape) for spec in table}, "this worker"
+        scope = f"merge_scope {policy.merge_scope} needs one layer table"
+        for wid, other in tables:
+            for name in [*base, *(n for n in other if n not in base)]:
+                ours, theirs = base.get(name), other.get(name)
+                if ours == theirs:
+                    continue
+                if ours is None:
+                    return f"{scope}: layer {name!r} of worker {wid!r} is missing at {here}"
+                if theirs is None:
+                    return f"{scope}: layer {name!r} of {here} is missing at worker {wid!r}"
+                return (
+                    f"{scope}: layer {name!r} has shape {ours} at {here}, {theirs} at worker "
+                    f"{wid!r}"
+                )
+        return None
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.settings.heartbeat_ttl_s * 1000))
@@ -507,8 +594,8 @@ class Store:
 
     async def snapshot_layer(self, fed: str, wid: str, layer: str) -> Snapshot:
         """The worker's latest snapshot with only the segments holding `layer` read: its `buf`
-        covers that tensor's bytes and `entries` has that layer alone (offsets into `buf`), or
-        no layer when the frame lacks it. Fetching a partner's layer to apply a merge then reads
+        covers that tensor's bytes and its parts' (`parts[layer]`, `Policy.merge_scope`), and
+        `entries` has that layer alone (offsets into `buf`), or no layer when the frame lacks it. Fetching a partner's layer to apply a merge then reads
         that layer, not the whole frame (a 4 MB layer of a 16 MB frame: a quarter). NoSnapshot when
         the worker has no snapshot; the caller checks that the worker exists."""
         for _ in range(SNAPSHOT_READ_TRIES):
@@ -529,17 +616,19 @@ class Store:
                 break  # a header spanning segments: read it all
             header, start = read_header(first)
             total = size * (len(names) - 1) + last_len
-            entries = split_probe_grams(parse_entries(header, start, total))[0]
-            entry = entries.get(layer)
+            split = split_entries(parse_entries(header, start, total))
+            entry = split.tethers.get(layer)
+            parts = split.parts.get(layer, {}) if entry is not None else {}
             lo = hi = 0
             if entry is not None:
-                lo, hi = entry.start // size, max(entry.end - 1, entry.start) // size
+                first_byte, end = _span([entry, *parts.values()])
+                lo, hi = first_byte // size, max(end - 1, first_byte) // size
             async with self.rb.pipeline(transaction=False) as pipe:
                 for name in names[max(lo, 1) : hi + 1]:
                     pipe.get(name)
                 rest: list[bytes | None] = await pipe.execute()
-            parts = all_present(([first] if lo == 0 else []) + rest)
-            if parts is None:
+            read = all_present(([first] if lo == 0 else []) + rest)
+            if read is None:
                 continue
             base = lo * size
             return Snapshot(
@@ -549,10 +638,9 @@ class Store:
                 epoch=int(meta["epoch"]),
                 prev_loss=_opt_float(meta.get("prev_loss")),
                 meta=SnapshotMeta.model_validate_json(meta["meta"]),
-                buf=parts[0] if len(parts) == 1 else b"".join(parts),
-                entries={}
-                if entry is None
-                else {layer: replace(entry, start=entry.start - base, end=entry.end - base)},
+                buf=read[0] if len(read) == 1 else b"".join(read),
+                entries={} if entry is None else {layer: _rebase(entry, base)},
+                parts={layer: {n: _rebase(e, base) for n, e in parts.items()}} if parts else {},
             )
         found = await self._snapshots(fed, [wid])
         if wid not in found:
@@ -563,8 +651,10 @@ class Store:
         """One layer of snapshot `version` of a worker, superseded but kept by a decision's pin
         (`Keys.pin`), as `snapshot_layer` reads the latest; else why it is gone (a sentence).
 
-        A pin keeps only the segments holding a layer some unacked decision names, so the layer
-        is read from them: its `L:<layer>` field says which segments and where in them."""
+        A pin keeps only the segments holding a layer (and its parts) some unacked decision names,
+        so the layer is read from them: its `L:<layer>` field says which segments (`lo`..`hi`,
+        covering the tether and its parts) and where in them (`start`, `stop`, `dtype`, `shape`
+        of the tether; `parts`: the same for each part, with its `name`; see commit.lua)."""
         meta = replies.record(await self.r.hgetall(self.keys.pin(fed, wid, version)))
         pin_s = f"{self.settings.snapshot_pin_s:g}"
         if "tag" not in meta:
@@ -582,17 +672,13 @@ class Store:
                 snap = snapshot_from(wid, meta, parts)
                 if snap is not None and layer in snap.entries:
                     snap.entries, snap.grams = {layer: snap.entries[layer]}, {}
+                    snap.parts = {k: v for k, v in snap.parts.items() if k == layer}
                     return snap
             elif parts is not None:
                 base = where["lo"] * int(meta["size"])
-                spec = {  # the layer's header entry, as commit.lua read it
-                    "dtype": where["dtype"],
-                    "shape": list(where["shape"]),  # cjson writes [] as {}
-                    "data_offsets": [0, where["stop"] - where["start"]],
-                }
-                entry = parse_entries({layer: spec}, where["start"] - base, where["stop"] - base)[
-                    layer
-                ]
+                entry = _pinned_entry(layer, where, base)
+                part_list = where.get("parts") or []  # cjson writes [] as {}
+                pinned_parts = [_pinned_entry(p["name"], p, base) for p in part_list]
                 return Snapshot(
                     worker_id=wid,
                     version=version,
@@ -602,6 +688,7 @@ class Store:
                     meta=SnapshotMeta.model_validate_json(meta["meta"]),
                     buf=parts[0] if len(parts) == 1 else b"".join(parts),
                     entries={layer: entry},
+                    parts={layer: {p.name: p for p in pinned_parts}} if pinned_parts else {},
                 )
         claimed = sorted({v for k, v in meta.items() if k.startswith("d:")})
         if where is None:

@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = fed_sub.add_parser("create", help="create NAME, or keep it if it exists")
     create.add_argument("name")
     create.add_argument(
-        "--policy", default="default", help="preset (default, seed, demo) or JSON file"
+        "--policy",
+        default="default",
+        help="preset (default, seed, cka, clustered, demo) or JSON file",
     )
     create.add_argument("--coordinator", default="http://127.0.0.1:8420")
     create.add_argument("--token", default=None)

@@ -59,7 +59,7 @@ def add_up_parsers(sub: Any) -> None:
     up.add_argument("--token", default=None, help="bearer token of that coordinator")
     up.add_argument("--federation", default="local")
     up.add_argument(
-        "--policy", default="demo", help="preset (demo, default, seed, cka) or JSON file"
+        "--policy", default="demo", help="preset (demo, default, seed, cka, clustered) or JSON file"
     )
     up.add_argument("--out", type=Path, default=None, help="results folder (default runs/<time>)")
     up.add_argument(

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 from pydantic import BaseModel
 
-from tether_protocol.frame import decode_frame
+from tether_protocol.frame import Frame, decode_frame
 from tether_protocol.messages import (
     INCARNATION_HEADER,
     LAST_DECISION_HEADER,
@@ -527,6 +527,13 @@ class Client:
 
     def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
         return self.call(CALLS.tether_stats(fed, wid, layer))
+
+    def tether_frame(self, fed: str, wid: str, layer: str, version: int | None = None) -> Frame:
+        """As `tether`, the whole decoded frame: the layer's tether and the parts published with
+        it (`<layer>@weight`, `@bias`, `@model:<path>` under `merge_scope` weights or model;
+        `tether_protocol.frame.split_entries` sorts them), validated (`FrameError`)."""
+        call = CALLS.tether_bytes(fed, wid, layer, version)
+        return decode_frame(self.call(call), require_meta=False)
 
     def generations(self, fed: str, wid: str, layer: str) -> GenerationsPublic:
         return self.call(CALLS.generations(fed, wid, layer))

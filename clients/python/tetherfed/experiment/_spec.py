@@ -5,7 +5,7 @@
     init = "independent" | "shared"        arms = ["federated", "independent", "fedavg", "oracle"]
     [arm.<name>]   base (a built-in arm) and policy = {field = value, …}: a named variant
     [[groups]]     name, count, and any worker option (task, task_args, shard, model, lr, …)
-    [policy]       preset (demo, default, seed, cka) plus any policy field as an override
+    [policy]       preset (demo, default, seed, cka, clustered) plus any policy field as an override
     [grid]         "dotted.key" = [values, …]   full product
     [[zip]]        "dotted.key" = [values, …]   axes of one table move together
 
@@ -113,7 +113,7 @@ class ArmSpec(BaseModel):
 class PolicySpec(PolicyPatch):
     """`[policy]`: a preset plus overrides of any policy field."""
 
-    preset: Literal["demo", "default", "seed", "cka"] = "default"
+    preset: Literal["demo", "default", "seed", "cka", "clustered"] = "default"
 
     def resolve(self) -> Policy:
         """The preset with the overrides applied (validated as a whole)."""

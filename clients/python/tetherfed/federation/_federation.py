@@ -1,4 +1,5 @@
-"""`Federation`: connects a tethered model to a coordinator without ever blocking training.
+"""`Federation`: connects a tethered model to a coordinator without ever blocking training
+(unless the policy asks for synchronous rounds, `_sync`, which wait at their step).
 
 The training thread only calls `fed.step(...)` once per optimizer step. That call
 
@@ -15,6 +16,7 @@ between the two threads only through the inbox (`_inbox.Inbox`), behind its lock
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, MutableSet, Sequence
@@ -32,7 +34,15 @@ from tetherfed.client._retry import RetryPolicy
 from tetherfed.client._sdk import Client
 from tetherfed.tethers._ops import apply_operator_
 from tetherfed.tethers._probe import Probe
-from tetherfed.tethers._tethering import TetherParametrization, tethered_layers
+from tetherfed.tethers._tethering import (
+    INIT_DIGEST_KEY,
+    LayerPart,
+    MergeScope,
+    TetherParametrization,
+    init_digest,
+    layer_parts,
+    tethered_layers,
+)
 
 from ._inbox import AppliedIds, Inbox, Ready
 from ._io import FederationStats, IOSettings, IOThread, Snapshot
@@ -100,8 +110,12 @@ class Federation:
     I/O thread waits t · (1/F − 1) s (at most 10 s) before the next. Publishes that fall due
     meanwhile are skipped, the latest snapshot going out instead. At 1 there is no pause, whatever
     publishing costs: every scheduled step publishes unless the previous snapshot is still
-    waiting or being sent (the I/O thread takes a snapshot between its decision long-polls of
-    at most `poll_wait_s`). `ValueError` outside (0, 1], or for `publish_every` < 1.
+    being sent (an offered snapshot wakes the I/O thread: it never waits behind a decision
+    long poll). `ValueError` outside (0, 1], or for `publish_every` < 1.
+
+    Synchronous rounds (the policy's `sync_every` R, see `_sync`): at every multiple of R steps
+    `step()` publishes whatever the schedule and the budget, then waits until that round's
+    decisions are applied (or the round decided nothing here), at most `sync_timeout_s`.
 
     Decisions change the model's tethers (and so its effective weights): apply them only between
     optimizer steps. Call `step()` once per optimizer step, after `optimizer.step()`. With
@@ -109,6 +123,17 @@ class Federation:
     `step()` may then be called per micro-batch, and decisions wait for the first call after an
     `optimizer.step()`, so none lands inside an accumulation window (where the accumulated
     gradient would mix weights before and after it).
+
+    What a merge or drift moves follows the policy's `merge_scope`: the tether alone
+    (`tethers`), also the layer's raw weight and bias (`weights`), or also every untethered
+    floating-point parameter and buffer, each carried by one layer (`model`;
+    `tetherfed.tethers.layer_parts` says which). Under weights or model each snapshot publishes
+    those parts with the tethers (float32), a merge refuses (acking why) a partner whose parts
+    are missing or shaped otherwise, and the merge gate's rollback restores them exactly. The
+    worker registers `init_digest` (`meta["init_digest"]`: a fingerprint of the tethered
+    layers' initial weights, `tetherfed.tethers.init_digest`) and logs one warning when, under
+    weights or model, a partner's differs (averaging independently initialised weights means
+    nothing without alignment).
 
     `stats` (a `FederationStats`) counts what happened: `steps`, `scheduled` publishes,
     `published`, `skipped` (scheduled publishes a later one replaced), `merges_applied` and
@@ -139,7 +164,14 @@ class Federation:
         if not self._layers:
             raise ValueError("the model has no tethered layers: call tetherfed.tether(model) first")
         specs = layer_specs(self._layers, wire_dtype)  # refused here, not in the I/O thread
-        check_registration(name, specs, meta or {})
+        # The init fingerprint peers compare under merge_scope weights or model (a resumed
+        # worker keeps the one it registered with, not its trained weights'; `meta` may set it).
+        digest = (resume or {}).get(INIT_DIGEST_KEY) or init_digest(model)
+        meta = {INIT_DIGEST_KEY: digest, **(meta or {})}
+        self.init_digest: str = str(meta[INIT_DIGEST_KEY])
+        self._model = model
+        self._scoped: dict[str, dict[str, list[LayerPart]]] = {}  # scope → layer → its parts
+        check_registration(name, specs, meta)
         _check_pacing(publish_every, io_budget)
         self.federation, self.name, self._probe = federation, name, probe
         self.publish_every, self.wire_dtype, self.io_budget = publish_every, wire_dtype, io_budget
@@ -154,7 +186,7 @@ class Federation:
             federation,
             name,
             specs,
-            meta or {},
+            meta,
             inbox=self._inbox,
             admin_token=token,
             claim_wait_s=claim_wait_s,
@@ -163,6 +195,7 @@ class Federation:
         if resume:
             self._load(resume)
         self._buffers = [self._host_buffers(), self._host_buffers()]
+        self._part_buffers: list[dict[str, Tensor]] = [{}, {}]  # allocated as a scope needs them
         settings = IOSettings(wire_dtype, heartbeat_s, poll_wait_s, io_budget, self._device)
         self._io = IOThread(self._session, self._inbox, self.stats, settings)
         self._io.record(self._progress())
@@ -200,6 +233,11 @@ class Federation:
         return self._session.hold
 
     @property
+    def holds(self) -> dict[str, int]:
+        """Scoring rounds that decided nothing for this worker so far, by hold code (`_holds`)."""
+        return dict(self._session.holds.counts)
+
+    @property
     def refusal(self) -> RefusedError | None:
         """Set when the coordinator refused this worker for good (`step()` raises it)."""
         return self._session.refusal
@@ -226,7 +264,9 @@ class Federation:
     def step(
         self, loss: float | None = None, epoch: int = 0, grad_norm: float | None = None
     ) -> StepReport:
-        """Call once per optimizer step: applies ready decisions, publishes on schedule.
+        """Call once per optimizer step: applies ready decisions, publishes on schedule; at a
+        synchronous round's step (`policy.sync_every`) publishes and waits for the round's
+        decisions, at most `policy.sync_timeout_s` (`_sync`).
 
         A non-finite `loss` or `grad_norm` (NaN, ±Inf) is recorded as unknown (null on the wire).
         Raises `RefusedError` once the coordinator refused this worker for good (unknown
@@ -240,14 +280,19 @@ class Federation:
         self._epoch, self._loss, self._grad_norm = epoch, loss, grad_norm
         self._io.record(self._progress())
         report = StepReport(step=self._step)
-        if self._at_boundary:
+        boundary = self._at_boundary
+        if boundary:
             self._apply_ready(report)
             self._at_boundary = self._boundary_hook is None
-        self._schedule(loss, grad_norm)
-        if self._due and self._io.can_snapshot():
+        forced = self._io.rounds.start(self.policy, self._step)  # a synchronous round (`_sync`)
+        self._schedule(loss, grad_norm, forced)
+        if self._due and (forced or self._io.can_snapshot()):
             report.published = self._snapshot(plateau_fired=self._due_plateau)
             self._due = self._due_plateau = False
             self.stats.snapshots += 1
+        if forced:
+            apply = functools.partial(self._apply_ready, report) if boundary else _nothing
+            self._io.rounds.wait(self._step, apply)
         self._previous_loss = loss
         self.stats.merges_applied += sum(d.action == "merge" for d in report.applied)
         return report
@@ -255,12 +300,18 @@ class Federation:
     def _progress(self) -> Progress:
         return Progress(self._step, self._epoch, self._loss, self._grad_norm)
 
-    def _schedule(self, loss: float | None, grad_norm: float | None) -> None:
-        """A snapshot is due every `publish_every` steps, or when the plateau trigger fires; one
-        still due from before is skipped (this one replaces it)."""
+    def _schedule(self, loss: float | None, grad_norm: float | None, forced: bool = False) -> None:
+        """A snapshot is due every `publish_every` steps, when the plateau trigger fires, or
+        (`forced`) at a synchronous round; one still due from before is skipped (this one
+        replaces it). Under synchronous rounds only the rounds publish: a publish between two
+        would start an asynchronous round of its own, with decisions landing mid-period."""
         policy = self.policy
-        fired = policy is not None and plateau(policy, loss, self._previous_loss, grad_norm)
-        if self._step % self.publish_every == 0 or fired:
+        if policy is not None and policy.sync_every is not None:
+            scheduled, fired = forced, False  # a round's publish starts a round (`trigger`)
+        else:
+            fired = policy is not None and plateau(policy, loss, self._previous_loss, grad_norm)
+            scheduled = self._step % self.publish_every == 0 or fired
+        if scheduled:
             self.stats.scheduled += 1
             if self._due:
                 self._io.skip()
@@ -298,6 +349,7 @@ class Federation:
             # polled again after a resume (duplicates are skipped by applied_ids).
             "cursor": max(inbox.applied_ids, default=0),
             "step": self._step,
+            INIT_DIGEST_KEY: self.init_digest,  # registered again as is after a resume
             "pending_acks": {str(i): a.model_dump(mode="json") for i, a in inbox.pending_acks},
         }
 
@@ -331,7 +383,7 @@ class Federation:
             if ready.partner is None:
                 problem = "no partner tether"
             else:
-                outcome = self._apply_gated(decision, ready.partner, report)
+                outcome = self._apply_gated(decision, ready.partner, report, ready.parts)
                 if isinstance(outcome, AckCreate):
                     return outcome
                 problem = outcome
@@ -344,27 +396,41 @@ class Federation:
         return gate is not None and self._probe is not None and decision.action == "merge"
 
     def _apply_gated(
-        self, decision: Decision, partner: Tensor, report: StepReport
+        self,
+        decision: Decision,
+        partner: Tensor,
+        report: StepReport,
+        parts: Mapping[str, Tensor] | None = None,
     ) -> AckCreate | str:
         """Apply (under the merge gate: evaluate, then keep or roll back); the ack of what was
-        applied or rolled back, or the reason it cannot be applied (the tether unchanged)."""
+        applied or rolled back, or the reason it cannot be applied (the tether and the parts
+        unchanged). `parts`: the partner's parts of the layer (entry name → tensor)."""
         if self._gated(decision):
-            return self._judge(decision, partner, report)
-        problem = self._apply(decision, partner)
+            return self._judge(decision, partner, report, parts)
+        problem = self._apply(decision, partner, parts)
         if problem is not None:
             return problem
         report.applied.append(decision)
         return AckCreate(outcome="applied", generation=self.generations[decision.layer])
 
-    def _judge(self, decision: Decision, partner: Tensor, report: StepReport) -> AckCreate | str:
+    def _judge(
+        self,
+        decision: Decision,
+        partner: Tensor,
+        report: StepReport,
+        parts: Mapping[str, Tensor] | None = None,
+    ) -> AckCreate | str:
         """The merge gate: apply, compare the probe loss before and after, keep the merge if the
-        rise is within the policy's bound, else restore the exact previous tether."""
+        rise is within the policy's bound, else restore the exact previous tether and parts
+        (bitwise: weights, biases and untethered tensors under merge_scope weights or model)."""
         policy, probe = self.policy, self._probe
         assert probe is not None and policy is not None and policy.gate is not None
+        scope = policy.merge_scope
         storage = self._layers[decision.layer].storage()
         previous = storage.detach().clone()
+        kept = [(ref, ref.tensor().detach().clone()) for ref in self._parts_of(decision, scope)]
         before = probe.loss()
-        problem = self._apply(decision, partner)
+        problem = self._apply(decision, partner, parts, scope)
         if problem is not None:
             return problem  # nothing changed
         after = probe.loss()
@@ -382,6 +448,8 @@ class Federation:
             )
         with torch.no_grad():
             storage.copy_(previous)  # the exact previous tether (also learned logits)
+            for ref, value in kept:
+                ref.write_(value)  # ... and parts
         self.generations[decision.layer] -= 1
         reason = (
             f"merge gate: probe loss rose from {before:.6g} to {after:.6g} "
@@ -405,18 +473,42 @@ class Federation:
             return f"layer {decision.layer!r} is not tethered here"
         return None
 
-    def _apply(self, decision: Decision, partner: Tensor) -> str | None:
-        """Apply a decision to its layer; the reason it cannot be applied (tether unchanged)."""
+    def _apply(
+        self,
+        decision: Decision,
+        partner: Tensor,
+        parts: Mapping[str, Tensor] | None = None,
+        scope: MergeScope | None = None,
+    ) -> str | None:
+        """Apply a decision to its layer: the operator moves its tether and, under merge_scope
+        weights or model (the policy's unless `scope` is given), each of its parts towards (or,
+        repel, away from) the partner's in `parts` (repel unclipped there). The reason it
+        cannot be applied, with nothing changed: a part the scope needs missing from the
+        partner's frame or of another shape, a non-finite result, a bad operator."""
         tp: TetherParametrization = self._layers[decision.layer]
         if decision.operator is not None and decision.operator != "decouple":
+            scope = scope or self._scope()
+            refs = self._parts_of(decision, scope)
+            problem = _part_mismatch(scope, refs, parts or {})
+            if problem is not None:
+                return problem
             value = tp.current().detach().clone()
             try:
                 apply_operator_(decision.operator, decision.params, value, partner)
+                moved = [(ref, _moved(ref, decision, (parts or {})[ref.name])) for ref in refs]
                 tp.set_(value)  # validates (finite, in [0, 1]) before it writes
             except ValueError as error:  # a partner's tensor never stops training
                 return f"cannot apply {decision.operator}: {error}"
+            for ref, new in moved:  # cannot fail: shapes checked, values finite
+                ref.write_(new)
         self.generations[decision.layer] += 1
         return None
+
+    def _parts_of(self, decision: Decision, scope: MergeScope) -> list[LayerPart]:
+        """The parts of the decision's layer that `scope` moves (none for decouple)."""
+        if decision.operator in (None, "decouple"):
+            return []
+        return self._all_parts(scope).get(decision.layer, [])
 
     # -- snapshots ------------------------------------------------------------------------------
     def _host_buffers(self) -> dict[str, Tensor]:
@@ -434,6 +526,7 @@ class Federation:
         with torch.no_grad():
             for name, tp in self._layers.items():
                 buffers[name].copy_(tp.current(), non_blocking=True)
+        parts = self._copy_parts(index, self._scope())  # merge_scope weights or model
         policy, grams = self.policy, {}
         if self._probe is not None and policy is not None and policy.measure == "cka":
             grams = self._probe.grams(policy.probe_seed, policy.probe_size)
@@ -444,8 +537,41 @@ class Federation:
         # The metadata model is built on the I/O thread: the training thread only records numbers.
         progress = (self._step, self._epoch, self._loss, self._grad_norm, plateau_fired)
         generations = dict(self.generations)
-        self._io.offer(Snapshot(buffers, progress, generations, index, event, grams))
+        self._io.offer(Snapshot(buffers, progress, generations, index, event, grams, parts=parts))
         return True
+
+    def _copy_parts(self, index: int, scope: MergeScope) -> dict[str, dict[str, Tensor]]:
+        """Copy the parts `scope` needs (`layer_parts`: weights, biases, untethered tensors)
+        into host buffer set `index` (float32, pinned on CUDA, allocated on first use: the
+        scope is known only once registered, and may change); layer → entry name → buffer."""
+        out: dict[str, dict[str, Tensor]] = {}
+        if scope == "tethers":
+            return out
+        held, pin = self._part_buffers[index], self._device.type == "cuda"
+        with torch.no_grad():
+            for layer, refs in self._all_parts(scope).items():
+                for ref in refs:
+                    tensor = ref.tensor().detach()
+                    buf = held.get(ref.name)
+                    if buf is None or buf.shape != tensor.shape:
+                        shape = tuple(tensor.shape)
+                        buf = held[ref.name] = torch.empty(
+                            shape, dtype=torch.float32, pin_memory=pin and tensor.is_cuda
+                        )
+                    buf.copy_(tensor, non_blocking=True)
+                    out.setdefault(layer, {})[ref.name] = buf
+        return out
+
+    def _scope(self) -> MergeScope:
+        """The policy's merge_scope (tethers until registered)."""
+        policy = self.policy
+        return policy.merge_scope if policy is not None else "tethers"
+
+    def _all_parts(self, scope: MergeScope) -> dict[str, list[LayerPart]]:
+        """Every layer's parts under `scope` (computed once per scope)."""
+        if scope not in self._scoped:
+            self._scoped[scope] = layer_parts(self._model, scope)
+        return self._scoped[scope]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _optimizer_stepped(self, *_: object) -> None:
@@ -475,6 +601,44 @@ def _check_pacing(publish_every: int, io_budget: float) -> None:
         raise ValueError(f"publish_every must be ≥ 1, got {publish_every}")
     if not 0.0 < io_budget <= 1.0:
         raise ValueError(f"io_budget must be in (0, 1], got {io_budget}")
+
+
+def _part_mismatch(
+    scope: MergeScope, refs: Sequence[LayerPart], partner: Mapping[str, Tensor]
+) -> str | None:
+    """Why the partner's parts cannot be merged into ours (one missing, or of another shape),
+    e.g. "merge_scope weights: partner's fc1@weight has shape [8, 4], ours [8, 5]"; None when
+    every part the scope needs is there."""
+    for ref in refs:
+        theirs = partner.get(ref.name)
+        if theirs is None:
+            return (
+                f"merge_scope {scope}: partner's {ref.name} is missing (its snapshot was "
+                "published under another merge_scope, or by another architecture)"
+            )
+        ours = ref.tensor()
+        if tuple(theirs.shape) != tuple(ours.shape):
+            return (
+                f"merge_scope {scope}: partner's {ref.name} has shape {list(theirs.shape)}, "
+                f"ours {list(ours.shape)}"
+            )
+    return None
+
+
+def _moved(ref: LayerPart, decision: Decision, partner: Tensor) -> Tensor:
+    """The part after the decision's operator (at least float32 precision, unclipped): a new
+    tensor, the part itself unchanged. ValueError when the result is not finite."""
+    own = ref.tensor().detach()
+    work = own.to(torch.promote_types(own.dtype, torch.float32), copy=True)
+    assert decision.operator is not None
+    apply_operator_(decision.operator, decision.params, work, partner, unit=False)
+    if not bool(torch.isfinite(work).all()):
+        raise ValueError(f"{ref.name} would hold NaN or Inf")
+    return work
+
+
+def _nothing() -> None:
+    """Apply nothing (a step inside an accumulation window)."""
 
 
 def _finite_or_none(value: float | None) -> float | None:

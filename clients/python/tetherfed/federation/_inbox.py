@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -22,11 +22,15 @@ from tether_protocol.messages import AckCreate, Decision
 
 @dataclass
 class Ready:
-    """A decision the I/O thread prepared: the partner tether, or why it cannot be applied."""
+    """A decision the I/O thread prepared: the partner tether, or why it cannot be applied;
+    `parts`: the partner's parts of the layer published with that tether (entry name →
+    float32 tensor: `fc1@weight`, `fc1@bias`, `fc1@model:bn.running_mean`; `merge_scope`
+    weights or model), empty when it published none."""
 
     decision: Decision
     partner: Tensor | None
     problem: str | None = None
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tether_protocol.frame import FrameError, encode_parts, probe_gram_name
-from tether_protocol.messages import AckCreate, Decision, SnapshotMeta, WireDType
+from tether_protocol.frame import (
+    FrameError,
+    encode_parts,
+    probe_gram_name,
+    split_entries,
+    with_parts,
+)
+from tether_protocol.messages import AckCreate, Decision, DecisionsPublic, SnapshotMeta, WireDType
 from tether_protocol.sketch import encode_sketch_frame
 from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
 from tetherfed.client._errors import (
@@ -38,9 +45,11 @@ from tetherfed.client._errors import (
     NotFoundError,
     TetherError,
 )
+from tetherfed.tethers._tethering import INIT_DIGEST_KEY
 
 from ._inbox import Inbox, Ready
 from ._session import Progress, Session
+from ._sync import SyncRounds, report_late
 
 log = logging.getLogger("tetherfed.federation")
 TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
@@ -59,7 +68,9 @@ class FederationStats:
     publish not yet taken when the Federation closes counts as skipped too, so after a clean
     `close()` `scheduled == published + skipped`. `merges_applied`: merge decisions applied
     (kept by the merge gate). `failures`: failed network calls. `telemetry_sent` and
-    `telemetry_dropped`: telemetry points."""
+    `telemetry_dropped`: telemetry points. Synchronous rounds (`policy.sync_every`, `_sync`):
+    `rounds` waited for, `rounds_timed_out` of them (trained on after `sync_timeout_s`), and
+    `round_wait_s`, the seconds `step()` spent waiting in them."""
 
     snapshots: int = 0
     published: int = 0
@@ -70,6 +81,9 @@ class FederationStats:
     scheduled: int = 0
     skipped: int = 0
     merges_applied: int = 0
+    rounds: int = 0
+    rounds_timed_out: int = 0
+    round_wait_s: float = 0.0
 
     @property
     def merges_per_100_steps(self) -> float:
@@ -87,6 +101,9 @@ class Snapshot:
     index: int  # which of the two host buffer sets holds it
     event: Any = None  # a torch.cuda.Event when the copies were non-blocking
     grams: dict[str, Any] = field(default_factory=dict)  # layer → probe Gram (cka)
+    forced: bool = False  # a synchronous round's: published at once, never replaced
+    # layer → part entry name → host buffer (merge_scope weights or model: `fc1@weight`)
+    parts: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def meta(self, worker_id: str, wire_dtype: WireDType) -> SnapshotMeta:
         """The snapshot's metadata as published (built here, on the I/O thread)."""
@@ -137,6 +154,14 @@ class IOThread:
             maxlen=TELEMETRY_BUFFER
         )
         self._full_next = False  # under a sketch policy: the coordinator asked for a full publish
+        self._init_checked: set[str] = set()  # partners whose init_digest was compared
+        self._init_warned = False
+        # Set when the loop has something to do at once: a snapshot offered, a long poll
+        # answered, a synchronous round timed out, stopping. The decision long poll runs on its
+        # own thread (`_poll`) so that nothing waits behind it.
+        self._wake = threading.Event()
+        self.rounds = SyncRounds(stats, self._wake.set)
+        self._polling: tuple[str, int, Future[tuple[DecisionsPublic, int | None]]] | None = None
         self._thread = threading.Thread(target=self._run, name="tetherfed-io", daemon=True)
 
     def start(self) -> None:
@@ -154,7 +179,10 @@ class IOThread:
         budget pause, a due snapshot waits for the next step boundary instead of being copied
         and then replaced (latest wins, without the copies)."""
         with self._lock:
-            fresh = self._pending is None or (self._failing and self._sending is None)
+            pending = self._pending
+            fresh = pending is None or (
+                self._failing and self._sending is None and not pending.forced
+            )
             return fresh and time.monotonic() >= self._next_publish
 
     def claim_buffers(self) -> int:
@@ -166,10 +194,13 @@ class IOThread:
 
     def offer(self, snap: Snapshot) -> None:
         """Hand over a snapshot to publish (before registration completes it waits here); an
-        unsent one it replaces is counted in `stats.skipped`."""
+        unsent one it replaces is counted in `stats.skipped`. The snapshot of an open synchronous
+        round is forced: published at once, whatever the I/O budget."""
+        snap.forced = self.rounds.is_open(snap.progress[0])
         with self._lock:
             self._replace_pending()
             self._pending = snap
+        self._wake.set()
 
     def skip(self) -> None:
         """Count a scheduled publish that a later one replaced before it was taken."""
@@ -195,8 +226,10 @@ class IOThread:
         self._closing.set()
         if not self.session.registered.is_set():
             self._stop.set()  # nothing was or could be published: no flush to wait for
+        self._wake.set()
         self._thread.join(timeout=flush_timeout_s + self._settings.poll_wait_s)
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=self._settings.poll_wait_s + 10.0)
 
     def farewell(self, leave: bool, why: str) -> None:
@@ -229,6 +262,7 @@ class IOThread:
                     last_beat = time.monotonic()
                 self._poll()
                 self.session.check_incarnation()
+                self._report_late()
                 outage.recovered()
             except TetherError as error:
                 self.stats.failures += 1
@@ -267,7 +301,8 @@ class IOThread:
         """The snapshot to publish now, marking its buffers busy; None if none, or the budget
         pause is not over (closing ends it)."""
         with self._lock:
-            if time.monotonic() < self._next_publish and not self._closing.is_set():
+            forced = self._pending is not None and self._pending.forced
+            if time.monotonic() < self._next_publish and not (self._closing.is_set() or forced):
                 return None
             snap, self._pending = self._pending, None
             if snap is not None:
@@ -326,9 +361,13 @@ class IOThread:
         tensors = {name: buf.numpy() for name, buf in snap.buffers.items()}
         # A sketch frame carries the tethers' sketches only (cka's probe Grams go in full ones).
         if not self._publish_sketch(snap, tensors):
+            # Each layer's parts right after its tether (a pin of the layer keeps few segments).
+            host = {k: {n: b.numpy() for n, b in v.items()} for k, v in snap.parts.items()}
+            tensors = with_parts(tensors, host)
             tensors |= {probe_gram_name(name): gram for name, gram in snap.grams.items()}
             parts = encode_parts(tensors, snap.meta(worker_id, wire_dtype), wire_dtype)
-            self._client.publish(self.session.federation, worker_id, parts)
+            accepted = self._client.publish(self.session.federation, worker_id, parts)
+            self.rounds.published(worker_id, snap.progress[0], accepted.version)
             self._full_next = False
         self.stats.published += 1
         with self._lock:
@@ -349,6 +388,7 @@ class IOThread:
             self.session.drop_sketch()
             return False
         self._full_next = accepted.full_requested
+        self.rounds.published(worker_id, snap.progress[0], accepted.version)
         return True
 
     def _refused(self, error: APIError) -> None:
@@ -395,15 +435,30 @@ class IOThread:
 
     # -- decisions ------------------------------------------------------------------------------
     def _poll(self) -> None:
+        """Long-poll this worker's decisions on the poll thread and wait here until the page
+        comes, a snapshot is offered (the loop publishes it, then comes back for the page:
+        a snapshot never waits behind a long poll) or the wait is over; then queue the page's
+        decisions, their partner tethers fetched."""
         worker_id, federation = self.session.worker_id, self.session.federation
         assert worker_id is not None
+        self._wake.clear()  # before looking: an offer from now on ends the wait below
         wait = self._poll_wait()
-        if wait is None:
-            return  # publish first
-        after = self._inbox.cursor
-        page = self._client.worker_decisions(federation, worker_id, after=after, wait=wait)
+        if wait is None or self._stop.is_set():
+            return  # publish first; or stopping (the poll thread may be shut down)
+        if self._polling is None:
+            after = self._inbox.cursor
+            call = self._long_poll(federation, worker_id, after, wait)
+            self._polling = (worker_id, after, call)
+        polled_by, after, call = self._polling
+        if not call.done():
+            self._wake.wait(wait)
+            if not call.done():
+                return
+        self._polling = None
+        page, last = call.result()  # a failed poll raises here, on the loop's thread
+        if polled_by != self.session.worker_id or after != self._inbox.cursor:
+            return  # registered anew, or rewound, meanwhile: poll again
         self.session.held(page.hold)
-        last = self._client.last_decision
         if last is not None and last < after:
             self._rewind(last, after)
             return  # poll again from there
@@ -412,17 +467,44 @@ class IOThread:
                 self._inbox.put(self._prepare(decision))
             # Only once it is queued: a failed partner fetch re-polls the decision.
             self._inbox.advance(decision.id)
+        self.rounds.polled(polled_by, page)
+
+    def _long_poll(
+        self, federation: str, worker_id: str, after: int, wait: float
+    ) -> Future[tuple[DecisionsPublic, int | None]]:
+        """Start the long poll on a poll thread of its own (a daemon: closing never waits for
+        a poll in flight, whose answer is dropped); the future of the page and the
+        federation's last decision id (`X-Tether-Last-Decision`: only long polls carry it, and
+        one runs at a time). Its end wakes the loop."""
+        call: Future[tuple[DecisionsPublic, int | None]] = Future()
+
+        def poll() -> None:
+            call.set_running_or_notify_cancel()
+            try:
+                page = self._client.worker_decisions(federation, worker_id, after=after, wait=wait)
+                call.set_result((page, self._client.last_decision))
+            except BaseException as error:  # handed to the loop's thread
+                call.set_exception(error)
+            self._wake.set()
+
+        threading.Thread(target=poll, name="tetherfed-poll", daemon=True).start()
+        return call
+
+    def _report_late(self) -> None:
+        """Log the missing peers of each synchronous round that timed out (`_sync`)."""
+        worker_id = self.session.worker_id
+        for step, timeout_s in self.rounds.late():
+            if worker_id is not None:
+                report_late(self._client, self.session.federation, worker_id, step, timeout_s)
 
     def _poll_wait(self) -> float | None:
-        """How long to long-poll (the thread sleeps in a socket read, holding no GIL): until the
-        next publish is due, not at all while acks wait or when stopping; None when a snapshot
-        is due to publish first."""
+        """How long to long-poll (the poll thread sleeps in a socket read, holding no GIL):
+        until the next publish is due, not at all while acks wait or when stopping; None when
+        a snapshot is due to publish first (a synchronous round's at once)."""
         with self._lock:
-            waiting, until_publish = (
-                self._pending is not None,
-                self._next_publish - time.monotonic(),
-            )
-        if waiting and until_publish <= 0:
+            pending = self._pending
+            waiting, until_publish = pending is not None, self._next_publish - time.monotonic()
+        if waiting and (until_publish <= 0 or (pending is not None and pending.forced)):
             return None
         wait = (
             min(self._settings.poll_wait_s, until_publish)
@@ -454,7 +536,7 @@ class IOThread:
             return Ready(decision, torch.zeros(0))
         ref = decision.partner_snapshot
         try:
-            partner = self._client.tether(
+            frame = self._client.tether_frame(
                 self.session.federation,
                 decision.partner_id,
                 decision.layer,
@@ -464,12 +546,51 @@ class IOThread:
             return Ready(decision, None, f"partner tether unavailable: {error.detail}")
         except FrameError as error:  # the partner's bytes are not a usable tether
             return Ready(decision, None, f"partner tether refused: {error}")
-        # Copy off the response buffer here, on the I/O thread; pinned so the training thread's
-        # host-to-device copy can be non-blocking.
-        tensor = torch.from_numpy(np.array(partner, dtype=np.float32))
-        return Ready(
-            decision, tensor.pin_memory() if self._settings.device.type == "cuda" else tensor
-        )
+        if decision.layer not in frame.tensors:
+            return Ready(decision, None, f"partner tether refused: no layer {decision.layer!r}")
+        self._check_init(decision.partner_id)
+        # The parts published with the tether (merge_scope weights or model); `_apply` checks
+        # them against what the scope needs.
+        named = split_entries(frame.entries).parts.get(decision.layer, {})
+        parts = {name: self._host_copy(frame.tensors[name]) for name in named}
+        return Ready(decision, self._host_copy(frame.tensors[decision.layer]), parts=parts)
+
+    def _host_copy(self, array: Any) -> Tensor:
+        """A float32 tensor copied off the response buffer here, on the I/O thread; pinned on
+        CUDA so the training thread's host-to-device copy can be non-blocking."""
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+        return tensor.pin_memory() if self._settings.device.type == "cuda" else tensor
+
+    def _check_init(self, partner: str) -> None:
+        """Under merge_scope weights or model, warn once (per Federation) when a partner's
+        registered `init_digest` differs from ours: averaging the weights of independently
+        initialised models means nothing without aligning their units first (Entezari et al.
+        2022, "The Role of Permutation Invariance in Linear Mode Connectivity"). Each partner
+        is looked up once; a failed lookup is not retried (it is only a diagnostic)."""
+        policy = self.session.policy
+        if policy is None or policy.merge_scope == "tethers" or self._init_warned:
+            return
+        if partner in self._init_checked:
+            return
+        self._init_checked.add(partner)
+        ours = self.session.meta.get(INIT_DIGEST_KEY)
+        try:
+            theirs = self._client.get_worker(self.session.federation, partner).meta.get(
+                INIT_DIGEST_KEY
+            )
+        except TetherError:
+            return
+        if ours is not None and theirs is not None and theirs != ours:
+            self._init_warned = True
+            log.warning(
+                "merge_scope %s: worker %s started from another init (%s %s, ours %s): "
+                "averaging independently initialised weights means nothing without alignment",
+                policy.merge_scope,
+                partner,
+                INIT_DIGEST_KEY,
+                theirs,
+                ours,
+            )
 
     def _reject_unapplied(self, why: str) -> None:
         """Ack `rejected` (with `why`) each merge or drift this leaving worker received, or has

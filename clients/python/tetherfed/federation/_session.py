@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,6 +32,7 @@ from tetherfed.client._errors import (
 from tetherfed.client._sdk import Client
 from tetherfed.tethers._tethering import TetherParametrization
 
+from ._holds import HoldTally
 from ._inbox import Inbox
 
 log = logging.getLogger("tetherfed.federation")
@@ -85,11 +87,17 @@ class Session:
         # Why the latest scoring round gave this worker nothing to apply (logged once per reason).
         self.hold: Hold | None = None
         self._hold_said = ""
+        self.holds = HoldTally()  # rounds held, by code; warns of a streak the user can fix
 
     @property
     def worker_id(self) -> str | None:
         """The worker id (None until registered, and after the coordinator forgot it)."""
         return self.identity.worker_id
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        """The meta this worker registers with (`init_digest` among it; read-only)."""
+        return MappingProxyType(self._meta)
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take the identity a checkpoint kept (before the I/O thread starts)."""
@@ -222,6 +230,7 @@ class Session:
         if hold is not None and hold.code != self._hold_said:
             log.info("worker %s holds: %s (%s)", self.worker_id, hold.reason, hold.code)
             self._hold_said = hold.code  # a reason coming back after merges is not news
+        self.holds.observe(hold, self.worker_id)
         self.hold = hold
 
     def drop_sketch(self) -> None:

@@ -51,7 +51,9 @@ GRACE_S = 10.0  # SIGTERM → SIGKILL
 TICK_S = 0.25
 STATUS_EVERY_S = 1.0
 QUICK = RetryPolicy(tries=2, deadline_s=2.0)
-INIT_DIGEST = "init_digest"  # worker meta: a digest of the initial parameters (Federation's)
+# Worker meta naming a digest of the initial parameters (`tethers.INIT_DIGEST_KEY`, spelled here
+# so the launcher does not import torch).
+INIT_DIGEST = "init_digest"
 
 Arm = Literal["federated", "independent", "fedavg", "oracle"]
 Init = Literal["independent", "shared"]
@@ -91,7 +93,7 @@ def preset_policy(name: str) -> Policy:
 
 
 def resolve_policy(spec: str) -> Policy | str:
-    """A preset name ('demo', 'default', 'seed', 'cka') or a JSON policy file; raises KeyError
+    """A preset name ('demo', 'default', 'seed', 'cka', 'clustered') or a JSON policy file; raises KeyError
     naming every preset for an unknown name."""
     if spec == "demo":
         return demo_policy()
@@ -111,6 +113,7 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
     (`Policy.fedavg_every`; see `tether_protocol.policy`). oracle: the same, but within each
     worker's own group (`Policy.fedavg_within = "group"`): clustered FL told the clusters, the
     upper bound a federation that must find them is measured against (IFCA, Ghosh et al. 2020).
+    Neither has a merge gate: FedAvg averages whatever the averages do to a worker's loss.
     Every arm but independent keeps the policy's `sync_every`, and every arm its `merge_scope`.
     """
     if arm == "independent":
@@ -123,12 +126,10 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
                 "sync_every": None,  # no round to wait for
             }
         )
-    if arm == "fedavg":
-        return policy.model_copy(
-            update={"fedavg_every": fedavg_every, "fedavg_within": "federation"}
-        )
-    if arm == "oracle":
-        return policy.model_copy(update={"fedavg_every": fedavg_every, "fedavg_within": "group"})
+    if arm in ("fedavg", "oracle"):  # FedAvg averages unconditionally: no merge gate
+        within = "group" if arm == "oracle" else "federation"
+        update = {"fedavg_every": fedavg_every, "fedavg_within": within, "gate": None}
+        return policy.model_copy(update=update)
     return policy
 
 
@@ -473,7 +474,9 @@ PACE = ("publishes", "publishes_skipped", "merges_per_100_steps")  # in step and
 class WorkerRow:
     """One worker as the tables show it. `publishes`: tether publishes sent;
     `publishes_skipped`: scheduled publishes its I/O budget skipped (a later snapshot went
-    instead); `merges_per_100_steps`: merges it applied per 100 steps."""
+    instead); `merges_per_100_steps`: merges it applied per 100 steps. `waiting`: why the
+    engine has not started it yet (status `pending`; Ray: the resources its actor waits for).
+    `holds`: scoring rounds that decided nothing for it, by hold code (its last event's)."""
 
     name: str
     status: str = "starting"
@@ -493,12 +496,15 @@ class WorkerRow:
     publishes_skipped: int = 0
     merges_per_100_steps: float | None = None
     exit_code: int | None = None
+    waiting: str | None = None
+    holds: dict[str, int] = field(default_factory=dict)
 
     def update(self, event: dict[str, Any]) -> None:
         """Fold one JSON line of the worker's stdout into the row."""
         self.worker_id = event.get("worker_id") or self.worker_id
+        self.holds = event.get("holds", self.holds)
         if event.get("event") == "step":
-            self.status = "running"
+            self.status, self.waiting = "running", None
             for key in (
                 "step",
                 "total",
@@ -732,13 +738,17 @@ class Launcher:
         """Update statuses; True while any worker is still running and nothing failed."""
         for name, proc in self.workers.items():
             code, row = proc.poll(), self.rows[name]
+            if code is None and row.status in ("starting", "pending"):
+                row.waiting = getattr(proc, "waiting", None)  # an engine that knows why (Ray)
+                row.status = "pending" if row.waiting else "starting"
             if code is None or row.exit_code is not None:
                 continue
             row.exit_code = code
             row.status = "done" if code == 0 else f"failed (exit {code})"
             if code != 0:
                 self.failures.append(
-                    f"{name} exited with code {code}; see {self.out / f'{name}.log'}"
+                    getattr(proc, "failure", None)  # an engine's reason for giving it up
+                    or f"{name} exited with code {code}; see {self.out / f'{name}.log'}"
                 )
         coordinator = self.coordinator.process if self.coordinator else None
         if coordinator is not None and not _alive(coordinator):

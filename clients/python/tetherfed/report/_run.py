@@ -23,7 +23,8 @@ MARK_SYMBOLS = {
     ("drift", "issued"): "triangle-down-open",
 }
 HEATMAP_FRAMES = 12
-BOUNDED = ("pearson", "cosine", "cka")  # measures in [-1, 1]: one colour scale for every frame
+# measures in [-1, 1]: one colour scale for every frame
+BOUNDED = ("pearson", "cosine", "cka", "update_cosine")
 MAX_LAYERS = 8
 NO_DECISIONS = "the run folder has no decisions.jsonl with scored decisions"
 

@@ -5,12 +5,17 @@ from ._ops import OperatorError, apply_operator_
 from ._probe import Probe
 from ._task import CLASSIFICATION_METRICS, MetricFn, Task, accuracy, probe_inputs
 from ._tethering import (
+    INIT_DIGEST_KEY,
     ROOT_LAYER,
     Coverage,
+    LayerPart,
+    MergeScope,
     SkippedModules,
     TetherMode,
     TetherParametrization,
     get_tether,
+    init_digest,
+    layer_parts,
     layer_table,
     load_plain_state_dict,
     pre_tether_weight,
@@ -25,9 +30,12 @@ from ._tethering import (
 )
 
 __all__ = [
+    "INIT_DIGEST_KEY",
     "CLASSIFICATION_METRICS",
     "ROOT_LAYER",
     "Coverage",
+    "LayerPart",
+    "MergeScope",
     "OperatorError",
     "Probe",
     "SkippedModules",
@@ -38,6 +46,8 @@ __all__ = [
     "accuracy",
     "apply_operator_",
     "get_tether",
+    "init_digest",
+    "layer_parts",
     "layer_table",
     "load_plain_state_dict",
     "pre_tether_weight",

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -54,9 +55,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from tether_protocol.frame import part_name
+
 log = logging.getLogger("tetherfed.tethers")
 
 TetherMode = Literal["static", "learned", "importance"]
+MergeScope = Literal["tethers", "weights", "model"]  # tether_protocol.messages.Policy.merge_scope
+# The worker meta key under which a Federation registers `init_digest(model)` at construction.
+INIT_DIGEST_KEY = "init_digest"
 TETHER_MODES: tuple[str, ...] = get_args(TetherMode)
 # Selects parameters by (layer name, module, parameter name); see tether().
 LayerPredicate = Callable[[str, nn.Module, str], bool]
@@ -528,6 +534,199 @@ def update_importance(model: nn.Module) -> list[str]:
         if grad is not None and tp.observe(weight, grad):
             refreshed.append(name)
     return refreshed
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPart:
+    """One tensor a merge or drift of ``layer`` moves besides its tether (``merge_scope``
+    weights or model): the raw weight, the bias, or an untethered parameter or buffer.
+
+    ``part`` is ``weight`` (or ``weight:<original>`` for each original of a parametrization with
+    several, e.g. ``weight_norm``'s ``original0`` and ``original1``), ``bias`` (likewise), or
+    ``model:<path>`` with ``path`` the tensor's qualified name in the (unwrapped) model; the
+    frame entry is ``name``, ``<layer>@<part>`` (``tether_protocol.frame``). The tensor is
+    looked up on ``holder`` (a module, or the ``ParametrizationList`` holding an original) on
+    every access, so ``model.to(device)`` (which replaces buffers) is followed.
+    """
+
+    layer: str
+    part: str
+    holder: nn.Module
+    attr: str
+
+    @property
+    def name(self) -> str:
+        """The frame entry name, ``<layer>@<part>``."""
+        return part_name(self.layer, self.part)
+
+    def tensor(self) -> Tensor:
+        """The tensor as stored (a parameter, an original, or a buffer): read it, never assign."""
+        found = self.holder._parameters.get(self.attr)
+        return found if found is not None else cast(Tensor, self.holder._buffers[self.attr])
+
+    @torch.no_grad()
+    def write_(self, value: Tensor) -> None:
+        """Copy ``value`` (same shape; cast to the tensor's dtype and device) into the tensor,
+        in place under ``no_grad``: optimizers and tied holders keep seeing the same tensor.
+        Raises ``ValueError`` on a shape mismatch (the tensor unchanged)."""
+        target = self.tensor()
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{self.name} shape mismatch: expected {list(target.shape)}, "
+                f"got {list(value.shape)}"
+            )
+        target.copy_(value)
+
+
+def layer_parts(model: nn.Module, scope: MergeScope) -> dict[str, list[LayerPart]]:
+    """What a merge or drift of each tethered layer moves besides its tether, by layer (in
+    :func:`tethered_layers` order), for ``Policy.merge_scope``:
+
+    * ``tethers``: nothing (every list empty);
+    * ``weights``: the tethered parameter's raw weight (the trainable original under the tether,
+      ``parametrizations.<param>.original``, or each ``original<i>`` of a multi-tensor
+      parametrization such as ``weight_norm``) and the layer's bias: the parameter of the same
+      module named like the weight with ``weight`` replaced by ``bias`` (``bias`` of a Linear or
+      Conv, ``in_proj_bias`` of ``in_proj_weight``, ``bias_ih_l0`` of ``weight_ih_l0``), if
+      present;
+    * ``model``: also every other floating-point parameter and buffer of the model (norms,
+      untethered embeddings, BatchNorm running statistics; not integer buffers such as
+      ``num_batches_tracked``, nor a tether's own state: its ``tether``/``logits``/``ema``),
+      each carried by exactly one layer: **the nearest tethered layer before it in module
+      order** (``named_modules()`` pre-order, wrappers skipped; within a module, its parameters
+      then its buffers, in registration order, a tethered parameter switching the carrier);
+      tensors before the first tethered layer go to the first. A tensor held by several
+      modules (tied) is carried once, by its first holder. So when every layer merges with the
+      same partner, every floating-point tensor of the model is averaged exactly once.
+
+    Two workers with one architecture get the same parts under the same names. Raises
+    ``ValueError`` for a module path containing ``@`` (it cannot be named in a frame).
+    """
+    tethered = list(_iter_tethered(model))
+    parts: dict[str, list[LayerPart]] = {name: [] for name, _, _, _ in tethered}
+    if scope == "tethers":
+        return parts
+    claimed: set[int] = set()  # tensors already carried, or a tether's own state
+    layer_of: dict[int, str] = {}
+    for layer, _, _, tp in tethered:
+        layer_of[id(tp)] = layer
+        claimed.update(id(t) for t in (*tp.parameters(), *tp.buffers()))
+
+    def add(layer: str, part: str, holder: nn.Module, attr: str) -> None:
+        found = LayerPart(layer, part, holder, attr)
+        key = id(found.tensor())
+        if key not in claimed:
+            claimed.add(key)
+            parts[layer].append(found)
+
+    for layer, module, param, _ in tethered:
+        for holder, attr, suffix in _stored_tensors(module, param):
+            add(layer, f"weight{suffix}", holder, attr)
+        bias = param.replace("weight", "bias")
+        if bias != param and bias in _tensor_names(module):
+            for holder, attr, suffix in _stored_tensors(module, bias):
+                add(layer, f"bias{suffix}", holder, attr)
+    if scope == "model":
+        _carry_the_rest(model, parts, claimed, layer_of, add)
+    return parts
+
+
+def _stored_tensors(module: nn.Module, param: str) -> list[tuple[nn.Module, str, str]]:
+    """(holder, attribute, part suffix) of the tensors storing ``module.<param>``: the
+    parameter itself, or its parametrization's original(s) (suffix ``:original<i>`` when
+    several)."""
+    if not parametrize.is_parametrized(module, param):
+        return [(module, param, "")]
+    plist = _plist(module, param)
+    if plist.is_tensor:
+        return [(plist, "original", "")]
+    return [(plist, f"original{i}", f":original{i}") for i in range(plist.ntensors)]
+
+
+def _carry_the_rest(
+    model: nn.Module,
+    parts: dict[str, list[LayerPart]],
+    claimed: set[int],
+    layer_of: Mapping[int, str],
+    add: Callable[[str, str, nn.Module, str], None],
+) -> None:
+    """Assign every unclaimed floating-point tensor of ``model`` to the nearest preceding
+    tethered layer (see :func:`layer_parts`)."""
+    first = next(iter(parts), None)
+    if first is None:
+        return
+    carrier: str | None = None
+    early: list[tuple[str, nn.Module, str]] = []  # before the first tethered layer
+    for tp, path, holder, attr in _tensor_slots(model):
+        if tp is not None:
+            carrier = layer_of[id(tp)]
+            continue
+        found = holder._parameters.get(attr)
+        tensor = found if found is not None else holder._buffers.get(attr)
+        if tensor is None or not tensor.is_floating_point() or id(tensor) in claimed:
+            continue
+        if carrier is None:
+            early.append((path, holder, attr))
+        else:
+            add(carrier, f"model:{path}", holder, attr)
+    for path, holder, attr in early:
+        add(first, f"model:{path}", holder, attr)
+
+
+def _tensor_slots(
+    model: nn.Module,
+) -> Iterator[tuple[TetherParametrization | None, str, nn.Module, str]]:
+    """Every tensor of ``model`` in module order (pre-order, wrappers skipped; per module its
+    parameters, then its buffers, then the state of its non-tether parametrizations), as
+    (tether, "", module, param) for a tethered parameter, else (None, qualified path, holder,
+    attribute)."""
+    for module_name, module in _unwrapped_modules(model):
+        tethers = _tethers_of(module)
+        for param in _tensor_names(module):
+            if param in tethers:
+                yield tethers[param], "", module, param
+                continue
+            for holder, attr, _ in _stored_tensors(module, param):
+                inner = f"parametrizations.{param}.{attr}" if holder is not module else param
+                yield None, _join(module_name, inner), holder, attr
+        for buffer in module._buffers:
+            yield None, _join(module_name, buffer), module, buffer
+        yield from _parametrization_state(module_name, module)
+
+
+def _parametrization_state(
+    module_name: str, module: nn.Module
+) -> Iterator[tuple[None, str, nn.Module, str]]:
+    """The parameters and buffers of a module's parametrizations other than tethers (their
+    originals excluded: the module's own tensors)."""
+    if not parametrize.is_parametrized(module):
+        return
+    for param, plist in cast(nn.ModuleDict, module.parametrizations).items():
+        for index, inner in enumerate(cast(nn.ModuleList, plist)):
+            if isinstance(inner, TetherParametrization):
+                continue
+            for sub_name, sub in inner.named_modules():
+                base = _join(f"parametrizations.{param}.{index}", sub_name)
+                for attr in (*sub._parameters, *sub._buffers):
+                    yield None, _join(module_name, _join(base, attr)), sub, attr
+
+
+def init_digest(model: nn.Module) -> str:
+    """A fingerprint of the tethered layers' raw weights (the ``weight`` parts of
+    :func:`layer_parts`: the trainable weights before their tethers): the first 16 hex digits of
+    the SHA-256 of each layer's name, then each weight tensor's name, shape and float32 bytes,
+    in layer order. Equal on CPU and CUDA; two workers started from one init (same seed, same
+    architecture) get the same digest, independently initialised ones (almost surely) differ."""
+    digest = hashlib.sha256()
+    for layer, found in layer_parts(model, "weights").items():
+        digest.update(layer.encode() + b"\x00")
+        for part in found:
+            if not part.part.startswith("weight"):
+                continue
+            value = part.tensor().detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{part.part}{list(value.shape)}".encode() + b"\x00")
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _iter_tethered(

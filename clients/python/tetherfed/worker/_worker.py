@@ -387,14 +387,22 @@ def _train_step(run: _Run) -> tuple[int, float, float]:
 
 def _pace(run: _Run) -> dict[str, Any]:
     """The federation's pace in this process: publishes sent, scheduled publishes the I/O
-    budget skipped (a later snapshot went instead), merges applied per 100 steps."""
+    budget skipped (a later snapshot went instead), merges applied per 100 steps; under
+    synchronous rounds (`policy.sync_every`) also the rounds waited for, those that timed out
+    and the seconds spent waiting."""
     stats = run.fed.stats if run.fed is not None else None
     if stats is None:
         return {"publishes": 0, "publishes_skipped": 0, "merges_per_100_steps": 0.0}
+    rounds = {
+        "rounds": stats.rounds,
+        "rounds_timed_out": stats.rounds_timed_out,
+        "round_wait_s": round(stats.round_wait_s, 3),
+    }
     return {
         "publishes": stats.published,
         "publishes_skipped": stats.skipped,
         "merges_per_100_steps": round(stats.merges_per_100_steps, 3),
+        **(rounds if stats.rounds else {}),
     }
 
 
@@ -420,13 +428,15 @@ def _warn_skipped(run: _Run, step: int) -> None:
 
 def _count(run: _Run, report: StepReport) -> None:
     """Tally applied and rejected decisions, each one a `decision` metrics event (the worker's
-    own record of what it applied, step by step, read back by `make chaos`); every merge-gate
-    check is a `gate` event."""
+    own record of what it applied, step by step, read back by `make chaos`; `round_step`: the
+    step of the snapshot the decision was scored for, the step a synchronous round applies it
+    at); every merge-gate check is a `gate` event."""
     for decision in report.applied:
         run.counts[decision.action] = run.counts.get(decision.action, 0) + 1
         run.metrics.emit(
             event="decision",
             step=report.step,
+            round_step=decision.own_snapshot.step,
             decision_id=decision.id,
             action=decision.action,
             layer=decision.layer,
@@ -586,6 +596,7 @@ def _run_worker(cfg: WorkerConfig, finish: threading.Event) -> dict[str, Any]:
             **{name: _round(value) for name, value in run.val_metrics.items()},
             **run.counts,
             **_pace(run),
+            "holds": run.fed.holds if run.fed is not None else {},  # rounds held, by code
         }
         run.metrics.emit(**summary)
         run.metrics.close()

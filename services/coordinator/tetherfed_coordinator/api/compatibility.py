@@ -12,6 +12,7 @@ from tether_protocol.messages import CompatibilitiesPublic, CompatibilityPublic,
 
 from ..scoring import matrices
 from ..store import SnapshotCache
+from ..workerfacts import WorkerFacts, attach_origins
 from .deps import ReaderAuth, StoreDep
 
 router = APIRouter(prefix="/v1/federations/{fed}/compatibility", tags=["compatibility"])
@@ -37,6 +38,10 @@ async def compatibility(
     snaps = await SnapshotCache(store).active(
         fed, sketches=policy.sketch is not None, ended=workers == "all"
     )
+    if policy.measure == "update_cosine":  # updates since each worker's origin
+        facts = WorkerFacts(store)
+        await facts.load(fed, snaps, origins=True, groups=False)
+        attach_origins(snaps, facts.origins(fed))
     found = await anyio.to_thread.run_sync(lambda: matrices(snaps, policy.measure, policy.sketch))
     if layer is not None:
         if layer not in found:

@@ -113,8 +113,10 @@ async def _layer_frame(
         return raw
     entry = snap.entries[layer]
     extra = {"tetherfed.version": str(snap.version)}
+    # The layer's parts (merge_scope weights or model) follow its tether, float32 as published.
+    parts = {name: tensor_view(snap.buf, e) for name, e in snap.parts.get(layer, {}).items()}
     return encode_frame(
-        {layer: tensor_view(snap.buf, entry)},
+        {layer: tensor_view(snap.buf, entry), **parts},
         meta=snap.meta,
         dtype=entry.dtype,
         extra_metadata=extra,
@@ -151,10 +153,12 @@ async def layer(
     generation: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
     version: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
 ) -> Response | TetherStats | GenerationsPublic:
-    """One layer of the latest snapshot as a one-tensor safetensors frame (`?format=stats`: JSON;
-    `?generation=g`: a retained generation's tensor; `?version=v`: snapshot v exactly, the
-    latest or, once superseded, the layer an unacked decision names (kept until it is acked or
-    `snapshot_pin_s` after it was issued), else 410 saying why);
+    """One layer of the latest snapshot as a safetensors frame: its tether, then the parts the
+    worker published with it (`merge_scope` weights or model: `<layer>@weight`, `@bias`,
+    `@model:<path>`, float32) (`?format=stats`: JSON of the tether;
+    `?generation=g`: a retained generation's tether alone; `?version=v`: snapshot v exactly, the
+    latest or, once superseded, the layer and its parts an unacked decision names (kept until it
+    is acked or `snapshot_pin_s` after it was issued), else 410 saying why);
     `{layer}/generations`: its lineage.
 
     Any layer name works URL-encoded, `/` included (a name that is itself registered wins over

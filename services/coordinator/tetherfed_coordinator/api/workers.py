@@ -21,7 +21,9 @@ router = APIRouter(prefix="/v1/federations/{fed}/workers", tags=["workers"])
 
 @router.post("", status_code=201, dependencies=[AdminAuth])
 async def register_worker(fed: str, body: WorkerCreate, store: StoreDep) -> WorkerRegistered:
-    """Register a worker with its layer table; returns its id and its own token (shown once)."""
+    """Register a worker with its layer table; returns its id and its own token (shown once).
+    422 naming the layer when the federation's `merge_scope` is weights or model and the table
+    differs (a layer missing, or another shape) from an active worker's."""
     return await store.register(fed, body)
 
 
