@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from tether_protocol.frame import encode_frame, split_probe_grams, tensor_view
 from tether_protocol.messages import (
@@ -141,6 +142,35 @@ async def _pinned(
 
 
 GENERATIONS = "/generations"
+LayerFormat = Literal["safetensors", "stats"]
+Generation = Annotated[int | None, Query(ge=0, le=2**63 - 1)]
+Version = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
+
+
+@router.get("/{layer:path}/generations", dependencies=[ReaderAuth])
+async def layer_generations(
+    fed: str,
+    wid: str,
+    layer: str,
+    store: StoreDep,
+    format: Annotated[LayerFormat, Query(include_in_schema=False)] = "safetensors",
+    generation: Annotated[int | None, Query(ge=0, le=2**63 - 1, include_in_schema=False)] = None,
+    version: Annotated[int | None, Query(ge=1, le=2**63 - 1, include_in_schema=False)] = None,
+) -> GenerationsPublic:
+    """The layer's lineage: every generation of its tether with its parents and the decision
+    that made it (404 for a layer the worker does not have). A layer whose own name ends in
+    `/generations` is served as `GET …/tethers/{layer}` serves it: a registered name wins over
+    the suffix."""
+    registered = {spec.name for spec in store.layers_of(await store.worker_record(fed, wid))}
+    full = layer + GENERATIONS
+    if full in registered:  # a Response is served as it is, not as GenerationsPublic
+        found = await _layer(store, fed, wid, full, format, generation, version)
+        if isinstance(found, TetherStats):
+            found = JSONResponse(found.model_dump(mode="json"))
+        return found  # type: ignore[return-value]
+    if layer not in registered:
+        raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
+    return await generations(fed, wid, layer, store)
 
 
 @router.get("/{layer:path}", dependencies=[ReaderAuth], responses=SAFETENSORS, response_model=None)
@@ -149,25 +179,32 @@ async def layer(
     wid: str,
     layer: str,
     store: StoreDep,
-    format: Literal["safetensors", "stats"] = "safetensors",
-    generation: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
-    version: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-) -> Response | TetherStats | GenerationsPublic:
+    format: LayerFormat = "safetensors",
+    generation: Generation = None,
+    version: Version = None,
+) -> Response | TetherStats:
     """One layer of the latest snapshot as a safetensors frame: its tether, then the parts the
     worker published with it (`merge_scope` weights or model: `<layer>@weight`, `@bias`,
     `@model:<path>`, float32) (`?format=stats`: JSON of the tether;
     `?generation=g`: a retained generation's tether alone; `?version=v`: snapshot v exactly, the
     latest or, once superseded, the layer and its parts an unacked decision names (kept until it
-    is acked or `snapshot_pin_s` after it was issued), else 410 saying why);
-    `{layer}/generations`: its lineage.
+    is acked or `snapshot_pin_s` after it was issued), else 410 saying why). Its lineage is
+    `GET …/tethers/{layer}/generations`.
 
-    Any layer name works URL-encoded, `/` included (a name that is itself registered wins over
-    the `/generations` suffix)."""
-    record = await store.worker_record(fed, wid)
-    registered = {spec.name for spec in store.layers_of(record)}
-    base = layer.removesuffix(GENERATIONS)
-    if layer not in registered and layer.endswith(GENERATIONS) and base in registered:
-        return await generations(fed, wid, base, store)
+    Any layer name works URL-encoded, `/` included."""
+    await store.worker_record(fed, wid)  # 404 for an unknown worker, before its snapshot
+    return await _layer(store, fed, wid, layer, format, generation, version)
+
+
+async def _layer(
+    store: Store,
+    fed: str,
+    wid: str,
+    layer: str,
+    format: LayerFormat,
+    generation: int | None,
+    version: int | None,
+) -> Response | TetherStats:
     snap = await store.snapshot_layer(fed, wid, layer)
     if version is not None and version != snap.version:
         snap = await _pinned(store, fed, wid, version, layer, snap.version)
