@@ -72,6 +72,7 @@ if TYPE_CHECKING:
         tethered_layers,
         untether,
         update_importance,
+        without_tethers,
     )
     from .worker import (
         WorkerConfig,
@@ -122,6 +123,7 @@ _LAZY: dict[str, str] = {
             "tethered_layers",
             "untether",
             "update_importance",
+            "without_tethers",
         ],
         ".tethers",
     ),
@@ -194,6 +196,7 @@ __all__ = [
     "tethered_layers",
     "untether",
     "update_importance",
+    "without_tethers",
 ]
 
 

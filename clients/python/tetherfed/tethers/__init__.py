@@ -27,6 +27,7 @@ from ._tethering import (
     tethered_layers,
     untether,
     update_importance,
+    without_tethers,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "tethered_layers",
     "untether",
     "update_importance",
+    "without_tethers",
 ]

@@ -42,6 +42,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -510,6 +511,83 @@ def untether(model: nn.Module) -> nn.Module:
         for name, value in values.items():
             setattr(module, name, value)
     return plain
+
+
+@contextlib.contextmanager
+def without_tethers(model: nn.Module) -> Iterator[nn.Module]:
+    """Take the tethers off ``model`` for the block, then put them back, keeping their state.
+
+    Inside, every tethered weight is its plain raw parameter again (the same ``nn.Parameter``, so
+    the optimizer still holds it, and tied weights are one parameter), which is what code that
+    reaches for ``module.weight`` as a parameter needs: Hugging Face's ``tie_weights()`` and
+    ``resize_token_embeddings()``, or any surgery that replaces modules. After it, each tether
+    goes back on the module now at its place (looked up by qualified name, so a replaced module
+    is tethered), with its state (values, learned logits, importance EMA) as it was; a weight
+    whose shape changed gets a tether of the new shape holding the old values where the two
+    overlap and ``T = 1`` elsewhere (new rows act as initialised; a learned tether's logits
+    clamp it to 1 − 10⁻⁴), and a layer table that
+    changed means a federation must be joined anew. Tied weights share one tether again.
+
+    >>> with tetherfed.without_tethers(model):
+    ...     model.resize_token_embeddings(len(tokenizer))
+
+    To export, use :func:`untether` (``untether(model).save_pretrained(path)`` writes ``W ⊙ T``,
+    ties kept); inside the block ``save_pretrained`` writes the raw weights. Raises
+    ``ValueError`` (changing nothing) for a tether stacked with another parametrization
+    (``weight_norm``), which torch cannot remove alone, and ``RuntimeError`` after the block
+    when a tethered weight no longer exists (the tethers that could be put back are)."""
+    sites: list[tuple[str, str, TetherParametrization]] = []
+    for path, module in model.named_modules():
+        for param, tp in _tethers_of(module).items():
+            if len(_plist(module, param)) != 1:
+                raise ValueError(
+                    f"layer {_layer_name(path, param) or ROOT_LAYER!r}: its tether is stacked "
+                    "with another parametrization, which torch cannot take off alone"
+                )
+            sites.append((path, param, tp))
+    for path, param, _ in sites:
+        parametrize.remove_parametrizations(
+            model.get_submodule(path), param, leave_parametrized=False
+        )
+    try:
+        yield model
+    finally:
+        _put_back(model, sites)
+
+
+def _put_back(model: nn.Module, sites: list[tuple[str, str, TetherParametrization]]) -> None:
+    """Register each site's tether again (resized where its weight's shape changed; holders of
+    one tether share the resized one)."""
+    resized: dict[tuple[int, tuple[int, ...]], TetherParametrization] = {}
+    missing = []
+    for path, param, tp in sites:
+        try:
+            module = model.get_submodule(path)
+            weight = cast(Tensor, getattr(module, param))
+        except AttributeError:
+            missing.append(_layer_name(path, param) or ROOT_LAYER)
+            continue
+        shape, put = tuple(weight.shape), tp
+        if shape != tuple(tp.storage().shape):
+            put = resized.setdefault((id(tp), shape), _resized(tp, weight))
+        parametrize.register_parametrization(module, param, put)
+        if isinstance(module, nn.RNNBase):
+            _refresh_rnn_weights(module)
+    if missing:
+        raise RuntimeError(f"tethered weights gone after without_tethers(): {missing}")
+
+
+def _resized(tp: TetherParametrization, weight: Tensor) -> TetherParametrization:
+    """A tether of `weight`'s shape: `tp`'s values where the shapes overlap, 1 elsewhere."""
+    old = tp.current().detach()
+    value = torch.ones(weight.shape, dtype=old.dtype, device=old.device)
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, weight.shape, strict=True))
+    value[overlap] = old[overlap]
+    fresh = TetherParametrization(tp.mode, value, tp.importance_every, tp.importance_decay)
+    if tp.mode == "importance":
+        cast(Tensor, fresh.ema)[overlap] = cast(Tensor, tp.ema)[overlap]
+        cast(Tensor, fresh.steps).copy_(cast(Tensor, tp.steps))
+    return fresh.to(weight.device)
 
 
 def update_importance(model: nn.Module) -> list[str]:
