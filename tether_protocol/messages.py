@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+)
 
 from pydantic import (
     BaseModel,
@@ -130,6 +140,30 @@ def servable(value: Any) -> Any:
 
 
 _TEXT_FIELDS: dict[tuple[type, str], bool] = {}
+_NUMBER_FIELDS: dict[tuple[type, str], bool] = {}
+
+
+def _number_only(annotation: Any) -> bool:
+    """Whether a field of this type takes numbers and no boolean (int, float, optional ones,
+    Annotated ones, lists of them): where JSON true/false must be refused, since pydantic's lax
+    mode would read them as 1/0 while the schema says number."""
+    if annotation in (int, float):
+        return True
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _number_only(args[0])
+    if origin is list:
+        return bool(args) and _number_only(args[0])
+    if origin in (Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_number_only(a) for a in kinds)
+    return False
+
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (
+        isinstance(value, list) and any(isinstance(v, bool) for v in value)
+    )
 
 
 class WireModel(BaseModel):
@@ -142,6 +176,22 @@ class WireModel(BaseModel):
     # back from state stored before this check existed is served with the surrogate spelled
     # out rather than made an answer that cannot be encoded (a 500 on every later read).
     unencodable_text: ClassVar[Literal["refuse", "spell"]] = "refuse"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A JSON true/false where the field is a number (or a list of numbers) is refused:
+        the schema says number, so a boolean is not one (pydantic's lax mode took it as 1/0)."""
+        if not _holds_bool(value):
+            return value
+        key = (cls, info.field_name or "")
+        number = _NUMBER_FIELDS.get(key)
+        if number is None:
+            field = cls.model_fields.get(key[1])
+            number = _NUMBER_FIELDS[key] = field is not None and _number_only(field.annotation)
+        if number:
+            raise ValueError("must be a number, not a boolean")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

@@ -2,10 +2,10 @@
 
 Starts a coordinator process (on $REDIS_URL under a fresh key prefix, or an embedded Redis) on a
 free loopback port, runs `schemathesis run` with every check and the stateful phase (links
-inferred from the schema), prints the figures and exits non-zero on any failure (a run that
-failed only inside schemathesis itself, never on a check of the server, runs once more); the
-coordinator's log is printed when a run fails. The case budget
-is `--max-examples` per operation (FUZZ_EXAMPLES, default 60); FUZZ_MAX_TIME (seconds) bounds
+inferred from the schema; the positive and negative data checks learn from fuzz_hooks.py the
+rules the schema states only in words), prints the figures and exits non-zero on any failure
+(a run that failed only inside schemathesis itself, never on a check of the server, runs once
+more); the coordinator's log is printed when a run fails. The case budget is `--max-examples` per operation (FUZZ_EXAMPLES, default 60); FUZZ_MAX_TIME (seconds) bounds
 the whole run, every phase still run: CI's `make test` runs FUZZ_EXAMPLES=5 FUZZ_MAX_TIME=40.
 """
 
@@ -66,12 +66,15 @@ def coordinator(redis_url: str, log: Path) -> Iterator[str]:
         sink.close()
 
 
-# Every check but positive_data_acceptance / negative_data_rejection: a few rules live in model
-# validators JSON Schema cannot state (unique layer names, ordered policy thresholds), so
-# schema-valid bodies that break them get a 422 — by design, named in the detail.
+# Every check, positive_data_acceptance and negative_data_rejection included. A few rules live
+# in model validators JSON Schema cannot state (unique layer names, ordered policy thresholds):
+# the document states them in words and fuzz_hooks.py tells the checks which 422s those are.
+HOOKS = Path(__file__).with_name("fuzz_hooks.py")
 CHECKS = ",".join(
     [
         "not_a_server_error",
+        "positive_data_acceptance",
+        "negative_data_rejection",
         "status_code_conformance",
         "content_type_conformance",
         "response_headers_conformance",
@@ -105,12 +108,16 @@ def run(url: str, examples: int, seed: int, max_time_s: int | None = None) -> tu
         "2",
         "--max-response-time",
         "30",
+        # The decision stream never ends by design (a schema-valid request keeps it open until
+        # the response-time bound fails it); its Last-Event-ID rule is tested in
+        # tests/coordinator/test_schema_honesty.py. /ui/ serves pages, not the API.
         "--exclude-path-regex",
         "/decisions/stream|/ui/",
     ]
     if max_time_s is not None:
         cmd += ["--max-time", str(max_time_s)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     print(done.stdout, end="", flush=True)
     print(done.stderr, end="", file=sys.stderr, flush=True)
     return done.returncode, done.stdout + done.stderr
