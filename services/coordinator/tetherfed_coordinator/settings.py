@@ -98,7 +98,13 @@ class Settings(BaseSettings):
         "(`?version=`) this long after a newer publish replaced it; a worker applying the "
         "decision later acks it rejected.",
     )
-    sse_keepalive_s: float = Field(default=15.0, gt=0)
+    sse_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds between keep-alive comments of an idle decision stream, stated "
+        "in its `X-Tether-Keepalive` header; the SDK gives up on a stream silent for 3 of "
+        "them plus 2 s.",
+    )
     telemetry_maxlen: int = Field(
         default=2000, ge=1, description="Telemetry points kept per worker, metric and layer."
     )

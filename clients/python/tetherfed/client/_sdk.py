@@ -51,6 +51,7 @@ from tether_protocol.messages import (
     WorkerRegistered,
     WorkersPublic,
 )
+from tether_protocol.stream import KEEPALIVE_HEADER, idle_bound, parse_keepalive
 from tether_protocol.telemetry import TelemetryCreate, TelemetryMetrics, TelemetrySeries
 
 from ._errors import TetherError, TransportError, error_for
@@ -60,7 +61,9 @@ T = TypeVar("T")
 Body = bytes | Sequence[memoryview] | None
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-# A decision stream silent this long is dead (the coordinator's keep-alives come every 15 s).
+# A decision stream's wait for its headers, and its idle bound when the coordinator states no
+# keep-alive period (an older one); otherwise the bound follows the period it states
+# (`tether_protocol.stream.idle_bound`).
 STREAM_IDLE_S = 60.0
 
 
@@ -525,15 +528,15 @@ class Client:
         frame = decode_frame(self.call(call), require_meta=False)
         return frame.tensors[layer]
 
-    def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
-        return self.call(CALLS.tether_stats(fed, wid, layer))
-
     def tether_frame(self, fed: str, wid: str, layer: str, version: int | None = None) -> Frame:
         """As `tether`, the whole decoded frame: the layer's tether and the parts published with
         it (`<layer>@weight`, `@bias`, `@model:<path>` under `merge_scope` weights or model;
         `tether_protocol.frame.split_entries` sorts them), validated (`FrameError`)."""
         call = CALLS.tether_bytes(fed, wid, layer, version)
         return decode_frame(self.call(call), require_meta=False)
+
+    def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
+        return self.call(CALLS.tether_stats(fed, wid, layer))
 
     def generations(self, fed: str, wid: str, layer: str) -> GenerationsPublic:
         return self.call(CALLS.generations(fed, wid, layer))
@@ -560,20 +563,23 @@ class Client:
         return self.call(CALLS.get_ack(fed, decision_id))
 
     def stream_decisions(
-        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float = STREAM_IDLE_S
+        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float | None = None
     ) -> Iterator[Decision]:
         """Follow the federation's decisions as Server-Sent Events (resumes after `last_event_id`).
 
-        The coordinator sends a keep-alive comment while idle; a connection silent for
-        `idle_timeout_s` raises `TransportError` instead of hanging."""
+        The coordinator sends a keep-alive comment while idle, every `X-Tether-Keepalive`
+        seconds; a connection silent for `idle_timeout_s` raises `TransportError` instead of
+        hanging. None (the default) follows the coordinator: 3 of its keep-alive periods plus
+        2 s (`tether_protocol.stream.idle_bound`), STREAM_IDLE_S when it states none."""
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
-        timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
+        timeout = _stream_timeout(idle_timeout_s)
         try:
             with connect_sse(self._http, "GET", path, headers=headers, timeout=timeout) as source:
                 if source.response.status_code >= 400:
                     source.response.read()
                     _read(Call("GET", path), source.response)
+                follow_keepalive(source.response, idle_timeout_s)
                 yield from _decisions(source.iter_sse())
         except httpx.TransportError as exc:
             raise TransportError(f"GET {path}: {exc!r}") from exc
@@ -586,6 +592,36 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stream_timeout(idle_timeout_s: float | None) -> httpx.Timeout:
+    """The timeout a decision stream's request starts under (until `follow_keepalive`);
+    ValueError for an idle bound that is not a positive number of seconds."""
+    if idle_timeout_s is not None and not idle_timeout_s > 0:
+        raise ValueError(f"idle_timeout_s must be > 0 seconds (or None), not {idle_timeout_s}")
+    return httpx.Timeout(STREAM_IDLE_S if idle_timeout_s is None else idle_timeout_s, connect=5.0)
+
+
+def stream_idle_s(response: httpx.Response, idle_timeout_s: float | None = None) -> float:
+    """A decision stream's idle bound: `idle_timeout_s` when the caller chose one, else
+    `idle_bound` of the keep-alive period the coordinator states in `X-Tether-Keepalive`
+    (STREAM_IDLE_S when it states none)."""
+    if idle_timeout_s is not None:
+        return idle_timeout_s
+    keepalive_s = parse_keepalive(response.headers.get(KEEPALIVE_HEADER))
+    return STREAM_IDLE_S if keepalive_s is None else idle_bound(keepalive_s)
+
+
+def follow_keepalive(response: httpx.Response, idle_timeout_s: float | None = None) -> float:
+    """Make `stream_idle_s` the read timeout of the rest of a streamed response's body; the
+    bound. The headers came under the request's own timeout; httpcore takes the read timeout
+    from the request's `timeout` extension when the body starts to stream, so changing it
+    there, before the first body read, bounds every read after."""
+    bound = stream_idle_s(response, idle_timeout_s)
+    timeouts = response.request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = bound
+    return bound
 
 
 def _decisions(events: Iterator[ServerSentEvent]) -> Iterator[Decision]:
@@ -764,19 +800,21 @@ class AsyncClient:
         return await self.call(CALLS.get_ack(fed, decision_id))
 
     async def stream_decisions(
-        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float = STREAM_IDLE_S
+        self, fed: str, last_event_id: int | None = None, idle_timeout_s: float | None = None
     ) -> AsyncIterator[Decision]:
         """Follow the federation's decisions as Server-Sent Events (silent `idle_timeout_s`:
-        httpx's ReadTimeout)."""
+        httpx's ReadTimeout; None follows the coordinator's keep-alive period, as
+        `Client.stream_decisions`)."""
         headers = {"last-event-id": str(last_event_id)} if last_event_id is not None else {}
         path = f"/v1/federations/{_p(fed)}/decisions/stream"
-        timeout = httpx.Timeout(idle_timeout_s, connect=5.0)
+        timeout = _stream_timeout(idle_timeout_s)
         async with aconnect_sse(
             self._http, "GET", path, headers=headers, timeout=timeout
         ) as source:
             if source.response.status_code >= 400:
                 await source.response.aread()
                 _read(Call("GET", path), source.response)
+            follow_keepalive(source.response, idle_timeout_s)
             async for event in source.aiter_sse():
                 if event.event == "end":
                     return

@@ -17,6 +17,7 @@ from tether_protocol.messages import (
     Decision,
     DecisionsPublic,
 )
+from tether_protocol.stream import KEEPALIVE_HEADER
 
 from .. import replies
 from ..store import Store, hold_of
@@ -30,6 +31,17 @@ MAX_ID = 2**63 - 1
 After = Annotated[int, Query(ge=0, le=MAX_ID, description="Only decisions with a larger id.")]
 DecisionId = Annotated[int, Path(ge=1, le=MAX_ID, description="A decision id.")]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
+# The stream's resume point: the schema states it (a decision id), so a header that is not one
+# (`Last-Event-ID: null`) is refused by the same rule the document shows, with a 422.
+LastEventId = Annotated[
+    int | None,
+    Header(
+        ge=0,
+        le=MAX_ID,
+        description="Resume after this decision id (the `id:` of the last event received); "
+        "a decimal integer, as `after`.",
+    ),
+]
 
 
 def page(data: list[Decision], after: int) -> DecisionsPublic:
@@ -89,26 +101,43 @@ async def _events(
     "/decisions/stream",
     dependencies=[ReaderAuth],
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "decision events"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "decision events",
+            "headers": {
+                KEEPALIVE_HEADER: {
+                    "description": "Seconds between keep-alive comments of an idle stream.",
+                    "schema": {"type": "string"},
+                }
+            },
+        }
+    },
 )
 async def stream_decisions(
     fed: str,
     store: StoreDep,
     settings: SettingsDep,
     after: After = 0,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of new decisions (`event: decision`, `id:` the decision id); resumes
-    after `Last-Event-ID` (or `?after=`); `: keep-alive` comments while idle; a last
-    `event: end` when the federation is deleted."""
+    after `Last-Event-ID` (or `?after=`); `: keep-alive` comments while idle, every
+    `X-Tether-Keepalive` seconds (the `sse_keepalive_s` setting: a client's idle bound follows
+    it, `tether_protocol.stream`); a last `event: end` when the federation is deleted."""
     await store.policy(fed)
-    if last_event_id:
-        if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_ID:
-            raise HTTPException(400, "Last-Event-ID must be a decision id")
-        after = int(last_event_id)
-    events = _events(store, fed, after, settings.sse_keepalive_s)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return EventSourceResponse(events, headers=headers)
+    if last_event_id is not None:
+        after = last_event_id
+    keepalive_s = settings.sse_keepalive_s
+    events = _events(store, fed, after, keepalive_s)
+    headers = {
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        KEEPALIVE_HEADER: f"{keepalive_s:g}",
+    }
+    # sse-starlette's own ping comment keeps the same period (its default is a fixed 15 s), so
+    # the stated period holds whichever of the two speaks.
+    return EventSourceResponse(events, headers=headers, ping=keepalive_s)
 
 
 @router.get("/workers/{wid}/decisions", dependencies=[WorkerOrAdminAuth])
