@@ -340,3 +340,112 @@ def test_up_refuses_a_run_the_ray_cluster_cannot_hold(
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "the Ray cluster has 2 CPU; this run needs 3 CPU" in done.stderr, done.stderr[-2000:]
     assert not (out / "config.json").exists(), "refused before anything started"
+
+
+def test_an_experiment_is_refused_when_its_runs_at_once_exceed_the_cluster(
+    ray_cluster: RayCluster, redis_url: str, tmp_path: Path
+) -> None:
+    """`tiny` runs have 4 workers; two runs at once of 0.25-CPU workers and a replica need 3 CPU
+    of the 2: refused before the sweep starts (the same run one at a time would fit)."""
+    ray_cluster.wait()
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "tetherfed.cli", "experiment", "run", "tiny", "--out", str(out)]
+    cmd += ["--jobs", "2", "--engine", "ray", "--address", ray_cluster.address]
+    cmd += ["--redis-url", redis_url, "--cpus-per-worker", "0.25"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    expected = (
+        "the Ray cluster has 2 CPU; this run needs 3 CPU (1 coordinator replica(s) × 1 + "
+        "8 worker(s) × 0.25, for 2 run(s) at once (--jobs 2))"
+    )
+    assert expected in done.stderr, done.stderr[-2000:]
+    assert not out.exists(), "refused before anything was written"
+
+
+def _hold_cpus(address: str, names: list[str]) -> None:
+    """Another job takes 0.5 CPU per name: a detached placement group each, outliving its
+    driver (removed with `_release`)."""
+    ray_script(
+        address,
+        f"""
+from ray.util.placement_group import placement_group
+groups = [placement_group([{{"CPU": 0.5}}], name=n, lifetime="detached") for n in {names!r}]
+ray.get([g.ready() for g in groups], timeout=60)
+print(json.dumps(len(groups)))""",
+    )
+
+
+def _release(address: str, names: list[str]) -> None:
+    ray_script(
+        address,
+        f"""
+from ray.util import get_placement_group, remove_placement_group
+for name in {names!r}:
+    try:
+        remove_placement_group(get_placement_group(name))
+    except ValueError:
+        pass  # removed already
+print(json.dumps(0))""",
+    )
+
+
+def test_a_worker_actor_the_cluster_cannot_place_is_pending_with_why_then_fails_the_run(
+    ray_cluster: RayCluster,
+    redis_url: str,
+    tmp_path: Path,
+    up: Callable[..., subprocess.Popen[str]],
+) -> None:
+    """Another job holds 1 of the 2 CPUs after the capacity check (which counts the cluster's
+    total): the replica takes the other and both 0.5-CPU workers wait. Each shows `pending` with
+    what it waits for; one freed CPU share lets one start; the other fails the run after
+    --pending-timeout, saying why, instead of "starting 0/?" for ever."""
+    ray_cluster.wait()
+    hogs = ["hog-0", "hog-1"]
+    _hold_cpus(ray_cluster.address, hogs)
+    try:
+        out = tmp_path / "ray"
+        proc = up(
+            out,
+            "--engine",
+            "ray",
+            "--address",
+            ray_cluster.address,
+            "--redis-url",
+            redis_url,
+            "--cpus-per-worker",
+            "0.5",
+            "--pending-timeout",
+            "60",
+            "--federation",
+            f"pending-{os.getpid()}",
+            "--steps",
+            "1000000",
+        )
+        why = "waiting for 0.5 CPU: the cluster has 0 of 2 free"
+
+        def rows() -> list[dict[str, Any]]:
+            return list(json.loads((out / "status.json").read_text())["workers"])
+
+        def both_pending() -> bool:
+            return all(r["status"] == "pending" and r["waiting"] == why for r in rows())
+
+        wait_for("both workers pending, saying why", both_pending, 180, proc)
+        _release(ray_cluster.address, hogs[:1])
+        wait_for(
+            "one worker placed", lambda: sum(r["status"] != "pending" for r in rows()), 60, proc
+        )
+        assert proc.wait(timeout=240) == 1, (tmp_path / "ray.out").read_text()[-3000:]
+    finally:
+        _release(ray_cluster.address, hogs)
+    summary = json.loads((out / "summary.json").read_text())
+    failure = f"its Ray actor could not be scheduled for 60 s, {why}"
+    assert any(failure in f for f in summary["failures"]), summary["failures"]
+    assert f"pending: {why}" in (tmp_path / "ray.out").read_text(), "the table said why"
+    left = ray_script(
+        ray_cluster.address,
+        """
+time.sleep(1)
+print(json.dumps([a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]))""",
+    )
+    assert left == [], left

@@ -398,9 +398,12 @@ def run(
     console = console or Console()
     engine = engine or LocalEngine()
     parsed, runs, text = plan(spec, overrides, engine)
+    jobs = jobs or parsed.experiment.jobs
+    check = getattr(engine, "check_sweep", None)  # Ray: refuse what its cluster cannot hold
+    if check is not None:
+        check([len(r.plan.workers) for r in runs], jobs)
     folder = (out or parsed.experiment.out or Path("runs") / parsed.experiment.name).resolve()
     prepare_folder(folder, _resolved(parsed, runs), text, resume, force)
-    jobs = jobs or parsed.experiment.jobs
     sweep = Sweep(
         folder,
         runs,

@@ -35,13 +35,13 @@ def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
         "skipped",
         "merges/100",
     ):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=column != "status")  # a pending worker says why
     for r in rows:
         step = f"{r.step}/{r.total}" if r.total else str(r.step)
         table.add_row(
             r.name,
             r.group or "-",
-            r.status,
+            status(r),
             step,
             str(r.epoch if r.epoch is not None else "-"),
             fmt(r.loss),
@@ -55,6 +55,11 @@ def worker_table(rows: Iterable[WorkerRow], title: str = "workers") -> Table:
     return table
 
 
+def status(row: WorkerRow) -> str:
+    """The status cell: `pending: <why>` while the engine cannot start the worker yet."""
+    return f"{row.status}: {row.waiting}" if row.waiting else row.status
+
+
 def _skipped(row: WorkerRow) -> str:
     """'skipped/due' (publishes the I/O budget skipped of those sent or skipped), "-" before
     the worker reported any (and in `status`, which reads the coordinator only)."""
@@ -65,7 +70,9 @@ def _skipped(row: WorkerRow) -> str:
 def plain_line(launcher: Launcher, elapsed: float, label: str = "up") -> str:
     """One progress line for non-terminals (CI, tests)."""
     workers = "; ".join(
-        f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {fmt(r.loss)}"
+        f"{r.name} {status(r)}"
+        if r.waiting
+        else f"{r.name} {r.status} {r.step}/{r.total or '?'} loss {fmt(r.loss)}"
         for r in launcher.rows.values()
     )
     return f"[{label} {elapsed:5.1f}s] {launcher.tally.line()} | {workers}"

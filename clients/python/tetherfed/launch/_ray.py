@@ -15,6 +15,12 @@
   folder is the one a local run writes (see `_launch`).
 - Stopping (the end of the run, Ctrl-C, SIGTERM) kills every actor the engine started and removes
   its placement group; the Ray cluster itself stays up.
+- A run the cluster cannot hold is refused before anything starts (`check_capacity`, against the
+  cluster's total resources: an experiment checks the most workers its runs have at once). A
+  worker actor that still cannot be scheduled (a node was lost, another job holds the CPUs) is
+  shown `pending` with the reason (`pending_reason`: what it waits for, what the cluster has
+  free) and fails the run after `pending_timeout_s` (`--pending-timeout`) instead of waiting for
+  ever.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import io
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +47,10 @@ MAX_RESTARTS = 3  # an actor that died this often stays dead: the run fails
 START_TIMEOUT_S = 180.0  # actors (and their imports) starting on a loaded cluster
 PUMP_EVERY_S = 0.5  # how often the driver reads a worker's new JSON lines
 KILLED = -9  # returncode of an actor the engine killed (as SIGKILL for a local process)
+PENDING_TIMEOUT_S = 300.0  # a worker actor waiting this long for resources fails the run
+PENDING_AFTER_S = 5.0  # an actor not created this long may be waiting for resources: look
+CHECK_EVERY_S = 1.0  # how often a waiting actor's state and the cluster's resources are read
+WAITING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")  # Ray's actor states
 
 
 class EngineRefused(ValueError):
@@ -50,6 +61,24 @@ class EngineRefused(ValueError):
 class EngineFailed(RuntimeError):
     """The engine could not start what it was asked to (no Ray cluster at the address, the
     cluster cannot place the replicas, a replica's coordinator did not start)."""
+
+
+def pending_reason(
+    need: Mapping[str, float], available: Mapping[str, float], total: Mapping[str, float]
+) -> str | None:
+    """Why an actor that needs `need` (resource → amount, e.g. {"CPU": 1}) cannot be placed on a
+    cluster with `available` free of `total`: "waiting for 1 CPU: the cluster has 0 of 2 free";
+    None when every resource it needs is free. Only the first resource short is named."""
+    for resource, amount in need.items():
+        if amount <= 0:
+            continue
+        free = available.get(resource, 0.0)
+        if free + 1e-9 < amount:
+            return (
+                f"waiting for {amount:g} {resource}: the cluster has {max(free, 0.0):g} of "
+                f"{total.get(resource, 0.0):g} free"
+            )
+    return None
 
 
 def _ray() -> Any:
@@ -139,13 +168,33 @@ class WorkerActor:
 
 class RayWorker:
     """A worker actor as the launcher sees a process: `poll`, `returncode`, `pid`, and `stdout`
-    (a pipe a thread fills with the actor's JSON lines, through restarts)."""
+    (a pipe a thread fills with the actor's JSON lines, through restarts).
 
-    def __init__(self, ray: Any, handle: Any, name: str, log: Path) -> None:
+    While the actor waits for resources, `waiting` says why (`pending_reason`); once it has
+    waited `pending_timeout_s`, `poll` kills it and answers EXIT_FAILED with the reason in
+    `failure` (and in the worker's log). `need` is what the actor asks of the cluster."""
+
+    def __init__(
+        self,
+        ray: Any,
+        handle: Any,
+        name: str,
+        log: Path,
+        need: Mapping[str, float] | None = None,
+        pending_timeout_s: float = PENDING_TIMEOUT_S,
+    ) -> None:
         self.ray, self.handle, self.name, self.log = ray, handle, name, log
+        self.need = dict(need or {})
+        self.pending_timeout_s = pending_timeout_s
         self.returncode: int | None = None
+        self.waiting: str | None = None  # why the actor is not running yet (None: it is)
+        self.failure: str | None = None  # why the engine gave the actor up
         self._pid_ref: Any = handle.pid.remote()
         self._pid: int | None = None
+        self._created = time.monotonic()
+        self._waiting_since: float | None = None
+        self._next_check = self._created + PENDING_AFTER_S
+        self._check = threading.Lock()  # poll() runs on the launcher's and the pump's threads
         self.ref = handle.run.remote()
         read_fd, write_fd = os.pipe()
         self.stdout: IO[str] | None = os.fdopen(read_fd, "r")
@@ -156,22 +205,28 @@ class RayWorker:
 
     @property
     def pid(self) -> int:
-        """The actor's process id (its first incarnation's; 0 when it never started)."""
+        """The actor's process id (its first incarnation's); 0 while it has not started within
+        PENDING_AFTER_S (asked again next time: a pending actor must not hold up the launcher)
+        and when it never started."""
         if self._pid is None:
             try:
-                self._pid = int(self.ray.get(self._pid_ref, timeout=START_TIMEOUT_S))
+                self._pid = int(self.ray.get(self._pid_ref, timeout=PENDING_AFTER_S))
+            except self.ray.exceptions.GetTimeoutError:
+                return 0
             except Exception:  # any failure to start: no pid
                 self._pid = 0
         return self._pid
 
     def poll(self) -> int | None:
-        """None while `run` goes (restarts included); else its exit code (1 when it raised or
-        the actor died for good, the reason appended to the worker's log)."""
+        """None while `run` goes (restarts included); else its exit code (1 when it raised, the
+        actor died for good, or it waited `pending_timeout_s` for resources; the reason
+        appended to the worker's log)."""
         if self.returncode is not None:
             return self.returncode
         ready, _ = self.ray.wait([self.ref], timeout=0)
         if not ready:
-            return None
+            self._check_pending()
+            return self.returncode
         try:
             self.returncode = int(self.ray.get(self.ref))
         except Exception as exc:  # RayTaskError, RayActorError: failed
@@ -179,6 +234,55 @@ class RayWorker:
             with contextlib.suppress(OSError), self.log.open("a") as log:
                 log.write(f"ray: the worker actor failed: {exc}\n")
         return self.returncode
+
+    def _state(self) -> str | None:
+        """The actor's state in Ray's actor table (ALIVE, PENDING_CREATION, RESTARTING, …), read
+        from the GCS; when that cannot be read, ALIVE once its first call answered, else
+        PENDING_CREATION (so an actor is looked at only until it first runs)."""
+        with contextlib.suppress(Exception):
+            from ray._private.state import actors  # noqa: PLC0415 (no public GCS reader)
+
+            state = actors(actor_id=self.handle._actor_id.hex()).get("State")
+            if isinstance(state, str):
+                return state
+        ready, _ = self.ray.wait([self._pid_ref], timeout=0)
+        return "ALIVE" if ready else "PENDING_CREATION"
+
+    def _check_pending(self) -> None:
+        """Set `waiting` while the actor cannot be scheduled, clear it once it runs; after
+        `pending_timeout_s` of waiting, kill it and fail (`failure`, `returncode`)."""
+        now = time.monotonic()
+        if now < self._next_check or not self._check.acquire(blocking=False):
+            return
+        try:
+            self._next_check = now + CHECK_EVERY_S
+            reason = None
+            if self._state() in WAITING:
+                reason = pending_reason(
+                    self.need, self.ray.available_resources(), self.ray.cluster_resources()
+                )
+            if reason is None:  # running, or starting on resources it holds
+                self.waiting, self._waiting_since = None, None
+                return
+            self.waiting = reason
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < self.pending_timeout_s:
+                return
+            self.failure = (
+                f"{self.name}: its Ray actor could not be scheduled for "
+                f"{self.pending_timeout_s:g} s, {reason}; free resources on the cluster, add "
+                "nodes, or lower --cpus-per-worker or --gpus-per-worker (--pending-timeout "
+                "waits longer, e.g. for an autoscaler)"
+            )
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.handle, no_restart=True)
+            with contextlib.suppress(OSError), self.log.open("a") as log:
+                log.write(f"ray: {self.failure}\n")
+            self.returncode = EXIT_FAILED
+        except Exception:  # the GCS did not answer: look again next time
+            pass
+        finally:
+            self._check.release()
 
     def release(self) -> None:
         """End a finished worker's actor once its last lines are read, so its CPUs (and GPUs)
@@ -273,6 +377,7 @@ class RayEngine:
     workers: int | None = None  # when known (`up`): checked against the cluster at connect()
     name: str = "ray"
     start_timeout_s: float = START_TIMEOUT_S
+    pending_timeout_s: float = PENDING_TIMEOUT_S  # a worker actor waiting longer fails the run
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     _ray: Any = field(default=None, repr=False)
     _groups: list[Any] = field(default_factory=list, repr=False)
@@ -289,6 +394,8 @@ class RayEngine:
             )
         if self.coordinators < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
             raise EngineRefused("--coordinators must be ≥ 1, --gpus/--cpus-per-worker ≥ 0")
+        if not self.pending_timeout_s > 0:
+            raise EngineRefused(f"--pending-timeout must be > 0 s, not {self.pending_timeout_s}")
 
     def connect(self) -> None:
         """Join the Ray cluster as a driver (EngineRefused without ray, EngineFailed when no
@@ -307,10 +414,22 @@ class RayEngine:
         if self.workers is not None:
             self.check_capacity(self.workers, ray.cluster_resources())
 
-    def check_capacity(self, workers: int, cluster: dict[str, float]) -> None:
+    def check_sweep(self, run_workers: Iterable[int], jobs: int) -> None:
+        """`check_capacity` for an experiment: its runs share one set of coordinator replicas
+        and go `jobs` at a time, so the most workers at once are those of its `jobs` largest
+        runs. Checked once, before the sweep (a sweep refused after hours of runs would waste
+        them); a run that then cannot be placed shows its workers pending and fails after
+        `pending_timeout_s`. Needs `connect()` first."""
+        sizes = sorted(run_workers, reverse=True)[: max(jobs, 1)]
+        if sizes and self._ray is not None:
+            at_once = f"{len(sizes)} run(s) at once (--jobs {jobs})" if len(sizes) > 1 else ""
+            self.check_capacity(sum(sizes), self._ray.cluster_resources(), at_once)
+
+    def check_capacity(self, workers: int, cluster: dict[str, float], why: str = "") -> None:
         """Refuse (EngineRefused, saying what is needed and what the cluster has) a run whose
         replicas and workers cannot all hold their resources at once: the actors that do not
-        fit would wait for ever, and a federation needs its workers together."""
+        fit would wait for ever, and a federation needs its workers together. `why` says where
+        the worker count comes from when it is not one run's."""
         need = {
             "CPU": self.coordinators * 1.0 + workers * self.cpus_per_worker,
             "GPU": float(workers * self.gpus_per_worker),
@@ -321,9 +440,13 @@ class RayEngine:
             raise EngineRefused(
                 f"the Ray cluster has {have}; this run needs "
                 f"{need['CPU']:g} CPU ({self.coordinators} coordinator replica(s) × 1 + "
-                f"{workers} worker(s) × {self.cpus_per_worker:g})"
+                f"{workers} worker(s) × {self.cpus_per_worker:g}"
+                + (f", for {why}" if why else "")
+                + ")"
                 + (f" and {need['GPU']:g} GPU" if need["GPU"] else "")
-                + ": add nodes, or lower --workers, --cpus-per-worker or --gpus-per-worker"
+                + ": add nodes, or lower "
+                + ("--jobs, " if why else "")
+                + "--workers, --cpus-per-worker or --gpus-per-worker"
             )
 
     def device_count(self, choice: str) -> int:
@@ -348,9 +471,16 @@ class RayEngine:
         try:
             ray.get(group.ready(), timeout=self.start_timeout_s)
         except Exception as exc:
+            why = None
+            with contextlib.suppress(Exception):
+                why = pending_reason(
+                    {"CPU": float(self.coordinators)},
+                    ray.available_resources(),
+                    ray.cluster_resources(),
+                )
             raise EngineFailed(
                 f"the cluster cannot place {self.coordinators} coordinator "
-                f"replicas of 1 CPU each: {exc}"
+                f"replicas of 1 CPU each: {why or exc}"
             ) from exc
         from tetherfed_coordinator.replica import CoordinatorReplica  # noqa: PLC0415
 
@@ -398,7 +528,8 @@ class RayEngine:
             )
             .remote(argv, str(log), dict(env))
         )
-        worker = RayWorker(ray, handle, name, log)
+        need = {"CPU": self.cpus_per_worker, "GPU": float(self.gpus_per_worker)}
+        worker = RayWorker(ray, handle, name, log, need, self.pending_timeout_s)
         self._started.append(worker)
         return worker
 
@@ -455,6 +586,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cpus-per-worker", type=float, default=1.0, help="ray: logical CPUs per worker actor"
     )
+    group.add_argument(
+        "--pending-timeout",
+        type=float,
+        default=PENDING_TIMEOUT_S,
+        metavar="S",
+        help="ray: fail the run when a worker actor waits this long for resources (shown "
+        "pending meanwhile); raise it for an autoscaling cluster",
+    )
 
 
 def engine_from_args(args: argparse.Namespace, workers: int | None = None) -> Any:
@@ -470,6 +609,7 @@ def engine_from_args(args: argparse.Namespace, workers: int | None = None) -> An
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
         workers=workers,
+        pending_timeout_s=args.pending_timeout,
     )
     engine.connect()
     return engine

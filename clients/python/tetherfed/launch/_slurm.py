@@ -8,6 +8,10 @@ in-process with its checkpoints in `<folder>/worker-<i>/` (a path every node see
 preemption or timeout submitit calls `checkpoint()`, which requeues the same task; it resumes
 from `latest.pt` under the same worker id (`tetherfed worker --resume`). The command submits,
 prints the job ids and exits; it never waits on the jobs.
+
+Before submitting it asks `sinfo` whether the partition can run the coordinator job and every
+worker task at once (`capacity_problem`) and refuses a submission that would leave tasks queued
+behind the others; without `sinfo` on this machine it says so and submits.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,29 @@ from ._launch import create_federation, resolve_policy, wait_ready
 COORDINATOR_FILE = "coordinator.json"
 SUBMITIT_DIR = "submitit"  # submitit's own files (pickles, logs), per job id
 WAIT_COORDINATOR_S = 3600.0  # a worker waits this long for the coordinator job to start
+COORDINATOR_CPUS = 2  # the coordinator job's cpus_per_task (`job_parameters`)
+# sinfo, one line per node and partition: name|partition|CPUs|generic resources|state|time limit
+SINFO_FORMAT = "%N|%R|%c|%G|%t|%l"
+# Node states (sinfo's compact %t, suffixes such as `*` (not responding) or `~` (powered off)
+# aside) in which a node takes no new job: down, drained or draining, failing, in maintenance,
+# invalid, future, unknown, not part of the cluster (Slurm's sinfo manual, "NODE STATE CODES").
+NO_NEW_JOBS = {
+    "down",
+    "drain",
+    "drained",
+    "drng",
+    "draining",
+    "fail",
+    "failg",
+    "failing",
+    "maint",
+    "inval",
+    "futr",
+    "future",
+    "unk",
+    "unknown",
+    "npc",
+}
 
 
 @dataclass(frozen=True)
@@ -202,6 +232,148 @@ class WorkerJob:
         return submitit.helpers.DelayedSubmission(self, index)
 
 
+# ---------------------------------------------------------------- what the partition can hold
+@dataclass(frozen=True)
+class SlurmNode:
+    """One node of a partition as `sinfo -N -o SINFO_FORMAT` lists it."""
+
+    name: str
+    partition: str
+    cpus: int
+    gpus: int
+    state: str
+    time_limit_min: int | None  # the partition's; None: infinite
+
+    @property
+    def takes_jobs(self) -> bool:
+        """Whether the node can start a new job (not down, drained, failing, …; one that does
+        not respond, `*`, neither)."""
+        base = self.state.rstrip("*~#!%$@^-+")
+        return not self.state.endswith("*") and base not in NO_NEW_JOBS
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in a node's generic resources (`gpu:4`, `gpu:a100:2(S:0-1)`, `gpu:a100:2,gpu:v100:1`,
+    `(null)`)."""
+    total = 0
+    for entry in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", entry).split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_sinfo(text: str) -> list[SlurmNode]:
+    """The nodes of `sinfo --noheader -N -o SINFO_FORMAT` output; ValueError naming a line
+    that does not read so."""
+    nodes = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = line.strip().split("|")
+        if len(fields) != 6 or not fields[2].isdigit():
+            raise ValueError(f"unexpected sinfo line {line!r} (format {SINFO_FORMAT})")
+        name, partition, cpus, gres, state, limit = fields
+        minutes = None if limit.strip() in ("infinite", "UNLIMITED", "n/a") else parse_time(limit)
+        nodes.append(SlurmNode(name, partition, int(cpus), _gpus(gres), state.strip(), minutes))
+    return nodes
+
+
+def _tasks_on(node: SlurmNode, cpus: int, gpus: int) -> int:
+    """Worker tasks of `cpus` CPUs and `gpus` GPUs each that fit on `node` at once."""
+    fit = node.cpus // cpus
+    return min(fit, node.gpus // gpus) if gpus else fit
+
+
+def capacity_problem(plan: SlurmPlan, nodes: Sequence[SlurmNode]) -> str | None:
+    """Why the plan's partition cannot run its coordinator job and all its worker tasks at once
+    (a federation needs its workers together: tasks that do not fit would wait in the queue while
+    the others train alone), or why its time limit is over the partition's; None when it can.
+
+    Counts the partition's nodes that take jobs, whatever they run now (their jobs end), each
+    task on one node (`nodes=1`, `gpus_per_node`), the coordinator's COORDINATOR_CPUS on the node
+    where they cost the fewest worker tasks. Limits sinfo does not list (QOS, per-user or
+    per-account limits, reservations) are not checked."""
+    known = sorted({n.partition for n in nodes})
+    if plan.partition is None:
+        return None
+    mine = [n for n in nodes if n.partition == plan.partition]
+    if not mine:
+        return f"no partition {plan.partition!r} (sinfo lists: {', '.join(known) or 'none'})"
+    limit = mine[0].time_limit_min
+    if limit is not None and plan.time_min > limit:
+        return (
+            f"--time {plan.time_min} min is over the limit of partition {plan.partition!r}, "
+            f"{limit} min"
+        )
+    usable = [n for n in mine if n.takes_jobs]
+    out = len(mine) - len(usable)
+    cpus, gpus = plan.cpus_per_worker, plan.gpus_per_worker
+    per_node = [_tasks_on(n, cpus, gpus) for n in usable]
+    room = sum(per_node)
+    hosts = [
+        fit
+        - _tasks_on(
+            SlurmNode(n.name, n.partition, n.cpus - COORDINATOR_CPUS, n.gpus, "", 0), cpus, gpus
+        )
+        for n, fit in zip(usable, per_node, strict=True)
+        if n.cpus >= COORDINATOR_CPUS
+    ]
+    if not hosts:
+        room = -1  # nowhere for the coordinator
+    else:
+        room -= min(hosts)
+    if room >= plan.workers:
+        return None
+    task = f"{cpus} CPU" + (f" and {gpus} GPU" if gpus else "")
+    nodes_text = f"{len(usable)} node(s) that take jobs" + (
+        f" ({out} down, drained or not responding)" if out else ""
+    )
+    if room < 0:
+        return (
+            f"partition {plan.partition!r} has {nodes_text}, none with the coordinator job's "
+            f"{COORDINATOR_CPUS} CPUs"
+        )
+    return (
+        f"partition {plan.partition!r} has {nodes_text}: room for {room} worker task(s) of "
+        f"{task} besides the coordinator job's {COORDINATOR_CPUS} CPUs; --workers "
+        f"{plan.workers} need to run at once: lower --workers, --cpus-per-worker or "
+        "--gpus-per-worker, or use a larger partition"
+    )
+
+
+def sinfo_nodes(run: Any = subprocess.run) -> list[SlurmNode] | None:
+    """Every partition's nodes as this machine's `sinfo` lists them; None when there is no
+    `sinfo` here (or it fails: the check is then skipped, never the submission)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        done = run(
+            ["sinfo", "--noheader", "-N", "-o", SINFO_FORMAT],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return parse_sinfo(done.stdout)
+
+
+def check_capacity(plan: SlurmPlan) -> str | None:
+    """Refuse (ValueError, saying what is needed and what the partition has) a submission the
+    partition cannot run at once; a note (returned) when `sinfo` is not here to ask."""
+    nodes = sinfo_nodes()
+    if nodes is None:
+        return "sinfo is not available here: the partition's capacity was not checked"
+    problem = capacity_problem(plan, nodes)
+    if problem is not None:
+        raise ValueError(problem)
+    return None
+
+
 # ---------------------------------------------------------------- submitting
 def job_parameters(plan: SlurmPlan, role: str) -> dict[str, Any]:
     """sbatch parameters (submitit's SlurmExecutor names) of the coordinator or the workers."""
@@ -354,6 +526,12 @@ def run_submit_slurm(args: argparse.Namespace) -> int:
         plan = plan_from_args(args)
     except ValueError as error:
         raise CliError(str(error)) from error
+    try:
+        note = check_capacity(plan)
+    except ValueError as error:
+        raise CliError(f"the job array cannot run at once: {error}") from error
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         for role, text in sbatch_scripts(plan).items():
             print(f"# ---- {role} ----\n{text}")
