@@ -1,4 +1,5 @@
-"""The binary tensor frame: one safetensors blob holding every tethered layer of a publish.
+"""The binary tensor frame: one safetensors blob holding the tethered layers of a publish (those
+the federation's policy looks at, at least: `check_layers`).
 
 Layout (the safetensors format, so the `safetensors` library reads our frames and we read its):
 8 bytes little-endian header length N, N bytes of JSON header (padded with spaces to 8-byte
@@ -48,7 +49,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +115,7 @@ class RangeError(FrameError):
 
 
 class LayerMismatchError(FrameError):
-    """The frame's layers are not exactly the registered layer table."""
+    """The frame holds a layer that is not registered, or lacks one it must hold."""
 
 
 @dataclass(frozen=True)
@@ -467,16 +468,23 @@ def _check_probe_grams(grams: Mapping[str, TensorEntry], registered: Mapping[str
         raise ShapeError(f"probe Grams of one frame must share one size n, got {sorted(sizes)}")
 
 
-def check_layers(entries: Mapping[str, TensorEntry], layers: Sequence[LayerSpec]) -> None:
-    """Raise unless the frame holds exactly the registered layers, with their shapes and dtypes
-    (plus, optionally, probe Grams and parts of registered layers: `LayerMismatchError` naming
-    those of other layers)."""
+def check_layers(
+    entries: Mapping[str, TensorEntry],
+    layers: Sequence[LayerSpec],
+    required: Collection[str] | None = None,
+) -> None:
+    """Raise unless the frame holds the registered layers, with their shapes and dtypes (plus,
+    optionally, probe Grams and parts of registered layers: `LayerMismatchError` naming those
+    of other layers). `required` names the layers it must hold (default: all of them; a worker
+    publishes only the layers its federation's policy looks at, `policy.layers_in_scope`), the
+    others being optional."""
     registered = {layer.name: layer for layer in layers}
     split = split_entries(entries)
     entries, grams = split.tethers, split.grams
     _check_probe_grams(grams, registered)
     _check_parts(split.parts, registered)
-    missing = [name for name in registered if name not in entries]
+    needed = registered if required is None else required
+    missing = [name for name in needed if name not in entries]
     unknown = [name for name in entries if name not in registered]
     if missing or unknown:
         raise LayerMismatchError(

@@ -66,9 +66,10 @@ class FrameStream:
     """Validate a frame of `total` bytes fed in chunks; `finish()` returns its `Frame`.
 
     `layers`, `require_meta`, `check_finite`, `unit_range` and `worker_id` mean what they mean
-    for `decode_frame`. `keep`,
-    called once with the metadata and entries when the header is complete, names the layers
-    whose bytes to keep; the returned frame's `tensors` holds exactly those.
+    for `decode_frame`; `required`, the layers of `layers` the frame must hold (default: all,
+    see `check_layers`). `keep`, called once with the metadata and entries when the header is
+    complete, names the layers whose bytes to keep; the returned frame's `tensors` holds
+    exactly those.
     """
 
     def __init__(
@@ -81,8 +82,9 @@ class FrameStream:
         unit_range: bool = True,
         keep: KeepFn | None = None,
         worker_id: str | None = None,
+        required: Collection[str] | None = None,
     ) -> None:
-        self.total = total
+        self.total, self.required = total, required
         self.layers, self.require_meta, self.check_finite = layers, require_meta, check_finite
         self.unit_range, self.worker_id = unit_range, worker_id
         self._keep_fn = keep
@@ -152,7 +154,7 @@ class FrameStream:
             raise MetadataError(f"frame has no snapshot metadata under __metadata__[{META_KEY!r}]")
         entries = parse_entries(header, data_start, self.total)
         if self.layers is not None:
-            check_layers(entries, self.layers)
+            check_layers(entries, self.layers, self.required)
         if meta is not None:
             check_wire_dtype(entries, meta.wire_dtype)
         self._frame = Frame(meta=meta, entries=entries, extra_metadata=extra)

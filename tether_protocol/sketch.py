@@ -35,7 +35,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,12 +252,16 @@ def encode_sketch_frame(
 
 
 def decode_sketch_frame(
-    buf: bytes | bytearray | memoryview, layers: Sequence[Any] | None, spec: SketchPolicy | None
+    buf: bytes | bytearray | memoryview,
+    layers: Sequence[Any] | None,
+    spec: SketchPolicy | None,
+    required: Collection[str] | None = None,
 ) -> tuple[Frame, dict[str, LayerSketch | npt.NDArray[Any]]]:
     """Decode a sketch publish; returns the frame and layer → sketch or whole tether.
 
-    With `layers` (the registered `LayerSpec`s) and `spec` (the federation's sketch policy) it
-    is validated against both: raises the `FrameError` subclasses of `decode_frame`, and
+    With `layers` (the registered `LayerSpec`s, of which it must hold `required`, default all:
+    see `frame.check_layers`) and `spec` (the federation's sketch policy) it is validated
+    against both: raises the `FrameError` subclasses of `decode_frame`, and
     LayerMismatchError (layers differ from the table), ShapeError (a sketch or layer of the
     wrong shape, a layer sketched that should not be or the reverse), MetadataError (no or a bad
     layout, or a k or seed other than the policy's). Without them (a frame stored after that
@@ -274,7 +278,7 @@ def decode_sketch_frame(
             f"sketch k={k}, seed={seed} differ from the federation's k={spec.k}, seed={spec.seed}"
         )
     if layers is not None and spec is not None:
-        _check_table(frame, layers, layout, spec)
+        _check_table(frame, layers, layout, spec, required)
     out: dict[str, LayerSketch | npt.NDArray[Any]] = {}
     for name, tensor in frame.tensors.items():
         info = layout.get(name)
@@ -313,17 +317,23 @@ def _layout(frame: Frame) -> tuple[int, int, dict[str, Any]]:
 
 
 def _check_table(
-    frame: Frame, layers: Sequence[Any], layout: Mapping[str, Any], spec: SketchPolicy
+    frame: Frame,
+    layers: Sequence[Any],
+    layout: Mapping[str, Any],
+    spec: SketchPolicy,
+    required: Collection[str] | None,
 ) -> None:
     registered = {layer.name: layer for layer in layers}
-    if set(frame.entries) != set(registered):
-        missing = sorted(set(registered) - set(frame.entries))
-        unknown = sorted(set(frame.entries) - set(registered))
+    missing = sorted(set(registered if required is None else required) - set(frame.entries))
+    unknown = sorted(set(frame.entries) - set(registered))
+    if missing or unknown:
         raise LayerMismatchError(
             f"sketch frame layers differ from the registered table: missing {missing}, "
             f"unknown {unknown}"
         )
     for name, layer in registered.items():
+        if name not in frame.entries:
+            continue
         shape = list(frame.entries[name].shape)
         if not sketched(spec, layer.numel):
             if name in layout or shape != layer.shape:

@@ -314,7 +314,7 @@ def test_the_worker_registers_its_init_digest(fed: Federation) -> None:
 def test_snapshots_carry_the_parts_of_the_scope_right_after_each_tether(fed: Federation) -> None:
     set_policy(fed, merge_scope="weights")
     index = 0
-    parts = fed._copy_parts(index, "weights")
+    parts = fed._copy_parts(index, "weights", ["conv", "fc", "head"])
     assert {k: list(v) for k, v in parts.items()} == {
         "conv": ["conv@weight", "conv@bias"],
         "fc": ["fc@weight:original0", "fc@weight:original1", "fc@bias"],
@@ -323,4 +323,5 @@ def test_snapshots_carry_the_parts_of_the_scope_right_after_each_tether(fed: Fed
     model = model_of(fed)
     assert torch.equal(parts["conv"]["conv@bias"], model.conv.bias.detach())
     assert all(b.dtype == torch.float32 for v in parts.values() for b in v.values())
-    assert fed._copy_parts(index, "tethers") == {}
+    assert fed._copy_parts(index, "tethers", ["conv", "fc", "head"]) == {}
+    assert list(fed._copy_parts(index, "weights", ["fc"])) == ["fc"]  # layers out of scope: none

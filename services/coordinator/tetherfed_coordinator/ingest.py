@@ -54,6 +54,7 @@ from tether_protocol.messages import (
     SnapshotRef,
     utcnow,
 )
+from tether_protocol.policy import layers_in_scope
 
 from .errors import BadInput, CoordinatorError, FederationNotFound, Invalid, TooLarge, Unavailable
 from .rawbody import BODY_EXTENSION, SEGMENT, BodySegments, SegmentProtocol
@@ -297,7 +298,11 @@ async def receive_publish(
     else:
         segments = body_segments(request, size)
     stream = FrameStream(
-        size, layers, keep=lambda meta, entries: _changed(meta, entries, prev), worker_id=wid
+        size,
+        layers,
+        keep=lambda meta, entries: _changed(meta, entries, prev),
+        worker_id=wid,
+        required=layers_in_scope(policy, [layer.name for layer in layers]),
     )
     tag = uuid.uuid4().hex
     if size <= SEGMENT:  # one segment: SET inside the commit's transaction

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tether_protocol.messages import AckCreate, Decision, Hold, Policy, WireDType
-from tether_protocol.policy import plateau
+from tether_protocol.policy import layers_in_scope, plateau
 from tetherfed.client._errors import RefusedError
 from tetherfed.client._retry import RetryPolicy
 from tetherfed.client._sdk import Client
@@ -522,14 +522,20 @@ class Federation:
         """Copy the tethers into the host buffer set not being published and offer them to the
         I/O thread (the unsent snapshot, if any, is withdrawn first: latest wins)."""
         index = self._io.claim_buffers()
-        buffers = self._buffers[index]
+        policy = self.policy
+        # Only the layers the policy looks at travel (all of them until registered).
+        names = list(self._layers)
+        if policy is not None:
+            names = layers_in_scope(policy, names)
+        buffers = {name: self._buffers[index][name] for name in names}
         with torch.no_grad():
-            for name, tp in self._layers.items():
-                buffers[name].copy_(tp.current(), non_blocking=True)
-        parts = self._copy_parts(index, self._scope())  # merge_scope weights or model
-        policy, grams = self.policy, {}
+            for name in names:
+                buffers[name].copy_(self._layers[name].current(), non_blocking=True)
+        parts = self._copy_parts(index, self._scope(), names)  # merge_scope weights or model
+        grams: dict[str, Any] = {}
         if self._probe is not None and policy is not None and policy.measure == "cka":
             grams = self._probe.grams(policy.probe_seed, policy.probe_size)
+            grams = {name: gram for name, gram in grams.items() if name in buffers}
         event = None
         if self._device.type == "cuda":
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -540,16 +546,19 @@ class Federation:
         self._io.offer(Snapshot(buffers, progress, generations, index, event, grams, parts=parts))
         return True
 
-    def _copy_parts(self, index: int, scope: MergeScope) -> dict[str, dict[str, Tensor]]:
-        """Copy the parts `scope` needs (`layer_parts`: weights, biases, untethered tensors)
-        into host buffer set `index` (float32, pinned on CUDA, allocated on first use: the
-        scope is known only once registered, and may change); layer → entry name → buffer."""
+    def _copy_parts(
+        self, index: int, scope: MergeScope, layers: Sequence[str]
+    ) -> dict[str, dict[str, Tensor]]:
+        """Copy the parts `scope` needs (`layer_parts`: weights, biases, untethered tensors) of
+        `layers` into host buffer set `index` (float32, pinned on CUDA, allocated on first use:
+        the scope is known only once registered, and may change); layer → entry name → buffer."""
         out: dict[str, dict[str, Tensor]] = {}
         if scope == "tethers":
             return out
         held, pin = self._part_buffers[index], self._device.type == "cuda"
+        everything = self._all_parts(scope)
         with torch.no_grad():
-            for layer, refs in self._all_parts(scope).items():
+            for layer, refs in ((name, everything.get(name, [])) for name in layers):
                 for ref in refs:
                     tensor = ref.tensor().detach()
                     buf = held.get(ref.name)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from tether_protocol.frame import FrameError
 from tether_protocol.messages import SketchAccepted
+from tether_protocol.policy import layers_in_scope
 from tether_protocol.sketch import decode_sketch_frame
 
 from ..ingest import frame_error, publishers_frame
@@ -44,7 +45,9 @@ async def publish_sketch(
         )
     body = await _body(request)
     try:
-        frame, _ = decode_sketch_frame(body, store.layers_of(record), policy.sketch)
+        layers = store.layers_of(record)
+        in_scope = layers_in_scope(policy, [layer.name for layer in layers])
+        frame, _ = decode_sketch_frame(body, layers, policy.sketch, in_scope)
     except FrameError as exc:
         raise frame_error(exc) from None
     frame = publishers_frame(frame, wid)

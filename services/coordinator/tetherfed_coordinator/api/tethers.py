@@ -29,7 +29,8 @@ router = APIRouter(prefix="/v1/federations/{fed}/workers/{wid}/tethers", tags=["
 FRAME_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "A safetensors frame holding every registered layer, with SnapshotMeta "
+        "description": "A safetensors frame holding registered layers (at least those the "
+        "policy's `layers` name), with SnapshotMeta "
         "under __metadata__['tetherfed.snapshot'].",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
