@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv test lint unit notorch docs docs-build demo bench bench-quick clean fuzz fuzz-ci chaos browser
+.PHONY: venv test lint unit notorch docs docs-build demo bench bench-quick bench-peers clean fuzz fuzz-ci chaos browser
 
 venv: $(STAMP)
 
@@ -73,8 +73,23 @@ bench: venv
 bench-quick: venv
 	$(PY) -m tetherfed.cli bench --quick --json bench-quick.jsonl
 
+# Peers the `round` row runs in the same run (Flower, docs/results/benchmarks.md): installed into
+# a venv of their own so their dependencies never change .venv's; the stamp makes it idempotent.
+PEERS ?= .venv-peers
+FLWR ?= flwr==1.42.0
+PEERS_STAMP := $(PEERS)/.installed-$(subst ==,-,$(FLWR))
+
+bench-peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP):
+	test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q '$(FLWR)'
+	rm -f $(PEERS)/.installed-*
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(NOTORCH) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
+	rm -rf $(VENV) $(NOTORCH) $(PEERS) site .pytest_cache .mypy_cache .ruff_cache .hypothesis .schemathesis runs
 
 # Fuzzing: hypothesis on the frame decoders (CI runs 100 examples per test inside
 # `make test`), then schemathesis against a real coordinator's /openapi.json with the stateful

@@ -5,14 +5,19 @@ N = 8 workers, each with P = 4,194,304 float32 tether values in 4 layers (1024 �
 identical so every worker merges on every layer. Each worker is a thread with its own SDK client
 and its own long-poll client. A round runs from the first byte a worker sends to the last worker
 holding its partners' tethers for every decision of its new snapshot; median of 10 rounds (after
-one warm-up round). Target ≤ 0.5 s. The reference is quoted, not rerun: a Flower 1.42 FedAvg
-round with the same N and P on this project's CI machine (deployment runtime over loopback, stock
-settings) took 12.5-15.4 s (issue #17).
+one warm-up round). Target ≤ 0.5 s.
+
+The peer, Flower, runs in the same run after ours when it is installed (`make bench-peers`; see
+bench/flower_peer): a FedAvg round of the same N and P on Flower's deployment runtime over
+loopback, timed from FedAvg having built the round's train messages to FedAvg having aggregated
+all N replies; median of 5 rounds after one warm-up. `params.peer` carries its time and the ratio
+ours ÷ Flower's; without Flower it says the peer was not measured.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import threading
@@ -20,16 +25,17 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 
 from tether_protocol.frame import encode_parts
 from tether_protocol.messages import LayerSpec, Policy, SnapshotMeta
 from tetherfed import Client, RetryPolicy
 
+from . import flower_peer
 from .common import CpuMeter, line
 from .harness import coordinator
 
 TARGET_S = 0.5
-FLOWER_S = (12.5, 15.4)  # issue #17: Flower 1.42 FedAvg, same N and P, this machine
 POLICY = Policy(
     trigger="every_publish",
     cooldown_steps=0,
@@ -102,9 +108,8 @@ def _round(workers: list[_Worker], frames: list[list[memoryview]], warmup: bool)
     return max(w.finished for w in workers) - min(w.started for w in workers)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """N workers × P values, median of `rounds` rounds (quick: 4 × 65,536 values, 2 rounds)."""
-    n, side, rounds = (4, 128, 2) if quick else (8, 1024, 10)
+def _ours(n: int, side: int, rounds: int) -> tuple[list[float], dict[str, Any], float]:
+    """Our rounds' seconds, the CPU they used and the bytes fetched per round."""
     layers = [LayerSpec(name=f"layer{i}", shape=[side, side]) for i in range(4)]
     rng = np.random.default_rng(0)
     base = {spec.name: rng.random((side, side), dtype=np.float32) for spec in layers}
@@ -127,14 +132,59 @@ def run(quick: bool = False) -> dict[str, Any]:
         finally:
             for w in workers:
                 w.close()
+    return times, cpu, fetched
+
+
+def _flower(n: int, side: int, rounds: int, ours: float) -> dict[str, Any]:
+    """Flower's FedAvg round of the same N and P, run now (params.peer), or why it was not."""
+    if not flower_peer.available():
+        return {"name": "flower", "measured": False, "how": "make bench-peers"}
+    load_before, busy_before, began = os.getloadavg()[0], _busy_s(), time.perf_counter()
+    try:
+        result = flower_peer.run(n, side, rounds)
+    except flower_peer.FlowerError as error:  # our figure stands; the peer's failure is shown
+        print(f"round: the Flower peer failed: {error}", file=sys.stderr)
+        return {"name": "flower", "measured": False, "error": str(error)[:500]}
+    busy = (_busy_s() - busy_before) / (time.perf_counter() - began)
+    times = result["round_s"]
     median = statistics.median(times)
+    return {
+        "name": "flower",
+        "measured": True,
+        "version": result["flwr"],
+        "round_s": round(median, 4),
+        "ratio": round(ours / median, 4),  # ours ÷ Flower's: below 1, ours is faster
+        "timed": "FedAvg's train messages built → all N replies aggregated (median)",
+        "rounds": len(times),
+        "min_s": round(min(times), 4),
+        "max_s": round(max(times), 4),
+        "warmup_s": [round(t, 4) for t in result["warmup_s"]],
+        "runtime": "deployment: 1 SuperLink + N SuperNodes, insecure loopback, stock settings",
+        "load_average_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after
+        "machine_busy_cores": round(busy, 2),  # over the whole Flower run, start-up included
+    }
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, every core)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - t.iowait)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """N workers × P values, median of `rounds` rounds (quick: 4 × 65,536 values, 2 rounds),
+    then Flower's FedAvg round of the same N and P where it is installed (5 rounds; quick 2)."""
+    n, side, rounds = (4, 128, 2) if quick else (8, 1024, 10)
+    times, cpu, fetched = _ours(n, side, rounds)
+    median = statistics.median(times)
+    peer = _flower(n, side, 2 if quick else 5, median)
     values = 4 * side * side
     return line(
         "round",
         ours=median,
-        reference=None,
+        reference=peer.get("round_s"),
         unit="s (first byte → last worker holds partners' tethers)",
-        ratio=None,
+        ratio=peer.get("ratio"),
         target=f"<= {TARGET_S} s",
         passed=median <= TARGET_S,
         params={
@@ -147,8 +197,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "published_mb_per_round": round(n * values * 4 / 1e6, 1),
             "fetched_mb_per_round": round(fetched / 1e6, 1),
             "cpu": cpu,
-            "flower_reference_s": list(FLOWER_S),
-            "flower_reference": "quoted from issue #17, not rerun",
+            "peer": peer,
         },
     )
 

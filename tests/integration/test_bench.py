@@ -5,6 +5,7 @@ Timing is not asserted here (that is what the benchmarks report); this checks th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,10 @@ KEYS = {"name", "ours", "reference", "unit", "ratio", "target", "passed", "param
 def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "tetherfed.cli", "bench", "--quick", "--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False)
+    # Without Flower (`make bench-peers` may have installed it here): the round row's peer is
+    # then reported as not measured (test_bench_peers.py runs Flower itself).
+    env = os.environ | {"TETHERFED_PEERS_VENV": str(tmp_path / "no-peers")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=580, check=False, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     names = [
@@ -44,6 +48,15 @@ def test_quick_bench_writes_a_json_line_per_benchmark(tmp_path: Path) -> None:
         if line["name"] in ("latency", "load", "round", "load-1000"):  # what limited the row
             cpu = line["params"]["cpu"]
             assert cpu["limit"] and set(cpu["cores_used"]) == {"api", "scorers", "redis", "bench"}
+        if line["name"] == "round":  # no quoted figure stands in for a peer that did not run
+            assert line["params"]["peer"] == {
+                "name": "flower",
+                "measured": False,
+                "how": "make bench-peers",
+            }
+            assert line["reference"] is None and line["ratio"] is None
+            rest = {**line, "params": {k: v for k, v in line["params"].items() if k != "peer"}}
+            assert "flower" not in json.dumps(rest).lower(), rest
         if line["name"] == "models":  # each architecture's costs, every arm timed
             for figures in line["params"]["models"].values():
                 assert figures["step_s"].keys() == {"untethered", "tethered", "federated"}
