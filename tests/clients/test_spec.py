@@ -4,6 +4,7 @@ run ids, overrides, and the built-in examples (pure: no processes)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,8 +232,21 @@ def test_overrides_parse_toml_values_and_find_groups_by_name() -> None:
         "cluster-recovery-shared",
         "seed-prototype",
         "threshold-sweep",
+        "clustered-digits-rot",
+        "clustered-digits-perm",
     ],
 )
 def test_built_in_examples_are_valid(name: str) -> None:
     spec, runs, text = experiment.plan(name)
     assert runs and spec.experiment.name and "[experiment]" in text
+
+
+def test_a_results_folder_named_like_an_example_is_not_taken_for_the_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tiny").mkdir()  # `run tiny --out tiny`, run again from the same place
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert experiment.plan("tiny")[0].experiment.name == "tiny"
+    with pytest.raises(SpecError, match="mine: a folder, not a spec file"):
+        experiment.plan("mine")

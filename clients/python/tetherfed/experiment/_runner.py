@@ -99,8 +99,12 @@ def _source(spec: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str |
     if isinstance(spec, Mapping):
         return json.loads(json.dumps(spec)), None
     path = Path(spec)
-    if not path.exists() and str(spec) in examples():
+    # A folder is never a spec: `run NAME` beside a results folder called NAME (its --out)
+    # still means the built-in example.
+    if not path.is_file() and str(spec) in examples():
         path = examples()[str(spec)]
+    if path.is_dir():
+        raise SpecError(f"{spec}: a folder, not a spec file (a TOML file or a built-in example)")
     if not path.exists():
         known = ", ".join(sorted(examples()))
         raise SpecError(f"{spec}: no such file, nor a built-in example ({known})")
