@@ -42,6 +42,7 @@ MergeOperator = Literal["average", "weighted"]
 DriftOperator = Literal["repel", "decouple"]
 Trigger = Literal["plateau", "every_publish"]
 Pairing = Literal["best", "all"]
+PairingBy = Literal["layer", "model"]
 Relative = Literal["none", "zscore", "rank"]
 WireDType = Literal["float32", "float16", "bfloat16"]
 WorkerStatus = Literal["active", "lost", "left"]
@@ -245,8 +246,7 @@ def noise_band(k: int) -> float:
 
 
 class SketchPolicy(WireModel):
-    """Score large layers on count sketches (`tether_protocol.sketch`; README "Scoring large
-    layers on sketches").
+    """Score large layers on count sketches (`tether_protocol.sketch`; docs/how-to/sketches.md).
 
     Layers of at least `min_values` values are scored on k-value sketches hashed by `seed` (the
     same for the whole federation, so sketches compare); workers publish a sketch frame every
@@ -334,6 +334,14 @@ class Policy(WireModel):
         default="best",
         description="best: at most one merge per worker per round, with its most compatible "
         "eligible partner; all: merge with every eligible partner above the threshold.",
+    )
+    pairing_by: PairingBy = Field(
+        default="layer",
+        description="layer: each layer in scope picks its partners by its own scores; model: "
+        "the partners are picked once a round by the mean of the layer scores over the layers "
+        "in scope (NaN ones left out), and every layer in scope merges or drifts with them, so "
+        "a worker's model joins one partner's as a whole, as clustered FL assigns whole models "
+        "(IFCA, Ghosh et al. 2020; CFL, Sattler et al. 2019).",
     )
     layers: LayerScope = Field(
         default="all",
@@ -501,9 +509,9 @@ def seed_policy() -> Policy:
 
 
 def cka_policy() -> Policy:
-    """Function-aware federation (the configuration measured in README "Does it work?"): linear
-    CKA of the last layer on the shared probe batch, a rank rule (merge each worker with its
-    closest partner only), no rounds before step 100, and the merge gate at a 1 % probe-loss
+    """Function-aware federation (the configuration measured in docs/results/does-it-work.md):
+    linear CKA of the last layer on the shared probe batch, a rank rule (merge each worker with
+    its closest partner only), no rounds before step 100, and the merge gate at a 1 % probe-loss
     rise."""
     return Policy(
         measure="cka",
@@ -517,8 +525,8 @@ def cka_policy() -> Policy:
         cooldown_steps=10,
         max_merges_per_epoch=1000,
         # 200, not 50: at 30–50 steps/s a decision reaches its worker 50–80 steps after the
-        # snapshot it was made from, and 50 rejected 71 of 85 merges as stale (README "Does it
-        # work?"), before the gate could judge them.
+        # snapshot it was made from, and 50 rejected 71 of 85 merges as stale
+        # (docs/results/does-it-work.md), before the gate could judge them.
         max_staleness_steps=200,
         probe_size=64,
         gate=MergeGate(probe_loss_rise=0.01),

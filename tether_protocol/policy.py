@@ -238,9 +238,65 @@ def decide(policy: Policy, state: FederationState, snapshot: SnapshotMeta) -> Ro
         return held(policy, state, snapshot, Round(triggered=False, trigger_reason=why))
     result = Round(triggered=True, trigger_reason=why)
     cooling = _cooling(state)
-    for layer in layers_in_scope(policy, state.layer_order):
+    layers = layers_in_scope(policy, state.layer_order)
+    if policy.pairing_by == "model":
+        _decide_model(policy, state, snapshot, layers, result, cooling)
+        return held(policy, state, snapshot, result)
+    for layer in layers:
         _decide_layer(policy, state, snapshot, layer, result, cooling.get(layer, {}))
     return held(policy, state, snapshot, result)
+
+
+MODEL_ROW = "\x00model"  # the pseudo-layer `_decide_model` decides on (no layer name has NUL)
+
+
+def _decide_model(
+    policy: Policy,
+    state: FederationState,
+    snapshot: SnapshotMeta,
+    layers: Sequence[str],
+    result: Round,
+    cooling: Mapping[str, Mapping[str, int]],
+) -> None:
+    """`pairing_by = "model"`: pick the partners once, on the mean of the publisher's layer
+    scores over `layers` (a partner's NaN layers left out; all NaN: not comparable), with the
+    pair cooling when it cools on any of them and the merge budget of the layer that used most
+    of it; then every layer the partner is comparable on gets the merge or drift. A hold is
+    recorded once, on the first layer."""
+    scored = [layer for layer in layers if state.scores.get(layer)]
+    if not scored:
+        return
+    partners = sorted({p for layer in scored for p in state.scores[layer]})
+    mean: dict[str, float] = {}
+    for partner in partners:
+        values = [state.scores[layer].get(partner, math.nan) for layer in scored]
+        finite = [v for v in values if not math.isnan(v)]
+        mean[partner] = sum(finite) / len(finite) if finite else math.nan
+    cool: dict[str, int] = {}
+    for layer in scored:
+        for partner, step in cooling.get(layer, {}).items():
+            cool[partner] = max(step, cool.get(partner, step))
+    used = max(state.merges.get(layer, 0) for layer in scored)
+    whole = replace(state, scores={MODEL_ROW: mean}, merges={MODEL_ROW: used})
+    picked = Round(triggered=True, trigger_reason=result.trigger_reason)
+    _decide_layer(policy, whole, snapshot, MODEL_ROW, picked, cool)
+    for draft in picked.decisions:
+        if draft.action == "hold":
+            result.decisions.append(replace(draft, layer=scored[0], reason=_whole(draft, scored)))
+            continue
+        partner = draft.partner_id
+        assert partner is not None
+        for layer in scored:
+            if math.isnan(state.scores[layer].get(partner, math.nan)):
+                continue
+            result.decisions.append(replace(draft, layer=layer, reason=_whole(draft, scored)))
+            result.cooldowns[(layer, partner)] = snapshot.step
+            if draft.action == "merge":
+                result.merges[layer] = result.merges.get(layer, 0) + 1
+
+
+def _whole(draft: DecisionDraft, layers: Sequence[str]) -> str:
+    return f"mean over {len(layers)} layer(s): {draft.reason}"
 
 
 def _fresh(

@@ -312,13 +312,22 @@ class PlannedRun:
 _PLACE = ("index", "group_index", "index_in_group", "group_size")
 
 
+# Policy fields added after results folders of the same schema were made, at their defaults:
+# left out of run ids so those folders resume.
+_NEWER_POLICY_FIELDS: dict[str, Any] = {"pairing_by": "layer"}
+
+
 def run_id(plan: RunPlan) -> str:
     """A short hash (10 hex) of the resolved run config plus its repeat.
 
     A worker's place in the run (`_PLACE`) follows from the order and groups of the workers,
     already hashed, and options at their defaults that older versions lacked (`task_args`,
-    `shard`, `io_budget`) are left out, so a folder's run ids stay those it was started with."""
+    `shard`, `io_budget`) are left out, as are policy fields newer than the first folders at
+    their defaults, so a folder's run ids stay those it was started with."""
     body = plan.model_dump(mode="json", exclude={"run_id", "federation"})
+    for key, default in _NEWER_POLICY_FIELDS.items():
+        if body["policy"].get(key) == default:
+            body["policy"].pop(key, None)
     for worker in body["workers"]:
         for key in _PLACE:
             worker.pop(key, None)
