@@ -537,7 +537,8 @@ def clustered_policy() -> Policy:
     """Clustered FL on updates (Sattler, Müller & Samek 2019, "Clustered Federated Learning"):
     the cosine of each worker's tether update since its first publish (`update_cosine`) on
     every layer (clusters of rotated inputs differ first in the first layer, relabelled ones
-    in the last), with the `cka` preset's rank rule, warm-up, staleness bound and merge gate.
+    in the last), partners picked on the mean over the layers (`pairing_by = "model"`), with
+    the `cka` preset's rank rule, warm-up, staleness bound and merge gate.
     For workers from one shared init, whose clusters may differ by a relabelling of outputs
     that cka (blind to permutations of units) cannot see; `cka` suits independent inits."""
     return Policy(
@@ -546,6 +547,7 @@ def clustered_policy() -> Policy:
         merge_threshold=0.9,
         drift_threshold=None,
         pairing="best",
+        pairing_by="model",
         layers="all",
         trigger="every_publish",
         warmup_steps=100,

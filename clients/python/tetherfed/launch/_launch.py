@@ -124,12 +124,13 @@ def arm_policy(policy: Policy, arm: Arm, fedavg_every: int) -> Policy:
                 "grad_epsilon": 0.0,
                 "fedavg_every": None,
                 "sync_every": None,  # no round to wait for
+                "pairing_by": "layer",  # nothing is paired
             }
         )
     if arm in ("fedavg", "oracle"):  # FedAvg averages unconditionally: no merge gate
         within = "group" if arm == "oracle" else "federation"
         update = {"fedavg_every": fedavg_every, "fedavg_within": within, "gate": None}
-        return policy.model_copy(update=update)
+        return policy.model_copy(update=update | {"pairing_by": "layer"})  # scores pick no one
     return policy
 
 
