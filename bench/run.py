@@ -14,7 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ALL = ["scoring", "ingest", "latency", "overhead", "load", "round", "load-1000", "models"]
+ALL = [
+    "scoring",
+    "ingest",
+    "latency",
+    "overhead",
+    "load",
+    "round",
+    "load-1000",
+    "models",
+    "sync-rounds",
+]
 
 
 def run_one(name: str, quick: bool) -> list[dict[str, Any]]:
