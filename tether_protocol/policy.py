@@ -266,33 +266,38 @@ def _decide_model(
     scored = [layer for layer in layers if state.scores.get(layer)]
     if not scored:
         return
-    partners = sorted({p for layer in scored for p in state.scores[layer]})
-    mean: dict[str, float] = {}
-    for partner in partners:
-        values = [state.scores[layer].get(partner, math.nan) for layer in scored]
-        finite = [v for v in values if not math.isnan(v)]
-        mean[partner] = sum(finite) / len(finite) if finite else math.nan
     cool: dict[str, int] = {}
     for layer in scored:
         for partner, step in cooling.get(layer, {}).items():
             cool[partner] = max(step, cool.get(partner, step))
     used = max(state.merges.get(layer, 0) for layer in scored)
-    whole = replace(state, scores={MODEL_ROW: mean}, merges={MODEL_ROW: used})
+    whole = replace(state, scores={MODEL_ROW: _mean_row(state, scored)}, merges={MODEL_ROW: used})
     picked = Round(triggered=True, trigger_reason=result.trigger_reason)
     _decide_layer(policy, whole, snapshot, MODEL_ROW, picked, cool)
     for draft in picked.decisions:
         if draft.action == "hold":
             result.decisions.append(replace(draft, layer=scored[0], reason=_whole(draft, scored)))
             continue
-        partner = draft.partner_id
-        assert partner is not None
+        chosen = draft.partner_id
+        if chosen is None:  # merges and drifts always name their partner
+            continue
         for layer in scored:
-            if math.isnan(state.scores[layer].get(partner, math.nan)):
+            if math.isnan(state.scores[layer].get(chosen, math.nan)):
                 continue
             result.decisions.append(replace(draft, layer=layer, reason=_whole(draft, scored)))
-            result.cooldowns[(layer, partner)] = snapshot.step
+            result.cooldowns[(layer, chosen)] = snapshot.step
             if draft.action == "merge":
                 result.merges[layer] = result.merges.get(layer, 0) + 1
+
+
+def _mean_row(state: FederationState, layers: Sequence[str]) -> dict[str, float]:
+    """Partner → the mean of its finite scores over `layers` (NaN when it has none)."""
+    mean: dict[str, float] = {}
+    for partner in sorted({p for layer in layers for p in state.scores[layer]}):
+        values = [state.scores[layer].get(partner, math.nan) for layer in layers]
+        finite = [v for v in values if not math.isnan(v)]
+        mean[partner] = sum(finite) / len(finite) if finite else math.nan
+    return mean
 
 
 def _whole(draft: DecisionDraft, layers: Sequence[str]) -> str:
