@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from tetherfed._exits import (
     EXIT_USAGE,
     CliError,
 )
+from tetherfed.worker._main import TOKEN_ENV
 
 __doc__ += "\n".join(f"    {code:>3}  {name}" for name, code in EXIT_CODES)
 
@@ -53,7 +55,7 @@ def _cmd_federation(args: argparse.Namespace) -> int:
         policy = resolve_policy(args.policy)
     except (KeyError, ValueError, OSError) as error:
         raise CliError(f"invalid --policy {args.policy!r}: {error}") from error
-    with Client(args.coordinator, token=args.token) as client:
+    with Client(args.coordinator, token=args.token or os.environ.get(TOKEN_ENV) or None) as client:
         create_federation(client, args.name, policy)
         print(client.get_federation(args.name).model_dump_json(indent=2))
     return EXIT_OK
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset (default, seed, cka, clustered, demo) or JSON file",
     )
     create.add_argument("--coordinator", default="http://127.0.0.1:8420")
-    create.add_argument("--token", default=None)
+    create.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
 
     bench = sub.add_parser("bench", help="run benchmarks (ours vs a reference, same run)")
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")

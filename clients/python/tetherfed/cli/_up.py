@@ -8,6 +8,7 @@ and prints the summary. The run folder under --out is the launcher's (see `_laun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from tetherfed.launch._ray import (
     engine_from_args,
 )
 from tetherfed.report import report_hook
+from tetherfed.worker._main import TOKEN_ENV
 from tetherfed.worker._options import add_worker_args, at_least_one, options_argv, options_from_args
 
 PLAIN_EVERY_S = 2.0
@@ -82,7 +84,7 @@ def add_up_parsers(sub: Any) -> None:
 
     status = sub.add_parser("status", help="worker table and decisions of a running coordinator")
     status.add_argument("--coordinator", default="http://127.0.0.1:8420")
-    status.add_argument("--token", default=None)
+    status.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
     status.add_argument("--federation", default=None, help="one federation (default: all)")
     status.set_defaults(handler=run_status)
 
@@ -249,7 +251,8 @@ def run_status(args: argparse.Namespace) -> int:
     """`tetherfed status`: the worker table of every federation (or one) of a coordinator."""
     console = Console(width=None if sys.stdout.isatty() else 120)
     try:
-        with Client(args.coordinator, token=args.token, retry=QUICK, timeout=5.0) as client:
+        token = args.token or os.environ.get(TOKEN_ENV) or None
+        with Client(args.coordinator, token=token, retry=QUICK, timeout=5.0) as client:
             feds = (
                 [args.federation]
                 if args.federation
