@@ -511,14 +511,16 @@ def _log(run: _Run, step: int, epoch: int, loss: float, grad_norm: float) -> Non
 def wait_for_peers(cfg: WorkerConfig, fed: Federation, timeout_s: float = PEER_TIMEOUT_S) -> bool:
     """Block until `cfg.wait_peers` workers (this one included) are active in the federation, so
     the workers of a run train side by side even when they start seconds apart; False (and a
-    warning) when they were not all there within `timeout_s`: training then starts anyway."""
+    warning) when they were not all there within `timeout_s`: training then starts anyway. A peer
+    that already trained and left counts: on a loaded machine a short run's first workers may
+    finish before the last one looks, and waiting for them would last the whole `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     fed.wait_registered(timeout_s)
     with Client(cfg.coordinator or "", token=cfg.token, retry=RetryPolicy(tries=1)) as client:
         while time.monotonic() < deadline:
             with contextlib.suppress(TetherError):
                 workers = client.list_workers(cfg.federation).data
-                if sum(w.status == "active" for w in workers) >= cfg.wait_peers:
+                if sum(w.status in ("active", "left") for w in workers) >= cfg.wait_peers:
                     return True
             time.sleep(0.2)
     log.warning(
