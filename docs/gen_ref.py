@@ -1,14 +1,18 @@
 """Generate the reference pages from the code at build time (mkdocs-gen-files): the CLI from its
 argparse parsers, settings from the coordinator's `Settings`, policy fields from `Policy`, the
 REST API from the app's OpenAPI schema, and metric names from the Prometheus registries. Nothing
-here is written by hand, so the pages cannot drift from the code."""
+here is written by hand, so the pages cannot drift from the code; tests/integration/test_docs.py
+imports this file (without writing anything) to check every flag, setting and policy field is
+on its page."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,6 +66,8 @@ def _cell(value: Any) -> str:
 
 def _type_name(info: FieldInfo) -> str:
     annotation = info.annotation
+    if typing.get_origin(annotation) is typing.Literal:  # the choices, not "Literal"
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
@@ -69,6 +75,12 @@ def _default(info: FieldInfo) -> str:
     if info.default_factory is not None:
         return "(computed)"
     return f"`{info.default!r}`"
+
+
+def nested_models(info: FieldInfo) -> list[type[BaseModel]]:
+    """The pydantic models a field holds (`gate: MergeGate | None` holds MergeGate)."""
+    args = typing.get_args(info.annotation) or (info.annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
 def fields_table(model: type[BaseModel], name_of: Any) -> list[str]:
@@ -81,8 +93,15 @@ def fields_table(model: type[BaseModel], name_of: Any) -> list[str]:
     return rows
 
 
+def setting_names(field: str) -> str:
+    """The variables a setting is read from: TETHER_<FIELD>, or its aliases (REDIS_URL)."""
+    info = Settings.model_fields[field]
+    aliases = getattr(info.validation_alias, "choices", None) or []
+    names = [a for a in aliases if isinstance(a, str) and a.isupper()]
+    return "` or `".join(names or [f"{Settings.model_config.get('env_prefix', '')}{field.upper()}"])
+
+
 def settings_page() -> str:
-    prefix = Settings.model_config.get("env_prefix", "")
     return "\n".join(
         [
             "# Settings",
@@ -91,24 +110,28 @@ def settings_page() -> str:
             "an empty value means unset). Command-line flags of `tetherfed coordinator` override "
             "the ones they name.",
             "",
-            *fields_table(Settings, lambda f: f"{prefix}{f.upper()}"),
+            *fields_table(Settings, setting_names),
             "",
         ]
     )
 
 
 def policy_page() -> str:
-    return "\n".join(
-        [
-            "# Policy fields",
-            "",
-            "A federation's policy (`tether_protocol.messages.Policy`): set it at creation, "
-            "change it with `PATCH /v1/federations/{name}/policy`.",
-            "",
-            *fields_table(Policy, lambda f: f),
-            "",
-        ]
-    )
+    lines = [
+        "# Policy fields",
+        "",
+        "A federation's policy (`tether_protocol.messages.Policy`): set it at creation, "
+        "change it with `PATCH /v1/federations/{name}/policy`.",
+        "",
+        *fields_table(Policy, lambda f: f),
+        "",
+    ]
+    for name, info in Policy.model_fields.items():
+        for model in nested_models(info):
+            doc = " ".join(inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].split())
+            lines += [f"## `{name}`: {model.__name__}", "", doc, ""]
+            lines += [*fields_table(model, lambda f, name=name: f"{name}.{f}"), ""]
+    return "\n".join(lines)
 
 
 def openapi_page(schema: dict[str, Any]) -> str:
@@ -150,9 +173,10 @@ def metrics_page() -> str:
     return "\n".join([*lines, ""])
 
 
-def main() -> None:
+def pages() -> dict[str, str]:
+    """Every generated page, by its path under docs/."""
     schema = create_app(Settings(redis_url="redis://127.0.0.1:1/0")).openapi()
-    pages = {
+    return {
         "reference/cli.md": cli_page(),
         "reference/settings.md": settings_page(),
         "reference/policy.md": policy_page(),
@@ -160,9 +184,14 @@ def main() -> None:
         "reference/openapi.json": json.dumps(schema, indent=2),
         "reference/metrics.md": metrics_page(),
     }
-    for path, text in pages.items():
+
+
+def main() -> None:
+    for path, text in pages().items():
         with mkdocs_gen_files.open(path, "w") as f:
             f.write(text)
 
 
-main()
+# mkdocs-gen-files runs this file with runpy.run_path (as "<run_path>"); the tests import it.
+if __name__ in ("__main__", "<run_path>"):
+    main()

@@ -1,4 +1,4 @@
-"""Telemetry on the wire: the weight diagnostics a worker reports (README "Weight diagnostics").
+"""Telemetry on the wire: the weight diagnostics a worker reports (docs/how-to/diagnostics.md).
 
 A worker posts batches of points (`TelemetryCreate`); the coordinator keeps a bounded series per
 worker, metric and layer and serves it (`TelemetrySeries`) and the list of what it has

@@ -390,7 +390,7 @@ class RayEngine:
                 "--engine ray needs --redis-url: the coordinator replicas and the workers run "
                 "on several machines, and an embedded Redis lives on one machine and ends with "
                 "its process. Name a Redis every node reaches, e.g. --redis-url "
-                "redis://db.example:6379/0 (see README, 'Beyond one machine')"
+                "redis://db.example:6379/0 (see the docs: tutorials/ray-and-slurm.md)"
             )
         if self.coordinators < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
             raise EngineRefused("--coordinators must be ≥ 1, --gpus/--cpus-per-worker ≥ 0")

@@ -1,4 +1,4 @@
-"""Telemetry: the weight diagnostics a worker reports (README "Weight diagnostics"), as bounded
+"""Telemetry: the weight diagnostics a worker reports (docs/how-to/diagnostics.md), as bounded
 series per metric and layer."""
 
 from __future__ import annotations
