@@ -63,6 +63,7 @@ EXPECTED_EXPORTS = {
     "RefusedError",
     "load_plain_state_dict",
     "untether",
+    "without_tethers",  # Hugging Face surgery on a tethered model
     "GateCheck",
     "Probe",  # the merge gate and probe batches
     "Coverage",
