@@ -65,6 +65,15 @@ def started(worker_dir: Path) -> bool:
     return any(e.get("event") == "start" for e in json_lines(worker_dir / "metrics.jsonl"))
 
 
+def published(worker_dir: Path) -> bool:
+    """Whether the worker has logged a step after its first publish went out (a worker finished
+    before it registered publishes nothing, however long its peers ran)."""
+    return any(
+        e.get("event") == "step" and (e.get("publishes") or 0) >= 1
+        for e in json_lines(worker_dir / "metrics.jsonl")
+    )
+
+
 def applied(worker_dir: Path, action: str = "merge") -> list[dict[str, Any]]:
     """Decisions of `action` the worker applied (its `decision` events, outcome applied)."""
     return [

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from events import MANY_STEPS, applied, finish_workers, started, up_worker_pids, wait_for
+from events import MANY_STEPS, applied, finish_workers, published, started, up_worker_pids, wait_for
 
 from tetherfed import Client
 from tetherfed.cli import build_parser
@@ -127,8 +127,10 @@ def test_up_three_workers_end_to_end(
     workers = [out / f"worker-{i}" for i in range(3)]
     proc = launch("--workers", "3", *LONG)
     wait_for(
-        "three running workers and a merge one of them applied",
-        lambda: all(started(w) for w in workers) and any(applied(w) for w in workers),
+        "three running workers that published, and a merge one of them applied",
+        lambda: (
+            all(started(w) and published(w) for w in workers) and any(applied(w) for w in workers)
+        ),
         procs=[proc],
     )
     finish_workers(up_worker_pids(out))
