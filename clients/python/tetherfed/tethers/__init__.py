@@ -1,6 +1,7 @@
 """Tethers in torch: `tether()` a model (W_eff = W ⊙ T on every tethered layer), apply the
 federation's operators to its tethers, and compute the probe batches `cka` and the gate use."""
 
+from ._heap import keep_freed_memory
 from ._ops import OperatorError, apply_operator_
 from ._probe import Probe
 from ._task import CLASSIFICATION_METRICS, MetricFn, Task, accuracy, probe_inputs
@@ -48,6 +49,7 @@ __all__ = [
     "apply_operator_",
     "get_tether",
     "init_digest",
+    "keep_freed_memory",
     "layer_parts",
     "layer_table",
     "load_plain_state_dict",

@@ -58,6 +58,8 @@ from torch.nn.utils import parametrize
 
 from tether_protocol.frame import part_name
 
+from ._heap import keep_freed_memory
+
 log = logging.getLogger("tetherfed.tethers")
 
 TetherMode = Literal["static", "learned", "importance"]
@@ -303,6 +305,11 @@ def tether(
     order. The coverage (what is tethered, what is not and why) is logged at INFO on
     ``tetherfed.tethers``; :func:`tether_coverage` returns it.
 
+    When a tethered weight is on the CPU, this also calls :func:`keep_freed_memory` (glibc only:
+    the per-step products then reuse heap pages instead of faulting in fresh ones, which took the
+    tethering overhead of a ResNet-18 step from +27 % to +11 %; a process-wide setting that
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment overrides).
+
     Raises ``ValueError`` (and changes nothing) for unknown names, modules of an unregistered type
     named without a parameter, parameters that are not floating-point ``nn.Parameter``s (e.g.
     ``weight`` under the legacy ``torch.nn.utils.weight_norm`` hook), layers that already carry a
@@ -326,6 +333,8 @@ def tether(
                 tp._capture_grad = True
             if isinstance(module, nn.RNNBase):
                 _refresh_rnn_weights(module)
+    if any(cast(Tensor, getattr(g[0][1], g[0][2])).device.type == "cpu" for g in groups):
+        keep_freed_memory()
     log.info("%s", tether_coverage(model).summary())
     return model
 
