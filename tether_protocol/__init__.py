@@ -31,6 +31,10 @@ from .frame import (
 from .messages import (
     PROTOCOL_VERSION,
     AckCreate,
+    AckItem,
+    AckResult,
+    AcksCreate,
+    AcksPublic,
     Decision,
     FederationCreate,
     Heartbeat,
@@ -51,6 +55,10 @@ from .sketch import LayerSketch, decode_sketch_frame, encode_sketch_frame, sketc
 __all__ = [
     "PROTOCOL_VERSION",
     "AckCreate",
+    "AckItem",
+    "AckResult",
+    "AcksCreate",
+    "AcksPublic",
     "ByteLengthError",
     "CompatibilityMatrix",
     "DTypeError",

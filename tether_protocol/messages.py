@@ -61,6 +61,8 @@ HoldCode = Literal[
 ]
 INCARNATION_HEADER = "X-Tether-Incarnation"
 LAST_DECISION_HEADER = "X-Tether-Last-Decision"
+# Acks in one `POST …/acks` (a FedAvg round of N workers × L layers gives (N − 1) × L a worker).
+MAX_ACKS = 10_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 Name = Annotated[
@@ -991,6 +993,34 @@ class AckPublic(WireModel):
     probe_loss_before: float | None = None
     probe_loss_after: float | None = None
     acked_at: datetime
+
+
+class AckItem(AckCreate):
+    """One ack of a batch (`POST …/acks`): an AckCreate and the decision it acknowledges."""
+
+    decision_id: int = Field(ge=1, le=2**63 - 1, description="The decision acknowledged.")
+
+
+class AcksCreate(Versioned):
+    """Several acks in one request, recorded in order, each as `POST …/decisions/{id}/ack`
+    records it: a worker acks every decision of a round in one round trip."""
+
+    data: list[AckItem] = Field(min_length=1, max_length=MAX_ACKS)
+
+
+class AckResult(WireModel):
+    """What one ack of a batch came to: `status` is what `POST …/decisions/{id}/ack` would have
+    answered (201 recorded, 200 the same ack again, 403/404/409 refused with `detail`)."""
+
+    decision_id: int
+    status: int
+    ack: AckPublic | None = None
+    detail: str | None = None
+
+
+class AcksPublic(WireModel):
+    data: list[AckResult]
+    count: int
 
 
 class ErrorBody(WireModel):

@@ -42,6 +42,7 @@ from tether_protocol.sketch import SKETCH_KEY, decode_sketch_frame
 from . import replies
 from .errors import (
     Conflict,
+    CoordinatorError,
     DecisionNotFound,
     FederationExists,
     FederationNotFound,
@@ -703,23 +704,35 @@ class Store:
             "(a superseded snapshot is kept only for the layers of unacked decisions)"
         )
 
-    async def release_pin(self, fed: str, decision: Decision) -> None:
-        """An acked decision no longer needs its partner's snapshot: drop its claim on the pin,
-        and, once that snapshot is superseded, the segments no other unacked decision needs
-        (`release.lua`). Idempotent: a repeated ack releases nothing."""
-        ref = decision.partner_snapshot
-        if decision.action == "hold" or decision.operator == "decouple" or ref is None:
-            return
-        pin = self.keys.pin(fed, ref.worker_id, ref.version)
-        tag, count = (replies.opt_text(x) for x in await self.r.hmget(pin, ["tag", "segments"]))
-        if not tag or not count:
-            return  # expired, never made, or a frame stored whole
-        names = [
-            pin,
-            self.keys.snapshot_meta(fed, ref.worker_id),
-            *frame_keys(self.keys, fed, ref.worker_id, {"tag": tag, "segments": count}),
+    async def release_pins(self, fed: str, decisions: Sequence[Decision]) -> None:
+        """Acked decisions no longer need their partners' snapshots: drop each one's claim on
+        its pin, and, once that snapshot is superseded, the segments no other unacked decision
+        needs (`release.lua`). Idempotent: a repeated ack releases nothing. Two round trips for
+        all of them."""
+        refs = [
+            (d, d.partner_snapshot)
+            for d in decisions
+            if d.action != "hold" and d.operator != "decouple" and d.partner_snapshot is not None
         ]
-        await self.r.eval(self.release_script, len(names), *names, decision.id)
+        if not refs:
+            return
+        pins = [self.keys.pin(fed, ref.worker_id, ref.version) for _, ref in refs if ref]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for pin in pins:
+                pipe.hmget(pin, ["tag", "segments"])
+            found = await pipe.execute()
+        async with self.r.pipeline(transaction=False) as pipe:
+            for (decision, ref), pin, fields in zip(refs, pins, found, strict=True):
+                tag, count = (replies.opt_text(x) for x in fields)
+                if not tag or not count or ref is None:
+                    continue  # expired, never made, or a frame stored whole
+                names = [
+                    pin,
+                    self.keys.snapshot_meta(fed, ref.worker_id),
+                    *frame_keys(self.keys, fed, ref.worker_id, {"tag": tag, "segments": count}),
+                ]
+                pipe.eval(self.release_script, len(names), *names, decision.id)
+            await pipe.execute()
 
     async def _snapshots(self, fed: str, wids: list[str]) -> dict[str, Snapshot]:
         """Read metadata, then the segments it names; a worker whose segments were replaced
@@ -916,34 +929,77 @@ class Store:
 
     async def ack(self, fed: str, decision: Decision, body: AckCreate) -> tuple[AckPublic, bool]:
         """Record an ack; returns (ack, created); Conflict when a different outcome was recorded."""
-        ack = AckPublic(
-            decision_id=decision.id,
-            worker_id=decision.worker_id,
-            outcome=body.outcome,
-            generation=body.generation,
-            reason=body.reason,
-            probe_loss_before=body.probe_loss_before,
-            probe_loss_after=body.probe_loss_after,
-            acked_at=utcnow(),
-        )
+        (result,) = await self.record_acks(fed, [(decision, body)])
+        if isinstance(result, CoordinatorError):
+            raise result
+        return result
+
+    async def decisions_by_id(self, fed: str, ids: Sequence[int]) -> list[Decision | None]:
+        """The decisions with these ids (None for one never issued, or trimmed), read in one
+        round trip; FederationNotFound when the federation does not exist."""
+        key = self.keys.decisions(fed)
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(self.keys.acks(fed), str(decision.id), ack.model_dump_json())
-            self.wait_for_replicas(pipe)
-            created, *waited = await pipe.execute()
-        self.check_replicated(waited, f"the ack of decision {decision.id}")
-        await self.release_pin(fed, decision)  # also on a repeat: its release may have failed
-        if not created:
-            previous = await self.acked(fed, decision.id)
-            assert previous is not None
-            if (previous.outcome, previous.generation) != (body.outcome, body.generation):
-                raise Conflict(f"decision {decision.id} was already acked as {previous.outcome}")
-            return previous, False
-        if body.outcome == "applied":
-            field = f"{decision.layer}{FIELD_SEP}{body.generation}"
-            await self.r.hset(
-                self.keys.applied(fed, decision.worker_id), field, decision.model_dump_json()
+            for i in ids:
+                pipe.xrange(key, min=f"{i}-0", max=f"{i}-0")
+            found = [replies.entries(rows) for rows in await pipe.execute()]
+        if not all(found):
+            await self.policy(fed)  # FederationNotFound before any DecisionNotFound
+        return [Decision.model_validate_json(rows[0][1]["d"]) if rows else None for rows in found]
+
+    async def record_acks(
+        self, fed: str, acks: Sequence[tuple[Decision, AckCreate]]
+    ) -> list[tuple[AckPublic, bool] | CoordinatorError]:
+        """Record acks, in order, each as (ack, created), or Conflict when a different outcome
+        was recorded for its decision (an earlier ack, or an earlier item of `acks`). Each step
+        takes one round trip for all of them (a FedAvg round acks (N − 1) × L decisions at once);
+        Unavailable when too few replicas took the writes (retrying is safe: the same ack again
+        is not created anew)."""
+        now = utcnow()
+        records = [
+            AckPublic(
+                decision_id=d.id,
+                worker_id=d.worker_id,
+                outcome=body.outcome,
+                generation=body.generation,
+                reason=body.reason,
+                probe_loss_before=body.probe_loss_before,
+                probe_loss_after=body.probe_loss_after,
+                acked_at=now,
             )
-        return ack, True
+            for d, body in acks
+        ]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for ack in records:
+                pipe.hsetnx(self.keys.acks(fed), str(ack.decision_id), ack.model_dump_json())
+            self.wait_for_replicas(pipe)
+            answers = await pipe.execute()
+        created, waited = answers[: len(records)], answers[len(records) :]
+        self.check_replicated(waited, f"the acks of {len(records)} decision(s)")
+        # Also on a repeat: its release may have failed.
+        await self.release_pins(fed, [d for d, _ in acks])
+        out: list[tuple[AckPublic, bool] | CoordinatorError] = []
+        applied: list[tuple[str, str, str]] = []  # (worker, field, decision)
+        for (decision, body), ack, new in zip(acks, records, created, strict=True):
+            if not new:
+                previous = await self.acked(fed, decision.id)
+                assert previous is not None
+                if (previous.outcome, previous.generation) != (body.outcome, body.generation):
+                    out.append(
+                        Conflict(f"decision {decision.id} was already acked as {previous.outcome}")
+                    )
+                else:
+                    out.append((previous, False))
+                continue
+            if body.outcome == "applied":
+                field = f"{decision.layer}{FIELD_SEP}{body.generation}"
+                applied.append((decision.worker_id, field, decision.model_dump_json()))
+            out.append((ack, True))
+        if applied:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for wid, field, value in applied:
+                    pipe.hset(self.keys.applied(fed, wid), field, value)
+                await pipe.execute()
+        return out
 
     def wait_for_replicas(self, pipe: Any) -> None:
         """Queue `WAIT` on `pipe` (after the writes it must cover, on their connection) when

@@ -29,7 +29,10 @@ from tether_protocol.messages import (
     INCARNATION_HEADER,
     LAST_DECISION_HEADER,
     AckCreate,
+    AckItem,
     AckPublic,
+    AcksCreate,
+    AcksPublic,
     CompatibilitiesPublic,
     CompatibilityPublic,
     Decision,
@@ -192,6 +195,17 @@ class _Calls:
         return Call("GET", path, raw=True, params={} if version is None else {"version": version})
 
     @staticmethod
+    def snapshot_bytes(
+        fed: str, wid: str, layers: Sequence[str], version: int | None = None
+    ) -> Call[bytes]:
+        params: dict[str, Any] = {"layer": list(layers)}
+        if version is not None:
+            params["version"] = version
+        return Call(
+            "GET", f"/v1/federations/{_p(fed, 'workers', wid)}/snapshot", raw=True, params=params
+        )
+
+    @staticmethod
     def tether_stats(fed: str, wid: str, layer: str) -> Call[TetherStats]:
         path = f"/v1/federations/{_p(fed, 'workers', wid, 'tethers', layer)}"
         return Call("GET", path, TetherStats, params={"format": "stats"})
@@ -235,6 +249,11 @@ class _Calls:
     def ack(fed: str, decision_id: int, ack: AckCreate) -> Call[AckPublic]:
         path = f"/v1/federations/{_p(fed)}/decisions/{decision_id}/ack"
         return Call("POST", path, AckPublic, json=_dump(ack))
+
+    @staticmethod
+    def ack_many(fed: str, acks: Sequence[AckItem]) -> Call[AcksPublic]:
+        body = AcksCreate(data=list(acks))
+        return Call("POST", f"/v1/federations/{_p(fed)}/acks", AcksPublic, json=_dump(body))
 
     @staticmethod
     def get_ack(fed: str, decision_id: int) -> Call[AckPublic]:
@@ -535,6 +554,16 @@ class Client:
         call = CALLS.tether_bytes(fed, wid, layer, version)
         return decode_frame(self.call(call), require_meta=False)
 
+    def snapshot_frame(
+        self, fed: str, wid: str, layers: Sequence[str], version: int | None = None
+    ) -> Frame:
+        """Several layers of one snapshot in one request (each layer's tether and its parts, as
+        `tether_frame` gets one), decoded and validated (`FrameError`): snapshot `version`
+        exactly, or the latest. NotFoundError (404 / 410) as `tether`."""
+        return decode_frame(
+            self.call(CALLS.snapshot_bytes(fed, wid, layers, version)), require_meta=False
+        )
+
     def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
         return self.call(CALLS.tether_stats(fed, wid, layer))
 
@@ -557,6 +586,11 @@ class Client:
 
     def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
         return self.call(CALLS.ack(fed, decision_id, ack))
+
+    def ack_many(self, fed: str, acks: Sequence[AckItem]) -> AcksPublic:
+        """Several acks in one request (1 to `MAX_ACKS`), recorded in order; each result's
+        `status` is what `ack` would have got (a refused one raises nothing here)."""
+        return self.call(CALLS.ack_many(fed, acks))
 
     def get_ack(self, fed: str, decision_id: int) -> AckPublic:
         """The worker's ack of a decision; NotFoundError until it is acked."""
@@ -775,6 +809,13 @@ class AsyncClient:
         frame = decode_frame(data, require_meta=False)
         return frame.tensors[layer]
 
+    async def snapshot_frame(
+        self, fed: str, wid: str, layers: Sequence[str], version: int | None = None
+    ) -> Frame:
+        """As `Client.snapshot_frame`."""
+        data = await self.call(CALLS.snapshot_bytes(fed, wid, layers, version))
+        return decode_frame(data, require_meta=False)
+
     async def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
         return await self.call(CALLS.tether_stats(fed, wid, layer))
 
@@ -794,6 +835,10 @@ class AsyncClient:
 
     async def ack(self, fed: str, decision_id: int, ack: AckCreate) -> AckPublic:
         return await self.call(CALLS.ack(fed, decision_id, ack))
+
+    async def ack_many(self, fed: str, acks: Sequence[AckItem]) -> AcksPublic:
+        """As `Client.ack_many`."""
+        return await self.call(CALLS.ack_many(fed, acks))
 
     async def get_ack(self, fed: str, decision_id: int) -> AckPublic:
         """The worker's ack of a decision; NotFoundError until it is acked."""

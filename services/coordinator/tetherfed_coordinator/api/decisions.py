@@ -12,7 +12,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from tether_protocol.messages import (
     LAST_DECISION_HEADER,
     AckCreate,
+    AckItem,
     AckPublic,
+    AckResult,
+    AcksCreate,
+    AcksPublic,
     Action,
     Decision,
     DecisionsPublic,
@@ -20,6 +24,8 @@ from tether_protocol.messages import (
 from tether_protocol.stream import KEEPALIVE_HEADER
 
 from .. import replies
+from ..edges import status_of
+from ..errors import CoordinatorError, DecisionNotFound
 from ..store import Store, hold_of
 from .deps import ActingWorker, ReaderAuth, SettingsDep, StoreDep, WorkerOrAdminAuth
 from .workers import incarnation_header
@@ -173,17 +179,68 @@ async def ack(
 ) -> AckPublic:
     """Ack a decision as applied or rejected: 201 first time, 200 for the same ack again, 409 for
     a different one; 403 when the decision is addressed to another worker."""
-    decision = await store.decision(fed, decision_id)
-    if owner is not None and owner != decision.worker_id:
-        raise HTTPException(
-            403,
-            f"decision {decision_id} is addressed to worker {decision.worker_id!r}, not {owner!r}",
-        )
-    if decision.action == "hold":
-        raise HTTPException(409, f"decision {decision_id} is a hold; there is nothing to ack")
-    result, created = await store.ack(fed, decision, body)
+    result, created = await _record_ack(store, fed, decision_id, body, owner)
     response.status_code = 201 if created else 200
     return result
+
+
+@router.post("/acks")
+async def ack_many(fed: str, body: AcksCreate, store: StoreDep, owner: ActingWorker) -> AcksPublic:
+    """Several acks in one request, recorded in order: each item's `status` is what
+    `POST …/decisions/{id}/ack` would answer for it (201, 200, or 403/404/409 with `detail`), so
+    one refused ack does not refuse the others. Redis failing midway is a 503 for the whole
+    request; sending the batch again is safe (the same ack again is a 200)."""
+    decisions = await store.decisions_by_id(fed, [item.decision_id for item in body.data])
+    results: list[AckResult | None] = []
+    todo: list[tuple[int, Decision, AckItem]] = []
+    for item, decision in zip(body.data, decisions, strict=True):
+        refused = _refusal(fed, item.decision_id, decision, owner)
+        if refused is not None:
+            status, detail = refused
+            results.append(AckResult(decision_id=item.decision_id, status=status, detail=detail))
+            continue
+        assert decision is not None
+        todo.append((len(results), decision, item))
+        results.append(None)
+    recorded = await store.record_acks(fed, [(d, item) for _, d, item in todo])
+    for (at, decision, _), outcome in zip(todo, recorded, strict=True):
+        if isinstance(outcome, CoordinatorError):
+            results[at] = AckResult(
+                decision_id=decision.id, status=status_of(outcome), detail=outcome.detail
+            )
+        else:
+            ack, created = outcome
+            results[at] = AckResult(
+                decision_id=decision.id, status=201 if created else 200, ack=ack
+            )
+    data = [r for r in results if r is not None]
+    return AcksPublic(data=data, count=len(data))
+
+
+def _refusal(
+    fed: str, decision_id: int, decision: Decision | None, owner: str | None
+) -> tuple[int, str] | None:
+    """Why an ack of this decision is refused before anything is recorded, as (status, detail)."""
+    if decision is None:
+        error = DecisionNotFound(fed, decision_id)
+        return status_of(error), error.detail
+    if owner is not None and owner != decision.worker_id:
+        return 403, (
+            f"decision {decision_id} is addressed to worker {decision.worker_id!r}, not {owner!r}"
+        )
+    if decision.action == "hold":
+        return 409, f"decision {decision_id} is a hold; there is nothing to ack"
+    return None
+
+
+async def _record_ack(
+    store: Store, fed: str, decision_id: int, body: AckCreate, owner: str | None
+) -> tuple[AckPublic, bool]:
+    decision = await store.decision(fed, decision_id)
+    refused = _refusal(fed, decision_id, decision, owner)
+    if refused is not None:
+        raise HTTPException(*refused)
+    return await store.ack(fed, decision, body)
 
 
 @router.get("/decisions/{decision_id}/ack", dependencies=[ReaderAuth])

@@ -125,9 +125,11 @@ async def _layer_frame(
     )
 
 
-async def _pinned(
+async def pinned_layer_of(
     store: Store, fed: str, wid: str, version: int, layer: str, latest: int
 ) -> Snapshot:
+    """`layer` of the worker's superseded snapshot `version` (404 when it is newer than the
+    latest, 410 saying why when it is no longer stored)."""
     if version > latest:
         raise HTTPException(
             404, f"worker {wid!r} has no snapshot version {version} yet (latest: {latest})"
@@ -208,7 +210,7 @@ async def _layer(
 ) -> Response | TetherStats:
     snap = await store.snapshot_layer(fed, wid, layer)
     if version is not None and version != snap.version:
-        snap = await _pinned(store, fed, wid, version, layer, snap.version)
+        snap = await pinned_layer_of(store, fed, wid, version, layer, snap.version)
     if layer not in snap.entries:
         raise HTTPException(404, f"worker {wid!r} has no layer {layer!r}")
     if format == "stats":
