@@ -33,10 +33,11 @@ timestamps taken in the worker processes on the machine's monotonic clock): `pub
 `step()` call to the coordinator's 202), `peers` (this worker's publish to the round's last
 publish: the round waits for its slowest worker), `decide` (the round's last publish to this
 worker's first decision arriving on its long poll: the coordinator's deferral, scoring and
-commit, the long poll's wake-up), `fetch` (the I/O thread fetching the partners' tethers, one
-request per decision), `apply` (from there to `step()` returning: the training thread applying
-the merges) and `total`; `acks` is the I/O thread's time acking them, which overlaps the next
-steps' training.
+commit, the long poll's wake-up), `fetch` (the I/O thread fetching the partners' tethers: one
+request per partner snapshot, all its decided layers in one frame), `apply` (from there to
+`step()` returning: the training thread applying the merges) and `total`; the I/O thread acks a
+page in one request (`ack_requests_per_round`, `ack_request_ms`), which overlaps the next steps'
+training. `fetches_per_round` and `acks_per_round` count a worker's requests and acks a round.
 """
 
 from __future__ import annotations
@@ -160,45 +161,63 @@ def _run_block(
             "published": stats.published,
             "trace": {k: dict(v) for k, v in trace.rounds.items()},
             "acks": trace.acks,
+            "ack_requests": trace.ack_requests,
             "ack_s": trace.ack_s,
+            "fetch_requests": trace.fetch_requests,
         }
     return result
 
 
 class _Trace:
     """Timestamps of each synchronous round, taken by wrapping the I/O thread's calls (the
-    benchmark's instrument, not the library's): when the publish was accepted, when the first
-    decision of the round arrived and when its last partner tether was fetched; and the I/O
-    thread's time acking."""
+    benchmark's instrument, not the library's): when the publish was accepted, when the round's
+    decisions arrived (their partner fetches begin), when its last decision was ready; and the
+    I/O thread's requests: partner fetches, ack requests and the acks they carried, and its
+    time acking."""
 
     def __init__(self, fed: Any) -> None:
         self.rounds: dict[int, dict[str, float]] = defaultdict(dict)
-        self.acks, self.ack_s = 0, 0.0
+        self.acks, self.ack_requests, self.ack_s = 0, 0, 0.0
+        self.fetch_requests = 0
         io = fed._io
         io.rounds.published = self._wrap(io.rounds.published, self._published)
-        prepare = io._prepare
+        fetch_partners, prepare = io._fetch_partners, io._prepare
 
-        def prepared(decision: Any) -> Any:
+        def fetching(decisions: Any) -> Any:
             began = time.monotonic()
-            out = prepare(decision)
+            for d in decisions:
+                self.rounds[d.own_snapshot.step].setdefault("first_decision", began)
+            return fetch_partners(decisions)
+
+        def prepared(decision: Any, frames: Any) -> Any:
+            out = prepare(decision, frames)
             at = self.rounds[decision.own_snapshot.step]
-            at.setdefault("first_decision", began)
-            at["fetches"] = at.get("fetches", 0) + 1
+            at.setdefault("first_decision", time.monotonic())
             at["fetched"] = time.monotonic()
             return out
 
-        io._prepare = prepared
-        ack = io._client.ack
+        io._fetch_partners, io._prepare = fetching, prepared
+        for name in ("snapshot_frame", "tether_frame"):
+            setattr(io._client, name, self._counted(getattr(io._client, name)))
+        ack_many = io._client.ack_many
 
-        def acked(*args: Any, **kwargs: Any) -> Any:
+        def acked(fed_name: str, items: Any) -> Any:
             began = time.monotonic()
             try:
-                return ack(*args, **kwargs)
+                return ack_many(fed_name, items)
             finally:
-                self.acks += 1
+                self.acks += len(items)
+                self.ack_requests += 1
                 self.ack_s += time.monotonic() - began
 
-        io._client.ack = acked
+        io._client.ack_many = acked
+
+    def _counted(self, fetch: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.fetch_requests += 1
+            return fetch(*args, **kwargs)
+
+        return call
 
     def _published(self, worker_id: str, step: int, version: int) -> None:
         self.rounds[step]["published"] = time.monotonic()
@@ -320,12 +339,15 @@ def _round_ms(blocks: list[list[dict[str, Any]]]) -> dict[str, Any]:
                 parts["total"].append(a["return"] - a["call"])
     out: dict[str, Any] = {k: round(1e3 * statistics.median(v), 1) for k, v in parts.items()}
     out["samples"] = len(parts["total"])
-    acks = sum(r["acks"] for b in blocks for r in b)
-    ack_s = sum(r["ack_s"] for b in blocks for r in b)
-    fetches = [a.get("fetches", 0) for b in blocks for r in b for a in r["trace"].values()]
-    out["fetches_per_round"] = round(statistics.median(fetches), 1) if fetches else 0
-    out["acks_per_round"] = round(acks / max(len(parts["total"]), 1), 1)
-    out["ack_ms_each"] = round(1e3 * ack_s / max(acks, 1), 2)
+
+    def total(key: str) -> float:
+        return float(sum(r[key] for b in blocks for r in b))
+
+    rounds = max(len(parts["total"]), 1)
+    out["fetches_per_round"] = round(total("fetch_requests") / rounds, 1)
+    out["acks_per_round"] = round(total("acks") / rounds, 1)
+    out["ack_requests_per_round"] = round(total("ack_requests") / rounds, 1)
+    out["ack_request_ms"] = round(1e3 * total("ack_s") / max(total("ack_requests"), 1), 2)
     return out
 
 

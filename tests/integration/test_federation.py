@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -364,3 +365,86 @@ def test_under_gradient_accumulation_decisions_land_only_after_an_optimizer_step
         for f in feds:
             f.close()
     assert set(landed) == {window - 1}, f"decisions landed inside a window: {landed}"
+
+
+def test_a_fedavg_round_fetches_each_partner_once_and_acks_in_one_request(
+    api: Client, coordinator: Any
+) -> None:
+    """A FedAvg round gives each worker (N − 1) × L decisions: the I/O thread fetches each
+    partner's snapshot once for all its decided layers and acks the page in one request."""
+    api.create_federation(
+        "batched",
+        policy={**EVERY, "fedavg_every": 4},  # type: ignore[arg-type]
+    )
+    models = [tether(mlp(i), "static", seed=i) for i in range(3)]
+    feds = federations(coordinator.url, "batched", models)
+    calls: dict[str, int] = {"tether_frame": 0, "snapshot_frame": 0, "ack": 0, "ack_many": 0}
+    for f in feds:
+        client = f._client
+        for name in calls:
+            real = getattr(client, name)
+
+            def counted(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+                calls[_name] += 1
+                return _real(*args, **kw)
+
+            setattr(client, name, counted)
+    applied: list[int] = []
+
+    def step() -> None:
+        for f in feds:
+            applied.extend(d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied)
+
+    try:
+        step_until("no round was applied", step, lambda: len(applied) >= 8)
+    finally:
+        for f in feds:
+            f.close()
+    # A round names 2 partners × 2 layers for each worker: two snapshot fetches, and its acks
+    # go in one request (or ride with the next round's, whichever comes first).
+    assert calls["tether_frame"] == 0, calls
+    assert calls["ack"] == 0 and calls["ack_many"] >= 1, calls
+    assert calls["snapshot_frame"] >= 2, calls
+    for decision_id in applied:
+        assert api.get_ack("batched", decision_id).outcome == "applied"
+
+
+def test_acks_reach_a_coordinator_without_the_batch_route(api: Client, coordinator: Any) -> None:
+    """An older coordinator answers `POST …/acks` with Starlette's 404 "Not Found": the worker
+    then acks one request per decision, and no ack is lost. The coordinator is real; a
+    forwarding transport hides the batch route from the workers."""
+    hidden: list[str] = []
+    upstream = httpx.Client(base_url=coordinator.url, timeout=30)
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/acks"):
+            hidden.append(request.url.path)
+            return httpx.Response(404, json={"detail": "Not Found"})
+        answer = upstream.send(
+            upstream.build_request(
+                request.method,
+                request.url.raw_path.decode(),
+                headers=request.headers,
+                content=request.read(),
+            )
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    api.create_federation("older", policy=EVERY)  # type: ignore[arg-type]
+    models = [tether(mlp(i), "static", seed=7) for i in range(2)]
+    feds = federations(coordinator.url, "older", models, transport=httpx.MockTransport(forward))
+    applied: list[int] = []
+
+    def step() -> None:
+        for f in feds:
+            applied.extend(d.id for d in f.step(loss=1.0, epoch=0, grad_norm=1.0).applied)
+
+    try:
+        step_until("no merge was applied", step, lambda: len(applied) >= 2)
+    finally:
+        for f in feds:
+            f.close()
+        upstream.close()
+    assert hidden, "the workers never tried the batch route"
+    for decision_id in applied:
+        assert api.get_ack("older", decision_id).outcome == "applied"

@@ -28,13 +28,23 @@ import torch
 from torch import Tensor
 
 from tether_protocol.frame import (
+    Frame,
     FrameError,
     encode_parts,
     probe_gram_name,
     split_entries,
     with_parts,
 )
-from tether_protocol.messages import AckCreate, Decision, DecisionsPublic, SnapshotMeta, WireDType
+from tether_protocol.messages import (
+    MAX_ACKS,
+    AckCreate,
+    AckItem,
+    AckResult,
+    Decision,
+    DecisionsPublic,
+    SnapshotMeta,
+    WireDType,
+)
 from tether_protocol.sketch import encode_sketch_frame
 from tether_protocol.telemetry import MAX_POINTS, TelemetryCreate, TelemetryPoint
 from tetherfed.client._errors import (
@@ -50,6 +60,9 @@ from tetherfed.tethers._tethering import INIT_DIGEST_KEY
 from ._inbox import Inbox, Ready
 from ._session import Progress, Session
 from ._sync import SyncRounds, report_late
+
+# Starlette's answer for a path no route serves: an older coordinator without a batch route.
+ROUTE_NOT_FOUND = "Not Found"
 
 log = logging.getLogger("tetherfed.federation")
 TELEMETRY_BUFFER = 8192  # telemetry points held while the coordinator is unreachable
@@ -401,14 +414,44 @@ class IOThread:
 
     # -- acks and telemetry ---------------------------------------------------------------------
     def _send_acks(self) -> None:
-        """Send the acks in order; a transport error, 5xx or auth error (raised) keeps the rest
-        for the next try, a refusal (already acked, unknown decision) drops that one."""
-        for decision_id, ack in self._inbox.unsent_acks():
+        """Send the waiting acks, in order, in one request (`POST …/acks`, at most MAX_ACKS a
+        request); a transport error, 5xx or auth error (raised) keeps them all for the next try
+        (sending one again is safe: the same ack again is a 200), an ack the coordinator
+        refuses (already acked otherwise, unknown decision) is dropped with a warning. A
+        coordinator without the batch route (an older version: 404 "Not Found") gets them one
+        request each."""
+        while unsent := self._inbox.unsent_acks()[:MAX_ACKS]:
+            items = [AckItem(decision_id=i, **ack.model_dump()) for i, ack in unsent]
             try:
-                self._client.ack(self.session.federation, decision_id, ack)
-            except (BadRequestError, NotFoundError, ConflictError) as error:
-                log.warning("ack of decision %d refused: %s", decision_id, error)
-            self._inbox.sent(decision_id, ack)
+                batch = self._client.ack_many(self.session.federation, items)
+                results = {r.decision_id: r for r in batch.data}
+            except NotFoundError as error:
+                if error.detail != ROUTE_NOT_FOUND:
+                    results = self._refused_all(unsent, error)
+                else:
+                    results = {i: self._ack_one(i, ack) for i, ack in unsent}
+            except (BadRequestError, ConflictError) as error:
+                results = self._refused_all(unsent, error)
+            for decision_id, ack in unsent:
+                result = results.get(decision_id)
+                if result is not None and result.status >= 400:
+                    log.warning("ack of decision %d refused: %s", decision_id, result.detail)
+                self._inbox.sent(decision_id, ack)
+
+    @staticmethod
+    def _refused_all(unsent: list[tuple[int, AckCreate]], error: APIError) -> dict[int, AckResult]:
+        """The whole batch refused for good (its federation is gone): a refusal for each ack."""
+        return {
+            i: AckResult(decision_id=i, status=error.status, detail=str(error.detail))
+            for i, _ in unsent
+        }
+
+    def _ack_one(self, decision_id: int, ack: AckCreate) -> AckResult:
+        try:
+            self._client.ack(self.session.federation, decision_id, ack)
+        except (BadRequestError, NotFoundError, ConflictError) as error:
+            return AckResult(decision_id=decision_id, status=error.status, detail=str(error.detail))
+        return AckResult(decision_id=decision_id, status=200)
 
     def _send_telemetry(self) -> None:
         worker_id = self.session.worker_id
@@ -462,9 +505,12 @@ class IOThread:
         if last is not None and last < after:
             self._rewind(last, after)
             return  # poll again from there
+        frames = self._fetch_partners(
+            [d for d in page.data if d.action != "hold" and not self._inbox.is_applied(d.id)]
+        )
         for decision in page.data:
             if decision.action != "hold" and not self._inbox.is_applied(decision.id):
-                self._inbox.put(self._prepare(decision))
+                self._inbox.put(self._prepare(decision, frames))
             # Only once it is queued: a failed partner fetch re-polls the decision.
             self._inbox.advance(decision.id)
         self.rounds.polled(polled_by, page)
@@ -529,19 +575,44 @@ class IOThread:
         )
         self._inbox.rewind(last)
 
-    def _prepare(self, decision: Decision) -> Ready:
+    def _fetch_partners(self, decisions: list[Decision]) -> dict[tuple[str, int], Frame]:
+        """The partner snapshots a page's decisions name, one request per snapshot for all the
+        layers decided on it (a FedAvg round: one per partner, not one per partner and layer).
+        A snapshot that cannot be served whole (a layer's pin gone, bytes refused) is left out:
+        `_prepare` then fetches its layers one by one, each decision with its own reason."""
+        wanted: dict[tuple[str, int], list[str]] = {}
+        for d in decisions:
+            ref = d.partner_snapshot
+            if d.operator != "decouple" and d.partner_id is not None and ref is not None:
+                wanted.setdefault((d.partner_id, ref.version), []).append(d.layer)
+        frames: dict[tuple[str, int], Frame] = {}
+        for (partner, version), layers in wanted.items():
+            if len(layers) < 2:
+                continue  # one layer: the per-layer fetch is the same request
+            try:
+                frames[partner, version] = self._client.snapshot_frame(
+                    self.session.federation, partner, layers, version=version
+                )
+            except (NotFoundError, FrameError):
+                continue
+        return frames
+
+    def _prepare(self, decision: Decision, frames: Mapping[tuple[str, int], Frame]) -> Ready:
         """Fetch the decision's partner tether (exactly the snapshot that was scored, never a
-        newer one published since), or say why it cannot be applied."""
+        newer one published since), or take it from `frames` (`_fetch_partners`), or say why it
+        cannot be applied."""
         if decision.operator == "decouple" or decision.partner_id is None:
             return Ready(decision, torch.zeros(0))
         ref = decision.partner_snapshot
+        frame = None if ref is None else frames.get((decision.partner_id, ref.version))
         try:
-            frame = self._client.tether_frame(
-                self.session.federation,
-                decision.partner_id,
-                decision.layer,
-                version=None if ref is None else ref.version,
-            )
+            if frame is None:
+                frame = self._client.tether_frame(
+                    self.session.federation,
+                    decision.partner_id,
+                    decision.layer,
+                    version=None if ref is None else ref.version,
+                )
         except NotFoundError as error:
             return Ready(decision, None, f"partner tether unavailable: {error.detail}")
         except FrameError as error:  # the partner's bytes are not a usable tether
