@@ -31,7 +31,7 @@ lint: venv
 unit: venv browser
 	$(PY) -m pytest -q
 	# The coordinator's API tests again, on a three-primary Redis Cluster started on loopback.
-	TETHERFED_TEST_REDIS=cluster $(PY) -m pytest -q tests/coordinator/test_api.py
+	TETHERFED_TEST_REDIS=cluster $(PY) -m pytest -q tests/coordinator/test_api.py tests/coordinator/test_batch_routes.py
 	$(MAKE) fuzz-ci
 
 # The page tests drive Debian's chromium headless through Playwright (never a browser Playwright
