@@ -197,7 +197,7 @@ class _Trace:
             return out
 
         io._fetch_partners, io._prepare = fetching, prepared
-        for name in ("snapshot_frame", "tether_frame"):
+        for name in ("decision_tethers", "tether_frame"):
             setattr(io._client, name, self._counted(getattr(io._client, name)))
         ack_many = io._client.ack_many
 

@@ -61,6 +61,9 @@ from .messages import LayerSpec, SnapshotMeta, WireDType
 
 META_KEY = "tetherfed.snapshot"
 PROBE_GRAM_SUFFIX = "@probe_gram"
+# `GET …/workers/{wid}/decisions/tethers`: the decisions whose partner tether a frame leaves
+# out, as JSON (decision id → why), under this `__metadata__` key.
+MISSING_KEY = "tetherfed.missing"
 PART_DTYPE: WireDType = "float32"  # every part travels as float32 (see the module docstring)
 PART_KINDS = ("weight", "bias", "model")
 # The text after a part's last `@`: weight or bias (optionally `:<original>`), or model:<path>.

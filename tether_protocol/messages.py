@@ -63,6 +63,10 @@ INCARNATION_HEADER = "X-Tether-Incarnation"
 LAST_DECISION_HEADER = "X-Tether-Last-Decision"
 # Acks in one `POST …/acks` (a FedAvg round of N workers × L layers gives (N − 1) × L a worker).
 MAX_ACKS = 10_000
+# Decision ids in one `GET …/workers/{wid}/decisions/tethers`: 500 ids of up to 19 digits keep
+# the URL under 16 KB (servers refuse request lines from some tens of KB; uvicorn's did between
+# 27 and 81 KB).
+MAX_PARTNER_FETCH = 500
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 Name = Annotated[

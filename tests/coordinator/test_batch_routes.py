@@ -1,9 +1,10 @@
-"""The round's batch routes: every ack of a page in one `POST …/acks`, every layer a partner's
-snapshot is decided on in one `GET …/workers/{wid}/snapshot`. Each item answers what its own
+"""The round's batch routes: every ack of a page in one `POST …/acks`, the partner tethers of a
+page of decisions in one `GET …/workers/{wid}/decisions/tethers`. Each item answers what its own
 route would; a refused item refuses nothing else."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -12,8 +13,8 @@ import pytest
 from conftest import app_client_for
 from coord_helpers import EVERY_PUBLISH, LAYERS, frame, tensors, worker_body
 
-from tether_protocol.frame import decode_frame
-from tether_protocol.messages import MAX_ACKS
+from tether_protocol.frame import MISSING_KEY, decode_frame
+from tether_protocol.messages import MAX_ACKS, MAX_PARTNER_FETCH
 from tetherfed_coordinator.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -121,48 +122,57 @@ async def test_a_bad_batch_of_acks_is_refused_whole_and_records_nothing(
         assert missing.status_code == 404, "a refused batch recorded an ack"
 
 
-async def test_a_snapshots_layers_come_in_one_frame_also_once_superseded(
+async def test_a_page_of_decisions_gets_its_partner_tethers_in_one_frame(
     coordinator_settings: Settings,
 ) -> None:
     async for c in app_client_for(coordinator_settings):
         a, b, base = await pair(c)
-        wid = a["worker_id"]
-        url = f"{F}/f/workers/{wid}/snapshot"
-        names = [spec["name"] for spec in LAYERS]
+        merges = await merges_of(c, b)
+        url = f"{F}/f/workers/{b['worker_id']}/decisions/tethers"
         auth = bearer(b["token"])
-        r = await c.get(url, params={"layer": [*names, names[0]], "version": 1}, headers=auth)
-        assert r.status_code == 200, r.text
-        got = decode_frame(r.content, require_meta=False)
-        assert list(got.tensors) == names and r.headers["X-Tether-Version"] == "1"
-        for name in names:
-            np.testing.assert_array_equal(got.tensors[name], base[name])
-        latest = decode_frame((await c.get(url, params={"layer": names}, headers=auth)).content)
-        np.testing.assert_array_equal(latest.tensors[names[1]], base[names[1]])
-        # a publishes again: b's decisions pin v1's layers, which stay servable together.
+        # a publishes again: the decisions still get the snapshot they name (v1, pinned).
         r = await c.put(
-            f"{F}/f/workers/{wid}/tethers",
-            content=frame(wid, 2, tensors(7)),
+            f"{F}/f/workers/{a['worker_id']}/tethers",
+            content=frame(a["worker_id"], 2, tensors(7)),
             headers=bearer(a["token"]),
         )
         assert r.status_code == 202
-        pinned = await c.get(url, params={"layer": names, "version": 1}, headers=auth)
-        assert pinned.status_code == 200, pinned.text
-        for name in names:
-            np.testing.assert_array_equal(decode_frame(pinned.content).tensors[name], base[name])
-        # Once b acks them, v1 is gone: 410 saying why; v3 does not exist yet: 404.
-        acks = [
-            {"decision_id": d["id"], "outcome": "applied", "generation": 1}
-            for d in await merges_of(c, b)
-        ]
+        ids = [d["id"] for d in merges]
+        r = await c.get(url, params={"decision": [*ids, ids[0], 999_999]}, headers=auth)
+        assert r.status_code == 200, r.text
+        got = decode_frame(r.content, require_meta=False)
+        assert sorted(got.tensors) == sorted(str(i) for i in ids)
+        for d in merges:
+            np.testing.assert_array_equal(got.tensors[str(d["id"])], base[d["layer"]])
+        missing = json.loads(got.extra_metadata[MISSING_KEY])
+        assert list(missing) == ["999999"] and "not found" in missing["999999"]
+        # Once acked, the pinned layers are gone: each decision is left out with the reason.
+        acks = [{"decision_id": i, "outcome": "applied", "generation": 1} for i in ids]
         assert (await c.post(f"{F}/f/acks", json={"data": acks}, headers=auth)).status_code == 200
-        gone = await c.get(url, params={"layer": names, "version": 1}, headers=auth)
-        assert gone.status_code == 410 and "no longer stored" in gone.json()["detail"]
-        assert (
-            await c.get(url, params={"layer": names, "version": 3}, headers=auth)
-        ).status_code == 404
-        unknown = await c.get(url, params={"layer": ["fc1", "nope"]}, headers=auth)
-        assert unknown.status_code == 404 and "no layer 'nope'" in unknown.json()["detail"]
-        assert (await c.get(url, headers=auth)).status_code == 422
-        assert (
-            await c.get(f"{F}/f/workers/zz/snapshot", params={"layer": "fc1"}, headers=auth)
-        ).status_code == 404
+        answer = await c.get(url, params={"decision": ids}, headers=auth)
+        gone = decode_frame(answer.content, require_meta=False)
+        assert gone.tensors == {}
+        reasons = json.loads(gone.extra_metadata[MISSING_KEY])
+        assert set(reasons) == {str(i) for i in ids}
+        assert all("no longer stored" in why for why in reasons.values()), reasons
+        # Another worker's token may not read b's decisions; bad ids are a 422.
+        other = await c.get(url, params={"decision": ids}, headers=bearer(a["token"]))
+        assert other.status_code == 403
+        for bad in ([], [0], [2**63], list(range(1, MAX_PARTNER_FETCH + 2))):
+            r = await c.get(url, params={"decision": bad}, headers=auth)
+            assert r.status_code == 422, (bad, r.text)
+
+
+async def test_decisions_of_another_worker_or_without_a_partner_are_left_out_with_why(
+    coordinator_settings: Settings,
+) -> None:
+    async for c in app_client_for(coordinator_settings):
+        a, b, _ = await pair(c)
+        merges = await merges_of(c, b)
+        # As admin, ask for b's decisions under a's name: none of them is a's.
+        url = f"{F}/f/workers/{a['worker_id']}/decisions/tethers"
+        r = await c.get(url, params={"decision": [merges[0]["id"]]}, headers=bearer(TOKEN))
+        got = decode_frame(r.content, require_meta=False)
+        assert got.tensors == {}
+        why = json.loads(got.extra_metadata[MISSING_KEY])[str(merges[0]["id"])]
+        assert f"addressed to worker {b['worker_id']!r}" in why

@@ -370,15 +370,15 @@ def test_under_gradient_accumulation_decisions_land_only_after_an_optimizer_step
 def test_a_fedavg_round_fetches_each_partner_once_and_acks_in_one_request(
     api: Client, coordinator: Any
 ) -> None:
-    """A FedAvg round gives each worker (N − 1) × L decisions: the I/O thread fetches each
-    partner's snapshot once for all its decided layers and acks the page in one request."""
+    """A FedAvg round gives each worker (N − 1) × L decisions: the I/O thread fetches all their
+    partner tethers in one request and acks the page in one request."""
     api.create_federation(
         "batched",
         policy={**EVERY, "fedavg_every": 4},  # type: ignore[arg-type]
     )
     models = [tether(mlp(i), "static", seed=i) for i in range(3)]
     feds = federations(coordinator.url, "batched", models)
-    calls: dict[str, int] = {"tether_frame": 0, "snapshot_frame": 0, "ack": 0, "ack_many": 0}
+    calls = dict.fromkeys(["tether_frame", "decision_tethers", "ack", "ack_many"], 0)
     for f in feds:
         client = f._client
         for name in calls:
@@ -400,11 +400,11 @@ def test_a_fedavg_round_fetches_each_partner_once_and_acks_in_one_request(
     finally:
         for f in feds:
             f.close()
-    # A round names 2 partners × 2 layers for each worker: two snapshot fetches, and its acks
-    # go in one request (or ride with the next round's, whichever comes first).
-    assert calls["tether_frame"] == 0, calls
-    assert calls["ack"] == 0 and calls["ack_many"] >= 1, calls
-    assert calls["snapshot_frame"] >= 2, calls
+    # A round names 2 partners × 2 layers for each worker: one fetch, one ack request (or the
+    # acks ride with the next round's, whichever comes first); never one per decision.
+    assert calls["tether_frame"] == 0 and calls["ack"] == 0, calls
+    assert calls["decision_tethers"] >= 1, calls
+    assert calls["ack_many"] >= 1, calls
     for decision_id in applied:
         assert api.get_ack("batched", decision_id).outcome == "applied"
 

@@ -195,15 +195,9 @@ class _Calls:
         return Call("GET", path, raw=True, params={} if version is None else {"version": version})
 
     @staticmethod
-    def snapshot_bytes(
-        fed: str, wid: str, layers: Sequence[str], version: int | None = None
-    ) -> Call[bytes]:
-        params: dict[str, Any] = {"layer": list(layers)}
-        if version is not None:
-            params["version"] = version
-        return Call(
-            "GET", f"/v1/federations/{_p(fed, 'workers', wid)}/snapshot", raw=True, params=params
-        )
+    def decision_tethers_bytes(fed: str, wid: str, decision_ids: Sequence[int]) -> Call[bytes]:
+        path = f"/v1/federations/{_p(fed, 'workers', wid)}/decisions/tethers"
+        return Call("GET", path, raw=True, params={"decision": list(decision_ids)})
 
     @staticmethod
     def tether_stats(fed: str, wid: str, layer: str) -> Call[TetherStats]:
@@ -554,15 +548,12 @@ class Client:
         call = CALLS.tether_bytes(fed, wid, layer, version)
         return decode_frame(self.call(call), require_meta=False)
 
-    def snapshot_frame(
-        self, fed: str, wid: str, layers: Sequence[str], version: int | None = None
-    ) -> Frame:
-        """Several layers of one snapshot in one request (each layer's tether and its parts, as
-        `tether_frame` gets one), decoded and validated (`FrameError`): snapshot `version`
-        exactly, or the latest. NotFoundError (404 / 410) as `tether`."""
-        return decode_frame(
-            self.call(CALLS.snapshot_bytes(fed, wid, layers, version)), require_meta=False
-        )
+    def decision_tethers(self, fed: str, wid: str, decision_ids: Sequence[int]) -> Frame:
+        """The partner tethers of worker `wid`'s decisions in one request, decoded and validated
+        (`FrameError`): decision `i`'s under the name `"i"`, its parts as `"i@weight"` etc.; the
+        ones left out, with why, in `extra_metadata[tether_protocol.frame.MISSING_KEY]` (JSON)."""
+        call = CALLS.decision_tethers_bytes(fed, wid, decision_ids)
+        return decode_frame(self.call(call), require_meta=False)
 
     def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:
         return self.call(CALLS.tether_stats(fed, wid, layer))
@@ -809,11 +800,9 @@ class AsyncClient:
         frame = decode_frame(data, require_meta=False)
         return frame.tensors[layer]
 
-    async def snapshot_frame(
-        self, fed: str, wid: str, layers: Sequence[str], version: int | None = None
-    ) -> Frame:
-        """As `Client.snapshot_frame`."""
-        data = await self.call(CALLS.snapshot_bytes(fed, wid, layers, version))
+    async def decision_tethers(self, fed: str, wid: str, decision_ids: Sequence[int]) -> Frame:
+        """As `Client.decision_tethers`."""
+        data = await self.call(CALLS.decision_tethers_bytes(fed, wid, decision_ids))
         return decode_frame(data, require_meta=False)
 
     async def tether_stats(self, fed: str, wid: str, layer: str) -> TetherStats:

@@ -14,6 +14,7 @@ inbox.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import random
 import threading
@@ -21,13 +22,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tether_protocol.frame import (
+    MISSING_KEY,
     Frame,
     FrameError,
     encode_parts,
@@ -37,6 +39,7 @@ from tether_protocol.frame import (
 )
 from tether_protocol.messages import (
     MAX_ACKS,
+    MAX_PARTNER_FETCH,
     AckCreate,
     AckItem,
     AckResult,
@@ -505,12 +508,12 @@ class IOThread:
         if last is not None and last < after:
             self._rewind(last, after)
             return  # poll again from there
-        frames = self._fetch_partners(
+        fetched = self._fetch_partners(
             [d for d in page.data if d.action != "hold" and not self._inbox.is_applied(d.id)]
         )
         for decision in page.data:
             if decision.action != "hold" and not self._inbox.is_applied(decision.id):
-                self._inbox.put(self._prepare(decision, frames))
+                self._inbox.put(self._prepare(decision, fetched))
             # Only once it is queued: a failed partner fetch re-polls the decision.
             self._inbox.advance(decision.id)
         self.rounds.polled(polled_by, page)
@@ -575,44 +578,74 @@ class IOThread:
         )
         self._inbox.rewind(last)
 
-    def _fetch_partners(self, decisions: list[Decision]) -> dict[tuple[str, int], Frame]:
-        """The partner snapshots a page's decisions name, one request per snapshot for all the
-        layers decided on it (a FedAvg round: one per partner, not one per partner and layer).
-        A snapshot that cannot be served whole (a layer's pin gone, bytes refused) is left out:
-        `_prepare` then fetches its layers one by one, each decision with its own reason."""
-        wanted: dict[tuple[str, int], list[str]] = {}
-        for d in decisions:
-            ref = d.partner_snapshot
-            if d.operator != "decouple" and d.partner_id is not None and ref is not None:
-                wanted.setdefault((d.partner_id, ref.version), []).append(d.layer)
-        frames: dict[tuple[str, int], Frame] = {}
-        for (partner, version), layers in wanted.items():
-            if len(layers) < 2:
-                continue  # one layer: the per-layer fetch is the same request
+    def _fetch_partners(self, decisions: list[Decision]) -> dict[int, Ready]:
+        """The partner tethers of a page's decisions in one request (`GET …/decisions/tethers`:
+        a FedAvg round of N workers and L layers is one request, not (N − 1) × L), each ready
+        to queue, or refused with the coordinator's reason. Empty against a coordinator without
+        that route (an older version: 404 "Not Found") or for bytes that do not decode:
+        `_prepare` then fetches each decision's layer on its own."""
+        wanted = [
+            d
+            for d in decisions
+            if d.operator != "decouple" and d.partner_id is not None and d.partner_snapshot
+        ]
+        worker_id = self.session.worker_id
+        if not wanted or worker_id is None:
+            return {}
+        out: dict[int, Ready] = {}
+        for at in range(0, len(wanted), MAX_PARTNER_FETCH):
+            chunk = wanted[at : at + MAX_PARTNER_FETCH]
             try:
-                frames[partner, version] = self._client.snapshot_frame(
-                    self.session.federation, partner, layers, version=version
+                frame = self._client.decision_tethers(
+                    self.session.federation, worker_id, [d.id for d in chunk]
                 )
-            except (NotFoundError, FrameError):
+                missing = json.loads(frame.extra_metadata.get(MISSING_KEY, "{}"))
+            except NotFoundError as error:
+                if error.detail != ROUTE_NOT_FOUND:
+                    raise
+                return out
+            except (FrameError, ValueError):
                 continue
-        return frames
+            out.update(self._ready_from(chunk, frame, missing))
+        return out
 
-    def _prepare(self, decision: Decision, frames: Mapping[tuple[str, int], Frame]) -> Ready:
-        """Fetch the decision's partner tether (exactly the snapshot that was scored, never a
-        newer one published since), or take it from `frames` (`_fetch_partners`), or say why it
-        cannot be applied."""
+    def _ready_from(
+        self, decisions: list[Decision], frame: Frame, missing: Mapping[str, str]
+    ) -> dict[int, Ready]:
+        """Each decision with its tether from a `decision_tethers` frame, or why it has none."""
+        parts = split_entries(frame.entries).parts
+        out: dict[int, Ready] = {}
+        for d in decisions:
+            key = str(d.id)
+            if key not in frame.tensors:
+                why = missing.get(key, "the coordinator sent no tether for it")
+                out[d.id] = Ready(d, None, f"partner tether unavailable: {why}")
+                continue
+            self._check_init(cast(str, d.partner_id))
+            # "7@weight" → "fc1@weight": the names `_apply` checks against the merge scope.
+            named = {d.layer + name[len(key) :]: name for name in parts.get(key, {})}
+            own_parts = {
+                layer_name: self._host_copy(frame.tensors[n]) for layer_name, n in named.items()
+            }
+            out[d.id] = Ready(d, self._host_copy(frame.tensors[key]), parts=own_parts)
+        return out
+
+    def _prepare(self, decision: Decision, fetched: Mapping[int, Ready]) -> Ready:
+        """The decision with its partner tether (exactly the snapshot that was scored, never a
+        newer one published since): taken from `fetched` (`_fetch_partners`), else fetched on
+        its own; or why it cannot be applied."""
         if decision.operator == "decouple" or decision.partner_id is None:
             return Ready(decision, torch.zeros(0))
+        if decision.id in fetched:
+            return fetched[decision.id]
         ref = decision.partner_snapshot
-        frame = None if ref is None else frames.get((decision.partner_id, ref.version))
         try:
-            if frame is None:
-                frame = self._client.tether_frame(
-                    self.session.federation,
-                    decision.partner_id,
-                    decision.layer,
-                    version=None if ref is None else ref.version,
-                )
+            frame = self._client.tether_frame(
+                self.session.federation,
+                decision.partner_id,
+                decision.layer,
+                version=None if ref is None else ref.version,
+            )
         except NotFoundError as error:
             return Ready(decision, None, f"partner tether unavailable: {error.detail}")
         except FrameError as error:  # the partner's bytes are not a usable tether
