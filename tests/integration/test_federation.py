@@ -409,15 +409,17 @@ def test_a_fedavg_round_fetches_each_partner_once_and_acks_in_one_request(
         assert api.get_ack("batched", decision_id).outcome == "applied"
 
 
-def test_acks_reach_a_coordinator_without_the_batch_route(api: Client, coordinator: Any) -> None:
-    """An older coordinator answers `POST …/acks` with Starlette's 404 "Not Found": the worker
-    then acks one request per decision, and no ack is lost. The coordinator is real; a
-    forwarding transport hides the batch route from the workers."""
+def test_a_coordinator_without_the_batch_routes_gets_every_fetch_and_ack(
+    api: Client, coordinator: Any
+) -> None:
+    """An older coordinator answers `POST …/acks` and `GET …/decisions/tethers` with Starlette's
+    404 "Not Found": the worker then fetches and acks one request per decision, and no ack is
+    lost. The coordinator is real; a forwarding transport hides the batch routes."""
     hidden: list[str] = []
     upstream = httpx.Client(base_url=coordinator.url, timeout=30)
 
     def forward(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/acks"):
+        if request.url.path.endswith(("/acks", "/decisions/tethers")):
             hidden.append(request.url.path)
             return httpx.Response(404, json={"detail": "Not Found"})
         answer = upstream.send(
@@ -445,6 +447,6 @@ def test_acks_reach_a_coordinator_without_the_batch_route(api: Client, coordinat
         for f in feds:
             f.close()
         upstream.close()
-    assert hidden, "the workers never tried the batch route"
+    assert {p.rsplit("/", 1)[1] for p in hidden} == {"acks", "tethers"}, hidden
     for decision_id in applied:
         assert api.get_ack("older", decision_id).outcome == "applied"
