@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import app_client_for
-from coord_helpers import EVERY_PUBLISH, LAYERS, frame, tensors, worker_body
+from coord_helpers import EVERY_PUBLISH, frame, tensors, worker_body
 
 from tether_protocol.frame import MISSING_KEY, decode_frame
 from tether_protocol.messages import MAX_ACKS, MAX_PARTNER_FETCH
